@@ -1,0 +1,53 @@
+// Schema of info_nce and its backward, and the argument checks shared by CPU and CUDA.
+#include "info_nce/info_nce.h"
+
+#include <torch/library.h>
+
+#include "common/checks.h"
+
+namespace upreid {
+
+at::Tensor check_info_nce_args(const at::Tensor& query, const at::Tensor& keys,
+                               const at::Tensor& positive, const std::optional<at::Tensor>& bank,
+                               double temperature, int64_t group_size, const char* op) {
+  check_dim(query, 2, op, "query", "[M, D]");
+  check_dim(keys, 2, op, "keys", "[N, D]");
+  check_dim(positive, 1, op, "positive", "[M]");
+  check_feature_dtype(query, op, "query");
+  check_like(keys, "keys", query, "query", op);
+  check_like(positive, "positive", query, "query", op, /*same_dtype=*/false);
+  check_index_dtype(positive, op, "positive");
+  const int64_t M = query.size(0), D = query.size(1), N = keys.size(0);
+  check_size(keys, 1, D, "keys", "features per row", op);
+  check_size(positive, 0, M, "positive", "entries", op);
+  check_positive_finite(temperature, op, "temperature");
+  TORCH_CHECK(group_size >= 0, op, ": 'group_size' must be >= 0 (0 = all keys), got ", group_size);
+  if (group_size > 0) {
+    TORCH_CHECK(N % group_size == 0, op, ": the number of keys (", N,
+                ") must be divisible by 'group_size' (", group_size, ")");
+  }
+  if (M > 0) {
+    TORCH_CHECK(N > 0, op, ": 'keys' is empty but ", M, " query rows need a positive key");
+  }
+  check_index_range(positive, N, op, "positive", "keys");
+  if (bank.has_value() && bank->defined()) {
+    const at::Tensor& b = *bank;
+    check_dim(b, 2, op, "bank", "[K, D]");
+    check_like(b, "bank", query, "query", op);
+    check_size(b, 1, D, "bank", "features per row", op);
+    return b;
+  }
+  return query.new_empty({0, D});
+}
+
+}  // namespace upreid
+
+TORCH_LIBRARY_FRAGMENT(upreid, m) {
+  m.def(
+      "info_nce(Tensor query, Tensor keys, Tensor positive, Tensor? bank, float temperature, "
+      "int group_size) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "_info_nce_backward(Tensor grad_loss, Tensor grad_lse, Tensor query, Tensor keys, "
+      "Tensor positive, Tensor? bank, Tensor lse, float temperature, int group_size) "
+      "-> (Tensor grad_query, Tensor grad_keys)");
+}

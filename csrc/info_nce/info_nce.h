@@ -1,0 +1,27 @@
+// info_nce: fused similarity + logsumexp contrastive loss. Shared declarations of the CPU and CUDA
+// implementations and the argument checks both run.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace upreid {
+
+// Validates the forward arguments; returns the bank as a defined tensor ([0, D] when absent).
+at::Tensor check_info_nce_args(const at::Tensor& query, const at::Tensor& keys,
+                               const at::Tensor& positive, const std::optional<at::Tensor>& bank,
+                               double temperature, int64_t group_size, const char* op);
+
+std::tuple<at::Tensor, at::Tensor> info_nce_cpu(const at::Tensor& query, const at::Tensor& keys,
+                                                const at::Tensor& positive,
+                                                const std::optional<at::Tensor>& bank,
+                                                double temperature, int64_t group_size);
+
+std::tuple<at::Tensor, at::Tensor> info_nce_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
+    const at::Tensor& lse, double temperature, int64_t group_size);
+
+}  // namespace upreid

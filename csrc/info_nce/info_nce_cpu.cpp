@@ -1,0 +1,164 @@
+// CPU implementation of info_nce and its backward.
+//
+// Row i of the loss contrasts qs_i = query_i / temperature with the keys of its group and every bank
+// row. Row blocks run in parallel; inside a block the bank (and, for group_size 0, the keys) is
+// visited in L2-sized tiles with a running logsumexp, so the [M x (N + K)] logits never exist. For
+// group_size >= 1 the g keys of each row's group are gathered ([rows, g, D], chunked over g) and
+// contracted with a batched matrix-vector product. The backward recomputes every tile from the saved
+// logsumexp (flash-attention style): W = c * exp(S - lse) with c = grad_loss + grad_lse, then
+// grad_query += W @ C and grad_keys += W^T @ qs; the positive adds -grad_loss on its own column.
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/tiles_cpu.h"
+#include "info_nce/info_nce.h"
+
+namespace upreid {
+namespace {
+
+constexpr const char* kOp = "upreid::info_nce";
+
+// Keys of the groups of rows [r0, r1): fn(Kg [R, gc, D] in acc, idx [R, gc]) over chunks of the group.
+template <class F>
+void for_each_group_chunk(const at::Tensor& keys, const at::Tensor& group_start, int64_t g,
+                          at::ScalarType acc, const F& fn) {
+  const int64_t R = group_start.size(0), D = keys.size(1);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(g, kCpuTileElems / std::max<int64_t>(1, R * D)));
+  for (int64_t j0 = 0; j0 < g; j0 += chunk) {
+    const int64_t j1 = std::min(g, j0 + chunk);
+    at::Tensor idx = group_start.unsqueeze(1) + at::arange(j0, j1, group_start.options());  // [R, gc]
+    at::Tensor kg = keys.index_select(0, idx.reshape(-1)).to(acc).view({R, j1 - j0, D});
+    fn(kg, idx);
+  }
+}
+
+struct Prepared {
+  at::Tensor qs, keys, positive, bank;
+  int64_t M, N, K, D;
+  bool all_keys;  // one group spanning every key: the keys are tiled like the bank
+  at::ScalarType acc;
+};
+
+Prepared prepare(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positive,
+                 const std::optional<at::Tensor>& bank, double temperature, int64_t group_size) {
+  at::Tensor b = check_info_nce_args(query, keys, positive, bank, temperature, group_size, kOp);
+  Prepared p;
+  p.acc = acc_dtype(query.scalar_type());
+  p.qs = query.to(p.acc).mul(1.0 / temperature).contiguous();  // [M, D]
+  p.keys = keys.contiguous();
+  p.positive = positive.contiguous();
+  p.bank = b.contiguous();
+  p.M = query.size(0);
+  p.N = keys.size(0);
+  p.K = b.size(0);
+  p.D = query.size(1);
+  p.all_keys = group_size == 0 || group_size == p.N;
+  return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> info_nce_cpu(const at::Tensor& query, const at::Tensor& keys,
+                                                const at::Tensor& positive,
+                                                const std::optional<at::Tensor>& bank,
+                                                double temperature, int64_t group_size) {
+  Prepared p = prepare(query, keys, positive, bank, temperature, group_size);
+  const auto opts = query.options().dtype(p.acc);
+  at::Tensor lse = at::empty({p.M}, opts);
+  if (p.M == 0) return {at::empty({0}, opts), lse};
+
+  const CpuBlocking blk = cpu_blocking(p.M);
+  parallel_row_blocks(p.M, blk.rows, [&](int64_t r0, int64_t r1) {
+    at::Tensor qb = p.qs.slice(0, r0, r1);  // [R, D]
+    OnlineLse state(r1 - r0, opts);
+    auto fold_tile = [&](const at::Tensor& tile, int64_t, int64_t) {
+      at::Tensor s = at::mm(qb, tile.t());  // [R, T]
+      state.fold(s);
+    };
+    if (p.all_keys) for_each_tile(p.keys, blk.cols, p.acc, fold_tile);
+    for_each_tile(p.bank, blk.cols, p.acc, fold_tile);
+    if (!p.all_keys) {
+      at::Tensor start = p.positive.slice(0, r0, r1).div(group_size, "floor").mul_(group_size);
+      for_each_group_chunk(p.keys, start, group_size, p.acc, [&](const at::Tensor& kg, const at::Tensor&) {
+        at::Tensor s = at::bmm(kg, qb.unsqueeze(2)).squeeze(2);  // [R, gc]
+        state.fold(s);
+      });
+    }
+    lse.slice(0, r0, r1).copy_(state.value());
+  });
+  at::Tensor kpos = p.keys.index_select(0, p.positive).to(p.acc);  // [M, D]
+  at::Tensor loss = lse - (p.qs * kpos).sum(1);
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> info_nce_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
+    const at::Tensor& lse, double temperature, int64_t group_size) {
+  constexpr const char* op = "upreid::_info_nce_backward";
+  Prepared p = prepare(query, keys, positive, bank, temperature, group_size);
+  check_dim(grad_loss, 1, op, "grad_loss", "[M]");
+  check_dim(grad_lse, 1, op, "grad_lse", "[M]");
+  check_dim(lse, 1, op, "lse", "[M]");
+  check_size(grad_loss, 0, p.M, "grad_loss", "entries", op);
+  check_size(grad_lse, 0, p.M, "grad_lse", "entries", op);
+  check_size(lse, 0, p.M, "lse", "entries", op);
+  const auto opts = query.options().dtype(p.acc);
+  if (p.M == 0 || p.D == 0) {
+    return {at::zeros_like(query), at::zeros_like(keys)};
+  }
+  at::Tensor gl = grad_loss.to(p.acc).contiguous();
+  at::Tensor coef = (gl + grad_lse.to(p.acc)).contiguous();  // d(loss + lse)/d(softmax logits)
+  at::Tensor lse_c = lse.to(p.acc).contiguous();
+  at::Tensor gq = at::zeros({p.M, p.D}, opts);
+  // One grad_keys accumulator per thread: row blocks of different threads hit the same keys.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  at::Tensor gk_parts = at::zeros({threads, p.N, p.D}, opts);
+
+  const CpuBlocking blk = cpu_blocking(p.M);
+  parallel_row_blocks(p.M, blk.rows, [&](int64_t r0, int64_t r1) {
+    const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
+    at::Tensor gk = gk_parts[tid];                       // [N, D]
+    at::Tensor qb = p.qs.slice(0, r0, r1);               // [R, D]
+    at::Tensor gqb = gq.slice(0, r0, r1);                // [R, D]
+    at::Tensor cb = coef.slice(0, r0, r1).unsqueeze(1);  // [R, 1]
+    at::Tensor lb = lse_c.slice(0, r0, r1).unsqueeze(1);  // [R, 1]
+    auto weights = [&](at::Tensor& s) { s.sub_(lb).exp_().mul_(cb); };  // W = c * softmax
+    if (p.all_keys) {
+      for_each_tile(p.keys, blk.cols, p.acc, [&](const at::Tensor& tile, int64_t c0, int64_t c1) {
+        at::Tensor w = at::mm(qb, tile.t());  // [R, T]
+        weights(w);
+        gqb.addmm_(w, tile);
+        gk.slice(0, c0, c1).addmm_(w.t(), qb);
+      });
+    } else {
+      at::Tensor start = p.positive.slice(0, r0, r1).div(group_size, "floor").mul_(group_size);
+      for_each_group_chunk(p.keys, start, group_size, p.acc, [&](const at::Tensor& kg, const at::Tensor& idx) {
+        at::Tensor w = at::bmm(kg, qb.unsqueeze(2)).squeeze(2);  // [R, gc]
+        weights(w);
+        gqb.add_(at::bmm(w.unsqueeze(1), kg).squeeze(1));
+        gk.index_add_(0, idx.reshape(-1), (w.unsqueeze(2) * qb.unsqueeze(1)).reshape({-1, p.D}));
+      });
+    }
+    for_each_tile(p.bank, blk.cols, p.acc, [&](const at::Tensor& tile, int64_t, int64_t) {
+      at::Tensor w = at::mm(qb, tile.t());
+      weights(w);
+      gqb.addmm_(w, tile);
+    });
+    // The positive logit enters the loss with -grad_loss.
+    at::Tensor pb = p.positive.slice(0, r0, r1);
+    at::Tensor glb = gl.slice(0, r0, r1).unsqueeze(1);
+    gqb.sub_(p.keys.index_select(0, pb).to(p.acc) * glb);
+    gk.index_add_(0, pb, qb * glb, -1.0);
+  });
+  at::Tensor grad_query = gq.mul_(1.0 / temperature).to(query.scalar_type());
+  at::Tensor grad_keys = gk_parts.sum(0).to(keys.scalar_type());
+  return {grad_query, grad_keys};
+}
+
+}  // namespace upreid
+
+TORCH_LIBRARY_IMPL(upreid, CPU, m) {
+  m.impl("info_nce", &upreid::info_nce_cpu);
+  m.impl("_info_nce_backward", &upreid::info_nce_backward_cpu);
+}

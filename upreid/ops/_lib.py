@@ -1,0 +1,50 @@
+"""Loads the compiled extension `upreid._C`, whose import registers torch.ops.upreid.*.
+
+When the extension is absent (a source checkout that was never built), every op in upreid.ops falls
+back to its pure-PyTorch reference and says so once.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+log = logging.getLogger("upreid")
+
+try:
+    from upreid import _C  # noqa: F401
+
+    HAS_EXTENSION = True
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # pragma: no cover - exercised only in unbuilt checkouts
+    HAS_EXTENSION = False
+    _IMPORT_ERROR = exc
+
+_warned = False
+
+
+def built_with_cuda() -> bool:
+    """True when the CUDA kernels were compiled into `upreid._C`."""
+    return HAS_EXTENSION and bool(torch.ops.upreid._built_with_cuda())
+
+
+def use_extension(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled kernels can serve these tensors; warns once when falling back."""
+    global _warned
+    if not HAS_EXTENSION:
+        if not _warned:
+            warnings.warn(
+                f"upreid._C is not built ({_IMPORT_ERROR}); using the pure-PyTorch references. "
+                "Build it with `pip install --no-build-isolation -e .`.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _warned = True
+        return False
+    if any(t.is_cuda for t in tensors) and not built_with_cuda():
+        raise RuntimeError(
+            "upreid._C was built without CUDA kernels but got CUDA tensors; rebuild on a machine "
+            "whose torch has CUDA (or set UPREID_CUDA=1 to force the CUDA build)"
+        )
+    return True
