@@ -17,6 +17,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bank_kl_cpu(const at::Tensor& stu
                                                            const at::Tensor& teacher,
                                                            const at::Tensor& bank,
                                                            double tau_student, double tau_teacher) {
+  at::NoGradGuard no_grad;  // internal tensors never need autograd history
   check_bank_kl_args(student, teacher, bank, tau_student, tau_teacher, "upreid::bank_kl");
   const auto acc = acc_dtype(student.scalar_type());
   const auto opts = student.options().dtype(acc);
@@ -56,6 +57,7 @@ at::Tensor bank_kl_backward_cpu(const at::Tensor& grad_kl, const at::Tensor& gra
                                 const at::Tensor& lse_teacher, double tau_student,
                                 double tau_teacher) {
   constexpr const char* op = "upreid::_bank_kl_backward";
+  at::NoGradGuard no_grad;  // internal tensors never need autograd history
   check_bank_kl_args(student, teacher, bank, tau_student, tau_teacher, op);
   const int64_t M = student.size(0);
   for (auto* pr : {&grad_kl, &grad_lse_student, &lse_student, &lse_teacher}) {

@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <limits>
@@ -32,7 +33,11 @@ inline CpuBlocking cpu_blocking(int64_t M) {
 template <class F>
 void parallel_row_blocks(int64_t M, int64_t rows, const F& fn) {
   const int64_t nblocks = (M + rows - 1) / rows;
+  // Worker threads start with default thread-local state (grad mode on, autograd dispatch keys
+  // included); carry the caller's so ATen calls inside behave as they do on the calling thread.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard guard(caller_state);
     for (int64_t b = b0; b < b1; ++b) {
       fn(b * rows, std::min(M, (b + 1) * rows));
     }

@@ -62,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_cpu(const at::Tensor& query, const a
                                                 const at::Tensor& positive,
                                                 const std::optional<at::Tensor>& bank,
                                                 double temperature, int64_t group_size) {
+  at::NoGradGuard no_grad;  // internal tensors never need autograd history
   Prepared p = prepare(query, keys, positive, bank, temperature, group_size);
   const auto opts = query.options().dtype(p.acc);
   at::Tensor lse = at::empty({p.M}, opts);
@@ -96,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_backward_cpu(
     const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
     const at::Tensor& lse, double temperature, int64_t group_size) {
   constexpr const char* op = "upreid::_info_nce_backward";
+  at::NoGradGuard no_grad;  // internal tensors never need autograd history
   Prepared p = prepare(query, keys, positive, bank, temperature, group_size);
   check_dim(grad_loss, 1, op, "grad_loss", "[M]");
   check_dim(grad_lse, 1, op, "grad_lse", "[M]");

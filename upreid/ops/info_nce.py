@@ -1,0 +1,90 @@
+"""``upreid::info_nce``: fused similarity + logsumexp contrastive loss (typed wrapper, fake kernel,
+autograd formula)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from upreid.ops import _lib, reference
+
+
+def info_nce(
+    query: Tensor,
+    keys: Tensor,
+    positive: Tensor,
+    bank: Tensor | None = None,
+    temperature: float = 0.1,
+    group_size: int = 0,
+    impl: str = "fused",
+) -> tuple[Tensor, Tensor]:
+    """Per-row InfoNCE loss without materialising the logits.
+
+    Row ``i`` contrasts ``query[i] / temperature`` against its positive key ``keys[positive[i]]``,
+    the other keys of its group and every row of ``bank``:
+
+    * ``group_size == 0``: all ``N`` keys are candidates (in-batch negatives);
+    * ``group_size == 1``: only the positive key (MoCo: negatives come from the bank);
+    * ``group_size == P``: keys ``j`` with ``j // P == positive[i] // P`` (the stripes of one image).
+
+    Args:
+        query: ``[M, D]`` float tensor (fp32, fp16, bf16 or fp64), receives a gradient.
+        keys: ``[N, D]``, same dtype and device, receives a gradient.
+        positive: ``[M]`` int64 indices into ``keys``.
+        bank: ``[K, D]`` or ``None``; a buffer (queue) that gets no gradient: it must not require grad.
+        temperature: > 0.
+        group_size: see above; ``N`` must be divisible by it.
+        impl: ``"fused"`` (the compiled operator) or ``"reference"`` (plain PyTorch).
+
+    Returns:
+        ``(loss, lse)``, both ``[M]`` in fp32 (fp64 for fp64 inputs), with
+        ``loss[i] = lse[i] - query[i] . keys[positive[i]] / temperature``.
+    """
+    if bank is not None and bank.requires_grad:
+        raise ValueError(
+            "info_nce: 'bank' requires grad, but the bank is a buffer that receives no gradient; "
+            "pass bank.detach()"
+        )
+    if impl == "reference":
+        return reference.info_nce(query, keys, positive, bank, temperature, group_size)
+    if impl != "fused":
+        raise ValueError(f"info_nce: impl must be 'fused' or 'reference', got {impl!r}")
+    if not _lib.use_extension(query):
+        return reference.info_nce(query, keys, positive, bank, temperature, group_size)
+    return torch.ops.upreid.info_nce(query, keys, positive, bank, float(temperature), int(group_size))
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+if _lib.HAS_EXTENSION:
+
+    @torch.library.register_fake("upreid::info_nce")
+    def _info_nce_fake(query, keys, positive, bank, temperature, group_size):
+        m = query.shape[0]
+        return query.new_empty((m,), dtype=_acc(query)), query.new_empty((m,), dtype=_acc(query))
+
+    @torch.library.register_fake("upreid::_info_nce_backward")
+    def _info_nce_backward_fake(grad_loss, grad_lse, query, keys, positive, bank, lse, temperature,
+                                group_size):
+        return torch.empty_like(query), torch.empty_like(keys)
+
+    def _setup_context(ctx, inputs, output):
+        query, keys, positive, bank, temperature, group_size = inputs
+        _, lse = output
+        ctx.save_for_backward(query, keys, positive, bank, lse)
+        ctx.temperature = temperature
+        ctx.group_size = group_size
+
+    def _backward(ctx, grad_loss, grad_lse):
+        query, keys, positive, bank, lse = ctx.saved_tensors
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(lse)
+        if grad_lse is None:
+            grad_lse = torch.zeros_like(lse)
+        grad_query, grad_keys = torch.ops.upreid._info_nce_backward(
+            grad_loss, grad_lse, query, keys, positive, bank, lse, ctx.temperature, ctx.group_size
+        )
+        return grad_query, grad_keys, None, None, None, None
+
+    torch.library.register_autograd("upreid::info_nce", _backward, setup_context=_setup_context)
