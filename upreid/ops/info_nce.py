@@ -61,6 +61,16 @@ if _lib.HAS_EXTENSION:
 
     @torch.library.register_fake("upreid::info_nce")
     def _info_nce_fake(query, keys, positive, bank, temperature, group_size):
+        # Shape/device checks that need no data (the index range is checked by the real kernels).
+        named = [("keys", keys), ("positive", positive)] + ([("bank", bank)] if bank is not None else [])
+        for name, t in named:
+            torch._check(t.device == query.device, lambda: (
+                f"upreid::info_nce: '{name}' is on {t.device} but 'query' is on {query.device}; "
+                "all tensors must be on one device"))
+        torch._check(query.dim() == 2 and keys.dim() == 2 and positive.dim() == 1,
+                     lambda: "upreid::info_nce: query [M, D], keys [N, D] and positive [M] expected")
+        torch._check(keys.shape[1] == query.shape[1] and positive.shape[0] == query.shape[0],
+                     lambda: "upreid::info_nce: mismatched D or M between query, keys and positive")
         m = query.shape[0]
         return query.new_empty((m,), dtype=_acc(query)), query.new_empty((m,), dtype=_acc(query))
 

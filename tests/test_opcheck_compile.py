@@ -1,0 +1,82 @@
+"""The operators follow the custom-op contract: torch.library.opcheck and torch.compile(fullgraph)."""
+import pytest
+import torch
+
+from conftest import devices
+from helpers import feats
+from upreid.losses import BankKL, MoCoLoss, PatchInfoNCE
+from upreid.ops import HAS_EXTENSION, reference
+
+pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="upreid._C is not built")
+
+
+def info_nce_samples(device):
+    for dtype in (torch.float32, torch.float64):
+        for g, k in ((0, None), (1, 20), (3, 7)):
+            q = feats(6, 5, dtype=dtype, device=device, requires_grad=True)
+            keys = feats(9, 5, dtype=dtype, device=device, requires_grad=True)
+            bank = feats(k, 5, dtype=dtype, device=device) if k else None
+            pos = torch.tensor([0, 4, 8, 2, 2, 7], device=device)
+            yield (q, keys, pos, bank, 0.2, g)
+    yield (feats(0, 5, device=device), feats(3, 5, device=device),
+           torch.empty(0, dtype=torch.long, device=device), None, 0.1, 1)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_info_nce(device):
+    for args in info_nce_samples(device):
+        torch.library.opcheck(torch.ops.upreid.info_nce.default, args)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_bank_kl(device):
+    for dtype in (torch.float32, torch.float64):
+        s = feats(7, 6, dtype=dtype, device=device, requires_grad=True)
+        args = (s, feats(7, 6, dtype=dtype, device=device), feats(13, 6, dtype=dtype, device=device), 0.2, 0.1)
+        torch.library.opcheck(torch.ops.upreid.bank_kl.default, args)
+
+
+def test_opcheck_backward_ops():
+    q, keys, pos, bank = feats(6, 5), feats(6, 5), torch.arange(6), feats(8, 5)
+    loss, lse = torch.ops.upreid.info_nce(q, keys, pos, bank, 0.1, 1)
+    torch.library.opcheck(torch.ops.upreid._info_nce_backward.default,
+                          (torch.ones(6), torch.zeros(6), q, keys, pos, bank, lse, 0.1, 1))
+    s, t = feats(6, 5), feats(6, 5)
+    kl, ls, lt = torch.ops.upreid.bank_kl(s, t, bank, 0.1, 0.2)
+    torch.library.opcheck(torch.ops.upreid._bank_kl_backward.default,
+                          (torch.ones(6), torch.zeros(6), s, t, bank, ls, lt, 0.1, 0.2))
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    """One compiled step with all three fused losses: values and gradients equal eager."""
+    moco, patch, gc = MoCoLoss(0.2), PatchInfoNCE(0.1), BankKL(0.1, 0.1)
+    lin = torch.nn.Linear(8, 8)
+
+    def step(x, patches, targets, keys, queue, teacher):
+        q = torch.nn.functional.normalize(lin(x), dim=-1)
+        return moco(q, keys, queue) + patch(patches, targets) + gc(q, teacher, queue)
+
+    inputs = (feats(4, 8), feats(4, 3, 8, requires_grad=True), feats(4, 3, 8), feats(4, 8),
+              feats(50, 8), feats(4, 8))
+    eager = step(*inputs)
+    eager_grads = torch.autograd.grad(eager, [lin.weight, inputs[1]])
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    grads = torch.autograd.grad(out, [lin.weight, inputs[1]])
+    assert torch.allclose(out, eager, atol=1e-6)
+    for a, b in zip(grads, eager_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_torch_compile_inductor():
+    def f(q, keys, pos, bank):
+        loss, lse = torch.ops.upreid.info_nce(q, keys, pos, bank, 0.1, 1)
+        return loss.mean() + 0.01 * lse.mean()
+
+    q = feats(8, 16, requires_grad=True)
+    args = (q, feats(8, 16), torch.arange(8), feats(40, 16))
+    out = torch.compile(f, fullgraph=True)(*args)
+    loss, lse = reference.info_nce(*[a.double() if a.is_floating_point() else a for a in args], 0.1, 1)
+    assert abs(out.item() - (loss.mean() + 0.01 * lse.mean()).item()) < 1e-5
+    out.backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
