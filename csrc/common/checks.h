@@ -83,3 +83,26 @@ inline at::ScalarType acc_dtype(at::ScalarType s) {
 }
 
 }  // namespace upreid
+
+namespace upreid {
+
+// NaN/Inf check of a whole tensor (one pass; the temporary is numel bytes of bool).
+inline void check_all_finite(const at::Tensor& t, const char* op, const char* name) {
+  if (t.numel() == 0) return;
+  TORCH_CHECK(at::isfinite(t).all().item<bool>(), op, ": '", name,
+              "' contains NaN or Inf; every value must be finite");
+}
+
+// Integer label tensor (pids, camera ids) of `n` entries, returned as contiguous int64.
+inline at::Tensor check_labels(const at::Tensor& t, int64_t n, const char* op, const char* name,
+                               const char* n_name) {
+  check_dim(t, 1, op, name, "[n]");
+  TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type()) &&
+                  t.scalar_type() != at::kBool,
+              op, ": '", name, "' must be an integer tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.size(0) == n, op, ": '", name, "' has ", t.size(0), " entries but ", n_name,
+              " has ", n, "; the lengths must match");
+  return t.to(at::kLong).contiguous();
+}
+
+}  // namespace upreid

@@ -1,0 +1,249 @@
+// CPU implementation of k_reciprocal_rerank (features) and k_reciprocal_rerank_dense.
+//
+// Features path: the squared Euclidean distance d2(i, j) = |x_i|^2 + |x_j|^2 - 2 x_i.x_j (clamped at
+// 0, exactly 0 on the diagonal, exactly symmetric) is computed in tiles of an upper-triangular
+// block grid (one GEMM per tile, half of the N x N products); each tile pair (i < j) feeds both
+// rows' top-(k1 + 1) lists and row maxima, kept per thread and merged afterwards, and the
+// query-gallery entries go straight into the [Q, G] output. Nothing N x N is ever allocated.
+// Dense path: row i of the original's transposed, column-normalised matrix is column i of the
+// block matrix [[q_q, q_g], [q_g^T, g_g]]; the inputs are transposed once and scanned by rows.
+// Neighbour order: ascending squared distance, ties by ascending index (a stable sort).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <memory>
+
+#include "common/checks.h"
+#include "rerank/rerank.h"
+#include "rerank/rerank_sparse_cpu.h"
+
+namespace upreid {
+namespace {
+
+using rerank_cpu::Neighbors;
+
+template <typename T>
+inline bool before(T v, int32_t j, T w, int32_t k) {
+  return v < w || (v == w && j < k);
+}
+
+// The K best (d2, index) candidates of every row, ascending.
+template <typename T>
+struct TopK {
+  int64_t K;
+  std::vector<T> val, rmax;
+  std::vector<int32_t> idx, cnt;
+  TopK(int64_t N, int64_t K) : K(K), val(N * K), rmax(N, T(0)), idx(N * K), cnt(N, 0) {}
+
+  inline void push(int64_t r, T v, int32_t j) {
+    T* vr = val.data() + r * K;
+    int32_t* ir = idx.data() + r * K;
+    int64_t c = cnt[r];
+    if (c == K) {
+      if (!before(v, j, vr[K - 1], ir[K - 1])) return;
+      c = K - 1;
+    } else {
+      cnt[r] = static_cast<int32_t>(c + 1);
+    }
+    while (c > 0 && before(v, j, vr[c - 1], ir[c - 1])) {
+      vr[c] = vr[c - 1];
+      ir[c] = ir[c - 1];
+      --c;
+    }
+    vr[c] = v;
+    ir[c] = j;
+  }
+};
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t D) {
+  T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    for (int u = 0; u < 8; ++u) acc[u] += a[d + u] * b[d + u];
+  }
+  T s = T(0);
+  for (int u = 0; u < 8; ++u) s += acc[u];
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+template <typename T>
+Neighbors<T> neighbors_from_features(const at::Tensor& X, const std::vector<T>& sq, int64_t K,
+                                     int64_t Q, float* out) {
+  const int64_t N = X.size(0), G = N - Q;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Tile edge: 512 rows keeps a GEMM efficient; smaller for small N so that threads share work.
+  int64_t B = (N + 4 * threads - 1) / (4 * threads);
+  B = std::min<int64_t>(512, std::max<int64_t>(64, (B + 15) / 16 * 16));
+  const int64_t nb = (N + B - 1) / B;
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t I = 0; I < nb; ++I) {
+    for (int64_t J = I; J < nb; ++J) tiles.emplace_back(I, J);
+  }
+  std::vector<std::unique_ptr<TopK<T>>> part(threads);
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
+    at::ThreadLocalStateGuard guard(caller_state);
+    const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
+    if (!part[tid]) part[tid] = std::make_unique<TopK<T>>(N, K);
+    TopK<T>& tk = *part[tid];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = tiles[t].first * B, i1 = std::min(N, i0 + B);
+      const int64_t j0 = tiles[t].second * B, j1 = std::min(N, j0 + B);
+      const bool diag = i0 == j0;
+      at::Tensor prod = at::mm(X.slice(0, i0, i1), X.slice(0, j0, j1).t()).contiguous();  // [bi, bj]
+      const T* p = prod.data_ptr<T>();
+      const int64_t bj = j1 - j0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* prow = p + (i - i0) * bj;
+        const int64_t js = diag ? i + 1 : j0;
+        if (diag) tk.push(i, T(0), static_cast<int32_t>(i));  // self: distance exactly 0
+        T imax = tk.rmax[i];
+        const T sqi = sq[i];
+        for (int64_t j = js; j < j1; ++j) {
+          T d = sqi + sq[j] - T(2) * prow[j - j0];
+          d = d > T(0) ? d : T(0);  // rounding can push a tiny distance below zero
+          imax = std::max(imax, d);
+          tk.rmax[j] = std::max(tk.rmax[j], d);
+          tk.push(i, d, static_cast<int32_t>(j));
+          tk.push(j, d, static_cast<int32_t>(i));
+          if (i < Q && j >= Q) out[i * G + (j - Q)] = static_cast<float>(d);
+        }
+        tk.rmax[i] = imax;
+      }
+    }
+  });
+  // Merge the per-thread lists: the union of per-thread top-K holds the global top-K.
+  Neighbors<T> nb_out;
+  nb_out.N = N;
+  nb_out.K = K;
+  nb_out.idx.resize(N * K);
+  nb_out.d2.resize(N * K);
+  nb_out.rowmax.assign(N, T(0));
+  at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
+    std::vector<std::pair<T, int32_t>> cand;
+    for (int64_t r = r0; r < r1; ++r) {
+      cand.clear();
+      for (const auto& pt : part) {
+        if (!pt) continue;
+        for (int32_t c = 0; c < pt->cnt[r]; ++c) cand.emplace_back(pt->val[r * K + c], pt->idx[r * K + c]);
+        nb_out.rowmax[r] = std::max(nb_out.rowmax[r], pt->rmax[r]);
+      }
+      std::sort(cand.begin(), cand.end());
+      TORCH_INTERNAL_ASSERT(static_cast<int64_t>(cand.size()) >= K);
+      for (int64_t c = 0; c < K; ++c) {
+        nb_out.d2[r * K + c] = cand[c].first;
+        nb_out.idx[r * K + c] = cand[c].second;
+      }
+    }
+  });
+  return nb_out;
+}
+
+template <typename T>
+at::Tensor rerank_features(const at::Tensor& X, int64_t Q, int64_t k1, int64_t k2, double lambda) {
+  const int64_t N = X.size(0), D = X.size(1), G = N - Q;
+  const int64_t K = std::min<int64_t>(k1 + 1, N);
+  at::Tensor out = at::empty({Q, G}, X.options().dtype(at::kFloat));
+  const T* x = X.data_ptr<T>();
+  std::vector<T> sq(N);
+  at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) sq[r] = dot(x + r * D, x + r * D, D);
+  });
+  Neighbors<T> nb = neighbors_from_features<T>(X, sq, K, Q, out.data_ptr<float>());
+  auto dist2 = [&](int64_t i, int64_t j) -> T {
+    if (i == j) return T(0);
+    const T d = sq[i] + sq[j] - T(2) * dot(x + i * D, x + j * D, D);
+    return d > T(0) ? d : T(0);
+  };
+  rerank_cpu::rerank_sparse<T>(nb, dist2, Q, k1, k2, lambda, rerank_half_k(k1), out.data_ptr<float>());
+  return out;
+}
+
+template <typename T>
+at::Tensor rerank_dense(const at::Tensor& q_g, const at::Tensor& q_q, const at::Tensor& g_g,
+                        int64_t k1, int64_t k2, double lambda) {
+  const int64_t Q = q_g.size(0), G = q_g.size(1), N = Q + G;
+  const int64_t K = std::min<int64_t>(k1 + 1, N);
+  // Row i of B = A^T, A = [[q_q, q_g], [q_g^T, g_g]]: [q_q^T | q_g] for queries, [q_g^T | g_g^T]
+  // for the gallery.
+  at::Tensor qg = q_g.contiguous(), qqT = q_q.t().contiguous(), qgT = q_g.t().contiguous(),
+             ggT = g_g.t().contiguous();
+  const T *pqg = qg.data_ptr<T>(), *pqqT = qqT.data_ptr<T>(), *pqgT = qgT.data_ptr<T>(),
+          *pggT = ggT.data_ptr<T>();
+  auto left = [&](int64_t i) { return i < Q ? pqqT + i * Q : pqgT + (i - Q) * Q; };   // [Q]
+  auto right = [&](int64_t i) { return i < Q ? pqg + i * G : pggT + (i - Q) * G; };  // [G]
+  auto dist2 = [&](int64_t i, int64_t j) -> T {
+    const T v = j < Q ? left(i)[j] : right(i)[j - Q];
+    return v * v;
+  };
+  at::Tensor out = at::empty({Q, G}, q_g.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  Neighbors<T> nb;
+  nb.N = N;
+  nb.K = K;
+  nb.idx.resize(N * K);
+  nb.d2.resize(N * K);
+  nb.rowmax.assign(N, T(0));
+  at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
+    TopK<T> tk(1, K);
+    for (int64_t i = r0; i < r1; ++i) {
+      tk.cnt[0] = 0;
+      T rmax = T(0);
+      const T* l = left(i);
+      for (int64_t j = 0; j < Q; ++j) {
+        const T d = l[j] * l[j];
+        rmax = std::max(rmax, d);
+        tk.push(0, d, static_cast<int32_t>(j));
+      }
+      const T* r = right(i);
+      for (int64_t g = 0; g < G; ++g) {
+        const T d = r[g] * r[g];
+        rmax = std::max(rmax, d);
+        tk.push(0, d, static_cast<int32_t>(Q + g));
+        if (i < Q) o[i * G + g] = static_cast<float>(d);
+      }
+      nb.rowmax[i] = rmax;
+      std::copy(tk.idx.begin(), tk.idx.end(), nb.idx.begin() + i * K);
+      std::copy(tk.val.begin(), tk.val.end(), nb.d2.begin() + i * K);
+    }
+  });
+  rerank_cpu::rerank_sparse<T>(nb, dist2, Q, k1, k2, lambda, rerank_half_k(k1), o);
+  return out;
+}
+
+}  // namespace
+
+at::Tensor k_reciprocal_rerank_cpu(const at::Tensor& features, int64_t num_query, int64_t k1,
+                                   int64_t k2, double lambda_value) {
+  check_rerank_features_args(features, num_query, k1, k2, lambda_value, "upreid::k_reciprocal_rerank");
+  at::Tensor X = features.to(acc_dtype(features.scalar_type())).contiguous();  // [N, D]
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "k_reciprocal_rerank", [&] {
+    out = rerank_features<scalar_t>(X, num_query, k1, k2, lambda_value);
+  });
+  return out;
+}
+
+at::Tensor k_reciprocal_rerank_dense_cpu(const at::Tensor& q_g, const at::Tensor& q_q,
+                                         const at::Tensor& g_g, int64_t k1, int64_t k2,
+                                         double lambda_value) {
+  check_rerank_dense_args(q_g, q_q, g_g, k1, k2, lambda_value, "upreid::k_reciprocal_rerank_dense");
+  const auto acc = acc_dtype(q_g.scalar_type());
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(acc, "k_reciprocal_rerank_dense", [&] {
+    out = rerank_dense<scalar_t>(q_g.to(acc), q_q.to(acc), g_g.to(acc), k1, k2, lambda_value);
+  });
+  return out;
+}
+
+}  // namespace upreid
+
+TORCH_LIBRARY_IMPL(upreid, CPU, m) {
+  m.impl("k_reciprocal_rerank", &upreid::k_reciprocal_rerank_cpu);
+  m.impl("k_reciprocal_rerank_dense", &upreid::k_reciprocal_rerank_dense_cpu);
+}
