@@ -3,7 +3,7 @@
 // No gallery sort. For query q with P positives (same pid, other camera), the positives are
 // gathered through a pid index of the gallery (O(P) per query) and sorted by (distance, index).
 // One pass over the gallery then places every valid negative (other pid) among the sorted positives
-// by binary search: cnt[t] counts negatives that precede positives t..P-1. The rank of the k-th
+// by counting / branch-free binary search: cnt[t] counts negatives that precede positives t..P-1. The rank of the k-th
 // positive is k + sum(cnt[0..k]), from which AP, the first-match rank (CMC) and the hardest-positive
 // rank (INP) follow. O(G log P) per query, O(Q + G) memory beyond the distance matrix; queries run in
 // parallel. Ties are broken by gallery index, i.e. the order of a stable sort.
@@ -14,7 +14,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <numeric>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -26,30 +29,88 @@ namespace {
 
 constexpr const char* kOp = "upreid::rank_metrics";
 
-using Key = std::pair<double, int64_t>;  // (distance, gallery index): the total order of ranks
+// Rank order: ascending distance, ties by ascending gallery index. For fp32/fp16/bf16 distances the
+// pair is packed into one uint64 (order-preserving bits of the float, then the index), so each
+// comparison is one integer compare; fp64 distances keep the (double, index) pair.
+inline uint64_t float_key(float f, int64_t g) {
+  f += 0.0f;  // -0 -> +0: equal distances must tie
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (static_cast<uint64_t>(u) << 32) | static_cast<uint64_t>(g);
+}
+
+inline float key_dist(uint64_t key) {
+  uint32_t u = static_cast<uint32_t>(key >> 32);
+  u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
 
 template <typename scalar_t>
-void rank_rows(const scalar_t* dist, const int64_t* qp, const int64_t* qc, const int64_t* gp,
-               const int64_t* gc, const std::vector<int64_t>& by_pid, const std::vector<int64_t>& pid_sorted,
-               int64_t Q, int64_t G, float* ap, float* inp, bool* valid, int64_t* first,
-               std::atomic<bool>& bad) {
+struct KeyOf {
+  using type = uint64_t;
+  static type make(scalar_t d, int64_t g) { return float_key(static_cast<float>(d), g); }
+  static float dist(type k) { return key_dist(k); }
+  static int64_t index(type k) { return static_cast<int64_t>(k & 0xffffffffu); }
+};
+template <>
+struct KeyOf<double> {
+  using type = std::pair<double, int64_t>;
+  static type make(double d, int64_t g) { return {d, g}; }
+  static double dist(const type& k) { return k.first; }
+  static int64_t index(const type& k) { return k.second; }
+};
+
+constexpr int64_t kScanMax = 32;
+
+// Number of sorted keys < key (lower_bound), branch-free: a counting scan for few positives, a
+// branch-free binary search otherwise.
+template <typename K>
+inline int64_t count_less(const K* keys, int64_t P, const K& key) {
+  if (P <= 32) {
+    int64_t c = 0;
+    for (int64_t k = 0; k < P; ++k) c += keys[k] < key ? 1 : 0;
+    return c;
+  }
+  const K* base = keys;
+  int64_t n = P;
+  while (n > 1) {
+    const int64_t half = n / 2;
+    base = base[half] < key ? base + half : base;
+    n -= half;
+  }
+  return (*base < key ? 1 : 0) + (base - keys);
+}
+
+template <typename scalar_t>
+void rank_rows(const scalar_t* dist, const int64_t* qc, const int64_t* gc, const int32_t* q_id,
+               const int32_t* g_id, const std::vector<int64_t>& by_id,
+               const std::vector<int64_t>& id_start, int64_t Q, int64_t G, float* ap, float* inp,
+               bool* valid, int64_t* first, std::atomic<bool>& bad) {
+  using Key = typename KeyOf<scalar_t>::type;
   at::parallel_for(0, Q, 16, [&](int64_t q0, int64_t q1) {
     std::vector<Key> pos;
     std::vector<int64_t> cnt;
+    alignas(16) float pd[kScanMax];
+    alignas(16) int32_t pi[kScanMax];
     for (int64_t q = q0; q < q1; ++q) {
       const scalar_t* row = dist + q * G;
-      const int64_t pid = qp[q], cam = qc[q];
-      auto range = std::equal_range(pid_sorted.begin(), pid_sorted.end(), pid);
+      const int32_t id = q_id[q];
+      const int64_t cam = qc[q];
       pos.clear();
-      for (auto it = range.first; it != range.second; ++it) {
-        const int64_t g = by_pid[it - pid_sorted.begin()];
-        if (gc[g] != cam) pos.emplace_back(static_cast<double>(row[g]), g);
+      if (id >= 0) {  // -1: the query's pid is absent from the gallery
+        for (int64_t k = id_start[id]; k < id_start[id + 1]; ++k) {
+          const int64_t g = by_id[k];
+          if (gc[g] != cam) pos.push_back(KeyOf<scalar_t>::make(row[g], g));
+        }
       }
       const int64_t P = static_cast<int64_t>(pos.size());
+      bool finite = true;
       if (P == 0) {
-        for (int64_t g = 0; g < G; ++g) {
-          if (!std::isfinite(static_cast<double>(row[g]))) bad = true;
-        }
+        for (int64_t g = 0; g < G; ++g) finite &= std::isfinite(static_cast<double>(row[g]));
+        if (!finite) bad = true;
         ap[q] = 0.f;
         inp[q] = 0.f;
         valid[q] = false;
@@ -59,15 +120,40 @@ void rank_rows(const scalar_t* dist, const int64_t* qp, const int64_t* qc, const
       std::sort(pos.begin(), pos.end());
       cnt.assign(P + 1, 0);
       const Key last = pos.back();
-      for (int64_t g = 0; g < G; ++g) {
-        const double d = static_cast<double>(row[g]);
-        if (!std::isfinite(d)) bad = true;
-        if (gp[g] == pid) continue;  // a positive, or removed (same pid and camera)
-        const Key key(d, g);
-        if (last < key) continue;  // after every positive: changes no rank
-        const int64_t t = std::lower_bound(pos.begin(), pos.end(), key) - pos.begin();
-        ++cnt[t];
+      // Few positives: a counting scan over (distance, index) arrays, which vectorises (SSE2 has
+      // 32-bit but no 64-bit compares); many: a branch-free binary search over the keys.
+      const bool scan = P <= kScanMax && !std::is_same<scalar_t, double>::value;
+      if (scan) {
+        // Padded to a multiple of 8 with +inf, which no finite distance precedes.
+        const int64_t P8 = (P + 7) / 8 * 8;
+        for (int64_t k = 0; k < P8; ++k) {
+          pd[k] = k < P ? static_cast<float>(KeyOf<scalar_t>::dist(pos[k]))
+                        : std::numeric_limits<float>::infinity();
+          pi[k] = k < P ? static_cast<int32_t>(KeyOf<scalar_t>::index(pos[k])) : 0;
+        }
+        const float dl = pd[P - 1];
+        const int32_t il = pi[P - 1];
+        for (int64_t g = 0; g < G; ++g) {
+          const float df = static_cast<float>(row[g]) + 0.0f;
+          finite &= std::isfinite(df);
+          if (g_id[g] == id) continue;  // a positive, or removed (same pid and camera)
+          const int32_t gi = static_cast<int32_t>(g);
+          if (df > dl || (df == dl && gi > il)) continue;  // after every positive
+          int32_t c = 0;
+          for (int64_t k = 0; k < P8; ++k) c += (pd[k] < df) | ((pd[k] == df) & (pi[k] < gi));
+          ++cnt[c];
+        }
+      } else {
+        for (int64_t g = 0; g < G; ++g) {
+          const scalar_t d = row[g];
+          finite &= std::isfinite(static_cast<double>(d));
+          if (g_id[g] == id) continue;  // a positive, or removed (same pid and camera)
+          const Key key = KeyOf<scalar_t>::make(d, g);
+          if (last < key) continue;  // after every positive: changes no rank
+          ++cnt[count_less(pos.data(), P, key)];
+        }
       }
+      if (!finite) bad = true;
       double ap_sum = 0.0;
       int64_t neg_before = 0, rank = 0;
       for (int64_t k = 0; k < P; ++k) {
@@ -95,19 +181,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank_metrics_cpu(
   at::Tensor valid = at::zeros({Q}, a.distmat.options().dtype(at::kBool));
   std::vector<int64_t> first(Q, -1);
 
-  // Gallery indices grouped by pid (stable: ascending index inside a pid).
+  // Dense ids: gallery pids -> 0..U-1 (int32), gallery indices grouped by id (ascending index
+  // inside an id), query pids -> their gallery id or -1.
   const int64_t* gp = a.g_pids.data_ptr<int64_t>();
-  std::vector<int64_t> by_pid(G);
-  std::iota(by_pid.begin(), by_pid.end(), 0);
-  std::stable_sort(by_pid.begin(), by_pid.end(), [&](int64_t x, int64_t y) { return gp[x] < gp[y]; });
-  std::vector<int64_t> pid_sorted(G);
-  for (int64_t k = 0; k < G; ++k) pid_sorted[k] = gp[by_pid[k]];
+  const int64_t* qp = a.q_pids.data_ptr<int64_t>();
+  std::vector<int64_t> by_id(G);
+  std::iota(by_id.begin(), by_id.end(), 0);
+  std::stable_sort(by_id.begin(), by_id.end(), [&](int64_t x, int64_t y) { return gp[x] < gp[y]; });
+  std::vector<int32_t> g_id(G), q_id(Q);
+  std::vector<int64_t> id_pid, id_start;
+  for (int64_t k = 0; k < G; ++k) {
+    const int64_t pid = gp[by_id[k]];
+    if (id_pid.empty() || id_pid.back() != pid) {
+      id_pid.push_back(pid);
+      id_start.push_back(k);
+    }
+    g_id[by_id[k]] = static_cast<int32_t>(id_pid.size() - 1);
+  }
+  id_start.push_back(G);
+  for (int64_t q = 0; q < Q; ++q) {
+    auto it = std::lower_bound(id_pid.begin(), id_pid.end(), qp[q]);
+    q_id[q] = (it != id_pid.end() && *it == qp[q]) ? static_cast<int32_t>(it - id_pid.begin()) : -1;
+  }
 
   std::atomic<bool> bad(false);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.distmat.scalar_type(), "rank_metrics", [&] {
-    rank_rows<scalar_t>(a.distmat.data_ptr<scalar_t>(), a.q_pids.data_ptr<int64_t>(),
-                        a.q_camids.data_ptr<int64_t>(), gp, a.g_camids.data_ptr<int64_t>(), by_pid,
-                        pid_sorted, Q, G, ap.data_ptr<float>(), inp.data_ptr<float>(),
+    rank_rows<scalar_t>(a.distmat.data_ptr<scalar_t>(), a.q_camids.data_ptr<int64_t>(),
+                        a.g_camids.data_ptr<int64_t>(), q_id.data(), g_id.data(), by_id, id_start,
+                        Q, G, ap.data_ptr<float>(), inp.data_ptr<float>(),
                         valid.data_ptr<bool>(), first.data(), bad);
   });
   TORCH_CHECK(!bad.load(), kOp, ": 'distmat' contains NaN or Inf; every distance must be finite");
