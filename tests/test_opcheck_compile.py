@@ -29,6 +29,15 @@ def test_opcheck_info_nce(device):
 
 
 @pytest.mark.parametrize("device", devices())
+def test_opcheck_info_nce_train(device):
+    from upreid.ops import _lib
+    if not _lib.has_kernel("_info_nce_train", torch.device(device)):
+        pytest.skip(f"no _info_nce_train kernel for {device}")
+    for args in info_nce_samples(device):
+        torch.library.opcheck(torch.ops.upreid._info_nce_train.default, args)
+
+
+@pytest.mark.parametrize("device", devices())
 def test_opcheck_bank_kl(device):
     for dtype in (torch.float32, torch.float64):
         s = feats(7, 6, dtype=dtype, device=device, requires_grad=True)

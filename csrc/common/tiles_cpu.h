@@ -61,11 +61,17 @@ struct OnlineLse {
       : m(at::full({rows}, -std::numeric_limits<double>::infinity(), opts)),
         s(at::zeros({rows}, opts)) {}
 
+  at::Tensor scale;  // exp(m_old - m_new) of the last fold: rescales any running weighted sum
+
   // Folds logits [rows, T]; `logits` is overwritten (exp(x - m_new)) and returned.
   at::Tensor& fold(at::Tensor& logits) {
-    if (logits.size(1) == 0) return logits;
+    if (logits.size(1) == 0) {
+      scale = at::ones_like(s);
+      return logits;
+    }
     at::Tensor m_new = at::maximum(m, std::get<0>(logits.max(1)));
-    s.mul_((m - m_new).exp_());
+    scale = (m - m_new).exp_();
+    s.mul_(scale);
     logits.sub_(m_new.unsqueeze(1)).exp_();
     s.add_(logits.sum(1));
     m = m_new;

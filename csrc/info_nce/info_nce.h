@@ -24,4 +24,13 @@ std::tuple<at::Tensor, at::Tensor> info_nce_backward_cpu(
     const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
     const at::Tensor& lse, double temperature, int64_t group_size);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_train_cpu(
+    const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positive,
+    const std::optional<at::Tensor>& bank, double temperature, int64_t group_size);
+
+std::tuple<at::Tensor, at::Tensor> info_nce_train_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& positive, const at::Tensor& lse,
+    const at::Tensor& bank_mean, double temperature, int64_t group_size);
+
 }  // namespace upreid

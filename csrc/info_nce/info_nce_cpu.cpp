@@ -58,45 +58,84 @@ Prepared prepare(const at::Tensor& query, const at::Tensor& keys, const at::Tens
 
 }  // namespace
 
+namespace {
+
+// Forward over every candidate tile. With want_bank_mean it also accumulates, flash-attention style,
+// bank_mean[i] = sum_k softmax_ik b_k over the bank columns (rescaled as the running max grows), so
+// that the backward of the bank part is c_i * bank_mean_i and needs no recomputation.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Prepared& p, int64_t group_size,
+                                                             bool want_bank_mean,
+                                                             const at::TensorOptions& opts) {
+  at::Tensor lse = at::empty({p.M}, opts);
+  at::Tensor bank_mean = want_bank_mean ? at::zeros({p.M, p.D}, opts) : at::Tensor();
+  if (p.M == 0) return {at::empty({0}, opts), lse, bank_mean};
+  const bool track = want_bank_mean && p.K > 0;
+
+  const CpuBlocking blk = cpu_blocking(p.M);
+  parallel_row_blocks(p.M, blk.rows, [&](int64_t r0, int64_t r1) {
+    at::Tensor qb = p.qs.slice(0, r0, r1);  // [R, D]
+    OnlineLse state(r1 - r0, opts);
+    at::Tensor acc = track ? bank_mean.slice(0, r0, r1) : at::Tensor();  // [R, D]
+    auto rescale = [&]() {
+      if (track) acc.mul_(state.scale.unsqueeze(1));
+    };
+    auto fold_keys = [&](const at::Tensor& tile, int64_t, int64_t) {
+      at::Tensor s = at::mm(qb, tile.t());  // [R, T]
+      state.fold(s);
+      rescale();
+    };
+    auto fold_bank = [&](const at::Tensor& tile, int64_t, int64_t) {
+      at::Tensor s = at::mm(qb, tile.t());  // [R, T]
+      state.fold(s);
+      rescale();
+      if (track) acc.addmm_(s, tile);  // s now holds exp(logits - m)
+    };
+    if (p.all_keys) for_each_tile(p.keys, blk.cols, p.acc, fold_keys);
+    for_each_tile(p.bank, blk.cols, p.acc, fold_bank);
+    if (!p.all_keys) {
+      at::Tensor start = p.positive.slice(0, r0, r1).div(group_size, "floor").mul_(group_size);
+      for_each_group_chunk(p.keys, start, group_size, p.acc, [&](const at::Tensor& kg, const at::Tensor&) {
+        at::Tensor s = at::bmm(kg, qb.unsqueeze(2)).squeeze(2);  // [R, gc]
+        state.fold(s);
+        rescale();
+      });
+    }
+    lse.slice(0, r0, r1).copy_(state.value());
+    if (track) acc.div_(state.s.unsqueeze(1));
+  });
+  at::Tensor kpos = p.keys.index_select(0, p.positive).to(p.acc);  // [M, D]
+  at::Tensor loss = lse - (p.qs * kpos).sum(1);
+  return {loss, lse, bank_mean};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> info_nce_cpu(const at::Tensor& query, const at::Tensor& keys,
                                                 const at::Tensor& positive,
                                                 const std::optional<at::Tensor>& bank,
                                                 double temperature, int64_t group_size) {
   at::NoGradGuard no_grad;  // internal tensors never need autograd history
   Prepared p = prepare(query, keys, positive, bank, temperature, group_size);
-  const auto opts = query.options().dtype(p.acc);
-  at::Tensor lse = at::empty({p.M}, opts);
-  if (p.M == 0) return {at::empty({0}, opts), lse};
-
-  const CpuBlocking blk = cpu_blocking(p.M);
-  parallel_row_blocks(p.M, blk.rows, [&](int64_t r0, int64_t r1) {
-    at::Tensor qb = p.qs.slice(0, r0, r1);  // [R, D]
-    OnlineLse state(r1 - r0, opts);
-    auto fold_tile = [&](const at::Tensor& tile, int64_t, int64_t) {
-      at::Tensor s = at::mm(qb, tile.t());  // [R, T]
-      state.fold(s);
-    };
-    if (p.all_keys) for_each_tile(p.keys, blk.cols, p.acc, fold_tile);
-    for_each_tile(p.bank, blk.cols, p.acc, fold_tile);
-    if (!p.all_keys) {
-      at::Tensor start = p.positive.slice(0, r0, r1).div(group_size, "floor").mul_(group_size);
-      for_each_group_chunk(p.keys, start, group_size, p.acc, [&](const at::Tensor& kg, const at::Tensor&) {
-        at::Tensor s = at::bmm(kg, qb.unsqueeze(2)).squeeze(2);  // [R, gc]
-        state.fold(s);
-      });
-    }
-    lse.slice(0, r0, r1).copy_(state.value());
-  });
-  at::Tensor kpos = p.keys.index_select(0, p.positive).to(p.acc);  // [M, D]
-  at::Tensor loss = lse - (p.qs * kpos).sum(1);
-  return {loss, lse};
+  auto out = forward_impl(p, group_size, false, query.options().dtype(p.acc));
+  return {std::get<0>(out), std::get<1>(out)};
 }
 
-std::tuple<at::Tensor, at::Tensor> info_nce_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_train_cpu(
+    const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positive,
+    const std::optional<at::Tensor>& bank, double temperature, int64_t group_size) {
+  at::NoGradGuard no_grad;
+  Prepared p = prepare(query, keys, positive, bank, temperature, group_size);
+  return forward_impl(p, group_size, true, query.options().dtype(p.acc));
+}
+
+namespace {
+
+// Backward core. Without bank_mean every bank tile is recomputed from the saved lse; with it (from
+// _info_nce_train) the bank part of grad_query is coef_i * bank_mean_i and the bank is not visited.
+std::tuple<at::Tensor, at::Tensor> backward_impl(
+    const char* op, const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
     const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
-    const at::Tensor& lse, double temperature, int64_t group_size) {
-  constexpr const char* op = "upreid::_info_nce_backward";
+    const at::Tensor& lse, const at::Tensor& bank_mean, double temperature, int64_t group_size) {
   at::NoGradGuard no_grad;  // internal tensors never need autograd history
   Prepared p = prepare(query, keys, positive, bank, temperature, group_size);
   check_dim(grad_loss, 1, op, "grad_loss", "[M]");
@@ -142,11 +181,15 @@ std::tuple<at::Tensor, at::Tensor> info_nce_backward_cpu(
         gk.index_add_(0, idx.reshape(-1), (w.unsqueeze(2) * qb.unsqueeze(1)).reshape({-1, p.D}));
       });
     }
-    for_each_tile(p.bank, blk.cols, p.acc, [&](const at::Tensor& tile, int64_t, int64_t) {
-      at::Tensor w = at::mm(qb, tile.t());
-      weights(w);
-      gqb.addmm_(w, tile);
-    });
+    if (bank_mean.defined()) {
+      gqb.addcmul_(bank_mean.slice(0, r0, r1), cb);
+    } else {
+      for_each_tile(p.bank, blk.cols, p.acc, [&](const at::Tensor& tile, int64_t, int64_t) {
+        at::Tensor w = at::mm(qb, tile.t());
+        weights(w);
+        gqb.addmm_(w, tile);
+      });
+    }
     // The positive logit enters the loss with -grad_loss.
     at::Tensor pb = p.positive.slice(0, r0, r1);
     at::Tensor glb = gl.slice(0, r0, r1).unsqueeze(1);
@@ -158,9 +201,35 @@ std::tuple<at::Tensor, at::Tensor> info_nce_backward_cpu(
   return {grad_query, grad_keys};
 }
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> info_nce_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
+    const at::Tensor& lse, double temperature, int64_t group_size) {
+  return backward_impl("upreid::_info_nce_backward", grad_loss, grad_lse, query, keys, positive,
+                       bank, lse, at::Tensor(), temperature, group_size);
+}
+
+std::tuple<at::Tensor, at::Tensor> info_nce_train_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& positive, const at::Tensor& lse,
+    const at::Tensor& bank_mean, double temperature, int64_t group_size) {
+  constexpr const char* op = "upreid::_info_nce_train_backward";
+  check_dim(bank_mean, 2, op, "bank_mean", "[M, D]");
+  TORCH_CHECK(bank_mean.size(0) == query.size(0) && bank_mean.size(1) == query.size(1), op,
+              ": 'bank_mean' has shape ", shape_str(bank_mean), " but 'query' has shape ",
+              shape_str(query));
+  return backward_impl(op, grad_loss, grad_lse, query, keys, positive, std::nullopt, lse,
+                       bank_mean.to(acc_dtype(query.scalar_type())).contiguous(), temperature,
+                       group_size);
+}
+
 }  // namespace upreid
 
 TORCH_LIBRARY_IMPL(upreid, CPU, m) {
   m.impl("info_nce", &upreid::info_nce_cpu);
   m.impl("_info_nce_backward", &upreid::info_nce_backward_cpu);
+  m.impl("_info_nce_train", &upreid::info_nce_train_cpu);
+  m.impl("_info_nce_train_backward", &upreid::info_nce_train_backward_cpu);
 }

@@ -29,6 +29,23 @@ def built_with_cuda() -> bool:
     return HAS_EXTENSION and bool(torch.ops.upreid._built_with_cuda())
 
 
+def _kernel_table() -> dict[tuple[str, str], bool]:
+    ops = ("info_nce", "_info_nce_train", "bank_kl")
+    return {
+        (op, key): HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(f"upreid::{op}", key)
+        for op in ops for key in ("CPU", "CUDA")
+    }
+
+
+# Read once at import (registrations are static), a plain dict so torch.compile traces lookups.
+_KERNELS = _kernel_table()
+
+
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether torch.ops.upreid.<op> has a kernel for this device type (CPU, CUDA)."""
+    return _KERNELS.get((op, "CUDA" if device.type == "cuda" else "CPU"), False)
+
+
 def use_extension(*tensors: torch.Tensor) -> bool:
     """Whether the compiled kernels can serve these tensors; warns once when falling back."""
     global _warned

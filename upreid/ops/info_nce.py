@@ -50,6 +50,13 @@ def info_nce(
         raise ValueError(f"info_nce: impl must be 'fused' or 'reference', got {impl!r}")
     if not _lib.use_extension(query):
         return reference.info_nce(query, keys, positive, bank, temperature, group_size)
+    if (bank is not None and torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad)
+            and _lib.has_kernel("_info_nce_train", query.device)):
+        # Training: the forward also returns the softmax-weighted bank mean, which saves the backward
+        # a second pass over the bank.
+        loss, lse, _ = torch.ops.upreid._info_nce_train(
+            query, keys, positive, bank, float(temperature), int(group_size))
+        return loss, lse
     return torch.ops.upreid.info_nce(query, keys, positive, bank, float(temperature), int(group_size))
 
 
@@ -98,3 +105,36 @@ if _lib.HAS_EXTENSION:
         return grad_query, grad_keys, None, None, None, None
 
     torch.library.register_autograd("upreid::info_nce", _backward, setup_context=_setup_context)
+
+    @torch.library.register_fake("upreid::_info_nce_train")
+    def _info_nce_train_fake(query, keys, positive, bank, temperature, group_size):
+        loss, lse = _info_nce_fake(query, keys, positive, bank, temperature, group_size)
+        return loss, lse, query.new_empty(tuple(query.shape), dtype=_acc(query))
+
+    @torch.library.register_fake("upreid::_info_nce_train_backward")
+    def _info_nce_train_backward_fake(grad_loss, grad_lse, query, keys, positive, lse, bank_mean,
+                                      temperature, group_size):
+        return torch.empty_like(query), torch.empty_like(keys)
+
+    def _train_setup_context(ctx, inputs, output):
+        query, keys, positive, bank, temperature, group_size = inputs
+        _, lse, bank_mean = output
+        ctx.save_for_backward(query, keys, positive, lse, bank_mean)
+        ctx.temperature = temperature
+        ctx.group_size = group_size
+
+    def _train_backward(ctx, grad_loss, grad_lse, grad_bank_mean):
+        query, keys, positive, lse, bank_mean = ctx.saved_tensors
+        # bank_mean is an internal by-product that the public wrapper never returns: its gradient
+        # (zeros) is ignored.
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(lse)
+        if grad_lse is None:
+            grad_lse = torch.zeros_like(lse)
+        grad_query, grad_keys = torch.ops.upreid._info_nce_train_backward(
+            grad_loss, grad_lse, query, keys, positive, lse, bank_mean, ctx.temperature,
+            ctx.group_size)
+        return grad_query, grad_keys, None, None, None, None
+
+    torch.library.register_autograd("upreid::_info_nce_train", _train_backward,
+                                    setup_context=_train_setup_context)
