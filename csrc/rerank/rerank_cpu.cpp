@@ -2,9 +2,10 @@
 //
 // Features path: the squared Euclidean distance d2(i, j) = |x_i|^2 + |x_j|^2 - 2 x_i.x_j (clamped at
 // 0, exactly 0 on the diagonal, exactly symmetric) is computed in tiles of an upper-triangular
-// block grid (one GEMM per tile, half of the N x N products); each tile pair (i < j) feeds both
-// rows' top-(k1 + 1) lists and row maxima, kept per thread and merged afterwards, and the
-// query-gallery entries go straight into the [Q, G] output. Nothing N x N is ever allocated.
+// grid (one GEMM per tile, half of the N x N products); each pair i < j feeds both rows' top-(k1+1)
+// lists and row maxima, kept per thread and merged afterwards, and the query-gallery entries go
+// straight into the [Q, G] output. Nothing N x N is ever allocated: the largest temporary is one
+// [1024, 4096] tile.
 // Dense path: row i of the original's transposed, column-normalised matrix is column i of the
 // block matrix [[q_q, q_g], [q_g^T, g_g]]; the inputs are transposed once and scanned by rows.
 // Neighbour order: ascending squared distance, ties by ascending index (a stable sort).
@@ -76,47 +77,48 @@ Neighbors<T> neighbors_from_features(const at::Tensor& X, const std::vector<T>& 
                                      int64_t Q, float* out) {
   const int64_t N = X.size(0), G = N - Q;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // Tile edge: 512 rows keeps a GEMM efficient; smaller for small N so that threads share work.
-  int64_t B = (N + 4 * threads - 1) / (4 * threads);
-  B = std::min<int64_t>(512, std::max<int64_t>(64, (B + 15) / 16 * 16));
-  const int64_t nb = (N + B - 1) / B;
-  std::vector<std::pair<int64_t, int64_t>> tiles;
-  for (int64_t I = 0; I < nb; ++I) {
-    for (int64_t J = I; J < nb; ++J) tiles.emplace_back(I, J);
-  }
+  // Upper-triangular grid of [kRows, kCols] tiles. Each tile is one GEMM run by BLAS with all
+  // threads (on small machines two concurrent single-threaded GEMMs reach far less than one
+  // threaded GEMM), then scanned in parallel over its rows into per-thread candidate lists.
+  constexpr int64_t kRows = 1024, kCols = 4096;
   std::vector<std::unique_ptr<TopK<T>>> part(threads);
   const at::ThreadLocalState caller_state;
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
-    at::ThreadLocalStateGuard guard(caller_state);
-    const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    if (!part[tid]) part[tid] = std::make_unique<TopK<T>>(N, K);
-    TopK<T>& tk = *part[tid];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i0 = tiles[t].first * B, i1 = std::min(N, i0 + B);
-      const int64_t j0 = tiles[t].second * B, j1 = std::min(N, j0 + B);
-      const bool diag = i0 == j0;
+  for (int64_t i0 = 0; i0 < N; i0 += kRows) {
+    const int64_t i1 = std::min(N, i0 + kRows);
+    for (int64_t j0 = i0; j0 < N; j0 += kCols) {
+      const int64_t j1 = std::min(N, j0 + kCols), bj = j1 - j0;
       at::Tensor prod = at::mm(X.slice(0, i0, i1), X.slice(0, j0, j1).t()).contiguous();  // [bi, bj]
       const T* p = prod.data_ptr<T>();
-      const int64_t bj = j1 - j0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const T* prow = p + (i - i0) * bj;
-        const int64_t js = diag ? i + 1 : j0;
-        if (diag) tk.push(i, T(0), static_cast<int32_t>(i));  // self: distance exactly 0
-        T imax = tk.rmax[i];
-        const T sqi = sq[i];
-        for (int64_t j = js; j < j1; ++j) {
-          T d = sqi + sq[j] - T(2) * prow[j - j0];
-          d = d > T(0) ? d : T(0);  // rounding can push a tiny distance below zero
-          imax = std::max(imax, d);
-          tk.rmax[j] = std::max(tk.rmax[j], d);
-          tk.push(i, d, static_cast<int32_t>(j));
-          tk.push(j, d, static_cast<int32_t>(i));
-          if (i < Q && j >= Q) out[i * G + (j - Q)] = static_cast<float>(d);
+      at::parallel_for(i0, i1, 16, [&](int64_t r0, int64_t r1) {
+        at::ThreadLocalStateGuard guard(caller_state);
+        const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
+        if (!part[tid]) part[tid] = std::make_unique<TopK<T>>(N, K);
+        TopK<T>& tk = *part[tid];
+        for (int64_t i = r0; i < r1; ++i) {
+          const T* prow = p + (i - i0) * bj;
+          const int64_t js = std::max(j0, i + 1);  // pairs i < j only: symmetric by construction
+          if (j0 == i0) tk.push(i, T(0), static_cast<int32_t>(i));  // self: distance exactly 0
+          T imax = tk.rmax[i];
+          const T sqi = sq[i];
+          for (int64_t j = js; j < j1; ++j) {
+            T d = sqi + sq[j] - T(2) * prow[j - j0];
+            d = d > T(0) ? d : T(0);  // rounding can push a tiny distance below zero
+            imax = std::max(imax, d);
+            tk.rmax[j] = std::max(tk.rmax[j], d);
+            tk.push(i, d, static_cast<int32_t>(j));
+            tk.push(j, d, static_cast<int32_t>(i));
+          }
+          tk.rmax[i] = imax;
+          if (i < Q && j1 > Q) {  // query-gallery entries go straight to the output
+            for (int64_t j = std::max(js, Q); j < j1; ++j) {
+              const T d = sqi + sq[j] - T(2) * prow[j - j0];
+              out[i * G + (j - Q)] = static_cast<float>(d > T(0) ? d : T(0));
+            }
+          }
         }
-        tk.rmax[i] = imax;
-      }
+      });
     }
-  });
+  }
   // Merge the per-thread lists: the union of per-thread top-K holds the global top-K.
   Neighbors<T> nb_out;
   nb_out.N = N;
