@@ -1,0 +1,503 @@
+// Torch-free tile engine shared by the fused contrastive kernels (info_nce, bank_kl).
+//
+// Tiling (flash-attention style; the [rows x cols] logits never leave the SM):
+//   * A thread block (4 warps, 128 threads) owns kBM = 64 "rows" (query rows; for the grad_keys
+//     kernel, key rows). Each warp owns 16 of them for the whole kernel, so per-row statistics
+//     (running max / sum of the online logsumexp) live in the warp's registers and need only
+//     intra-warp shuffles, never a block-wide reduction.
+//   * The block streams tiles of BN "cols" (bank rows and/or keys; for grad_keys, query rows)
+//     through shared memory. Blocks with the same rows but different blockIdx.y take disjoint
+//     ranges of tiles ("splits", as in flash-decoding) so that a small M still fills the GPU; the
+//     per-split partial results are combined by a small finalisation kernel.
+//   * D is visited in chunks of DC features: the logits tile S[16 x BN] of a warp accumulates
+//     over the chunks (rows chunk and cols chunk both staged in shared memory, zero-filled
+//     outside the matrix, so no bound checks are needed in the inner loops). When D <= DC the
+//     rows chunk is loaded once per block and stays resident.
+//   * The accumulated S tile is stored to a per-warp shared scratch (fp32/fp64) and handed to an
+//     operator-specific epilogue (online logsumexp in forward; gradient weights W in backward).
+//   * Backward: the epilogue writes W[16 x BN] (storage type for the tensor-core path, so it can
+//     be the A operand of the next product) and the warp accumulates O[16 x DC] += W @ C_chunk in
+//     registers. If D > DC the output is produced in D/DC passes, each recomputing S (the
+//     output accumulator of a whole row would not fit in registers); for D <= DC one pass.
+//
+// Two policies implement the products:
+//   TcPolicy<half|bf16>:  WMMA 16x16x16 tensor-core fragments with fp32 accumulation,
+//                         BN = 64, DC = 128 (D = 128 in one chunk).
+//   SimtPolicy<T, Acc>:   CUDA-core FMAs, each lane a 4x4 micro-tile, BN = 32, DC = 32; fp32
+//                         accumulation for fp32 (and fp16/bf16 on pre-sm80 devices), fp64 for fp64.
+// Shared-memory rows are padded (LDX, LDS, LDW) against bank conflicts; every region starts on a
+// 128-byte boundary (WMMA needs 32-byte aligned pointers).
+#pragma once
+
+#include "common/cuda_utils.cuh"
+
+#ifdef __CUDACC__
+
+#include <mma.h>
+
+#include <cstring>
+#include <initializer_list>
+
+namespace upreid {
+namespace cuda {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kBM = kWarps * 16;  // rows per block
+
+// Rows [0, n0) come from p0, rows [n0, n0 + n1) from p1 (both [*, D] row-major), others are zero.
+struct RowSrc {
+  const void* p0;
+  int64_t n0;
+  const void* p1;
+  int64_t n1;
+};
+
+template <class T>
+__device__ __forceinline__ const T* row_ptr(const RowSrc& s, int64_t g, int64_t D) {
+  if (g < s.n0) return static_cast<const T*>(s.p0) + g * D;
+  if (g < s.n0 + s.n1) return static_cast<const T*>(s.p1) + (g - s.n0) * D;
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core policy (sm_80+: bf16 WMMA needs it; fp16 uses the same path for simplicity).
+template <class T_>
+struct TcPolicy {
+  using T = T_;
+  using Acc = float;
+  using WT = T_;  // W is rounded to the input type to feed the second product
+  static constexpr bool kTensorCore = true;
+  static constexpr bool kWInS = false;   // W has its own buffer (different element size)
+  static constexpr bool kSmemVec = true; // LDX * sizeof(T) is a multiple of 16 bytes
+  static constexpr int BN = 64, DC = 128, KSTEP = 16;
+  static constexpr int LDX = DC + 8, LDS = BN + 4, LDW = BN + 8;
+  __device__ static __forceinline__ float ex(float x) { return __expf(x); }
+
+  using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
+  using FragBc = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
+  using FragBr = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::row_major>;
+  struct SAcc {
+    FragAcc f[BN / 16];
+  };
+  struct OAcc {
+    FragAcc f[DC / 16];
+  };
+
+  template <class A>
+  __device__ static __forceinline__ void zero(A& a) {
+#pragma unroll
+    for (int i = 0; i < int(sizeof(a.f) / sizeof(a.f[0])); ++i) nvcuda::wmma::fill_fragment(a.f[i], 0.f);
+  }
+  // S[16 x BN] += Qw[16 x klen] @ C[BN x klen]^T   (Qw: the warp's 16 rows, ld LDX)
+  __device__ static __forceinline__ void mma_s(SAcc& acc, const T* sQw, const T* sC, int klen, int) {
+    for (int k = 0; k < klen; k += 16) {
+      FragA a;
+      nvcuda::wmma::load_matrix_sync(a, sQw + k, LDX);
+#pragma unroll
+      for (int n = 0; n < BN / 16; ++n) {
+        FragBc b;  // B(k, n) = C[n][k]: column-major view of the row-major C tile
+        nvcuda::wmma::load_matrix_sync(b, sC + n * 16 * LDX + k, LDX);
+        nvcuda::wmma::mma_sync(acc.f[n], a, b, acc.f[n]);
+      }
+    }
+  }
+  __device__ static __forceinline__ void store_s(const SAcc& acc, float* sSw, int) {
+#pragma unroll
+    for (int n = 0; n < BN / 16; ++n)
+      nvcuda::wmma::store_matrix_sync(sSw + n * 16, acc.f[n], LDS, nvcuda::wmma::mem_row_major);
+  }
+  // O[16 x DC] += W[16 x BN] @ C[BN x dlen]
+  __device__ static __forceinline__ void mma_o(OAcc& acc, const T* sWw, const T* sC, int dlen, int) {
+#pragma unroll
+    for (int kk = 0; kk < BN; kk += 16) {
+      FragA a;
+      nvcuda::wmma::load_matrix_sync(a, sWw + kk, LDW);
+#pragma unroll
+      for (int n = 0; n < DC / 16; ++n) {
+        if (n * 16 < dlen) {
+          FragBr b;
+          nvcuda::wmma::load_matrix_sync(b, sC + kk * LDX + n * 16, LDX);
+          nvcuda::wmma::mma_sync(acc.f[n], a, b, acc.f[n]);
+        }
+      }
+    }
+  }
+  // out[row, d0 + d] = O[r, d] * rs(row) for the valid rows/columns; `scratch` is the warp's
+  // [16 x LDS] fp32 area.
+  template <class RS>
+  __device__ static __forceinline__ void store_o(const OAcc& acc, float* scratch, float* out,
+                                                 int64_t wrow0, int64_t nrows, int64_t d0,
+                                                 int64_t D, int lane, const RS& rs) {
+#pragma unroll
+    for (int n = 0; n < DC / 16; ++n) {
+      if (d0 + n * 16 < D) {
+        nvcuda::wmma::store_matrix_sync(scratch, acc.f[n], LDS, nvcuda::wmma::mem_row_major);
+        __syncwarp();
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int idx = lane + 32 * e, r = idx >> 4, c = idx & 15;
+          const int64_t row = wrow0 + r, d = d0 + n * 16 + c;
+          if (row < nrows && d < D) out[row * D + d] = scratch[r * LDS + c] * rs(row);
+        }
+        __syncwarp();
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// SIMT policy. Lane l owns rows rg + 4i (rg = l / 8) and columns cg + 8j (cg = l % 8), i, j < 4.
+template <class T_, class Acc_>
+struct SimtPolicy {
+  using T = T_;
+  using Acc = Acc_;
+  using WT = Acc_;  // W overwrites the S scratch in place
+  static constexpr bool kTensorCore = false;
+  static constexpr bool kWInS = true;
+  static constexpr bool kSmemVec = false;  // odd padding: stores are element-wise
+  static constexpr int BN = 32, DC = 32, KSTEP = 1;
+  static constexpr int LDX = DC + 1, LDS = BN + 1, LDW = LDS;
+  __device__ static __forceinline__ Acc ex(Acc x) { return acc_exp_precise(x); }
+
+  struct SAcc {
+    Acc v[4][4];
+  };
+  using OAcc = SAcc;
+
+  __device__ static __forceinline__ void zero(SAcc& a) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) a.v[i][j] = Acc(0);
+  }
+  __device__ static __forceinline__ void mma_s(SAcc& acc, const T* sQw, const T* sC, int klen, int lane) {
+    const int rg = lane >> 3, cg = lane & 7;
+    for (int k = 0; k < klen; ++k) {
+      Acc q[4], c[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) q[i] = to_acc<Acc>(sQw[(rg + 4 * i) * LDX + k]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) c[j] = to_acc<Acc>(sC[(cg + 8 * j) * LDX + k]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc.v[i][j] = fma(q[i], c[j], acc.v[i][j]);
+    }
+  }
+  __device__ static __forceinline__ void store_s(const SAcc& acc, Acc* sSw, int lane) {
+    const int rg = lane >> 3, cg = lane & 7;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sSw[(rg + 4 * i) * LDS + cg + 8 * j] = acc.v[i][j];
+  }
+  __device__ static __forceinline__ void mma_o(OAcc& acc, const Acc* sWw, const T* sC, int, int lane) {
+    const int rg = lane >> 3, cg = lane & 7;
+    for (int c = 0; c < BN; ++c) {
+      Acc w[4], x[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) w[i] = sWw[(rg + 4 * i) * LDW + c];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) x[j] = to_acc<Acc>(sC[c * LDX + cg + 8 * j]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc.v[i][j] = fma(w[i], x[j], acc.v[i][j]);
+    }
+  }
+  template <class RS>
+  __device__ static __forceinline__ void store_o(const OAcc& acc, Acc*, Acc* out, int64_t wrow0,
+                                                 int64_t nrows, int64_t d0, int64_t D, int lane,
+                                                 const RS& rs) {
+    const int rg = lane >> 3, cg = lane & 7;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = wrow0 + rg + 4 * i;
+      if (row >= nrows) continue;
+      const Acc scale = rs(row);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t d = d0 + cg + 8 * j;
+        if (d < D) out[row * D + d] = acc.v[i][j] * scale;
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory carve-up of one block (host and device agree on it through this struct).
+template <class Pol, int NQ, bool kBwd>
+struct SmemLayout {
+  using T = typename Pol::T;
+  using Acc = typename Pol::Acc;
+  using WT = typename Pol::WT;
+  static constexpr size_t al(size_t x) { return (x + 127) / 128 * 128; }
+  static constexpr size_t q_stride = al(size_t(kBM) * Pol::LDX * sizeof(T));
+  static constexpr size_t c_bytes = al(size_t(Pol::BN) * Pol::LDX * sizeof(T));
+  static constexpr size_t s_stride = al(size_t(16) * Pol::LDS * sizeof(Acc));
+  static constexpr size_t w_stride =
+      (kBwd && !Pol::kWInS) ? al(size_t(16) * Pol::LDW * sizeof(WT)) : 0;
+  static constexpr size_t col_bytes = al(size_t(Pol::BN) * (3 * sizeof(Acc) + sizeof(int64_t)));
+  static constexpr size_t q_off = 0;
+  static constexpr size_t c_off = q_off + NQ * q_stride;
+  static constexpr size_t s_off = c_off + c_bytes;
+  static constexpr size_t w_off = s_off + size_t(NQ) * kWarps * s_stride;
+  static constexpr size_t col_off = w_off + size_t(kWarps) * w_stride;
+  static constexpr size_t bytes = col_off + col_bytes;
+};
+
+// Stages rows [r0, r0 + ROWS) x features [d0, d0 + DC) of `src` into s[ROWS][LDX], zero-filled
+// outside the matrix. `vec`: 16-byte global loads are legal (D and the pointers are aligned).
+template <class Pol, int ROWS>
+__device__ __forceinline__ void load_rows(typename Pol::T* s, const RowSrc& src, int64_t r0,
+                                          int64_t D, int64_t d0, bool vec, int tid) {
+  using T = typename Pol::T;
+  constexpr int DC = Pol::DC, LDX = Pol::LDX;
+  if (vec) {
+    constexpr int V = 16 / int(sizeof(T));
+    constexpr int VPR = DC / V;
+    for (int idx = tid; idx < ROWS * VPR; idx += kThreads) {
+      const int r = idx / VPR, v = idx % VPR;
+      const int64_t d = d0 + int64_t(v) * V;
+      const T* p = row_ptr<T>(src, r0 + r, D);
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (p != nullptr && d < D) val = *reinterpret_cast<const uint4*>(p + d);
+      T* dst = s + r * LDX + v * V;
+      if constexpr (Pol::kSmemVec) {
+        *reinterpret_cast<uint4*>(dst) = val;
+      } else {
+        const T* e = reinterpret_cast<const T*>(&val);
+#pragma unroll
+        for (int i = 0; i < V; ++i) dst[i] = e[i];
+      }
+    }
+  } else {
+    for (int idx = tid; idx < ROWS * DC; idx += kThreads) {
+      const int r = idx / DC, c = idx % DC;
+      const int64_t d = d0 + c;
+      const T* p = row_ptr<T>(src, r0 + r, D);
+      T val;
+      if (p != nullptr && d < D) {
+        val = p[d];
+      } else {
+        memset(&val, 0, sizeof(T));  // +0.0 in every format
+      }
+      s[r * LDX + c] = val;
+    }
+  }
+}
+
+// The block loop: rows [blockIdx.x * kBM, +kBM) of NQ row matrices against column tiles
+// [t_begin, t_end) of `cols`. Epi (see the operator files) supplies:
+//   load_cols(c0, tid)                 block-wide, once per tile before the first barrier
+//   tile(sS[NQ], sW, c0, wrow0, lane)  per warp, on the finished logits tile(s)
+//   row_scale(row)                     backward: factor applied when storing O
+//   finish(wrow0, lane)                forward: write the per-row partial statistics
+// Backward stores O (the split's partial [nrows, D]) to `out`.
+template <class Pol, int NQ, bool kBwd, class Epi>
+__device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qsrc)[NQ],
+                                          int64_t nrows, const RowSrc& csrc, int64_t D, bool vec,
+                                          int64_t t_begin, int64_t t_end,
+                                          typename Pol::Acc* out, Epi& epi) {
+  using T = typename Pol::T;
+  using Acc = typename Pol::Acc;
+  using WT = typename Pol::WT;
+  using L = SmemLayout<Pol, NQ, kBwd>;
+  constexpr int BN = Pol::BN, DC = Pol::DC, LDX = Pol::LDX;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int64_t row0 = int64_t(blockIdx.x) * kBM;
+  const int64_t wrow0 = row0 + warp * 16;
+
+  T* sQ[NQ];
+  Acc* sS[NQ];
+#pragma unroll
+  for (int k = 0; k < NQ; ++k) {
+    sQ[k] = reinterpret_cast<T*>(smem + L::q_off + k * L::q_stride);
+    sS[k] = reinterpret_cast<Acc*>(smem + L::s_off + (size_t(k) * kWarps + warp) * L::s_stride);
+  }
+  T* sC = reinterpret_cast<T*>(smem + L::c_off);
+  WT* sW;
+  if constexpr (Pol::kWInS) {
+    sW = reinterpret_cast<WT*>(sS[0]);
+  } else {
+    sW = reinterpret_cast<WT*>(smem + L::w_off + size_t(warp) * L::w_stride);
+  }
+
+  const int nD = D > 0 ? int((D + DC - 1) / DC) : 1;
+  const bool q_once = nD == 1;  // the rows chunk stays resident for the whole kernel
+  const int nOut = kBwd ? nD : 1;
+  if (q_once) {
+#pragma unroll
+    for (int k = 0; k < NQ; ++k) load_rows<Pol, kBM>(sQ[k], qsrc[k], row0, D, 0, vec, tid);
+    // (the barrier after the first column load orders these stores)
+  }
+
+  for (int oc = 0; oc < nOut; ++oc) {
+    typename Pol::OAcc o;
+    if constexpr (kBwd) Pol::zero(o);
+    const int dlen = int(D - int64_t(oc) * DC < DC ? D - int64_t(oc) * DC : DC);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t c0 = t * BN;
+      typename Pol::SAcc s[NQ];
+#pragma unroll
+      for (int k = 0; k < NQ; ++k) Pol::zero(s[k]);
+      for (int dc = 0; dc < nD; ++dc) {
+        if (dc > 0) {
+          __syncthreads();  // every warp is done with the previous chunk
+        } else {
+          epi.load_cols(c0, tid);
+        }
+        const int64_t d0 = int64_t(dc) * DC;
+        if (!q_once) {
+#pragma unroll
+          for (int k = 0; k < NQ; ++k) load_rows<Pol, kBM>(sQ[k], qsrc[k], row0, D, d0, vec, tid);
+        }
+        load_rows<Pol, BN>(sC, csrc, c0, D, d0, vec, tid);
+        __syncthreads();
+        const int64_t rem = D - d0;
+        const int kraw = rem <= 0 ? 0 : (rem < DC ? int(rem) : DC);
+        const int klen = (kraw + Pol::KSTEP - 1) / Pol::KSTEP * Pol::KSTEP;  // zero-padded to DC
+#pragma unroll
+        for (int k = 0; k < NQ; ++k) Pol::mma_s(s[k], sQ[k] + warp * 16 * LDX, sC, klen, lane);
+      }
+#pragma unroll
+      for (int k = 0; k < NQ; ++k) Pol::store_s(s[k], sS[k], lane);
+      __syncwarp();
+      epi.tile(sS, sW, c0, wrow0, lane);
+      __syncwarp();
+      if constexpr (kBwd) {
+        if (nD > 1) {  // bring the cols chunk of this output pass back
+          __syncthreads();
+          load_rows<Pol, BN>(sC, csrc, c0, D, int64_t(oc) * DC, vec, tid);
+          __syncthreads();
+        }
+        Pol::mma_o(o, sW, sC, dlen, lane);
+      }
+      __syncthreads();  // sC, sQ and the column scalars are overwritten by the next tile
+    }
+    if constexpr (kBwd) {
+      Pol::store_o(o, sS[0], out, wrow0, nrows, int64_t(oc) * DC, D, lane,
+                   [&](int64_t r) { return epi.row_scale(r); });
+      __syncwarp();
+    }
+  }
+  if constexpr (!kBwd) epi.finish(wrow0, lane);
+}
+
+// Epilogue lane mapping: lane l handles row r = l / 2 of its warp and columns h + 2j (h = l % 2).
+struct EpiLane {
+  int r, h;
+  __device__ __forceinline__ explicit EpiLane(int lane) : r(lane >> 1), h(lane & 1) {}
+};
+
+// ---------------------------------------------------------------------------------------------
+// Small kernels shared by the operators.
+
+// out[i] = scale * sum_s ws[s * n + i]   (combines the per-split partial outputs, deterministic)
+template <class Acc>
+__global__ void reduce_splits_kernel(const Acc* __restrict__ ws, int nsplit, int64_t n, Acc scale,
+                                     Acc* __restrict__ out) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    Acc s = Acc(0);
+    for (int k = 0; k < nsplit; ++k) s += ws[int64_t(k) * n + i];
+    out[i] = s * scale;
+  }
+}
+
+// Tensor-core policies guard their kernels: WMMA bf16 exists from sm_80 on. The host never launches
+// them on older devices; the guard only keeps builds for older architectures compiling.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define UPREID_TC_UNAVAILABLE 1
+#else
+#define UPREID_TC_UNAVAILABLE 0
+#endif
+
+}  // namespace cuda
+}  // namespace upreid
+
+#endif  // __CUDACC__
+
+// ---------------------------------------------------------------------------------------------
+// Host helpers (nvcc host code; the kernels' launchers).
+#ifdef __CUDACC__
+namespace upreid {
+namespace cuda {
+
+struct DeviceInfo {
+  int sms = 1;
+  int major = 0;
+};
+
+inline cudaError_t device_info(DeviceInfo* info) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  e = cudaDeviceGetAttribute(&info->sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e != cudaSuccess) return e;
+  return cudaDeviceGetAttribute(&info->major, cudaDevAttrComputeCapabilityMajor, dev);
+}
+
+// Opts the kernel in to `smem` bytes of dynamic shared memory (above the 48 KB default) and reports
+// how many blocks fit on one SM.
+template <class K>
+inline cudaError_t prepare_kernel(K kernel, size_t smem, int* blocks_per_sm) {
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (e != cudaSuccess) return e;
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kernel, kThreads, smem);
+  if (e != cudaSuccess) return e;
+  if (*blocks_per_sm < 1) *blocks_per_sm = 1;
+  return cudaSuccess;
+}
+
+// Number of column splits: enough blocks for about one full wave, at most one per tile, at most 32.
+inline int choose_splits(int64_t row_blocks, int64_t ntiles, const DeviceInfo& dev, int blocks_per_sm) {
+  if (ntiles <= 0 || row_blocks <= 0) return 0;
+  const int64_t slots = int64_t(dev.sms) * blocks_per_sm;
+  int64_t s = (slots + row_blocks - 1) / row_blocks;
+  if (s > ntiles) s = ntiles;
+  if (s > 32) s = 32;
+  if (s < 1) s = 1;
+  return int(s);
+}
+
+template <class Acc>
+inline cudaError_t launch_reduce_splits(const Acc* ws, int nsplit, int64_t n, Acc scale, Acc* out,
+                                        cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  int64_t blocks = (n + 255) / 256;
+  if (blocks > 8192) blocks = 8192;
+  reduce_splits_kernel<Acc><<<unsigned(blocks), 256, 0, stream>>>(ws, nsplit, n, scale, out);
+  return cudaGetLastError();
+}
+
+// Calls f(Policy{}) with the tile policy for a dtype: tensor cores for fp16/bf16 on sm_80+.
+template <class F>
+inline cudaError_t dispatch_policy(DType dt, const DeviceInfo& dev, F&& f) {
+  const bool tc = dev.major >= 8;
+  switch (dt) {
+    case DType::kF16:
+      return tc ? f(TcPolicy<__half>{}) : f(SimtPolicy<__half, float>{});
+    case DType::kBF16:
+      return tc ? f(TcPolicy<__nv_bfloat16>{}) : f(SimtPolicy<__nv_bfloat16, float>{});
+    case DType::kF32:
+      return f(SimtPolicy<float, float>{});
+    case DType::kF64:
+      return f(SimtPolicy<double, double>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// True when 16-byte loads of rows of D elements of `esize` bytes are legal for every pointer.
+inline bool vec_ok(int64_t D, size_t esize, std::initializer_list<const void*> ptrs) {
+  if ((D * int64_t(esize)) % 16 != 0) return false;
+  for (const void* p : ptrs)
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+}  // namespace cuda
+}  // namespace upreid
+#endif  // __CUDACC__

@@ -1,0 +1,541 @@
+// info_nce CUDA kernels (torch-free). Math as in info_nce_cpu.cpp:
+//   qs_i = query_i / t;  S_ic = qs_i . C_c over the columns C of row i
+//   lse_i = logsumexp_c S_ic;  loss_i = lse_i - qs_i . keys[positive_i]
+//   backward: W_ic = (grad_loss_i + grad_lse_i) exp(S_ic - lse_i) - grad_loss_i [c = positive_i]
+//             grad_query_i = sum_c W_ic C_c / t;  grad_keys_j = sum_i W_ij query_i / t (keys only).
+// Columns of row i: every key and every bank row when group_size is 0 (or N), else the bank rows
+// plus the g keys of the row's group [positive_i / g * g, +g).
+//
+// Tiling (see common/cuda_tiles.cuh for the block loop). Nothing of size [M x (N + K)] exists:
+//   forward   nce_fwd_tiles   grid (M/64, splits): each block runs an online logsumexp over its
+//                             split of the column tiles (keys when all-keys, then the bank) and
+//                             writes one partial lse per row and split ([splits, M]).
+//             nce_fwd_finalize one warp per row: combines the split partials, folds in the group
+//                             keys (group mode: g warp dot products) and subtracts the positive
+//                             logit. Group keys are handled here and not as tiles because every
+//                             row has its own small set of g keys (g = 1 for MoCo).
+//   backward  nce_dq_tiles    same grid as forward; recomputes each logits tile, forms
+//                             P = exp(S - lse) (the per-row factor grad_loss + grad_lse is applied
+//                             once at the end, which keeps fp16 P in [0, 1] instead of underflowing),
+//                             and accumulates P @ C_tile on tensor cores; writes per-split partials.
+//             nce_dk_tiles    (all-keys mode only) the transposed problem: a block owns 64 KEYS and
+//                             streams query tiles, W^T = coef_i exp(S^T - lse_i) - grad_loss_i at the
+//                             positive, grad_keys += W^T @ query_tile. A separate kernel instead of
+//                             atomics: the result is deterministic, needs no [N, D] atomic traffic
+//                             from every row block, and only the N keys (not the K bank rows) are
+//                             revisited. fp16 W^T is divided by max_i |coef_i|, |grad_loss_i|
+//                             (one tiny kernel) to stay in range; the factor is restored at the end.
+//             nce_bwd_finalize one warp per row: sums the split partials, adds the group keys'
+//                             terms (grad_keys by atomics here: which rows hit a key depends on the
+//                             data, and g is small) and the positive's -grad_loss terms, scales by 1/t.
+#include "info_nce/info_nce_kernel.cuh"
+
+#include "common/cuda_tiles.cuh"
+
+namespace upreid {
+namespace cuda {
+namespace {
+
+template <class Acc>
+struct NceTileArgs {
+  RowSrc rows;
+  int64_t nrows;
+  RowSrc cols;
+  int64_t ncols;
+  int64_t D;
+  bool vec;
+  int nsplit;
+  int64_t ntiles;
+  Acc scale;
+  Acc* ws;            // fwd: partial lse [nsplit, nrows]; bwd: partial output [nsplit, nrows, D]
+  const Acc* lse;     // per row (dq) or per column (dk)
+  const Acc* gl;
+  const Acc* gls;
+  const int64_t* pos; // dk: positive of each column (query row)
+  const Acc* gscale;  // dk: weight normaliser (nullptr: 1)
+};
+
+__device__ __forceinline__ void split_range(int64_t ntiles, int nsplit, int64_t* tb, int64_t* te) {
+  const int64_t s = blockIdx.y;
+  *tb = s * ntiles / nsplit;
+  *te = (s + 1) * ntiles / nsplit;
+}
+
+// ---- epilogues -------------------------------------------------------------------------------
+
+template <class Pol>
+struct FwdEpi {
+  using Acc = typename Pol::Acc;
+  Acc scale;
+  int64_t ncols, nrows;
+  Acc* out;
+  OnlineLse<Acc> st;
+
+  __device__ __forceinline__ void load_cols(int64_t, int) {}
+  __device__ __forceinline__ void tile(Acc* const* sS, typename Pol::WT*, int64_t c0, int64_t, int lane) {
+    const EpiLane el(lane);
+    const Acc* row = sS[0] + el.r * Pol::LDS;
+    Acc tmax = neg_inf<Acc>();
+#pragma unroll 8
+    for (int j = 0; j < Pol::BN / 2; ++j) {
+      const int c = el.h + 2 * j;
+      if (c0 + c < ncols) tmax = fmax(tmax, row[c] * scale);
+    }
+    tmax = fmax(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+    const Acc pv = st.pivot(tmax);
+    Acc sum = Acc(0);
+#pragma unroll 8
+    for (int j = 0; j < Pol::BN / 2; ++j) {
+      const int c = el.h + 2 * j;
+      if (c0 + c < ncols) sum += Pol::ex(row[c] * scale - pv);
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    st.fold(tmax, sum);
+  }
+  __device__ __forceinline__ Acc row_scale(int64_t) const { return Acc(1); }
+  __device__ __forceinline__ void finish(int64_t wrow0, int lane) {
+    const EpiLane el(lane);
+    const int64_t row = wrow0 + el.r;
+    if (el.h == 0 && row < nrows) out[row] = st.value();
+  }
+};
+
+template <class Pol>
+struct DqEpi {
+  using Acc = typename Pol::Acc;
+  using WT = typename Pol::WT;
+  Acc scale;
+  int64_t ncols;
+  Acc lse_r;  // lse of this lane's row
+  const Acc* gl;
+  const Acc* gls;
+
+  __device__ __forceinline__ void load_cols(int64_t, int) {}
+  __device__ __forceinline__ void tile(Acc* const* sS, WT* sW, int64_t c0, int64_t, int lane) {
+    const EpiLane el(lane);
+    const Acc* row = sS[0] + el.r * Pol::LDS;
+    WT* wrow = sW + el.r * Pol::LDW;
+#pragma unroll 8
+    for (int j = 0; j < Pol::BN / 2; ++j) {
+      const int c = el.h + 2 * j;
+      Acc w = Acc(0);
+      if (c0 + c < ncols) w = Pol::ex(row[c] * scale - lse_r);
+      wrow[c] = convert<WT>(w);  // in place for SIMT: same element just read
+    }
+  }
+  __device__ __forceinline__ Acc row_scale(int64_t r) const { return gl[r] + gls[r]; }
+  __device__ __forceinline__ void finish(int64_t, int) {}
+};
+
+template <class Pol>
+struct DkEpi {
+  using Acc = typename Pol::Acc;
+  using WT = typename Pol::WT;
+  Acc scale, gs, inv_gs;
+  int64_t ncols;  // = M (columns are query rows)
+  const Acc* lse;
+  const Acc* gl;
+  const Acc* gls;
+  const int64_t* pos;
+  Acc* s_lse;
+  Acc* s_coef;
+  Acc* s_gl;
+  int64_t* s_pos;
+
+  __device__ __forceinline__ void load_cols(int64_t c0, int tid) {
+    for (int c = tid; c < Pol::BN; c += kThreads) {
+      const int64_t i = c0 + c;
+      if (i < ncols) {
+        s_lse[c] = lse[i];
+        s_coef[c] = (gl[i] + gls[i]) * inv_gs;
+        s_gl[c] = gl[i] * inv_gs;
+        s_pos[c] = pos[i];
+      } else {
+        s_lse[c] = Acc(0);
+        s_coef[c] = Acc(0);
+        s_gl[c] = Acc(0);
+        s_pos[c] = -1;
+      }
+    }
+  }
+  __device__ __forceinline__ void tile(Acc* const* sS, WT* sW, int64_t c0, int64_t wrow0, int lane) {
+    const EpiLane el(lane);
+    const int64_t key = wrow0 + el.r;
+    const Acc* row = sS[0] + el.r * Pol::LDS;
+    WT* wrow = sW + el.r * Pol::LDW;
+#pragma unroll 8
+    for (int j = 0; j < Pol::BN / 2; ++j) {
+      const int c = el.h + 2 * j;
+      Acc w = Acc(0);
+      if (c0 + c < ncols) {
+        w = s_coef[c] * Pol::ex(row[c] * scale - s_lse[c]);
+        if (s_pos[c] == key) w -= s_gl[c];
+      }
+      wrow[c] = convert<WT>(w);
+    }
+  }
+  __device__ __forceinline__ Acc row_scale(int64_t) const { return gs; }
+  __device__ __forceinline__ void finish(int64_t, int) {}
+};
+
+// ---- tile kernels ----------------------------------------------------------------------------
+
+template <class Pol>
+__global__ void __launch_bounds__(kThreads) nce_fwd_tiles(NceTileArgs<typename Pol::Acc> a) {
+  if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
+    __trap();
+  } else {
+    using Acc = typename Pol::Acc;
+    extern __shared__ __align__(128) unsigned char smem[];
+    int64_t tb, te;
+    split_range(a.ntiles, a.nsplit, &tb, &te);
+    FwdEpi<Pol> epi{a.scale, a.ncols, a.nrows, a.ws + int64_t(blockIdx.y) * a.nrows};
+    const RowSrc q[1] = {a.rows};
+    run_tiles<Pol, 1, false>(smem, q, a.nrows, a.cols, a.D, a.vec, tb, te, static_cast<Acc*>(nullptr), epi);
+  }
+}
+
+template <class Pol>
+__global__ void __launch_bounds__(kThreads) nce_dq_tiles(NceTileArgs<typename Pol::Acc> a) {
+  if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
+    __trap();
+  } else {
+    using Acc = typename Pol::Acc;
+    extern __shared__ __align__(128) unsigned char smem[];
+    int64_t tb, te;
+    split_range(a.ntiles, a.nsplit, &tb, &te);
+    const int64_t my_row = int64_t(blockIdx.x) * kBM + (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 1);
+    DqEpi<Pol> epi{a.scale, a.ncols, my_row < a.nrows ? a.lse[my_row] : Acc(0), a.gl, a.gls};
+    const RowSrc q[1] = {a.rows};
+    Acc* out = a.ws + int64_t(blockIdx.y) * a.nrows * a.D;
+    run_tiles<Pol, 1, true>(smem, q, a.nrows, a.cols, a.D, a.vec, tb, te, out, epi);
+  }
+}
+
+template <class Pol>
+__global__ void __launch_bounds__(kThreads) nce_dk_tiles(NceTileArgs<typename Pol::Acc> a) {
+  if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
+    __trap();
+  } else {
+    using Acc = typename Pol::Acc;
+    using L = SmemLayout<Pol, 1, true>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    int64_t tb, te;
+    split_range(a.ntiles, a.nsplit, &tb, &te);
+    const Acc gs = a.gscale != nullptr ? *a.gscale : Acc(1);
+    Acc* cols = reinterpret_cast<Acc*>(smem + L::col_off);
+    DkEpi<Pol> epi{a.scale, gs, Acc(1) / gs, a.ncols, a.lse, a.gl, a.gls, a.pos,
+                   cols, cols + Pol::BN, cols + 2 * Pol::BN,
+                   reinterpret_cast<int64_t*>(cols + 3 * Pol::BN)};
+    const RowSrc q[1] = {a.rows};
+    Acc* out = a.ws + int64_t(blockIdx.y) * a.nrows * a.D;
+    run_tiles<Pol, 1, true>(smem, q, a.nrows, a.cols, a.D, a.vec, tb, te, out, epi);
+  }
+}
+
+// max_i max(|grad_loss_i + grad_lse_i|, |grad_loss_i|), or 1 when that is 0 or not finite.
+__global__ void coef_absmax_kernel(const float* gl, const float* gls, int64_t M, float* out) {
+  __shared__ float red[32];
+  float v = 0.f;
+  for (int64_t i = threadIdx.x; i < M; i += blockDim.x) v = fmaxf(v, fmaxf(fabsf(gl[i] + gls[i]), fabsf(gl[i])));
+  v = block_max(v, red);
+  if (threadIdx.x == 0) out[0] = (v > 0.f && v < INFINITY) ? v : 1.f;
+}
+
+// ---- per-row finalisation ----------------------------------------------------------------------
+
+template <class Acc>
+struct NceRowArgs {
+  const void* query;
+  const void* keys;
+  const int64_t* pos;
+  int64_t M, D, g;
+  bool all_keys;
+  Acc scale;
+  const Acc* ws;  // split partials (fwd: [nsplit, M]; bwd: [nsplit, M, D])
+  int nsplit;
+  Acc* loss;
+  Acc* lse;
+  const Acc* gl;
+  const Acc* gls;
+  const Acc* lse_in;
+  Acc* gq;
+  Acc* gk;
+};
+
+constexpr int kRowWarps = 8;  // rows (warps) per finalisation block
+
+template <class T, class Acc>
+__global__ void __launch_bounds__(kRowWarps * 32) nce_fwd_finalize(NceRowArgs<Acc> a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t i = int64_t(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
+  if (i >= a.M) return;  // whole warp
+  const T* q = static_cast<const T*>(a.query) + i * a.D;
+  const T* keys = static_cast<const T*>(a.keys);
+  const int64_t p = a.pos[i];
+  OnlineLse<Acc> st;
+  for (int s = 0; s < a.nsplit; ++s) st.add(a.ws[int64_t(s) * a.M + i]);
+  if (!a.all_keys) {
+    const int64_t j0 = p / a.g * a.g;
+    for (int64_t j = j0; j < j0 + a.g; ++j) st.add(warp_dot<Acc>(q, keys + j * a.D, a.D, lane) * a.scale);
+  }
+  const Acc xp = warp_dot<Acc>(q, keys + p * a.D, a.D, lane) * a.scale;
+  if (lane == 0) {
+    const Acc l = st.value();
+    a.lse[i] = l;
+    a.loss[i] = l - xp;
+  }
+}
+
+template <class T, class Acc>
+__global__ void __launch_bounds__(kRowWarps * 32) nce_bwd_finalize(NceRowArgs<Acc> a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t i = int64_t(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
+  if (i >= a.M) return;
+  const int64_t D = a.D;
+  const T* q = static_cast<const T*>(a.query) + i * D;
+  const T* keys = static_cast<const T*>(a.keys);
+  const int64_t p = a.pos[i];
+  const Acc glr = a.gl[i], coef = glr + a.gls[i], L = a.lse_in[i];
+  Acc* gq = a.gq + i * D;
+  const T* kp = keys + p * D;
+  for (int64_t d = lane; d < D; d += 32) {
+    Acc s = Acc(0);
+    for (int k = 0; k < a.nsplit; ++k) s += a.ws[(int64_t(k) * a.M + i) * D + d];
+    gq[d] = s - glr * to_acc<Acc>(kp[d]);
+    if (!a.all_keys) atomicAdd(a.gk + p * D + d, -glr * to_acc<Acc>(q[d]) * a.scale);
+  }
+  if (!a.all_keys) {
+    const int64_t j0 = p / a.g * a.g;
+    for (int64_t j = j0; j < j0 + a.g; ++j) {
+      const T* kj = keys + j * D;
+      const Acc w = coef * acc_exp_precise(warp_dot<Acc>(q, kj, D, lane) * a.scale - L);
+      for (int64_t d = lane; d < D; d += 32) {
+        gq[d] += w * to_acc<Acc>(kj[d]);
+        atomicAdd(a.gk + j * D + d, w * to_acc<Acc>(q[d]) * a.scale);
+      }
+    }
+  }
+  for (int64_t d = lane; d < D; d += 32) gq[d] *= a.scale;
+}
+
+// ---- launchers -----------------------------------------------------------------------------------
+
+bool all_keys_mode(const InfoNceParams& p) { return p.group_size == 0 || p.group_size == p.N; }
+
+template <class Pol>
+NceRowArgs<typename Pol::Acc> row_args(const InfoNceParams& p) {
+  using Acc = typename Pol::Acc;
+  NceRowArgs<Acc> r{};
+  r.query = p.query;
+  r.keys = p.keys;
+  r.pos = p.positive;
+  r.M = p.M;
+  r.D = p.D;
+  r.g = p.group_size;
+  r.all_keys = all_keys_mode(p);
+  r.scale = Acc(1.0 / p.temperature);
+  return r;
+}
+
+// bytes != nullptr: only report the workspace size. Otherwise launch.
+template <class Pol>
+cudaError_t forward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStream_t stream, size_t* bytes) {
+  using T = typename Pol::T;
+  using Acc = typename Pol::Acc;
+  const bool all_keys = all_keys_mode(p);
+  const int64_t n_keys_cols = all_keys ? p.N : 0;
+  const int64_t ncols = n_keys_cols + p.K;
+  const int64_t ntiles = ceil_div(ncols, Pol::BN);
+  const int64_t row_blocks = ceil_div(p.M, kBM);
+  constexpr size_t smem = SmemLayout<Pol, 1, false>::bytes;
+  int ns = 0;
+  if (ntiles > 0 && p.M > 0) {
+    int bpsm = 1;
+    cudaError_t e = prepare_kernel(nce_fwd_tiles<Pol>, smem, &bpsm);
+    if (e != cudaSuccess) return e;
+    ns = choose_splits(row_blocks, ntiles, dev, bpsm);
+  }
+  const size_t need = align_up(size_t(ns) * size_t(p.M) * sizeof(Acc));
+  if (bytes != nullptr) {
+    *bytes = need;
+    return cudaSuccess;
+  }
+  if (p.M <= 0) return cudaSuccess;
+  if (p.workspace_bytes < need || (need > 0 && p.workspace == nullptr)) return cudaErrorInvalidValue;
+  Acc* ws = static_cast<Acc*>(p.workspace);
+  if (ns > 0) {
+    NceTileArgs<Acc> a{};
+    a.rows = RowSrc{p.query, p.M, nullptr, 0};
+    a.nrows = p.M;
+    a.cols = RowSrc{p.keys, n_keys_cols, p.bank, p.K};
+    a.ncols = ncols;
+    a.D = p.D;
+    a.vec = vec_ok(p.D, sizeof(T), {p.query, p.keys, p.K > 0 ? p.bank : nullptr});
+    a.nsplit = ns;
+    a.ntiles = ntiles;
+    a.scale = Acc(1.0 / p.temperature);
+    a.ws = ws;
+    nce_fwd_tiles<Pol><<<dim3(unsigned(row_blocks), unsigned(ns)), kThreads, smem, stream>>>(a);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  NceRowArgs<Acc> r = row_args<Pol>(p);
+  r.ws = ws;
+  r.nsplit = ns;
+  r.loss = static_cast<Acc*>(p.loss);
+  r.lse = static_cast<Acc*>(p.lse);
+  nce_fwd_finalize<T, Acc><<<unsigned(ceil_div(p.M, kRowWarps)), kRowWarps * 32, 0, stream>>>(r);
+  return cudaGetLastError();
+}
+
+template <class Pol>
+cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStream_t stream, size_t* bytes) {
+  using T = typename Pol::T;
+  using Acc = typename Pol::Acc;
+  const bool all_keys = all_keys_mode(p);
+  const int64_t n_keys_cols = all_keys ? p.N : 0;
+  const int64_t ncols = n_keys_cols + p.K;
+  const int64_t ntiles_q = ceil_div(ncols, Pol::BN);
+  const int64_t blocks_q = ceil_div(p.M, kBM);
+  const int64_t ntiles_k = all_keys ? ceil_div(p.M, Pol::BN) : 0;
+  const int64_t blocks_k = ceil_div(p.N, kBM);
+  constexpr size_t smem = SmemLayout<Pol, 1, true>::bytes;
+  int ns_q = 0, ns_k = 0;
+  if (p.M > 0 && p.D > 0) {
+    if (ntiles_q > 0) {
+      int bpsm = 1;
+      cudaError_t e = prepare_kernel(nce_dq_tiles<Pol>, smem, &bpsm);
+      if (e != cudaSuccess) return e;
+      ns_q = choose_splits(blocks_q, ntiles_q, dev, bpsm);
+    }
+    if (ntiles_k > 0 && p.N > 0) {
+      int bpsm = 1;
+      cudaError_t e = prepare_kernel(nce_dk_tiles<Pol>, smem, &bpsm);
+      if (e != cudaSuccess) return e;
+      ns_k = choose_splits(blocks_k, ntiles_k, dev, bpsm);
+    }
+  }
+  const size_t bytes_q = align_up(size_t(ns_q) * size_t(p.M) * size_t(p.D) * sizeof(Acc));
+  const size_t bytes_k = align_up(size_t(ns_k) * size_t(p.N) * size_t(p.D) * sizeof(Acc));
+  const size_t need = bytes_q + bytes_k + align_up(sizeof(Acc));
+  if (bytes != nullptr) {
+    *bytes = need;
+    return cudaSuccess;
+  }
+  if (p.M <= 0 || p.D <= 0) return cudaSuccess;
+  if (p.workspace_bytes < need || p.workspace == nullptr) return cudaErrorInvalidValue;
+  unsigned char* base = static_cast<unsigned char*>(p.workspace);
+  Acc* ws_q = reinterpret_cast<Acc*>(base);
+  Acc* ws_k = reinterpret_cast<Acc*>(base + bytes_q);
+  Acc* gscale = reinterpret_cast<Acc*>(base + bytes_q + bytes_k);
+  const Acc scale = Acc(1.0 / p.temperature);
+  const Acc* gl = static_cast<const Acc*>(p.grad_loss);
+  const Acc* gls = static_cast<const Acc*>(p.grad_lse);
+  const Acc* lse = static_cast<const Acc*>(p.lse_in);
+  cudaError_t e = cudaSuccess;
+
+  if (ns_q > 0) {
+    NceTileArgs<Acc> a{};
+    a.rows = RowSrc{p.query, p.M, nullptr, 0};
+    a.nrows = p.M;
+    a.cols = RowSrc{p.keys, n_keys_cols, p.bank, p.K};
+    a.ncols = ncols;
+    a.D = p.D;
+    a.vec = vec_ok(p.D, sizeof(T), {p.query, p.keys, p.K > 0 ? p.bank : nullptr});
+    a.nsplit = ns_q;
+    a.ntiles = ntiles_q;
+    a.scale = scale;
+    a.ws = ws_q;
+    a.lse = lse;
+    a.gl = gl;
+    a.gls = gls;
+    nce_dq_tiles<Pol><<<dim3(unsigned(blocks_q), unsigned(ns_q)), kThreads, smem, stream>>>(a);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+  }
+  if (ns_k > 0) {
+    const Acc* gs = nullptr;
+    if constexpr (Pol::kTensorCore) {
+      coef_absmax_kernel<<<1, 1024, 0, stream>>>(gl, gls, p.M, gscale);
+      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+      gs = gscale;
+    }
+    NceTileArgs<Acc> a{};
+    a.rows = RowSrc{p.keys, p.N, nullptr, 0};  // rows are keys ...
+    a.nrows = p.N;
+    a.cols = RowSrc{p.query, p.M, nullptr, 0};  // ... columns are query rows
+    a.ncols = p.M;
+    a.D = p.D;
+    a.vec = vec_ok(p.D, sizeof(T), {p.query, p.keys});
+    a.nsplit = ns_k;
+    a.ntiles = ntiles_k;
+    a.scale = scale;
+    a.ws = ws_k;
+    a.lse = lse;
+    a.gl = gl;
+    a.gls = gls;
+    a.pos = p.positive;
+    a.gscale = gs;
+    nce_dk_tiles<Pol><<<dim3(unsigned(blocks_k), unsigned(ns_k)), kThreads, smem, stream>>>(a);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    e = launch_reduce_splits<Acc>(ws_k, ns_k, p.N * p.D, scale, static_cast<Acc*>(p.grad_keys), stream);
+    if (e != cudaSuccess) return e;
+  }
+  NceRowArgs<Acc> r = row_args<Pol>(p);
+  r.ws = ws_q;
+  r.nsplit = ns_q;
+  r.gl = gl;
+  r.gls = gls;
+  r.lse_in = lse;
+  r.gq = static_cast<Acc*>(p.grad_query);
+  r.gk = static_cast<Acc*>(p.grad_keys);
+  nce_bwd_finalize<T, Acc><<<unsigned(ceil_div(p.M, kRowWarps)), kRowWarps * 32, 0, stream>>>(r);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t info_nce_forward_workspace(const InfoNceParams& p, DType dtype, size_t* bytes) {
+  *bytes = 0;
+  if (p.M <= 0) return cudaSuccess;
+  DeviceInfo dev;
+  cudaError_t e = device_info(&dev);
+  if (e != cudaSuccess) return e;
+  return dispatch_policy(dtype, dev, [&](auto pol) {
+    return forward_impl<decltype(pol)>(p, dev, nullptr, bytes);
+  });
+}
+
+cudaError_t info_nce_backward_workspace(const InfoNceParams& p, DType dtype, size_t* bytes) {
+  *bytes = 0;
+  if (p.M <= 0 || p.D <= 0) return cudaSuccess;
+  DeviceInfo dev;
+  cudaError_t e = device_info(&dev);
+  if (e != cudaSuccess) return e;
+  return dispatch_policy(dtype, dev, [&](auto pol) {
+    return backward_impl<decltype(pol)>(p, dev, nullptr, bytes);
+  });
+}
+
+cudaError_t info_nce_forward(const InfoNceParams& p, DType dtype, cudaStream_t stream) {
+  if (p.M <= 0) return cudaSuccess;
+  DeviceInfo dev;
+  cudaError_t e = device_info(&dev);
+  if (e != cudaSuccess) return e;
+  return dispatch_policy(dtype, dev, [&](auto pol) {
+    return forward_impl<decltype(pol)>(p, dev, stream, nullptr);
+  });
+}
+
+cudaError_t info_nce_backward(const InfoNceParams& p, DType dtype, cudaStream_t stream) {
+  if (p.M <= 0 || p.D <= 0) return cudaSuccess;
+  DeviceInfo dev;
+  cudaError_t e = device_info(&dev);
+  if (e != cudaSuccess) return e;
+  return dispatch_policy(dtype, dev, [&](auto pol) {
+    return backward_impl<decltype(pol)>(p, dev, stream, nullptr);
+  });
+}
+
+}  // namespace cuda
+}  // namespace upreid
