@@ -1,0 +1,106 @@
+"""``upreid evaluate FEATURES.npz``: ReID metrics (optionally with exact k-reciprocal re-ranking) of
+features saved by any tool. The main ``upreid`` command calls :func:`register`;
+``python -m upreid.evaluation.cli evaluate ...`` works on its own.
+
+The ``.npz`` holds query and gallery features, identities and cameras under one of these naming
+schemes: ``query_features, gallery_features, query_pids, gallery_pids, query_camids,
+gallery_camids``; ``qf, gf, q_pids, g_pids, q_camids, g_camids``; or ``features, pids, camids,
+num_query`` (queries first).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+SCHEMES = (
+    ("query_features", "gallery_features", "query_pids", "gallery_pids", "query_camids",
+     "gallery_camids"),
+    ("qf", "gf", "q_pids", "g_pids", "q_camids", "g_camids"),
+)
+
+
+def load_features(path: str) -> dict:
+    """The six evaluation arrays of a features ``.npz`` (see the module docstring)."""
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        for scheme in SCHEMES:
+            if set(scheme) <= keys:
+                names = ("query_features", "gallery_features", "q_pids", "g_pids", "q_camids",
+                         "g_camids")
+                return {n: z[k] for n, k in zip(names, scheme)}
+        if {"features", "pids", "camids", "num_query"} <= keys:
+            nq = int(z["num_query"])
+            f, p, c = z["features"], z["pids"], z["camids"]
+            return {"query_features": f[:nq], "gallery_features": f[nq:], "q_pids": p[:nq],
+                    "g_pids": p[nq:], "q_camids": c[:nq], "g_camids": c[nq:]}
+    expected = "; ".join(", ".join(s) for s in SCHEMES) + "; features, pids, camids, num_query"
+    raise KeyError(f"{path}: found arrays {sorted(keys)}, expected one of: {expected}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from upreid.evaluation import evaluate, format_table
+
+    try:
+        data = load_features(args.features)
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"upreid evaluate: {exc}", file=sys.stderr)
+        return 2
+    data = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.items()}
+    if args.device != "cpu":
+        data["query_features"] = data["query_features"].to(args.device)
+        data["gallery_features"] = data["gallery_features"].to(args.device)
+    reranks = [False, True] if args.rerank == "both" else [args.rerank == "yes"]
+    results = {}
+    for rr in reranks:
+        try:
+            res = evaluate(**data, metric=args.metric, rerank=rr, k1=args.k1, k2=args.k2,
+                           lambda_value=args.lambda_value, max_rank=args.max_rank,
+                           progress=not args.no_progress)
+        except (ValueError, RuntimeError) as exc:
+            print(f"upreid evaluate: {exc}", file=sys.stderr)
+            return 2
+        title = f"{args.features} [{args.metric}" + (
+            f", re-ranked k1={args.k1} k2={args.k2} lambda={args.lambda_value}]" if rr else "]")
+        print(format_table(res, title))
+        results["rerank" if rr else "plain"] = res
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "evaluate", help="mAP / mINP / CMC of saved query and gallery features",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None)
+    p.add_argument("features", help=".npz with query/gallery features, pids and camids")
+    p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine",
+                   help="distance (default cosine)")
+    p.add_argument("--rerank", choices=("no", "yes", "both"), default="no",
+                   help="exact k-reciprocal re-ranking: no, yes, or both tables (default no)")
+    p.add_argument("--k1", type=int, default=20, help="re-ranking k1 (default 20)")
+    p.add_argument("--k2", type=int, default=6, help="re-ranking k2 (default 6)")
+    p.add_argument("--lambda", dest="lambda_value", type=float, default=0.3,
+                   help="re-ranking lambda (default 0.3)")
+    p.add_argument("--max-rank", type=int, default=50, help="CMC length (default 50)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    p.add_argument("--json", help="also write the results (with the CMC curve) to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="upreid")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
