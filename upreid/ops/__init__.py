@@ -6,5 +6,10 @@ from upreid.ops import reference
 from upreid.ops._lib import HAS_EXTENSION, built_with_cuda
 from upreid.ops.bank_kl import bank_kl
 from upreid.ops.info_nce import info_nce
+from upreid.ops.rank import rank_metrics
+from upreid.ops.rerank import k_reciprocal_rerank, k_reciprocal_rerank_dense
 
-__all__ = ["HAS_EXTENSION", "bank_kl", "built_with_cuda", "info_nce", "reference"]
+__all__ = [
+    "HAS_EXTENSION", "bank_kl", "built_with_cuda", "info_nce", "k_reciprocal_rerank",
+    "k_reciprocal_rerank_dense", "rank_metrics", "reference",
+]

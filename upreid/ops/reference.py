@@ -66,3 +66,13 @@ def bank_kl(
     kl = (log_p.exp() * (log_p - log_r)).sum(dim=1)
     out = _out_dtype(student)
     return kl.to(out), lse_a.to(out), lse_c.to(out)
+
+
+# Evaluation operators (inference only): NumPy transcriptions of the original algorithms.
+from upreid.ops.reference_eval import (  # noqa: E402
+    k_reciprocal_rerank,
+    k_reciprocal_rerank_dense,
+    rank_metrics,
+)
+
+__all__ = ["bank_kl", "info_nce", "k_reciprocal_rerank", "k_reciprocal_rerank_dense", "rank_metrics"]
