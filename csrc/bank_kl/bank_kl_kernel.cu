@@ -147,7 +147,7 @@ struct KlBwdEpi {
 };
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads) bkl_fwd_tiles(BklTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, 1) bkl_fwd_tiles(BklTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) bkl_fwd_tiles(BklTileArgs<typename P
 }
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads) bkl_bwd_tiles(BklTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, 1) bkl_bwd_tiles(BklTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {

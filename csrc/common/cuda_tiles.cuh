@@ -452,13 +452,15 @@ inline cudaError_t prepare_kernel(K kernel, size_t smem, int* blocks_per_sm) {
   return cudaSuccess;
 }
 
-// Number of column splits: enough blocks for about one full wave, at most one per tile, at most 32.
+// Number of column splits: as many as fit in one wave next to the other row blocks (rounded down, so
+// that a wave is never followed by a small tail wave), at most one per tile and at most 128 (the
+// partial outputs cost splits x rows x D words).
 inline int choose_splits(int64_t row_blocks, int64_t ntiles, const DeviceInfo& dev, int blocks_per_sm) {
   if (ntiles <= 0 || row_blocks <= 0) return 0;
   const int64_t slots = int64_t(dev.sms) * blocks_per_sm;
-  int64_t s = (slots + row_blocks - 1) / row_blocks;
+  int64_t s = slots / row_blocks;
   if (s > ntiles) s = ntiles;
-  if (s > 32) s = 32;
+  if (s > 128) s = 128;
   if (s < 1) s = 1;
   return int(s);
 }
