@@ -35,7 +35,8 @@ void check_rerank_features_args(const at::Tensor& features, int64_t num_query, i
 }
 
 void check_rerank_dense_args(const at::Tensor& q_g, const at::Tensor& q_q, const at::Tensor& g_g,
-                             int64_t k1, int64_t k2, double lambda_value, const char* op) {
+                             int64_t k1, int64_t k2, double lambda_value, const char* op,
+                             bool check_finite) {
   check_dim(q_g, 2, op, "q_g", "[Q, G]");
   check_dim(q_q, 2, op, "q_q", "[Q, Q]");
   check_dim(g_g, 2, op, "g_g", "[G, G]");
@@ -51,9 +52,11 @@ void check_rerank_dense_args(const at::Tensor& q_g, const at::Tensor& q_q, const
   check_size(g_g, 1, G, "g_g", "columns", op);
   TORCH_CHECK(Q + G < std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 2 items");
   check_params(k1, k2, lambda_value, op);
-  check_all_finite(q_g, op, "q_g");
-  check_all_finite(q_q, op, "q_q");
-  check_all_finite(g_g, op, "g_g");
+  if (check_finite) {
+    check_all_finite(q_g, op, "q_g");
+    check_all_finite(q_q, op, "q_q");
+    check_all_finite(g_g, op, "g_g");
+  }
 }
 
 }  // namespace upreid

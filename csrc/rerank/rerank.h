@@ -12,8 +12,11 @@ void check_rerank_features_args(const at::Tensor& features, int64_t num_query, i
                                 int64_t k2, double lambda_value, const char* op);
 
 // Validates the dense path: q_g [Q, G], q_q [Q, Q], g_g [G, G], one dtype and device, finite.
+// check_finite = false leaves the NaN/Inf check to the implementation (the CPU scan reads every
+// element once anyway).
 void check_rerank_dense_args(const at::Tensor& q_g, const at::Tensor& q_q, const at::Tensor& g_g,
-                             int64_t k1, int64_t k2, double lambda_value, const char* op);
+                             int64_t k1, int64_t k2, double lambda_value, const char* op,
+                             bool check_finite = true);
 
 // The half-size neighbourhood of the expansion rule: round(k1 / 2) + 1 with numpy's rounding
 // (half to even), as np.around in the original.

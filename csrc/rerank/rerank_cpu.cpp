@@ -7,7 +7,7 @@
 // straight into the [Q, G] output. Nothing N x N is ever allocated: the largest temporary is one
 // [1024, 4096] tile.
 // Dense path: row i of the original's transposed, column-normalised matrix is column i of the
-// block matrix [[q_q, q_g], [q_g^T, g_g]]; the inputs are transposed once and scanned by rows.
+// block matrix [[q_q, q_g], [q_g^T, g_g]]; columns are read in blocks of 64 (no transposed copy).
 // Neighbour order: ascending squared distance, ties by ascending index (a stable sort).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,6 +15,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <memory>
 
 #include "common/checks.h"
@@ -171,16 +173,16 @@ at::Tensor rerank_dense(const at::Tensor& q_g, const at::Tensor& q_q, const at::
                         int64_t k1, int64_t k2, double lambda) {
   const int64_t Q = q_g.size(0), G = q_g.size(1), N = Q + G;
   const int64_t K = std::min<int64_t>(k1 + 1, N);
-  // Row i of B = A^T, A = [[q_q, q_g], [q_g^T, g_g]]: [q_q^T | q_g] for queries, [q_g^T | g_g^T]
-  // for the gallery.
-  at::Tensor qg = q_g.contiguous(), qqT = q_q.t().contiguous(), qgT = q_g.t().contiguous(),
-             ggT = g_g.t().contiguous();
-  const T *pqg = qg.data_ptr<T>(), *pqqT = qqT.data_ptr<T>(), *pqgT = qgT.data_ptr<T>(),
-          *pggT = ggT.data_ptr<T>();
-  auto left = [&](int64_t i) { return i < Q ? pqqT + i * Q : pqgT + (i - Q) * Q; };   // [Q]
-  auto right = [&](int64_t i) { return i < Q ? pqg + i * G : pggT + (i - Q) * G; };  // [G]
+  // Row i of B = A^T, A = [[q_q, q_g], [q_g^T, g_g]]:
+  //   query i:    B[i, j] = q_q[j, i] (j < Q),  B[i, Q + g] = q_g[i, g];
+  //   gallery gi: B[Q + gi, q] = q_g[q, gi],    B[Q + gi, Q + g] = g_g[g, gi].
+  // Column reads go in blocks of kBlk rows of B, so every read of the inputs is a contiguous run
+  // and no transposed copy is made. Every input element is read once: finiteness is checked here.
+  const T *pqg = q_g.data_ptr<T>(), *pqq = q_q.data_ptr<T>(), *pgg = g_g.data_ptr<T>();
   auto dist2 = [&](int64_t i, int64_t j) -> T {
-    const T v = j < Q ? left(i)[j] : right(i)[j - Q];
+    T v;
+    if (i < Q) v = j < Q ? pqq[j * Q + i] : pqg[i * G + (j - Q)];
+    else v = j < Q ? pqg[j * G + (i - Q)] : pgg[(j - Q) * G + (i - Q)];
     return v * v;
   };
   at::Tensor out = at::empty({Q, G}, q_g.options().dtype(at::kFloat));
@@ -191,29 +193,57 @@ at::Tensor rerank_dense(const at::Tensor& q_g, const at::Tensor& q_q, const at::
   nb.idx.resize(N * K);
   nb.d2.resize(N * K);
   nb.rowmax.assign(N, T(0));
-  at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
-    TopK<T> tk(1, K);
-    for (int64_t i = r0; i < r1; ++i) {
-      tk.cnt[0] = 0;
-      T rmax = T(0);
-      const T* l = left(i);
-      for (int64_t j = 0; j < Q; ++j) {
-        const T d = l[j] * l[j];
-        rmax = std::max(rmax, d);
-        tk.push(0, d, static_cast<int32_t>(j));
+  constexpr int64_t kBlk = 64;
+  const int64_t qblocks = (Q + kBlk - 1) / kBlk, gblocks = (G + kBlk - 1) / kBlk;
+  std::atomic<bool> finite(true);
+  at::parallel_for(0, qblocks + gblocks, 1, [&](int64_t b0, int64_t b1) {
+    TopK<T> tk(kBlk, K);
+    bool ok = true;
+    for (int64_t b = b0; b < b1; ++b) {
+      const bool query = b < qblocks;
+      const int64_t r0 = query ? b * kBlk : Q + (b - qblocks) * kBlk;
+      const int64_t r1 = std::min(query ? Q : N, r0 + kBlk), nr = r1 - r0;
+      std::fill(tk.cnt.begin(), tk.cnt.end(), 0);
+      std::fill(tk.rmax.begin(), tk.rmax.end(), T(0));
+      auto column_block = [&](const T* src, int64_t rows, int64_t ld, int64_t c0, int64_t j_off) {
+        // src[j * ld + c0 + r] is B[r0 + r, j_off + j] for r < nr, j < rows.
+        for (int64_t j = 0; j < rows; ++j) {
+          const T* v = src + j * ld + c0;
+          for (int64_t r = 0; r < nr; ++r) {
+            ok &= std::isfinite(v[r]);
+            const T d = v[r] * v[r];
+            tk.rmax[r] = std::max(tk.rmax[r], d);
+            tk.push(r, d, static_cast<int32_t>(j_off + j));
+          }
+        }
+      };
+      if (query) {
+        column_block(pqq, Q, Q, r0, 0);
+        for (int64_t r = 0; r < nr; ++r) {
+          const T* v = pqg + (r0 + r) * G;
+          float* orow = o + (r0 + r) * G;
+          for (int64_t g = 0; g < G; ++g) {
+            ok &= std::isfinite(v[g]);
+            const T d = v[g] * v[g];
+            tk.rmax[r] = std::max(tk.rmax[r], d);
+            tk.push(r, d, static_cast<int32_t>(Q + g));
+            orow[g] = static_cast<float>(d);
+          }
+        }
+      } else {
+        column_block(pqg, Q, G, r0 - Q, 0);
+        column_block(pgg, G, G, r0 - Q, Q);
       }
-      const T* r = right(i);
-      for (int64_t g = 0; g < G; ++g) {
-        const T d = r[g] * r[g];
-        rmax = std::max(rmax, d);
-        tk.push(0, d, static_cast<int32_t>(Q + g));
-        if (i < Q) o[i * G + g] = static_cast<float>(d);
+      for (int64_t r = 0; r < nr; ++r) {
+        nb.rowmax[r0 + r] = tk.rmax[r];
+        std::copy(tk.idx.begin() + r * K, tk.idx.begin() + (r + 1) * K, nb.idx.begin() + (r0 + r) * K);
+        std::copy(tk.val.begin() + r * K, tk.val.begin() + (r + 1) * K, nb.d2.begin() + (r0 + r) * K);
       }
-      nb.rowmax[i] = rmax;
-      std::copy(tk.idx.begin(), tk.idx.end(), nb.idx.begin() + i * K);
-      std::copy(tk.val.begin(), tk.val.end(), nb.d2.begin() + i * K);
     }
+    if (!ok) finite = false;
   });
+  TORCH_CHECK(finite.load(), "upreid::k_reciprocal_rerank_dense: 'q_g', 'q_q' or 'g_g' contains NaN ",
+              "or Inf; every distance must be finite");
   rerank_cpu::rerank_sparse<T>(nb, dist2, Q, k1, k2, lambda, rerank_half_k(k1), o);
   return out;
 }
@@ -234,11 +264,13 @@ at::Tensor k_reciprocal_rerank_cpu(const at::Tensor& features, int64_t num_query
 at::Tensor k_reciprocal_rerank_dense_cpu(const at::Tensor& q_g, const at::Tensor& q_q,
                                          const at::Tensor& g_g, int64_t k1, int64_t k2,
                                          double lambda_value) {
-  check_rerank_dense_args(q_g, q_q, g_g, k1, k2, lambda_value, "upreid::k_reciprocal_rerank_dense");
+  check_rerank_dense_args(q_g, q_q, g_g, k1, k2, lambda_value, "upreid::k_reciprocal_rerank_dense",
+                          /*check_finite=*/false);  // checked during the scan
   const auto acc = acc_dtype(q_g.scalar_type());
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(acc, "k_reciprocal_rerank_dense", [&] {
-    out = rerank_dense<scalar_t>(q_g.to(acc), q_q.to(acc), g_g.to(acc), k1, k2, lambda_value);
+    out = rerank_dense<scalar_t>(q_g.to(acc).contiguous(), q_q.to(acc).contiguous(),
+                                 g_g.to(acc).contiguous(), k1, k2, lambda_value);
   });
   return out;
 }
