@@ -1,0 +1,1 @@
+"""Training engines: UP-ReID pre-training (config, loader adapter, loop, checkpoints, command)."""

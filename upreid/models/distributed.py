@@ -1,0 +1,47 @@
+"""Collectives the UP-ReID module needs under DistributedDataParallel (no-ops in one process)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def concat_all_gather(x: Tensor) -> Tensor:
+    """``[B, ...]`` on every rank -> ``[world * B, ...]``, rank order; no gradient (MoCo's helper)."""
+    if world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def batch_shuffle(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Shuffle-BN, step 1: gather the batch of all ranks, permute it with one permutation drawn on
+    rank 0 and give each rank a slice, so that the key encoder's BatchNorm statistics mix samples of
+    other ranks and cannot leak which key belongs to which query. Returns (this rank's slice,
+    the inverse permutation)."""
+    local = x.shape[0]
+    gathered = concat_all_gather(x)                                    # [W*B, ...]
+    perm = torch.randperm(gathered.shape[0], device=x.device)
+    dist.broadcast(perm, src=0)
+    idx = perm.view(world_size(), local)[rank()]
+    return gathered[idx], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(x: Tensor, unshuffle: Tensor) -> Tensor:
+    """Shuffle-BN, step 2: undo :func:`batch_shuffle` on the encoder's output ``[B, ...]``."""
+    local = x.shape[0]
+    gathered = concat_all_gather(x)                                    # [W*B, ...]
+    idx = unshuffle.view(world_size(), local)[rank()]
+    return gathered[idx]

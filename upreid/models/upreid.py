@@ -1,0 +1,195 @@
+"""UP-ReID (Yang et al., CVPR 2022): MoCo v2 pre-training with intra-identity regularisation.
+
+One file, in the spirit of MoCo's ``builder.py``. Per sample the data pipeline gives the original image
+x_o (resized, normalised), two augmented views x_1, x_2, and each view's crop box (normalised y0, x0,
+y1, x1 in the original) and flip flag. Losses (METHOD.md section 3):
+
+  L_cl  instance contrast: q_1 = f_q(x_1) against k_2 = f_k(x_2) and the queue (optionally symmetric)
+  L_gc  global consistency: the views' bank distributions follow the original's (bank_kl), or cosine
+  L_ic  intrinsic patch contrast: stripe i of a view against the same body region of the original
+        (its stripe mapped through the crop box, RoIAlign-pooled from f_k's layer-4 map of x_o),
+        the other stripes of the image (or of the batch) as negatives
+
+L = L_cl + lambda_gc L_gc + lambda_ic L_ic. All three run on the fused operators of upreid.losses.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from upreid.losses import BankKL, MoCoLoss, PatchInfoNCE
+from upreid.models.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, world_size
+from upreid.models.heads import MLPHead, roi_pool, stripe_boxes, view_stripes_on_original
+from upreid.models.resnet import ResNet
+
+GC_MODES = ("bank_kl", "cosine", "off")
+IC_MODES = ("aligned", "unaligned", "off")
+BATCH_KEYS = ("original", "view1", "view2", "box1", "box2", "flip1", "flip2")
+
+
+class Encoder(nn.Module):
+    """ResNet trunk + global head (+ patch head when the patch contrast is on)."""
+
+    def __init__(self, depth: int, last_stride: int, ibn: bool, hidden_dim: int, dim: int,
+                 patch_dim: int | None):
+        super().__init__()
+        self.trunk = ResNet(depth, last_stride=last_stride, ibn=ibn)
+        c = self.trunk.out_channels
+        self.head = MLPHead(c, hidden_dim, dim)
+        self.patch_head = MLPHead(c, hidden_dim, patch_dim) if patch_dim else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        fmap = self.trunk(x)                                   # [B, C, h, w]
+        z = self.head(fmap.mean(dim=(2, 3)))                   # [B, D], L2-normalised fp32
+        return fmap, z
+
+
+class UPReID(nn.Module):
+    def __init__(self, depth: int = 50, last_stride: int = 2, ibn: bool = False, dim: int = 128,
+                 hidden_dim: int = 2048, patch_dim: int = 128, queue_size: int = 65536,
+                 momentum: float = 0.999, temperature: float = 0.1, symmetric: bool = False,
+                 gc: str = "bank_kl", gc_tau_student: float | None = None,
+                 gc_tau_teacher: float | None = None, lambda_gc: float = 1.0, ic: str = "aligned",
+                 ic_negatives: str = "image", ic_temperature: float | None = None,
+                 lambda_ic: float = 1.0, stripes: int = 4, roi_samples: int = 2,
+                 loss_impl: str = "fused", shuffle_bn: bool = True):
+        super().__init__()
+        if gc not in GC_MODES:
+            raise ValueError(f"UPReID: gc must be one of {GC_MODES}, got {gc!r}")
+        if ic not in IC_MODES:
+            raise ValueError(f"UPReID: ic must be one of {IC_MODES}, got {ic!r}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"UPReID: momentum must be in [0, 1], got {momentum}")
+        if queue_size < 1 or stripes < 1:
+            raise ValueError(f"UPReID: queue_size and stripes must be >= 1, got {queue_size}, {stripes}")
+        self.m, self.symmetric, self.gc, self.ic = momentum, symmetric, gc, ic
+        self.lambda_gc, self.lambda_ic, self.stripes = lambda_gc, lambda_ic, stripes
+        self.roi_samples, self.shuffle_bn, self.temperature = roi_samples, shuffle_bn, temperature
+
+        self.encoder_q = Encoder(depth, last_stride, ibn, hidden_dim, dim, patch_dim if ic != "off" else None)
+        self.encoder_k = copy.deepcopy(self.encoder_q)          # f_k: EMA of f_q, never gets a gradient
+        for p in self.encoder_k.parameters():
+            p.requires_grad_(False)
+
+        # The queue of keys (K x D) and its write pointer are buffers: saved, moved, never trained.
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))   # [K, D]
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+        self.loss_cl = MoCoLoss(temperature, impl=loss_impl)
+        self.loss_gc = BankKL(gc_tau_student or temperature, gc_tau_teacher or temperature, impl=loss_impl)
+        self.loss_ic = PatchInfoNCE(ic_temperature or temperature, negatives=ic_negatives, impl=loss_impl)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "UPReID":
+        return cls(**cfg)
+
+    def set_loss_impl(self, impl: str) -> None:
+        for loss in (self.loss_cl, self.loss_gc, self.loss_ic):
+            loss.impl = impl
+
+    # ---------------------------------------------------------------- momentum encoder and queue
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q, one fused foreach kernel over all parameters."""
+        q = [p.detach() for p in self.encoder_q.parameters()]
+        k = list(self.encoder_k.parameters())
+        torch._foreach_lerp_(k, q, 1.0 - self.m)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, keys: Tensor) -> None:
+        """Write the keys of all ranks ([W*B, D]) at the pointer, FIFO, wrapping around."""
+        keys = concat_all_gather(keys).to(self.queue.dtype)              # [W*B, D]
+        n, size = keys.shape[0], self.queue.shape[0]
+        keys = keys[-size:]                                              # a batch larger than the queue
+        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
+        self.queue.index_copy_(0, idx, keys)
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
+
+    @torch.no_grad()
+    def _keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """f_k(x) with shuffle-BN across ranks: (layer-4 map [B, C, h, w], key [B, D])."""
+        if self.shuffle_bn and world_size() > 1:
+            x, unshuffle = batch_shuffle(x)
+            fmap, k = self.encoder_k(x)
+            return batch_unshuffle(fmap, unshuffle), batch_unshuffle(k, unshuffle)
+        return self.encoder_k(x)
+
+    def _stripes(self, fmap: Tensor, boxes: Tensor) -> Tensor:
+        """RoIAlign-pool normalised boxes [B, P, 4] from fmap: [B, P, C]."""
+        return roi_pool(fmap, boxes, self.roi_samples, max_height=1.0 / self.stripes)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, batch: dict) -> dict:
+        missing = [k for k in ("original", "view1", "view2") if k not in batch]
+        if missing:
+            raise KeyError(f"UPReID.forward: batch lacks {missing}; expected keys {BATCH_KEYS}")
+        x1, x2, xo = batch["view1"], batch["view2"], batch["original"]  # [B, 3, H, W] each
+        b = x1.shape[0]
+        bank = self.queue.clone()        # [K, D]; a copy: the fused backward reads it after enqueue
+
+        # Query encoder on both views at once (one BN batch of 2B augmented images).
+        fq, zq = self.encoder_q(torch.cat([x1, x2]))                    # [2B, C, h, w], [2B, D]
+        q1, q2 = zq[:b], zq[b:]                                         # [B, D]
+
+        with torch.no_grad():
+            self.momentum_update()
+            fk2, k2 = self._keys(x2)                                    # [B, D]
+            k1 = self._keys(x1)[1] if self.symmetric else None          # [B, D]
+            need_original = self.gc != "off" or self.ic != "off"
+            fo, ko = self._keys(xo) if need_original else (None, None)  # [B, C, h, w], [B, D]
+
+        out: dict = {}
+        # (a) instance contrast
+        loss_cl = self.loss_cl(q1, k2, bank)
+        if self.symmetric:
+            loss_cl = 0.5 * (loss_cl + self.loss_cl(q2, k1, bank))
+        out["loss_cl"] = loss_cl
+        total = loss_cl
+
+        # (b) global consistency of both views with the original image
+        if self.gc != "off":
+            if self.gc == "bank_kl":
+                loss_gc = self.loss_gc(zq, torch.cat([ko, ko]), bank)   # mean over 2B rows
+            else:
+                loss_gc = (2 - 2 * (zq * torch.cat([ko, ko])).sum(1)).mean()
+            out["loss_gc"] = loss_gc
+            total = total + self.lambda_gc * loss_gc
+
+        # (c) intrinsic patch contrast between the stripes of each view and of the original
+        if self.ic != "off":
+            own = stripe_boxes(self.stripes, x1.device).expand(2 * b, -1, -1)          # [2B, P, 4]
+            u = self.encoder_q.patch_head(self._stripes(fq, own))                     # [2B, P, Dp]
+            with torch.no_grad():
+                if self.ic == "aligned":
+                    for k in ("box1", "box2"):
+                        if k not in batch:
+                            raise KeyError(f"UPReID.forward: ic='aligned' needs '{k}' (crop boxes) in the "
+                                           "batch; use ic='unaligned' for a pipeline without boxes")
+                    flips = [batch.get(k, torch.zeros(b, device=x1.device)) for k in ("flip1", "flip2")]
+                    regions = torch.cat([
+                        view_stripes_on_original(batch["box1"].float(), flips[0], self.stripes),
+                        view_stripes_on_original(batch["box2"].float(), flips[1], self.stripes)])  # [2B, P, 4]
+                else:
+                    regions = own
+                v = self.encoder_k.patch_head(self._stripes(torch.cat([fo, fo]), regions))  # [2B, P, Dp]
+            loss_ic = self.loss_ic(u, v)
+            out["loss_ic"] = loss_ic
+            total = total + self.lambda_ic * loss_ic
+            with torch.no_grad():
+                out["patch_pos_sim"] = (u * v).sum(-1).mean()
+
+        with torch.no_grad():
+            out["pos_sim"] = (q1 * k2).sum(1).mean()
+            if ko is not None:  # entropy of the original's distribution over the bank (a few rows)
+                p = F.softmax(ko[:64] @ bank.T / self.loss_gc.tau_teacher, dim=1)      # [<=64, K]
+                out["bank_entropy"] = -(p * torch.log(p.clamp_min(1e-30))).sum(1).mean()
+            self.dequeue_and_enqueue(torch.cat([k2, k1]) if self.symmetric else k2)
+        out["loss"] = total
+        return out
+
+    def backbone_state_dict(self) -> dict:
+        """The query trunk's weights, torchvision-style keys (what fine-tuning loads)."""
+        return {k: v.detach().clone() for k, v in self.encoder_q.trunk.state_dict().items()}
