@@ -1,0 +1,284 @@
+"""Parsers for ReID datasets: Market1501, CUHK03-NP, MSMT17 (V1/V2), PersonX, any Market-style
+folder, the synthetic dataset, and unlabeled pre-training sets (folder tree or list file).
+
+Every parser returns a :class:`~upreid.data.records.ReIDDataset` whose train pids are relabelled
+``0..N-1``; junk images (pid -1) are dropped, distractors (pid 0) stay in the gallery. Camera ids are
+0-based. Bad input raises :class:`DatasetError` naming the path and the expected layout.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .records import IMAGE_EXTENSIONS, Record, ReIDDataset, check_expected, relabel
+
+log = logging.getLogger(__name__)
+
+MARKET_PATTERN = re.compile(r"^([-\d]+)_c(\d+)")
+
+MARKET_LAYOUT = ("<root>/bounding_box_train/, <root>/query/, <root>/bounding_box_test/ with names like "
+                 "0002_c1s1_000451_03.jpg (pid 2, camera 1; pid -1 = junk, 0 = distractor)")
+CUHK03_LAYOUT = ("<root>/{labeled,detected}/{bounding_box_train,query,bounding_box_test}/ with "
+                 "Market-style names like 0001_c1_1.png (the CUHK03-NP 767/700 split)")
+MSMT17_LAYOUT = ("<root>/list_train.txt, list_val.txt, list_query.txt, list_gallery.txt with lines "
+                 "'relative/path pid', images under <root>/train/ and <root>/test/ (V1) or "
+                 "<root>/mask_train_v2/ and <root>/mask_test_v2/ (V2); camera = third '_' field of the name")
+UNLABELED_LAYOUT = "a folder tree of images (.jpg/.jpeg/.png/.bmp/.webp), or a text file with one image path per line"
+
+# Sizes of complete copies (METHOD.md 6): split -> (images, ids or None)
+EXPECTED = {
+    "market1501": {"train": (12936, 751), "query": (3368, 750), "gallery": (15913, None)},
+    "cuhk03-np/detected": {"train": (7365, 767), "query": (1400, 700), "gallery": (5332, 700)},
+    "cuhk03-np/labeled": {"train": (7368, 767), "query": (1400, 700), "gallery": (5328, 700)},
+    "msmt17": {"train": (32621, 1041), "query": (11659, 3060), "gallery": (82161, 3060)},
+}
+
+
+class DatasetError(ValueError):
+    """A dataset on disk does not have the expected layout."""
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _require_dir(path: str, what: str, layout: str) -> None:
+    if not os.path.isdir(path):
+        raise DatasetError(f"{what}: folder {path!r} does not exist. Expected layout: {layout}")
+
+
+def _list_images(folder: str, layout: str, what: str) -> List[str]:
+    _require_dir(folder, what, layout)
+    names = sorted(n for n in os.listdir(folder) if _is_image(n))
+    if not names:
+        raise DatasetError(f"{what}: no images (.jpg/.jpeg/.png/.bmp/.webp) in {folder!r}. "
+                           f"Expected layout: {layout}")
+    return names
+
+
+def _bad_names_error(what: str, folder: str, bad: Sequence[str], pattern: str, layout: str) -> DatasetError:
+    shown = ", ".join(repr(b) for b in bad[:5])
+    more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+    return DatasetError(f"{what}: {len(bad)} file name(s) in {folder!r} do not match the pattern "
+                        f"{pattern!r}: {shown}{more}. Expected layout: {layout}")
+
+
+def parse_market_folder(folder: str, *, what: str = "dataset", layout: str = MARKET_LAYOUT,
+                        drop_junk: bool = True, cam_base: int = 1) -> List[Record]:
+    """Parse one folder of Market-style names ``<pid>_c<cam>...``; camera ids become 0-based."""
+    names = _list_images(folder, layout, what)
+    records, bad = [], []
+    for n in names:
+        m = MARKET_PATTERN.match(n)
+        if m is None:
+            bad.append(n)
+            continue
+        pid, cam = int(m.group(1)), int(m.group(2))
+        if pid == -1 and drop_junk:
+            continue
+        records.append(Record(os.path.join(folder, n), pid, cam - cam_base))
+    if bad:
+        raise _bad_names_error(what, folder, bad, MARKET_PATTERN.pattern, layout)
+    return records
+
+
+def market_style(root: str, *, name: str = "market-style", train_dir: str = "bounding_box_train",
+                 query_dir: str = "query", gallery_dir: str = "bounding_box_test",
+                 layout: str = MARKET_LAYOUT, expected: Optional[dict] = None) -> ReIDDataset:
+    """Any dataset laid out like Market1501 (three folders of ``<pid>_c<cam>_...`` images)."""
+    root = os.path.expanduser(root)
+    _require_dir(root, name, layout)
+    train = parse_market_folder(os.path.join(root, train_dir), what=f"{name} train", layout=layout)
+    query = parse_market_folder(os.path.join(root, query_dir), what=f"{name} query", layout=layout)
+    gallery = parse_market_folder(os.path.join(root, gallery_dir), what=f"{name} gallery", layout=layout)
+    if any(r.pid == 0 for r in train):
+        raise DatasetError(f"{name} train: distractor images (pid 0) in {os.path.join(root, train_dir)!r}; "
+                           f"distractors belong in the gallery only. Expected layout: {layout}")
+    if any(r.pid == 0 for r in query):
+        raise DatasetError(f"{name} query: distractor images (pid 0) in {os.path.join(root, query_dir)!r}; "
+                           f"every query needs an identity. Expected layout: {layout}")
+    ds = ReIDDataset(name, root, relabel(train), query, gallery)
+    _check_counts(ds, expected)
+    return ds
+
+
+def _check_counts(ds: ReIDDataset, expected: Optional[dict]) -> None:
+    if not expected:
+        return
+    for split, recs in ds.splits():
+        n_img, n_ids = expected.get(split, (None, None))
+        check_expected(ds.name, split, len(recs), n_img, ds.root)
+        if n_ids is not None:
+            ids = len({r.pid for r in recs if r.pid != 0})
+            if ids != n_ids:
+                log.warning("%s: found %d %s identities under %s, a complete copy has %d",
+                            ds.name, ids, split, ds.root, n_ids)
+
+
+def _descend(root: str, markers: Sequence[str], candidates: Sequence[str]) -> str:
+    """Accept both ``root`` and ``root/<official folder name>`` (as the archives unpack)."""
+    root = os.path.expanduser(root)
+    if any(os.path.exists(os.path.join(root, m)) for m in markers):
+        return root
+    for c in candidates:
+        sub = os.path.join(root, c)
+        if any(os.path.exists(os.path.join(sub, m)) for m in markers):
+            return sub
+    return root
+
+
+def market1501(root: str) -> ReIDDataset:
+    root = _descend(root, ["bounding_box_train"], ["Market-1501-v15.09.15", "Market-1501", "market1501"])
+    return market_style(root, name="market1501", expected=EXPECTED["market1501"])
+
+
+def personx(root: str) -> ReIDDataset:
+    root = _descend(root, ["bounding_box_train"], ["PersonX", "personx"])
+    return market_style(root, name="personx")
+
+
+def cuhk03_np(root: str, variant: str = "detected") -> ReIDDataset:
+    if variant not in ("detected", "labeled"):
+        raise DatasetError(f"cuhk03-np: variant must be 'detected' or 'labeled', got {variant!r}")
+    root = _descend(root, ["detected", "labeled"], ["cuhk03-np", "cuhk03_np", "CUHK03-NP"])
+    sub = os.path.join(root, variant)
+    _require_dir(sub, f"cuhk03-np {variant}", CUHK03_LAYOUT)
+    name = f"cuhk03-np/{variant}"
+    return market_style(sub, name=name, layout=CUHK03_LAYOUT, expected=EXPECTED[name])
+
+
+def _msmt_camid(rel: str, list_file: str, lineno: int) -> int:
+    fields = os.path.basename(rel).split("_")
+    if len(fields) < 3 or not fields[2].isdigit():
+        raise DatasetError(f"msmt17: {list_file}:{lineno}: cannot read a camera id from {rel!r} "
+                           f"(expected the third '_' field to be a number, e.g. 0000_000_01_0303morning_0015_0.jpg). "
+                           f"Expected layout: {MSMT17_LAYOUT}")
+    return int(fields[2]) - 1
+
+
+def _parse_msmt_list(root: str, list_name: str, image_dirs: Sequence[str], check_files: bool) -> List[Record]:
+    list_file = os.path.join(root, list_name)
+    if not os.path.isfile(list_file):
+        raise DatasetError(f"msmt17: list file {list_file!r} does not exist. Expected layout: {MSMT17_LAYOUT}")
+    image_dir = next((os.path.join(root, d) for d in image_dirs if os.path.isdir(os.path.join(root, d))), None)
+    if image_dir is None:
+        raise DatasetError(f"msmt17: none of the image folders {[os.path.join(root, d) for d in image_dirs]} "
+                           f"exists. Expected layout: {MSMT17_LAYOUT}")
+    records = []
+    with open(list_file) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise DatasetError(f"msmt17: {list_file}:{lineno}: expected 'relative/path pid', got {line!r}")
+            rel, pid = parts[0], int(parts[1])
+            records.append(Record(os.path.join(image_dir, rel), pid, _msmt_camid(rel, list_file, lineno)))
+    if not records:
+        raise DatasetError(f"msmt17: list file {list_file!r} is empty. Expected layout: {MSMT17_LAYOUT}")
+    if check_files:
+        missing = [r.path for r in records if not os.path.isfile(r.path)]
+        if missing:
+            raise DatasetError(f"msmt17: {len(missing)} image(s) listed in {list_file!r} are missing, e.g. "
+                               f"{missing[:3]}. Expected layout: {MSMT17_LAYOUT}")
+    return records
+
+
+def msmt17(root: str, *, combine_trainval: bool = True, check_files: bool = True) -> ReIDDataset:
+    """MSMT17 V1 or V2 (detected from the folder names). ``combine_trainval`` adds list_val to train."""
+    root = _descend(root, ["list_train.txt"], ["MSMT17_V1", "MSMT17_V2", "MSMT17"])
+    _require_dir(root, "msmt17", MSMT17_LAYOUT)
+    train_dirs, test_dirs = ("train", "mask_train_v2"), ("test", "mask_test_v2")
+    train = _parse_msmt_list(root, "list_train.txt", train_dirs, check_files)
+    if combine_trainval:
+        train += _parse_msmt_list(root, "list_val.txt", train_dirs, check_files)
+    query = _parse_msmt_list(root, "list_query.txt", test_dirs, check_files)
+    gallery = _parse_msmt_list(root, "list_gallery.txt", test_dirs, check_files)
+    ds = ReIDDataset("msmt17", root, relabel(train), query, gallery)
+    _check_counts(ds, EXPECTED["msmt17"] if combine_trainval else None)
+    return ds
+
+
+def unlabeled(root: str, *, name: str = "unlabeled", progress: bool = True) -> ReIDDataset:
+    """Unlabeled pre-training images (e.g. LUPerson): a folder tree, or a list file of paths
+    (relative paths are taken relative to the list file's folder)."""
+    root = os.path.expanduser(root)
+    if os.path.isfile(root):
+        base = os.path.dirname(os.path.abspath(root))
+        with open(root) as f:
+            paths = [ln.strip().split()[0] for ln in f if ln.strip()]
+        if not paths:
+            raise DatasetError(f"{name}: list file {root!r} is empty. Expected: {UNLABELED_LAYOUT}")
+        paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in paths]
+        bad = [p for p in paths if not _is_image(p)]
+        if bad:
+            raise DatasetError(f"{name}: {len(bad)} entries of {root!r} are not image paths, e.g. {bad[:3]}. "
+                               f"Expected: {UNLABELED_LAYOUT}")
+    elif os.path.isdir(root):
+        paths = _walk_images(root, progress)
+        if not paths:
+            raise DatasetError(f"{name}: no images under {root!r}. Expected: {UNLABELED_LAYOUT}")
+    else:
+        raise DatasetError(f"{name}: {root!r} does not exist. Expected: {UNLABELED_LAYOUT}")
+    return ReIDDataset(name, root, [Record(p, -1, -1) for p in paths], unlabeled=True)
+
+
+def _walk_images(root: str, progress: bool) -> List[str]:
+    from tqdm import tqdm
+
+    out: List[str] = []
+    stack = [root]
+    with tqdm(desc=f"scanning {os.path.basename(root) or root}", unit=" img", disable=not progress,
+              leave=False) as bar:
+        while stack:
+            d = stack.pop()
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=True):
+                        stack.append(e.path)
+                    elif _is_image(e.name):
+                        out.append(e.path)
+                        bar.update(1)
+    out.sort()
+    return out
+
+
+def synth(root: str) -> ReIDDataset:
+    """The dataset written by ``upreid synth`` (Market-style folders plus ``unlabeled/``)."""
+    root = os.path.expanduser(root)
+    return market_style(root, name="synth",
+                        layout=MARKET_LAYOUT + " (write one with `upreid synth --root DIR`)")
+
+
+DATASETS: Dict[str, Callable[..., ReIDDataset]] = {
+    "market1501": market1501,
+    "cuhk03-np": cuhk03_np,
+    "msmt17": msmt17,
+    "personx": personx,
+    "market-style": market_style,
+    "synth": synth,
+    "unlabeled": unlabeled,
+    "luperson": lambda root, **kw: unlabeled(root, name="luperson", **kw),
+}
+
+
+def build_dataset(name: str, root: str, **kwargs) -> ReIDDataset:
+    """Parse dataset ``name`` at ``root``; unknown names are an error with a suggestion."""
+    key = name.lower().replace("_", "-")
+    if key not in DATASETS:
+        close = difflib.get_close_matches(key, DATASETS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise DatasetError(f"unknown dataset {name!r}.{hint} Known: {', '.join(sorted(DATASETS))}")
+    return DATASETS[key](root, **kwargs)
+
+
+def parse_spec(spec: str) -> Tuple[str, str]:
+    """``name:root`` -> (name, root); a bare path means the synthetic/Market-style layout."""
+    if ":" in spec and not os.path.exists(spec):
+        name, root = spec.split(":", 1)
+        return name, root
+    return "market-style", spec
