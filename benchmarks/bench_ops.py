@@ -96,6 +96,18 @@ def forward_fn(s: Shape, impl: str) -> Callable:
     return torch.compile(ref, dynamic=False)
 
 
+def fwd_bwd_step(fwd: Callable, inputs, leaves) -> Callable[[], None]:
+    """One forward + backward (gradient of ones) with fresh .grad: the unit every timing measures."""
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = fwd(*inputs)
+        out.backward(torch.ones_like(out))
+
+    return step
+
+
 def timer(device) -> Callable[[Callable], float]:
     if torch.device(device).type == "cuda":
         def t(fn):
@@ -130,12 +142,7 @@ def bench_shape(s: Shape, impl: str, dtype, device, warmup, repeat):
         with torch.no_grad():
             return fwd(*inputs)
 
-    def run_both():
-        for t in leaves:
-            t.grad = None
-        out = fwd(*inputs)
-        out.backward(torch.ones_like(out))
-
+    run_both = fwd_bwd_step(fwd, inputs, leaves)
     state = {}
 
     def prep_bwd():
@@ -170,14 +177,7 @@ def bench_shape(s: Shape, impl: str, dtype, device, warmup, repeat):
 def probe_peak(s: Shape, impl: str, dtype, device) -> int:
     """Peak bytes of one fused/reference forward+backward after a warm-up call."""
     inputs, leaves = make_inputs(s, dtype, device)
-    fwd = forward_fn(s, impl)
-
-    def run_both():
-        for t in leaves:
-            t.grad = None
-        out = fwd(*inputs)
-        out.backward(torch.ones_like(out))
-
+    run_both = fwd_bwd_step(forward_fn(s, impl), inputs, leaves)
     run_both()
     return peak_bytes(run_both, device)
 

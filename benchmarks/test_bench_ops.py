@@ -8,7 +8,7 @@ results CSV; this file is for quick A/B comparisons with pytest-benchmark's stat
 import pytest
 import torch
 
-from benchmarks.bench_ops import Shape, forward_fn, make_inputs
+from benchmarks.bench_ops import Shape, forward_fn, fwd_bwd_step, make_inputs
 
 SHAPES = [
     Shape("moco", "info_nce", 256, 256, 16384, 128, 1),
@@ -22,13 +22,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.label())
 def test_forward_backward(benchmark, shape, impl):
     inputs, leaves = make_inputs(shape, torch.float32, DEVICE)
-    fwd = forward_fn(shape, impl)
+    fwd_bwd = fwd_bwd_step(forward_fn(shape, impl), inputs, leaves)
 
     def step():
-        for t in leaves:
-            t.grad = None
-        out = fwd(*inputs)
-        out.backward(torch.ones_like(out))
+        fwd_bwd()
         if DEVICE == "cuda":
             torch.cuda.synchronize()
 

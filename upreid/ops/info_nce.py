@@ -86,25 +86,33 @@ if _lib.HAS_EXTENSION:
                                 group_size):
         return torch.empty_like(query), torch.empty_like(keys)
 
-    def _setup_context(ctx, inputs, output):
-        query, keys, positive, bank, temperature, group_size = inputs
-        _, lse = output
-        ctx.save_for_backward(query, keys, positive, bank, lse)
-        ctx.temperature = temperature
-        ctx.group_size = group_size
+    def _make_autograd(backward_op, saves_bank: bool):
+        """setup_context/backward for info_nce (saves the bank, recomputes its tiles) and for
+        _info_nce_train (saves bank_mean [M, D] instead, an internal by-product whose gradient,
+        zeros since the wrapper never returns it, is ignored)."""
 
-    def _backward(ctx, grad_loss, grad_lse):
-        query, keys, positive, bank, lse = ctx.saved_tensors
-        if grad_loss is None:
-            grad_loss = torch.zeros_like(lse)
-        if grad_lse is None:
-            grad_lse = torch.zeros_like(lse)
-        grad_query, grad_keys = torch.ops.upreid._info_nce_backward(
-            grad_loss, grad_lse, query, keys, positive, bank, lse, ctx.temperature, ctx.group_size
-        )
-        return grad_query, grad_keys, None, None, None, None
+        def setup_context(ctx, inputs, output):
+            query, keys, positive, bank, temperature, group_size = inputs
+            lse = output[1]
+            extra = bank if saves_bank else output[2]
+            ctx.save_for_backward(query, keys, positive, extra, lse)
+            ctx.args = (temperature, group_size)
 
-    torch.library.register_autograd("upreid::info_nce", _backward, setup_context=_setup_context)
+        def backward(ctx, grad_loss, grad_lse, *_):
+            query, keys, positive, extra, lse = ctx.saved_tensors
+            grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
+            grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+            if saves_bank:
+                ins = (grad_loss, grad_lse, query, keys, positive, extra, lse)
+            else:
+                ins = (grad_loss, grad_lse, query, keys, positive, lse, extra)
+            grad_query, grad_keys = backward_op(*ins, *ctx.args)
+            return grad_query, grad_keys, None, None, None, None
+
+        return backward, setup_context
+
+    _bw, _ctx = _make_autograd(torch.ops.upreid._info_nce_backward, saves_bank=True)
+    torch.library.register_autograd("upreid::info_nce", _bw, setup_context=_ctx)
 
     @torch.library.register_fake("upreid::_info_nce_train")
     def _info_nce_train_fake(query, keys, positive, bank, temperature, group_size):
@@ -116,25 +124,5 @@ if _lib.HAS_EXTENSION:
                                       temperature, group_size):
         return torch.empty_like(query), torch.empty_like(keys)
 
-    def _train_setup_context(ctx, inputs, output):
-        query, keys, positive, bank, temperature, group_size = inputs
-        _, lse, bank_mean = output
-        ctx.save_for_backward(query, keys, positive, lse, bank_mean)
-        ctx.temperature = temperature
-        ctx.group_size = group_size
-
-    def _train_backward(ctx, grad_loss, grad_lse, grad_bank_mean):
-        query, keys, positive, lse, bank_mean = ctx.saved_tensors
-        # bank_mean is an internal by-product that the public wrapper never returns: its gradient
-        # (zeros) is ignored.
-        if grad_loss is None:
-            grad_loss = torch.zeros_like(lse)
-        if grad_lse is None:
-            grad_lse = torch.zeros_like(lse)
-        grad_query, grad_keys = torch.ops.upreid._info_nce_train_backward(
-            grad_loss, grad_lse, query, keys, positive, lse, bank_mean, ctx.temperature,
-            ctx.group_size)
-        return grad_query, grad_keys, None, None, None, None
-
-    torch.library.register_autograd("upreid::_info_nce_train", _train_backward,
-                                    setup_context=_train_setup_context)
+    _bw, _ctx = _make_autograd(torch.ops.upreid._info_nce_train_backward, saves_bank=False)
+    torch.library.register_autograd("upreid::_info_nce_train", _bw, setup_context=_ctx)
