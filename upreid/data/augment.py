@@ -1,0 +1,148 @@
+"""Augmentation settings and the random-parameter rules shared by the DALI pipelines and the torch
+fallback. Both draw every random quantity with the same single-shot formulas below (no rejection
+loops, which a GPU pipeline cannot express), so their distributions agree exactly; only the random
+streams differ.
+
+RandomResizedCrop (single shot): area fraction ``s ~ U(scale)``, aspect ``r = exp(U(log ratio))`` (w/h
+in pixels), normalised crop size ``w = min(1, sqrt(s r H/W))``, ``h = min(1, sqrt(s W/(r H)))``, position
+uniform in the remaining room. The crop box is reported as normalised ``(y0, x0, y1, x1)`` in the
+original image; a view's flip flag says it was mirrored *after* cropping, so view column ``u`` in
+[0, 1] shows original column ``x0 + (1 - u if flip else u) * (x1 - x0)``.
+
+Random erasing (single shot): area ``a ~ U(area) * H * W``, aspect ``r = exp(U(log ratio))`` (h/w),
+``eh = min(H, round(sqrt(a r)))``, ``ew = min(W, round(sqrt(a / r)))``, top-left uniform in the room
+(``floor(u * (H - eh + 1))``); the region is set to ``fill`` after normalisation (0 = the mean pixel).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Tuple
+
+import numpy as np
+
+LUP_MEAN = (0.3525, 0.3106, 0.3140)
+LUP_STD = (0.2660, 0.2522, 0.2505)
+LUMA = (0.299, 0.587, 0.114)       # ITU-R 601 luma, what DALI's hsv(saturation=0) keeps
+
+
+@dataclasses.dataclass
+class PretrainAug:
+    """LUP augmentation (METHOD.md 2) for the two views; the original is resized and normalised only."""
+    height: int = 256
+    width: int = 128
+    crop_scale: Tuple[float, float] = (0.2, 1.0)
+    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    flip_p: float = 0.5
+    erasing_p: float = 0.5
+    erasing_area: Tuple[float, float] = (0.02, 0.6)
+    erasing_ratio: Tuple[float, float] = (0.3, 3.3)
+    mean: Tuple[float, float, float] = LUP_MEAN
+    std: Tuple[float, float, float] = LUP_STD
+
+    def validate(self) -> "PretrainAug":
+        _check_range("crop_scale", self.crop_scale, 0, 1)
+        _check_range("erasing_area", self.erasing_area, 0, 1)
+        for name in ("grayscale_p", "blur_p", "flip_p", "erasing_p"):
+            _check_prob(name, getattr(self, name))
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be 0 < lo <= hi, got {self.blur_sigma}")
+        return self
+
+
+@dataclasses.dataclass
+class FinetuneAug:
+    """BoT fine-tuning augmentation: resize, flip, pad + random crop, normalise, random erasing."""
+    height: int = 256
+    width: int = 128
+    flip_p: float = 0.5
+    pad: int = 10
+    erasing_p: float = 0.5
+    erasing_area: Tuple[float, float] = (0.02, 0.4)
+    erasing_ratio: Tuple[float, float] = (0.3, 3.3)
+    mean: Tuple[float, float, float] = LUP_MEAN
+    std: Tuple[float, float, float] = LUP_STD
+
+    def validate(self) -> "FinetuneAug":
+        _check_prob("flip_p", self.flip_p)
+        _check_prob("erasing_p", self.erasing_p)
+        _check_range("erasing_area", self.erasing_area, 0, 1)
+        if self.pad < 0:
+            raise ValueError(f"pad must be >= 0, got {self.pad}")
+        return self
+
+
+@dataclasses.dataclass
+class EvalAug:
+    """Evaluation: resize and normalise; ``flip_test`` adds a mirrored copy of every image."""
+    height: int = 256
+    width: int = 128
+    flip_test: bool = False
+    mean: Tuple[float, float, float] = LUP_MEAN
+    std: Tuple[float, float, float] = LUP_STD
+
+    def validate(self) -> "EvalAug":
+        return self
+
+
+def _check_prob(name, p):
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+
+
+def _check_range(name, r, lo, hi):
+    if len(r) != 2 or not lo < r[0] <= r[1] <= hi:
+        raise ValueError(f"{name} must be ({lo} < min <= max <= {hi}), got {tuple(r)}")
+
+
+def crop_box(u_area: float, u_ratio: float, u_y: float, u_x: float, h: int, w: int,
+             scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> Tuple[float, float, float, float]:
+    """The single-shot RandomResizedCrop box from four U(0, 1) draws; normalised (y0, x0, y1, x1)."""
+    s = scale[0] + u_area * (scale[1] - scale[0])
+    r = math.exp(math.log(ratio[0]) + u_ratio * (math.log(ratio[1]) - math.log(ratio[0])))
+    bw = min(1.0, math.sqrt(s * r * h / w))
+    bh = min(1.0, math.sqrt(s * w / (r * h)))
+    y0, x0 = u_y * (1.0 - bh), u_x * (1.0 - bw)
+    return y0, x0, y0 + bh, x0 + bw
+
+
+def erase_box(u_area: float, u_ratio: float, u_y: float, u_x: float, h: int, w: int,
+              area=(0.02, 0.4), ratio=(0.3, 3.3)) -> Tuple[int, int, int, int]:
+    """The single-shot random-erasing rectangle from four U(0, 1) draws: (top, left, eh, ew) pixels."""
+    a = (area[0] + u_area * (area[1] - area[0])) * h * w
+    r = math.exp(math.log(ratio[0]) + u_ratio * (math.log(ratio[1]) - math.log(ratio[0])))
+    eh = min(h, math.floor(math.sqrt(a * r) + 0.5))
+    ew = min(w, math.floor(math.sqrt(a / r) + 0.5))
+    top = min(h - eh, math.floor(u_y * (h - eh + 1)))
+    left = min(w - ew, math.floor(u_x * (w - ew + 1)))
+    return top, left, eh, ew
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """1-D Gaussian taps with radius ceil(3 sigma), as DALI's gaussian_blur uses by default."""
+    radius = max(1, math.ceil(3 * sigma))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def from_config(kind: str, cfg: dict | None = None):
+    """Build the augmentation settings of ``kind`` ('pretrain', 'finetune', 'eval') from a dict;
+    unknown keys are an error with a suggestion."""
+    import difflib
+
+    cls = {"pretrain": PretrainAug, "finetune": FinetuneAug, "eval": EvalAug}[kind]
+    cfg = dict(cfg or {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in cfg:
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            raise ValueError(f"unknown {kind} augmentation option {k!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(names)}"))
+    for k, v in cfg.items():
+        if isinstance(v, list):
+            cfg[k] = tuple(v)
+    return cls(**cfg).validate()

@@ -1,0 +1,99 @@
+"""The Pillow + torch fallback loader (used without DALI, or with backend='torch').
+
+Randomness is a pure function of (seed, rank, epoch, position in the epoch), so results do not depend
+on the number of workers and a resumed run reproduces its batches.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from .imageio import BadImageError, decode_pil
+from .loader import BaseLoader
+from .transforms import SAMPLE_FNS
+
+
+class _Samples(Dataset):
+    def __init__(self, kind, records, aug, seed, rank, on_bad_image):
+        self.kind, self.records, self.aug = kind, records, aug
+        self.seed, self.rank, self.skip = seed, rank, on_bad_image == "skip"
+        self.fn = SAMPLE_FNS[kind]
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, key):
+        epoch, pos, index = key
+        rec = self.records[index]
+        try:
+            img = decode_pil(rec.path)
+        except BadImageError:
+            if self.skip:
+                return {"_bad": rec.path}
+            raise
+        rng = np.random.default_rng([self.seed, 9, self.rank, epoch, pos])
+        out = self.fn(img, rng, self.aug)
+        out["index"] = torch.tensor(index, dtype=torch.int64)
+        if self.kind != "pretrain":
+            out["pids"] = torch.tensor(rec.pid, dtype=torch.int64)
+            out["camids"] = torch.tensor(rec.camid, dtype=torch.int64)
+        return out
+
+
+def _collate(items):
+    good = [it for it in items if "_bad" not in it]
+    bad = [it["_bad"] for it in items if "_bad" in it]
+    batch = default_collate(good) if good else {}
+    batch["_skipped"] = bad
+    return batch
+
+
+class _EpochBatches:
+    """Batch sampler for one epoch: lists of (epoch, position, index) keys."""
+
+    def __init__(self, batches, epoch):
+        self.keys, pos = [], 0
+        for b in batches:
+            self.keys.append([(epoch, pos + j, i) for j, i in enumerate(b)])
+            pos += len(b)
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+class TorchLoader(BaseLoader):
+    backend = "torch"
+
+    def __init__(self, kind, records, sampler, aug, *, device, seed, on_bad_image, rank, world, workers=2,
+                 prefetch=2):
+        super().__init__(kind, records, sampler, aug, seed=seed, on_bad_image=on_bad_image, rank=rank, world=world)
+        self.device = torch.device(device)
+        self.workers, self.prefetch = workers, prefetch
+        self.dataset = _Samples(kind, self.records, aug, seed, rank, on_bad_image)
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = self.sampler.batches(self.epoch)
+        dl = DataLoader(self.dataset, batch_sampler=_EpochBatches(batches, self.epoch), collate_fn=_collate,
+                        num_workers=self.workers, worker_init_fn=_worker_init if self.workers else None,
+                        pin_memory=self.device.type == "cuda",
+                        prefetch_factor=self.prefetch if self.workers else None)
+        samples, n_batches, skipped = 0, 0, []
+        for batch in dl:
+            skipped += batch.pop("_skipped")
+            if not batch:
+                continue
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            samples += len(batch["index"])
+            n_batches += 1
+            yield batch
+        self._finish_epoch(samples, n_batches, skipped)

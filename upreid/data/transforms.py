@@ -1,0 +1,128 @@
+"""Per-sample transforms of the torch fallback (Pillow for geometry, torch for pixel arithmetic).
+
+Each function takes the decoded PIL image and a ``numpy.random.Generator`` and returns the sample
+dict the loaders collate; the random draws follow :mod:`upreid.data.augment`, so the DALI pipelines
+produce the same distributions. Geometry uses Pillow's bilinear resampling with a float source
+box (antialiased when shrinking), which matches DALI's ``resize`` with a relative ROI.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import LUMA, EvalAug, FinetuneAug, PretrainAug, crop_box, erase_box, gaussian_kernel
+
+
+def _to_uint8_array(img) -> np.ndarray:
+    return np.array(img, dtype=np.uint8)  # a writable copy
+
+
+def normalize(arr: np.ndarray, mean, std) -> torch.Tensor:
+    """[H, W, 3] uint8 -> [3, H, W] float32, (x / 255 - mean) / std."""
+    t = torch.from_numpy(np.array(arr, copy=True, order="C")).permute(2, 0, 1).float()
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255
+    return (t - m) / s
+
+
+def grayscale_u8(arr: np.ndarray) -> np.ndarray:
+    y = arr.astype(np.float32) @ np.asarray(LUMA, np.float32)
+    y = np.clip(np.floor(y + 0.5), 0, 255).astype(np.uint8)
+    return np.repeat(y[..., None], 3, axis=2)
+
+
+def blur_u8(arr: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur with reflect-101 borders, rounded back to uint8 (as DALI on uint8)."""
+    k = torch.from_numpy(gaussian_kernel(sigma))
+    r = (k.numel() - 1) // 2
+    t = torch.from_numpy(np.array(arr, copy=True, order="C")).permute(2, 0, 1).float()[None]   # [1, 3, H, W]
+    h, w = t.shape[-2:]
+    if r >= min(h, w):      # reflect padding needs pad < size; fall back to replicate on tiny images
+        mode = "replicate"
+    else:
+        mode = "reflect"
+    t = F.conv2d(F.pad(t, (r, r, 0, 0), mode=mode), k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+    t = F.conv2d(F.pad(t, (0, 0, r, r), mode=mode), k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+    return t[0].permute(1, 2, 0).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def _erase(t: torch.Tensor, u: np.ndarray, area, ratio):
+    _, h, w = t.shape
+    top, left, eh, ew = erase_box(u[0], u[1], u[2], u[3], h, w, area, ratio)
+    t[:, top:top + eh, left:left + ew] = 0.0
+    return torch.tensor([top / h, left / w, (top + eh) / h, (left + ew) / w], dtype=torch.float32)
+
+
+def resize(img, height: int, width: int, box=None):
+    from PIL import Image
+
+    return img.resize((width, height), Image.BILINEAR, box=box)
+
+
+def pretrain_view(img, rng: np.random.Generator, aug: PretrainAug) -> dict:
+    u = rng.random(13)
+    W, H = img.size
+    y0, x0, y1, x1 = crop_box(u[0], u[1], u[2], u[3], H, W, aug.crop_scale, aug.crop_ratio)
+    arr = _to_uint8_array(resize(img, aug.height, aug.width, (x0 * W, y0 * H, x1 * W, y1 * H)))
+    gray = u[4] < aug.grayscale_p
+    if gray:
+        arr = grayscale_u8(arr)
+    sigma = 0.0
+    if u[5] < aug.blur_p:
+        sigma = aug.blur_sigma[0] + u[6] * (aug.blur_sigma[1] - aug.blur_sigma[0])
+        arr = blur_u8(arr, sigma)
+    flip = u[7] < aug.flip_p
+    if flip:
+        arr = arr[:, ::-1]
+    t = normalize(arr, aug.mean, aug.std)
+    erase = torch.zeros(4)
+    if u[8] < aug.erasing_p:
+        erase = _erase(t, u[9:13], aug.erasing_area, aug.erasing_ratio)
+    return {"view": t, "box": torch.tensor([y0, x0, y1, x1], dtype=torch.float32), "flip": float(flip),
+            "gray": float(gray), "sigma": float(sigma), "erase": erase}
+
+
+def pretrain_sample(img, rng: np.random.Generator, aug: PretrainAug) -> dict:
+    out = {"original": normalize(_to_uint8_array(resize(img, aug.height, aug.width)), aug.mean, aug.std)}
+    for v in (1, 2):
+        d = pretrain_view(img, rng, aug)
+        out[f"view{v}"] = d["view"]
+        out[f"box{v}"] = d["box"]
+        for key in ("flip", "gray", "sigma"):
+            out[f"{key}{v}"] = torch.tensor(d[key], dtype=torch.float32)
+        out[f"erase{v}"] = d["erase"]
+    return out
+
+
+def finetune_sample(img, rng: np.random.Generator, aug: FinetuneAug) -> dict:
+    u = rng.random(8)
+    arr = _to_uint8_array(resize(img, aug.height, aug.width))
+    flip = u[0] < aug.flip_p
+    if flip:
+        arr = arr[:, ::-1]
+    # pad + random crop back to the same size == shift by (dy, dx) in [-pad, pad] with zero fill
+    p = aug.pad
+    dy = min(2 * p, int(u[1] * (2 * p + 1))) - p
+    dx = min(2 * p, int(u[2] * (2 * p + 1))) - p
+    if p:
+        padded = np.zeros((aug.height + 2 * p, aug.width + 2 * p, 3), np.uint8)
+        padded[p:p + aug.height, p:p + aug.width] = arr
+        arr = padded[p + dy:p + dy + aug.height, p + dx:p + dx + aug.width]
+    t = normalize(arr, aug.mean, aug.std)
+    erase = torch.zeros(4)
+    if u[3] < aug.erasing_p:
+        erase = _erase(t, u[4:8], aug.erasing_area, aug.erasing_ratio)
+    return {"images": t, "flip": torch.tensor(float(flip)), "shift": torch.tensor([dy, dx], dtype=torch.float32),
+            "erase": erase}
+
+
+def eval_sample(img, rng, aug: EvalAug) -> dict:
+    arr = _to_uint8_array(resize(img, aug.height, aug.width))
+    out = {"images": normalize(arr, aug.mean, aug.std)}
+    if aug.flip_test:
+        out["images_flipped"] = normalize(arr[:, ::-1], aug.mean, aug.std)
+    return out
+
+
+SAMPLE_FNS = {"pretrain": pretrain_sample, "finetune": finetune_sample, "eval": eval_sample}
