@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -105,6 +106,8 @@ def peak_of(name, workload, device):
 
 
 def row(env, bench, impl, config, dtype, med, iqr, peak, extra=""):
+    # Timings on a shared machine depend on its load: record it with the row.
+    extra = f"{extra}; loadavg={os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else extra
     print(f"{bench:<22} {impl:<10} {config:<44} {med / 1e3:9.3f} s  +-{iqr / 1e3:.3f}  "
           f"peak {peak / 2**20:8.1f} MiB  {extra}")
     return dict(env, benchmark=bench, impl=impl, config=config, dtype=dtype, **{"pass": "forward"},
