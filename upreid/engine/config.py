@@ -77,6 +77,8 @@ def _check(key: str, value: Any, origin: str) -> Any:
     if key not in KNOWN:
         raise ConfigError(f"unknown config key '{key}' (from {origin}){_suggest(key)}")
     default = KNOWN[key]
+    if isinstance(default, str) and isinstance(value, bool) and "off" in CHOICES.get(key, ()):
+        value = "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{key}={value!r} (from {origin}): must be one of {list(CHOICES[key])}")
     ok = (value is None or default is None or
