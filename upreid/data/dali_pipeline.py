@@ -1,0 +1,236 @@
+"""NVIDIA DALI pipelines for pre-training, fine-tuning and evaluation (GPU decode with
+``device="mixed"`` where CUDA exists, ``device="cpu"`` with ``device_id=None`` anywhere).
+
+Samples enter through an ``external_source`` fed by the same samplers as the torch fallback (so P x K
+batches, sharding and ordered evaluation are identical); the bytes are checked cheaply before DALI
+sees them so that a bad file is named (or skipped) instead of failing a batch. Random parameters
+follow :mod:`upreid.data.augment` with DALI's random operators: crop boxes and erasing rectangles are
+computed with DALI arithmetic and returned as outputs, grayscale is ``hsv(saturation=0)`` (DALI has
+no grayscale operator), and coin flips are cast before arithmetic (``coin_flip`` has no float type).
+Per-sample branches (grayscale, blur, erasing) use DALI conditionals, so only the selected samples
+pay for them. Tensors reach torch through the DALI PyTorch plugin.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterator, List
+
+import numpy as np
+import torch
+
+from .imageio import BadImageError, read_bytes
+from .loader import BaseLoader
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = ("NVIDIA DALI is not installed. Install the wheel matching your CUDA, e.g. "
+                "`pip install nvidia-dali-cuda120` (the plain `nvidia-dali` name on PyPI is not the real "
+                "package; CPU pipelines work without a GPU), or use backend='torch'")
+
+
+def import_dali():
+    """Import DALI lazily; a clear ImportError when it is missing."""
+    try:
+        import nvidia.dali as dali
+        import nvidia.dali.fn as fn
+        import nvidia.dali.math as dmath
+        import nvidia.dali.types as types
+    except ImportError as e:
+        raise ImportError(f"{INSTALL_HINT} ({e})") from None
+    return dali, fn, types, dmath
+
+
+class _Source:
+    """Batch callable for ``external_source(batch_info=True)``: one epoch of (encoded bytes, index,
+    pid, camid) batches; raising StopIteration ends DALI's epoch. The epoch's batches are taken from
+    the sampler when DALI asks for iteration 0, i.e. after the iterator's reset, so ``set_epoch``
+    called between epochs is honoured."""
+
+    def __init__(self, loader: "DaliLoader"):
+        self.loader = loader
+        self.skipped: List[str] = []
+        self.batches = iter(())
+
+    def __call__(self, info):
+        if info.iteration == 0:
+            self.batches = iter(self.loader.sampler.batches(self.loader.epoch))
+            self.skipped = []
+        recs = self.loader.records
+        skip = self.loader.on_bad_image == "skip"
+        while True:
+            idx = next(self.batches)      # StopIteration ends the epoch
+            enc, keep = [], []
+            for i in idx:
+                try:
+                    enc.append(read_bytes(recs[i].path))
+                    keep.append(i)
+                except BadImageError:
+                    if not skip:
+                        raise
+                    self.skipped.append(recs[i].path)
+            if keep:
+                break
+        return (enc, [np.array(i, np.int64) for i in keep], [np.array(recs[i].pid, np.int64) for i in keep],
+                [np.array(recs[i].camid, np.int64) for i in keep])
+
+
+def _uniform(fn, types):
+    return fn.random.uniform(range=[0.0, 1.0], dtype=types.FLOAT)
+
+
+def _coin(fn, types, p):
+    c = fn.random.coin_flip(probability=float(p))
+    return fn.cast(c, dtype=types.BOOL), fn.cast(c, dtype=types.FLOAT)
+
+
+def _normalize(fn, types, img, aug, mirror=None):
+    kw = {} if mirror is None else {"mirror": mirror}
+    return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=[m * 255 for m in aug.mean], std=[s * 255 for s in aug.std], **kw)
+
+
+def _erase(fn, types, dmath, img, aug, h, w):
+    """Single-shot random erasing (augment.erase_box); returns the image and the normalised box."""
+    do, dof = _coin(fn, types, aug.erasing_p)
+    ua, ur, uy, ux = (_uniform(fn, types) for _ in range(4))
+    lo, hi = aug.erasing_area
+    area = (lo + ua * (hi - lo)) * float(h * w)
+    llo, lhi = math.log(aug.erasing_ratio[0]), math.log(aug.erasing_ratio[1])
+    r = dmath.exp(llo + ur * (lhi - llo))
+    eh = dmath.min(float(h), dmath.floor(dmath.sqrt(area * r) + 0.5))
+    ew = dmath.min(float(w), dmath.floor(dmath.sqrt(area / r) + 0.5))
+    top = dmath.min(float(h) - eh, dmath.floor(uy * (float(h) - eh + 1.0)))
+    left = dmath.min(float(w) - ew, dmath.floor(ux * (float(w) - ew + 1.0)))
+    if do:
+        img = fn.erase(img, anchor=fn.stack(top, left), shape=fn.stack(eh, ew), axis_names="HW", fill_value=0.0)
+    else:
+        img = img
+    box = fn.stack(top / float(h), left / float(w), (top + eh) / float(h), (left + ew) / float(w)) * dof
+    return img, box
+
+
+def _pretrain_view(fn, types, dmath, img, H, W, aug):
+    ua, ur, uy, ux = (_uniform(fn, types) for _ in range(4))
+    s = aug.crop_scale[0] + ua * (aug.crop_scale[1] - aug.crop_scale[0])
+    llo, lhi = math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])
+    r = dmath.exp(llo + ur * (lhi - llo))
+    bw = dmath.min(1.0, dmath.sqrt(s * r * H / W))
+    bh = dmath.min(1.0, dmath.sqrt(s * W / (r * H)))
+    y0 = uy * (1.0 - bh)
+    x0 = ux * (1.0 - bw)
+    v = fn.resize(img, size=[aug.height, aug.width], roi_start=fn.stack(y0, x0),
+                  roi_end=fn.stack(y0 + bh, x0 + bw), roi_relative=True)
+    gray, grayf = _coin(fn, types, aug.grayscale_p)
+    if gray:
+        v = fn.hsv(v, saturation=0.0)
+    else:
+        v = v
+    blur, blurf = _coin(fn, types, aug.blur_p)
+    sigma = aug.blur_sigma[0] + _uniform(fn, types) * (aug.blur_sigma[1] - aug.blur_sigma[0])
+    if blur:
+        v = fn.gaussian_blur(v, sigma=sigma)
+    else:
+        v = v
+    flip, flipf = _coin(fn, types, aug.flip_p)
+    v = _normalize(fn, types, v, aug, mirror=fn.cast(flip, dtype=types.INT32))
+    v, erase = _erase(fn, types, dmath, v, aug, aug.height, aug.width)
+    box = fn.stack(y0, x0, y0 + bh, x0 + bw)
+    return v, box, flipf, grayf, sigma * blurf, erase
+
+
+OUTPUTS = {
+    "pretrain": ["original", "view1", "box1", "flip1", "gray1", "sigma1", "erase1",
+                 "view2", "box2", "flip2", "gray2", "sigma2", "erase2", "index"],
+    "finetune": ["images", "flip", "shift", "erase", "index", "pids", "camids"],
+    "eval": ["images", "index", "pids", "camids"],
+}
+
+
+def build_pipeline(kind: str, source, aug, *, batch_size: int, device: str, threads: int, seed: int,
+                   prefetch: int = 2, device_id=None):
+    """The DALI pipeline of ``kind``; ``device`` 'cpu' (device_id None) or 'gpu'."""
+    dali, fn, types, dmath = import_dali()
+    gpu = device == "gpu"
+
+    @dali.pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id if gpu else None,
+                       seed=seed, prefetch_queue_depth=prefetch, enable_conditionals=True,
+                       exec_dynamic=True)
+    def pipe():
+        enc, idx, pid, cam = fn.external_source(source=source, num_outputs=4, batch=True, batch_info=True,
+                                                dtype=[types.UINT8, types.INT64, types.INT64, types.INT64])
+        img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        if kind == "pretrain":
+            shape = fn.peek_image_shape(enc, dtype=types.FLOAT)     # [H, W, C] before decoding
+            H, W = shape[0], shape[1]
+            original = _normalize(fn, types, fn.resize(img, size=[aug.height, aug.width]), aug)
+            v1 = _pretrain_view(fn, types, dmath, img, H, W, aug)
+            v2 = _pretrain_view(fn, types, dmath, img, H, W, aug)
+            return (original, *v1, *v2, idx)
+        resized = fn.resize(img, size=[aug.height, aug.width])
+        if kind == "finetune":
+            flip, flipf = _coin(fn, types, aug.flip_p)
+            p = aug.pad
+            offsets = [float(v) for v in range(-p, p + 1)]
+            dy = fn.random.uniform(values=offsets)
+            dx = fn.random.uniform(values=offsets)
+            v = fn.slice(resized, start=fn.cast(fn.stack(dy, dx), dtype=types.INT32),
+                         shape=[aug.height, aug.width], axis_names="HW", out_of_bounds_policy="pad",
+                         fill_values=0)
+            v = _normalize(fn, types, v, aug, mirror=fn.cast(flip, dtype=types.INT32))
+            v, erase = _erase(fn, types, dmath, v, aug, aug.height, aug.width)
+            # mirroring after the shift == shifting the mirrored image by -dx: report the latter
+            shift = fn.stack(dy, dx * (1.0 - 2.0 * flipf))
+            return v, flipf, shift, erase, idx, pid, cam
+        images = _normalize(fn, types, resized, aug)
+        if aug.flip_test:
+            return images, _normalize(fn, types, resized, aug, mirror=1), idx, pid, cam
+        return images, idx, pid, cam
+
+    return pipe()
+
+
+class DaliLoader(BaseLoader):
+    backend = "dali"
+
+    def __init__(self, kind, records, sampler, aug, *, batch_size, device, seed, on_bad_image, rank, world,
+                 threads=2, prefetch=2):
+        super().__init__(kind, records, sampler, aug, seed=seed, on_bad_image=on_bad_image, rank=rank, world=world)
+        import_dali()
+        self.device = torch.device(device)
+        self.dali_device = "gpu" if self.device.type == "cuda" else "cpu"
+        self.batch_size = max(len(b) for b in sampler.batches(0)) if kind == "pretrain" else batch_size
+        if kind == "finetune":
+            self.batch_size = sampler.p * sampler.k
+        self.threads, self.prefetch = threads, prefetch
+        self.output_map = list(OUTPUTS[kind])
+        if kind == "eval" and aug.flip_test:
+            self.output_map.insert(1, "images_flipped")
+        self._source = _Source(self)
+        self._iter = None
+
+    def _build(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        dev_id = self.device.index if self.device.index is not None else (
+            torch.cuda.current_device() if self.dali_device == "gpu" else None)
+        self.pipe = build_pipeline(self.kind, self._source, self.aug, batch_size=self.batch_size,
+                                   device=self.dali_device, threads=self.threads,
+                                   seed=(self.seed * 7919 + self.rank) % (2 ** 31), prefetch=self.prefetch,
+                                   device_id=dev_id)
+        self.pipe.build()
+        self._iter = DALIGenericIterator(self.pipe, self.output_map, last_batch_policy=LastBatchPolicy.PARTIAL,
+                                         auto_reset=False, prepare_first_batch=False)
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._iter is None:
+            self._build()
+        else:
+            self._iter.reset()
+        samples, n_batches = 0, 0
+        for out in self._iter:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in out[0].items()}
+            samples += len(batch["index"])
+            n_batches += 1
+            yield batch
+        self._finish_epoch(samples, n_batches, list(self._source.skipped))
