@@ -1,0 +1,156 @@
+"""Dataset parsers: layouts, relabelling, junk/distractors, clear errors."""
+import logging
+import os
+
+import pytest
+
+from upreid.data import DatasetError, build_dataset, cuhk03_np, market1501, msmt17, unlabeled
+from upreid.data.records import Record, relabel
+
+
+def touch(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\xff\xd8\xff\xd9")
+
+
+def make_market(root, train=("0002_c1s1_000451_03.jpg", "0002_c2s1_000452_01.jpg", "0007_c3s1_000001_01.jpg"),
+                query=("0003_c1s1_000001_00.jpg", "0003_c2s1_000001_00.jpg"),
+                gallery=("0003_c3s1_000002_00.jpg", "0000_c1s1_000003_00.jpg", "-1_c1s1_000004_00.jpg")):
+    for folder, names in (("bounding_box_train", train), ("query", query), ("bounding_box_test", gallery)):
+        for n in names:
+            touch(os.path.join(root, folder, n))
+    return root
+
+
+def test_market_parse_relabel_junk_distractors(tmp_path):
+    ds = market1501(make_market(str(tmp_path / "Market-1501-v15.09.15")))
+    assert sorted({r.pid for r in ds.train}) == [0, 1]                 # relabelled 2, 7 -> 0, 1
+    assert [r.camid for r in ds.train] == [0, 1, 2]                     # 0-based cameras
+    assert [r.pid for r in ds.query] == [3, 3]
+    assert sorted(r.pid for r in ds.gallery) == [0, 3]                  # junk dropped, distractor kept
+    assert all(os.path.isfile(r.path) for r in ds.train + ds.query + ds.gallery)
+
+
+def test_market_descends_into_official_folder(tmp_path):
+    make_market(str(tmp_path / "Market-1501-v15.09.15"))
+    ds = market1501(str(tmp_path))
+    assert len(ds.train) == 3 and ds.root.endswith("Market-1501-v15.09.15")
+
+
+def test_market_warns_on_incomplete_copy(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        market1501(make_market(str(tmp_path)))
+    assert "a complete copy has 12936" in caplog.text
+
+
+def test_summary_table(tmp_path):
+    text = market1501(make_market(str(tmp_path))).summary()
+    lines = text.splitlines()
+    assert "# ids" in lines[1] and "# cameras" in lines[1]
+    train = next(ln for ln in lines if ln.strip().startswith("train"))
+    assert [c.strip() for c in train.split("|")][1:] == ["2", "3", "3"]
+
+
+def test_missing_folder_names_path_and_layout(tmp_path):
+    root = make_market(str(tmp_path))
+    os.rename(os.path.join(root, "query"), os.path.join(root, "queries"))
+    with pytest.raises(DatasetError, match=r"query.*does not exist.*bounding_box_train"):
+        market1501(root)
+
+
+def test_empty_folder(tmp_path):
+    root = make_market(str(tmp_path))
+    for n in os.listdir(os.path.join(root, "query")):
+        os.remove(os.path.join(root, "query", n))
+    with pytest.raises(DatasetError, match="no images"):
+        market1501(root)
+
+
+def test_bad_names_listed(tmp_path):
+    root = make_market(str(tmp_path), train=("0002_c1s1_000451_03.jpg", "img_a.jpg", "img_b.jpg"))
+    with pytest.raises(DatasetError) as e:
+        market1501(root)
+    msg = str(e.value)
+    assert "2 file name(s)" in msg and "'img_a.jpg'" in msg and "'img_b.jpg'" in msg
+    assert "bounding_box_train" in msg
+
+
+def test_distractor_in_train_is_an_error(tmp_path):
+    with pytest.raises(DatasetError, match="distractor"):
+        market1501(make_market(str(tmp_path), train=("0000_c1s1_000451_03.jpg", "0002_c1s1_000451_03.jpg")))
+
+
+def test_cuhk03_variants(tmp_path):
+    make_market(str(tmp_path / "labeled"), train=("0001_c1_1.png", "0001_c2_1.png"))
+    make_market(str(tmp_path / "detected"), train=("0005_c1_1.png",))
+    assert len(cuhk03_np(str(tmp_path), "labeled").train) == 2
+    assert len(cuhk03_np(str(tmp_path), "detected").train) == 1
+    with pytest.raises(DatasetError, match="variant"):
+        cuhk03_np(str(tmp_path), "both")
+
+
+def make_msmt(root, v2=False):
+    tr, te = ("mask_train_v2", "mask_test_v2") if v2 else ("train", "test")
+    lists = {
+        "list_train.txt": [("0000/0000_000_01_0303morning_0015_0.jpg", 0), ("0001/0001_003_05_0303noon_0001_1.jpg", 1)],
+        "list_val.txt": [("0001/0001_004_07_0303noon_0002_0.jpg", 1)],
+        "list_query.txt": [("0000/0000_000_02_0303morning_0001_0.jpg", 0)],
+        "list_gallery.txt": [("0000/0000_001_15_0303morning_0002_0.jpg", 0)],
+    }
+    for name, rows in lists.items():
+        folder = tr if "train" in name or "val" in name else te
+        with open(os.path.join(root, name), "w") as f:
+            for rel, pid in rows:
+                touch(os.path.join(root, folder, rel))
+                f.write(f"{rel} {pid}\n")
+    return root
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_msmt17(tmp_path, v2):
+    ds = msmt17(make_msmt(str(tmp_path), v2))
+    assert len(ds.train) == 3 and ds.num_train_pids == 2
+    assert [r.camid for r in ds.train] == [0, 4, 6]
+    assert ds.gallery[0].camid == 14
+    assert len(msmt17(str(tmp_path), combine_trainval=False).train) == 2
+
+
+def test_msmt17_bad_line(tmp_path):
+    root = make_msmt(str(tmp_path))
+    with open(os.path.join(root, "list_query.txt"), "a") as f:
+        f.write("just_a_path.jpg\n")
+    with pytest.raises(DatasetError, match=r"list_query.txt:2"):
+        msmt17(root)
+
+
+def test_msmt17_missing_image(tmp_path):
+    root = make_msmt(str(tmp_path))
+    os.remove(os.path.join(root, "test", "0000/0000_000_02_0303morning_0001_0.jpg"))
+    with pytest.raises(DatasetError, match="missing"):
+        msmt17(root)
+
+
+def test_unlabeled_tree_and_list(tmp_path):
+    for p in ("a/1.jpg", "a/b/2.png", "c/3.jpeg", "c/notes.txt"):
+        touch(str(tmp_path / "imgs" / p))
+    ds = unlabeled(str(tmp_path / "imgs"), progress=False)
+    assert len(ds.train) == 3 and all(r.pid == -1 for r in ds.train)
+    lst = tmp_path / "list.txt"
+    lst.write_text("imgs/a/1.jpg\nimgs/c/3.jpeg\n\n")
+    ds2 = unlabeled(str(lst))
+    assert [os.path.basename(r.path) for r in ds2.train] == ["1.jpg", "3.jpeg"]
+    assert os.path.isfile(ds2.train[0].path)
+    with pytest.raises(DatasetError, match="no images"):
+        unlabeled(str(tmp_path / "imgs" / "c" / "none") if os.makedirs(tmp_path / "imgs/c/none") is None else "")
+
+
+def test_build_dataset_suggests(tmp_path):
+    with pytest.raises(DatasetError, match="(?i)did you mean 'market1501'"):
+        build_dataset("market1502", str(tmp_path))
+    assert len(build_dataset("Market1501", make_market(str(tmp_path))).query) == 2
+
+
+def test_relabel_is_sorted_and_dense():
+    recs = relabel([Record("a", 17, 0), Record("b", 3, 1), Record("c", 17, 2)])
+    assert [r.pid for r in recs] == [1, 0, 1]
