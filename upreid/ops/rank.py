@@ -8,6 +8,8 @@ distance with ties broken by ascending gallery index (a stable sort).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -42,9 +44,26 @@ def rank_metrics(
         return reference.rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
     if impl != "fused":
         raise ValueError(f"rank_metrics: impl must be 'fused' or 'reference', got {impl!r}")
+    if distmat.device.type != "cpu":
+        _warn_cpu_only(distmat.device)
+        out = rank_metrics(distmat.cpu(), q_pids.cpu(), g_pids.cpu(), q_camids.cpu(),
+                           g_camids.cpu(), max_rank)
+        return tuple(t.to(distmat.device) for t in out)
     if not _lib.use_extension(distmat):
         return reference.rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
     return torch.ops.upreid.rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, int(max_rank))
+
+
+_warned_devices: set = set()
+
+
+def _warn_cpu_only(device) -> None:
+    """The CUDA kernels of this op are not written yet: inputs on another device are computed on
+    the CPU (copied there and back); says so once per device type."""
+    if device.type not in _warned_devices:
+        _warned_devices.add(device.type)
+        warnings.warn(f"{__name__}: no {device.type} kernel yet; computing on the CPU",
+                      RuntimeWarning, stacklevel=3)
 
 
 if _lib.HAS_EXTENSION:

@@ -9,6 +9,8 @@ ascending index (a stable sort). The features path never allocates an ``N x N`` 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -43,6 +45,10 @@ def k_reciprocal_rerank(
         return reference.k_reciprocal_rerank(features, num_query, k1, k2, lambda_value).float()
     if impl != "fused":
         raise ValueError(f"k_reciprocal_rerank: impl must be 'fused' or 'reference', got {impl!r}")
+    if features.device.type != "cpu":
+        _warn_cpu_only(features.device)
+        return k_reciprocal_rerank(features.cpu(), num_query, k1, k2, lambda_value).to(
+            features.device)
     if not _lib.use_extension(features):
         return reference.k_reciprocal_rerank(features, num_query, k1, k2, lambda_value).float()
     return torch.ops.upreid.k_reciprocal_rerank(
@@ -68,11 +74,27 @@ def k_reciprocal_rerank_dense(
         raise ValueError(
             f"k_reciprocal_rerank_dense: impl must be 'fused' or 'reference', got {impl!r}"
         )
+    if q_g.device.type != "cpu":
+        _warn_cpu_only(q_g.device)
+        return k_reciprocal_rerank_dense(q_g.cpu(), q_q.cpu(), g_g.cpu(), k1, k2,
+                                         lambda_value).to(q_g.device)
     if not _lib.use_extension(q_g, q_q, g_g):
         return reference.k_reciprocal_rerank_dense(q_g, q_q, g_g, k1, k2, lambda_value).float()
     return torch.ops.upreid.k_reciprocal_rerank_dense(
         q_g, q_q, g_g, int(k1), int(k2), float(lambda_value)
     )
+
+
+_warned_devices: set = set()
+
+
+def _warn_cpu_only(device) -> None:
+    """The CUDA kernels of this op are not written yet: inputs on another device are computed on
+    the CPU (copied there and back); says so once per device type."""
+    if device.type not in _warned_devices:
+        _warned_devices.add(device.type)
+        warnings.warn(f"{__name__}: no {device.type} kernel yet; computing on the CPU",
+                      RuntimeWarning, stacklevel=3)
 
 
 if _lib.HAS_EXTENSION:
