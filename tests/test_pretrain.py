@@ -35,9 +35,12 @@ def assert_same_state(a: dict, b: dict):
     assert a["scheduler"] == b["scheduler"] and a["step"] == b["step"]
 
 
-def test_resume_after_sigterm_is_exact(images, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "dali"])   # the two upreid.data pipelines
+def test_resume_after_sigterm_is_exact(images, tmp_path, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
     # 6 steps over 16 images at batch 4: crosses an epoch boundary (4 steps per epoch)
-    extra = ("train.steps=6", "train.checkpoint_every=100", "data.workers=0")
+    extra = ("train.steps=6", "train.checkpoint_every=100", "data.workers=0", f"data.backend={backend}")
     full = pretrain(cfg_for(images, str(tmp_path / "full"), *extra))
     assert full["step"] == 6 and not full["interrupted"]
 
@@ -91,7 +94,7 @@ WORKER = textwrap.dedent("""
     engine.UPReID.from_config = staticmethod(build)
 
     cfg = cfg_for({images!r}, {out!r}, "train.steps=2", "train.checkpoint_every=100",
-                  "model.queue_size=32")
+                  "model.queue_size=32", "data.backend=simple")
     summary = pretrain(cfg)
     rank = int(os.environ["RANK"])
     m = captured["model"]

@@ -43,7 +43,7 @@ DEFAULTS: dict = {
 CHOICES = {
     "model.depth": (18, 34, 50, 101), "model.last_stride": (1, 2), "model.gc": ("bank_kl", "cosine", "off"),
     "model.ic": ("aligned", "unaligned", "off"), "model.ic_negatives": ("image", "batch"),
-    "model.loss_impl": ("fused", "reference"), "data.backend": ("auto", "dali", "torch"),
+    "model.loss_impl": ("fused", "reference"), "data.backend": ("auto", "dali", "torch", "simple"),
     "train.amp": ("auto", "bf16", "fp16", "off"), "train.channels_last": ("auto", True, False),
 }
 

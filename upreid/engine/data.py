@@ -1,15 +1,15 @@
 """The pre-training loader the engine consumes, and its torch fallback.
 
-Interface (kept narrow so the DALI pipeline of :mod:`upreid.data` can replace it): an iterator of
-dicts, per rank, per step::
+Interface (narrow, so that any pipeline fits): an iterator of dicts, per rank, per step::
 
     original [B, 3, H, W] float   the image resized and normalised only
     view1, view2 [B, 3, H, W]     LUP-augmented views (RandomResizedCrop, flip, grayscale, blur, erasing)
     box1, box2 [B, 4] float       each view's crop box in the original, normalised (y0, x0, y1, x1)
     flip1, flip2 [B] float        1 where the view was mirrored after cropping
 
-The fallback here (Pillow + torch) is deterministic by (seed, epoch, image index), so the batch at
-global step s is a pure function of s: resuming at step s needs no loader state, only s.
+By default (``data.backend`` auto / dali / torch) the pipelines of :mod:`upreid.data` serve it through
+:class:`EpochStream`. ``data.backend=simple`` selects the small Pillow + torch loader kept here
+(deterministic by (seed, epoch, image index), so the batch at global step s is a pure function of s).
 """
 from __future__ import annotations
 
@@ -156,14 +156,45 @@ def list_images(root) -> list:
     return [r.path for r in unlabeled(str(root), progress=False).train]
 
 
-def build_loader(cfg: dict, world: int, rank: int, start_step: int, seed: int):
-    """The per-rank pre-training iterator and its steps per epoch (see the module docstring)."""
+class EpochStream:
+    """Adapts an epoch loader of :mod:`upreid.data` (``set_epoch`` + one epoch per iteration) to the
+    engine's endless per-step stream starting at global step ``start_step``. Resuming inside an epoch
+    iterates past the batches already consumed (their randomness is keyed by the position in the
+    epoch, so the batches that follow are the ones the interrupted run would have seen)."""
+
+    def __init__(self, loader, steps_per_epoch: int, start_step: int):
+        self.loader, self.steps_per_epoch, self.start_step = loader, steps_per_epoch, start_step
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start_step, self.steps_per_epoch)
+        if offset:
+            log.info("resuming inside epoch %d: passing over its first %d batches", epoch, offset)
+        while True:
+            self.loader.set_epoch(epoch)
+            for i, batch in enumerate(self.loader):
+                if i >= offset:
+                    yield batch
+            offset, epoch = 0, epoch + 1
+
+
+def build_loader(cfg: dict, world: int, rank: int, start_step: int, seed: int, device=None):
+    """The per-rank pre-training iterator (see the module docstring), its steps per epoch and the
+    number of images. ``data.backend``: ``auto``/``dali``/``torch`` use the pipelines of
+    :mod:`upreid.data` (auto = DALI when installed); ``simple`` uses :class:`PretrainImages` here."""
     d = cfg["data"]
-    backend = d["backend"]
-    if backend == "dali":
-        raise NotImplementedError("data.backend=dali: the DALI pre-training pipeline is not wired into the "
-                                  "engine yet; use data.backend=torch (or auto)")
     paths = list_images(d["root"])
+    if d["backend"] != "simple":
+        from upreid.data import Record
+        from upreid.data.loader import build_loader as data_loader
+        aug = {"height": d["height"], "width": d["width"], "crop_scale": [d["crop_scale_min"], 1.0],
+               "grayscale_p": d["grayscale_p"], "blur_p": d["blur_p"], "blur_sigma": d["blur_sigma"],
+               "flip_p": d["flip_p"], "erasing_p": d["erasing_p"], "erasing_area": d["erasing_area"],
+               "mean": d["mean"], "std": d["std"]}
+        loader = data_loader("pretrain", [Record(p, -1, -1) for p in paths], batch_size=d["batch_size"],
+                             backend=d["backend"], device=str(device or "cpu"), aug=aug, seed=seed, rank=rank,
+                             world=world, workers=max(1, d["workers"]) if d["backend"] != "torch" else d["workers"])
+        spe = loader.sampler.steps
+        return EpochStream(loader, spe, start_step), spe, len(paths)
     ds = PretrainImages(paths, d["height"], d["width"], seed, d["crop_scale_min"], d["grayscale_p"],
                         d["blur_p"], d["flip_p"], d["erasing_p"], d["erasing_area"], d["blur_sigma"],
                         d["mean"], d["std"])

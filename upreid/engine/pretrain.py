@@ -138,7 +138,7 @@ def pretrain(cfg: dict, resume: str | None = None, overwrite: bool = False, on_s
     seed_everything(t["seed"])                      # same initial weights and queue on every rank
     model = UPReID.from_config(cfg["model"])
     start_step = int(state["step"]) if state else 0
-    loader, steps_per_epoch, n_images = build_loader(cfg, world, rank, start_step, t["seed"])
+    loader, steps_per_epoch, n_images = build_loader(cfg, world, rank, start_step, t["seed"], device)
     total = int(t["steps"]) if t["steps"] else int(t["epochs"]) * steps_per_epoch
     if total <= 0:
         raise ValueError(f"nothing to do: {total} total steps (train.steps / train.epochs)")
