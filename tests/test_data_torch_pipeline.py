@@ -1,0 +1,177 @@
+"""The Pillow + torch fallback loaders: outputs, bookkeeping consistent with pixels, rates of the
+random parts, bad images, and sample counts."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from upreid.data.augment import LUP_MEAN, LUP_STD, PretrainAug
+from upreid.data.imageio import BadImageError
+from upreid.data.loader import build_loader
+from upreid.data.records import Record
+from upreid.data.testing import corrupt_files, truncated_copy, write_tiny
+from upreid.data.transforms import pretrain_view
+
+MEAN = torch.tensor(LUP_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(LUP_STD).view(1, 3, 1, 1)
+NO_RANDOM_PIXELS = dict(grayscale_p=0.0, blur_p=0.0, erasing_p=0.0, flip_p=0.0)
+
+
+def to_pixels(x):
+    return (x * STD + MEAN) * 255
+
+
+@pytest.fixture(scope="module")
+def recs(tmp_path_factory):
+    return write_tiny(str(tmp_path_factory.mktemp("tiny")), n=24, ids=6)
+
+
+def load(path):
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float()[None]
+
+
+def crop_like_box(img, box, h, w):
+    """Independent bilinear crop of the normalised box (y0, x0, y1, x1) with grid_sample."""
+    y0, x0, y1, x1 = box.tolist()
+    ys = y0 + (torch.arange(h) + 0.5) / h * (y1 - y0)              # normalised source centres
+    xs = x0 + (torch.arange(w) + 0.5) / w * (x1 - x0)
+    gy, gx = torch.meshgrid(ys * 2 - 1, xs * 2 - 1, indexing="ij")
+    grid = torch.stack([gx, gy], -1)[None]
+    return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def test_eval_order_last_batch_flip_test(recs):
+    L = build_loader("eval", recs[:23], batch_size=5, backend="torch", workers=0, aug={"flip_test": True})
+    batches = list(L)
+    assert [len(b["index"]) for b in batches] == [5, 5, 5, 5, 3]
+    idx = torch.cat([b["index"] for b in batches])
+    assert idx.tolist() == list(range(23))
+    assert torch.cat([b["pids"] for b in batches]).tolist() == [r.pid for r in recs[:23]]
+    b = batches[0]
+    assert torch.equal(b["images_flipped"], b["images"].flip(-1))
+    assert b["images"].shape == (5, 3, 256, 128) and b["images"].dtype == torch.float32
+    assert L.summary["samples"] == 23 and L.summary["skipped"] == 0
+
+
+def test_pretrain_boxes_consistent_with_pixels(recs):
+    L = build_loader("pretrain", recs, batch_size=8, backend="torch", workers=0, aug=NO_RANDOM_PIXELS)
+    b = next(iter(L))
+    for i in range(4):
+        img = load(recs[int(b["index"][i])].path)
+        for v in (1, 2):
+            ref = crop_like_box(img, b[f"box{v}"][i], 256, 128)
+            err = (to_pixels(b[f"view{v}"][i:i + 1]) - ref).abs()
+            assert err.mean() < 1.5, err.mean()
+        assert torch.allclose(to_pixels(b["original"][i:i + 1]), crop_like_box(img, torch.tensor([0, 0, 1, 1.]), 256, 128),
+                              atol=2.0)
+    box = b["box1"]
+    assert ((box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1]) & (box >= 0).all(1) & (box <= 1 + 1e-6).all(1)).all()
+
+
+def test_pretrain_flip_gray_erase_pixels(recs):
+    base = build_loader("pretrain", recs, batch_size=8, backend="torch", workers=0, aug=NO_RANDOM_PIXELS)
+    flipped = build_loader("pretrain", recs, batch_size=8, backend="torch", workers=0,
+                           aug=dict(NO_RANDOM_PIXELS, flip_p=1.0))
+    a, b = next(iter(base)), next(iter(flipped))
+    assert torch.equal(a["box1"], b["box1"]) and b["flip1"].eq(1).all() and a["flip1"].eq(0).all()
+    assert torch.equal(a["view1"].flip(-1), b["view1"])
+    g = next(iter(build_loader("pretrain", recs, batch_size=8, backend="torch", workers=0,
+                               aug=dict(NO_RANDOM_PIXELS, grayscale_p=1.0))))
+    px = to_pixels(g["view1"])
+    assert (px.max(1).values - px.min(1).values).abs().max() < 1e-3          # grey: channels equal
+    assert g["gray1"].eq(1).all() and torch.equal(g["box1"], a["box1"])
+    g = next(iter(build_loader("pretrain", recs, batch_size=8, backend="torch", workers=0,
+                               aug=dict(NO_RANDOM_PIXELS, erasing_p=1.0))))
+    for i in range(8):
+        y0, x0, y1, x1 = (g["erase1"][i] * torch.tensor([256, 128, 256, 128])).round().long().tolist()
+        assert y1 > y0 and x1 > x0
+        assert g["view1"][i, :, y0:y1, x0:x1].abs().max() == 0
+        assert g["view1"][i].ne(0).float().sum() >= 3 * (256 * 128 - (y1 - y0) * (x1 - x0))
+
+
+def test_random_rates_and_crop_distribution():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 64, 3), dtype=np.uint8))
+    aug = PretrainAug(height=16, width=8)
+    rng = np.random.default_rng(1)
+    draws = [pretrain_view(img, rng, aug) for _ in range(700)]
+    n = len(draws)
+    for key, p in (("flip", 0.5), ("gray", 0.2)):
+        rate = np.mean([d[key] for d in draws])
+        assert abs(rate - p) < 4 * np.sqrt(p * (1 - p) / n), (key, rate)
+    blur = np.mean([d["sigma"] > 0 for d in draws])
+    erase = np.mean([float(d["erase"].sum() > 0) for d in draws])
+    assert abs(blur - 0.5) < 0.08 and abs(erase - 0.5) < 0.08
+    sig = np.array([d["sigma"] for d in draws if d["sigma"] > 0])
+    assert sig.min() >= 0.1 and sig.max() <= 2.0
+    boxes = np.stack([d["box"].numpy() for d in draws])
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert area.min() >= 0.2 - 1e-6 and area.max() <= 1 + 1e-6
+    assert 0.5 < area.mean() < 0.66                 # U(0.2, 1) shrunk a little by the clamp at the border
+    aspect = (boxes[:, 3] - boxes[:, 1]) * 64 / ((boxes[:, 2] - boxes[:, 0]) * 128)
+    free = ((boxes[:, 2] - boxes[:, 0]) < 1 - 1e-6) & ((boxes[:, 3] - boxes[:, 1]) < 1 - 1e-6)
+    assert aspect[free].min() >= 0.75 - 1e-4 and aspect[free].max() <= 4 / 3 + 1e-4
+
+
+def test_finetune_flip_shift_bookkeeping(recs):
+    L = build_loader("finetune", recs, batch_size=12, backend="torch", workers=0, aug={"erasing_p": 0.0}, k=2)
+    E = build_loader("eval", recs, batch_size=24, backend="torch", workers=0)
+    ev = next(iter(E))["images"]
+    b = next(iter(L))
+    pids = b["pids"]
+    assert len(set(pids.tolist())) == 6 and all((pids == p).sum() == 2 for p in set(pids.tolist()))
+    for i in range(12):
+        src = ev[int(b["index"][i])]
+        if b["flip"][i]:
+            src = src.flip(-1)
+        dy, dx = b["shift"][i].long().tolist()
+        assert -10 <= dy <= 10 and -10 <= dx <= 10
+        black = torch.tensor([-m / s for m, s in zip(LUP_MEAN, LUP_STD)]).view(3, 1, 1)
+        exp = black.expand(3, 256, 128).clone()
+        ys, xs = slice(max(0, -dy), min(256, 256 - dy)), slice(max(0, -dx), min(128, 128 - dx))
+        exp[:, ys, xs] = src[:, ys.start + dy:ys.stop + dy, xs.start + dx:xs.stop + dx]
+        assert torch.allclose(b["images"][i], exp, atol=1e-5)
+
+
+def test_workers_do_not_change_results(recs):
+    a = next(iter(build_loader("pretrain", recs, batch_size=6, backend="torch", workers=0, seed=3)))
+    b = next(iter(build_loader("pretrain", recs, batch_size=6, backend="torch", workers=2, seed=3)))
+    assert torch.equal(a["view2"], b["view2"]) and torch.equal(a["box1"], b["box1"])
+
+
+def test_epochs_differ_and_summary_counts(recs):
+    L = build_loader("pretrain", recs, batch_size=5, backend="torch", workers=0, aug=NO_RANDOM_PIXELS)
+    e0 = torch.cat([b["index"] for b in L])
+    assert L.summary == dict(L.summary, samples=20, batches=4, not_drawn=4, skipped=0)
+    e1 = torch.cat([b["index"] for b in L])
+    assert L.epoch == 2 and not torch.equal(e0, e1)
+
+
+@pytest.fixture()
+def bad_recs(recs, tmp_path):
+    files = corrupt_files(str(tmp_path))
+    files["truncated"] = truncated_copy(recs[0].path, str(tmp_path / "trunc.jpg"))
+    return recs[:6] + [Record(p, 0, 0) for p in files.values()], files
+
+
+def test_bad_image_error_names_the_file(bad_recs):
+    records, files = bad_recs
+    for kind, path in files.items():
+        L = build_loader("eval", [records[0], Record(path, 0, 0)], batch_size=2, backend="torch", workers=0)
+        with pytest.raises(BadImageError, match=path.replace(".", r"\.")):
+            list(L)
+
+
+def test_bad_image_skip_is_counted(bad_recs):
+    records, files = bad_recs
+    L = build_loader("eval", records, batch_size=4, backend="torch", workers=0, on_bad_image="skip")
+    n = sum(len(b["index"]) for b in L)
+    assert n == 6 and L.summary["samples"] == 6 and L.summary["skipped"] == 4
+    assert set(L.summary["skipped_paths"]) == set(files.values())
+    with pytest.raises(ValueError, match="on_bad_image"):
+        build_loader("eval", records, batch_size=4, backend="torch", on_bad_image="ignore")
+
+
+def test_unknown_aug_option_suggests(recs):
+    with pytest.raises(ValueError, match="did you mean 'grayscale_p'"):
+        build_loader("pretrain", recs, batch_size=4, backend="torch", aug={"greyscale_p": 0.1})
