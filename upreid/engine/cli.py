@@ -14,11 +14,12 @@ def register(subparsers) -> None:
         description="UP-ReID pre-training. Settings come from a YAML config (with _base_ inheritance) and "
                     "key=value overrides, e.g. `upreid pretrain --config configs/pretrain/upreid_r50.yaml "
                     "data.root=DIR train.steps=1000`. Several devices: `torchrun --nproc_per_node=N -m "
-                    "upreid pretrain ...`.")
+                    "upreid.engine.cli pretrain ...`.")
     p.add_argument("--config", help="YAML config file (default: the built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue a run: from CKPT, or (no value) from train.output/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in train.output (from its checkpoint.pt)")
+    p.add_argument("--resume-from", metavar="CKPT", help="continue from this checkpoint file")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a train.output folder that holds a checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -52,7 +53,8 @@ def run_pretrain(args) -> int:
             print(yaml.safe_dump(cfg, sort_keys=False), end="")
             return 0
         from upreid.engine.pretrain import pretrain
-        summary = pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
+        resume = args.resume_from or ("auto" if args.resume else None)
+        summary = pretrain(cfg, resume=resume, overwrite=args.overwrite)
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
