@@ -71,8 +71,11 @@ class _Source:
                     self.skipped.append(recs[i].path)
             if keep:
                 break
-        return (enc, [np.array(i, np.int64) for i in keep], [np.array(recs[i].pid, np.int64) for i in keep],
-                [np.array(recs[i].camid, np.int64) for i in keep])
+        out = (enc, [np.array(i, np.int64) for i in keep])
+        if self.loader.kind == "pretrain":        # labels are not used: do not ship them
+            return out
+        return out + ([np.array(recs[i].pid, np.int64) for i in keep],
+                      [np.array(recs[i].camid, np.int64) for i in keep])
 
 
 def _uniform(fn, types):
@@ -157,8 +160,9 @@ def build_pipeline(kind: str, source, aug, *, batch_size: int, device: str, thre
                        seed=seed, prefetch_queue_depth=prefetch, enable_conditionals=True,
                        exec_dynamic=True)
     def pipe():
-        enc, idx, pid, cam = fn.external_source(source=source, num_outputs=4, batch=True, batch_info=True,
-                                                dtype=[types.UINT8, types.INT64, types.INT64, types.INT64])
+        n_out = 2 if kind == "pretrain" else 4
+        enc, idx, *labels = fn.external_source(source=source, num_outputs=n_out, batch=True, batch_info=True,
+                                               dtype=[types.UINT8] + [types.INT64] * (n_out - 1))
         img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
         if kind == "pretrain":
             shape = fn.peek_image_shape(enc, dtype=types.FLOAT)     # [H, W, C] before decoding
@@ -181,11 +185,11 @@ def build_pipeline(kind: str, source, aug, *, batch_size: int, device: str, thre
             v, erase = _erase(fn, types, dmath, v, aug, aug.height, aug.width)
             # mirroring after the shift == shifting the mirrored image by -dx: report the latter
             shift = fn.stack(dy, dx * (1.0 - 2.0 * flipf))
-            return v, flipf, shift, erase, idx, pid, cam
+            return (v, flipf, shift, erase, idx, *labels)
         images = _normalize(fn, types, resized, aug)
         if aug.flip_test:
-            return images, _normalize(fn, types, resized, aug, mirror=1), idx, pid, cam
-        return images, idx, pid, cam
+            return (images, _normalize(fn, types, resized, aug, mirror=1), idx, *labels)
+        return (images, idx, *labels)
 
     return pipe()
 

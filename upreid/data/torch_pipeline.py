@@ -5,6 +5,7 @@ on the number of workers and a resumed run reproduces its batches.
 """
 from __future__ import annotations
 
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -83,8 +84,10 @@ class TorchLoader(BaseLoader):
 
     def __iter__(self) -> Iterator[dict]:
         batches = self.sampler.batches(self.epoch)
+        # forked workers crash when DALI's thread pools already live in this process: spawn then
+        ctx = "spawn" if self.workers and "nvidia.dali.backend" in sys.modules else None
         dl = DataLoader(self.dataset, batch_sampler=_EpochBatches(batches, self.epoch), collate_fn=_collate,
-                        num_workers=self.workers, worker_init_fn=_worker_init if self.workers else None,
+                        num_workers=self.workers, multiprocessing_context=ctx, worker_init_fn=_worker_init if self.workers else None,
                         pin_memory=self.device.type == "cuda",
                         prefetch_factor=self.prefetch if self.workers else None)
         samples, n_batches, skipped = 0, 0, []

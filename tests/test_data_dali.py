@@ -1,0 +1,200 @@
+"""DALI pipelines (CPU here; GPU tests skip without CUDA) and their agreement with the torch fallback:
+exact where deterministic up to interpolation/rounding, statistical for the random parts."""
+import numpy as np
+import pytest
+import torch
+
+dali = pytest.importorskip("nvidia.dali")
+
+from upreid.data.augment import LUP_MEAN, LUP_STD                  # noqa: E402
+from upreid.data.imageio import BadImageError                       # noqa: E402
+from upreid.data.loader import build_loader                         # noqa: E402
+from upreid.data.records import Record                              # noqa: E402
+from upreid.data.testing import corrupt_files, truncated_copy, write_tiny  # noqa: E402
+
+MEAN = torch.tensor(LUP_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(LUP_STD).view(1, 3, 1, 1)
+NO_RANDOM_PIXELS = dict(grayscale_p=0.0, blur_p=0.0, erasing_p=0.0, flip_p=0.0)
+
+
+def px(x):
+    return (x * STD + MEAN) * 255
+
+
+@pytest.fixture(scope="module")
+def recs(tmp_path_factory):
+    return write_tiny(str(tmp_path_factory.mktemp("tiny")), n=24, ids=6)
+
+
+def one(kind, recs, backend, **kw):
+    kw.setdefault("batch_size", len(recs))
+    return next(iter(build_loader(kind, recs, backend=backend, workers=kw.pop("workers", 2), device="cpu", **kw)))
+
+
+def test_eval_agrees_with_torch(recs):
+    a = one("eval", recs[:23], "dali", batch_size=10, aug={"flip_test": True})
+    L = build_loader("eval", recs[:23], batch_size=10, backend="dali", device="cpu", aug={"flip_test": True})
+    batches = list(L)
+    assert [len(b["index"]) for b in batches] == [10, 10, 3]                 # last batch kept
+    assert torch.cat([b["index"] for b in batches]).tolist() == list(range(23))
+    assert torch.cat([b["camids"] for b in batches]).tolist() == [r.camid for r in recs[:23]]
+    t = one("eval", recs[:10], "torch", aug={"flip_test": True}, workers=0)
+    d = (px(a["images"]) - px(t["images"])).abs()
+    assert d.mean() < 0.6 and d.max() <= 1.01                                 # rounding only
+    assert torch.equal(a["images_flipped"], a["images"].flip(-1))
+    assert L.summary["samples"] == 23 and L.summary["backend"] == "dali"
+
+
+def test_pretrain_boxes_match_fallback_pixels(recs):
+    """DALI's views re-rendered by the fallback from DALI's own boxes: the box bookkeeping is exact."""
+    from PIL import Image
+
+    from upreid.data.transforms import normalize, resize
+
+    b = one("pretrain", recs, "dali", batch_size=8, aug=NO_RANDOM_PIXELS)
+    assert b["original"].shape == b["view1"].shape == (8, 3, 256, 128) and b["box2"].shape == (8, 4)
+    errs = []
+    for i in range(8):
+        img = Image.open(recs[int(b["index"][i])].path).convert("RGB")
+        W, H = img.size
+        for v in (1, 2):
+            y0, x0, y1, x1 = b[f"box{v}"][i].tolist()
+            ref = normalize(np.array(resize(img, 256, 128, (x0 * W, y0 * H, x1 * W, y1 * H))), LUP_MEAN, LUP_STD)
+            errs.append((px(b[f"view{v}"][i:i + 1]) - px(ref[None])).abs().mean().item())
+    assert max(errs) < 1.0, errs
+
+
+def test_pretrain_random_parts_consistent_with_pixels(recs):
+    b = one("pretrain", recs, "dali", batch_size=24, aug=dict(grayscale_p=0.5, erasing_p=0.5, blur_p=0.5))
+    for i in range(24):
+        view = b["view1"][i]
+        if b["erase1"][i].sum() > 0:
+            y0, x0, y1, x1 = (b["erase1"][i] * torch.tensor([256, 128, 256, 128])).round().long().tolist()
+            assert view[:, y0:y1, x0:x1].abs().max() == 0
+            view = view.clone()
+            view[:, y0:y1, x0:x1] = float("nan")
+        p = px(view[None])[0]
+        spread = (p.max(0).values - p.min(0).values).nan_to_num(0).max()
+        assert (spread < 1.01) == bool(b["gray1"][i]), (i, spread)
+        assert (b["sigma1"][i] > 0) == (b["sigma1"][i] >= 0.1)
+    assert 0 < b["gray1"].sum() < 24 and 0 < (b["erase1"].sum(1) > 0).sum() < 24
+
+
+def test_flip_flag_matches_pixels(recs):
+    a = one("pretrain", recs, "dali", batch_size=24, aug=dict(NO_RANDOM_PIXELS, flip_p=0.5), seed=4)
+    from PIL import Image
+
+    from upreid.data.transforms import normalize, resize
+
+    for i in range(6):
+        img = Image.open(recs[int(a["index"][i])].path).convert("RGB")
+        W, H = img.size
+        y0, x0, y1, x1 = a["box1"][i].tolist()
+        ref = normalize(np.array(resize(img, 256, 128, (x0 * W, y0 * H, x1 * W, y1 * H))), LUP_MEAN, LUP_STD)
+        if a["flip1"][i]:
+            ref = ref.flip(-1)
+        assert (px(a["view1"][i:i + 1]) - px(ref[None])).abs().mean() < 1.0
+
+
+def test_random_distributions_agree_with_torch(recs):
+    """Rates and crop statistics of DALI and the fallback agree within sampling error."""
+    stats = {}
+    for backend in ("dali", "torch"):
+        L = build_loader("pretrain", recs, batch_size=24, backend=backend, device="cpu",
+                         workers=2 if backend == "dali" else 0,
+                         aug=dict(height=32, width=16), seed=1)
+        rows = {k: [] for k in ("flip", "gray", "blur", "erase", "area", "aspect")}
+        for _ in range(8):
+            for b in L:
+                for v in (1, 2):
+                    box = b[f"box{v}"]
+                    rows["flip"].append(b[f"flip{v}"])
+                    rows["gray"].append(b[f"gray{v}"])
+                    rows["blur"].append((b[f"sigma{v}"] > 0).float())
+                    rows["erase"].append((b[f"erase{v}"].sum(1) > 0).float())
+                    rows["area"].append((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]))
+                    rows["aspect"].append(((box[:, 3] - box[:, 1]) * 64 / ((box[:, 2] - box[:, 0]) * 128)).log())
+        stats[backend] = {k: torch.cat(v) for k, v in rows.items()}
+    n = len(stats["dali"]["flip"])
+    assert n == 384
+    for key in ("flip", "gray", "blur", "erase"):
+        a, t = stats["dali"][key].mean().item(), stats["torch"][key].mean().item()
+        assert abs(a - t) < 4 * np.sqrt(0.25 * 2 / n), (key, a, t)
+    for key in ("area", "aspect"):
+        a, t = stats["dali"][key], stats["torch"][key]
+        assert abs(a.mean() - t.mean()) < 4 * np.sqrt((a.var() + t.var()) / n), key
+        # two-sample Kolmogorov-Smirnov statistic below the 0.1 % critical value
+        grid = torch.cat([a, t]).sort().values
+        ks = ((a[None] <= grid[:, None]).float().mean(1) - (t[None] <= grid[:, None]).float().mean(1)).abs().max()
+        assert ks < 1.95 * np.sqrt(2 / n), (key, ks)
+
+
+def test_finetune_pk_and_shift_bookkeeping(recs):
+    ev = one("eval", recs, "dali")["images"]
+    L = build_loader("finetune", recs, batch_size=12, backend="dali", device="cpu", k=2, aug={"erasing_p": 0.0})
+    b = next(iter(L))
+    pids = b["pids"].tolist()
+    assert len(set(pids)) == 6 and all(pids.count(p) == 2 for p in set(pids))
+    black = torch.tensor([-m / s for m, s in zip(LUP_MEAN, LUP_STD)]).view(3, 1, 1)
+    for i in range(12):
+        src = ev[int(b["index"][i])]
+        if b["flip"][i]:
+            src = src.flip(-1)
+        dy, dx = b["shift"][i].long().tolist()
+        exp = black.expand(3, 256, 128).clone()
+        ys, xs = slice(max(0, -dy), min(256, 256 - dy)), slice(max(0, -dx), min(128, 128 - dx))
+        exp[:, ys, xs] = src[:, ys.start + dy:ys.stop + dy, xs.start + dx:xs.stop + dx]
+        assert torch.allclose(b["images"][i], exp, atol=1e-4), i
+    shifts = b["shift"].abs().max().item()
+    assert 0 < shifts <= 10
+
+
+def test_epochs_and_sharding(recs):
+    L = build_loader("pretrain", recs, batch_size=5, backend="dali", device="cpu", world=2, rank=1, seed=2)
+    e0 = [b["index"].tolist() for b in L]
+    e1 = [b["index"].tolist() for b in L]
+    ref = build_loader("pretrain", recs, batch_size=5, backend="torch", device="cpu", world=2, rank=1, seed=2,
+                       workers=0)
+    assert e0 == [b["index"].tolist() for b in ref]                           # same sampler, same order
+    assert e0 != e1 and L.summary["samples"] == 10 and L.summary["not_drawn"] == 4
+
+
+def test_bad_images(recs, tmp_path):
+    files = corrupt_files(str(tmp_path))
+    files["truncated"] = truncated_copy(recs[0].path, str(tmp_path / "trunc.jpg"))
+    for path in files.values():
+        L = build_loader("eval", [recs[1], Record(path, 0, 0)], batch_size=2, backend="dali", device="cpu")
+        with pytest.raises(Exception, match=path.replace(".", r"\.")):
+            list(L)
+    records = recs[:6] + [Record(p, 0, 0) for p in files.values()]
+    L = build_loader("eval", records, batch_size=4, backend="dali", device="cpu", on_bad_image="skip")
+    assert sum(len(b["index"]) for b in L) == 6
+    assert L.summary["skipped"] == 4 and set(L.summary["skipped_paths"]) == set(files.values())
+    assert issubclass(BadImageError, RuntimeError)
+
+
+def test_missing_dali_message(monkeypatch):
+    import builtins
+
+    from upreid.data import dali_pipeline
+
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.startswith("nvidia.dali"):
+            raise ImportError("No module named 'nvidia.dali'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ImportError, match="nvidia-dali-cuda120"):
+        dali_pipeline.import_dali()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_matches_cpu(recs):
+    g = next(iter(build_loader("eval", recs, batch_size=8, backend="dali", device="cuda")))
+    c = one("eval", recs[:8], "dali")
+    assert g["images"].is_cuda
+    assert (px(g["images"].cpu()) - px(c["images"])).abs().mean() < 1.0
+    b = next(iter(build_loader("pretrain", recs, batch_size=8, backend="dali", device="cuda")))
+    assert b["view1"].is_cuda and b["box1"].is_cuda and b["view1"].shape == (8, 3, 256, 128)
