@@ -10,7 +10,7 @@ import pytest
 
 from upreid.data import synth as parse_synth
 from upreid.data.cli import register
-from upreid.data.synth import SynthConfig, generate, make_identity, plan, render_job
+from upreid.data.synthetic import SynthConfig, generate, make_identity, plan, render_job
 
 SMALL = dict(ids=8, cameras=3, unlabeled=6, distractors=3, junk=2)
 

@@ -35,7 +35,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run_synth(args) -> int:
     from .datasets import synth as parse_synth
-    from .synth import SynthConfig, generate
+    from .synthetic import SynthConfig, generate
 
     cfg = SynthConfig(ids=args.ids, cameras=args.cameras, seed=args.seed, height=args.height, width=args.width,
                       min_images=args.min_images, max_images=args.max_images, unlabeled=args.unlabeled,

@@ -5,7 +5,7 @@ import os
 from typing import List
 
 from .records import Record
-from .synth import SynthConfig, make_camera, make_identity, render
+from .synthetic import SynthConfig, make_camera, make_identity, render
 
 
 def write_tiny(root: str, n: int = 24, ids: int = 6, cameras: int = 3, size=(128, 64), seed: int = 0,

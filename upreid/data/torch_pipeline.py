@@ -53,19 +53,21 @@ def _collate(items):
 
 
 class _EpochBatches:
-    """Batch sampler for one epoch: lists of (epoch, position, index) keys."""
+    """Batch sampler of the loader's current epoch: lists of (epoch, position, index) keys. It is
+    iterated in the main process at the start of every epoch, so one DataLoader (and its persistent
+    workers) serves all epochs."""
 
-    def __init__(self, batches, epoch):
-        self.keys, pos = [], 0
-        for b in batches:
-            self.keys.append([(epoch, pos + j, i) for j, i in enumerate(b)])
-            pos += len(b)
+    def __init__(self, loader):
+        self.loader = loader
 
     def __iter__(self):
-        return iter(self.keys)
+        epoch, pos = self.loader.epoch, 0
+        for b in self.loader.sampler.batches(epoch):
+            yield [(epoch, pos + j, i) for j, i in enumerate(b)]
+            pos += len(b)
 
     def __len__(self):
-        return len(self.keys)
+        return len(self.loader.sampler.batches(self.loader.epoch))
 
 
 def _worker_init(_):
@@ -81,17 +83,24 @@ class TorchLoader(BaseLoader):
         self.device = torch.device(device)
         self.workers, self.prefetch = workers, prefetch
         self.dataset = _Samples(kind, self.records, aug, seed, rank, on_bad_image)
+        self._dl = None
+
+    def _dataloader(self) -> DataLoader:
+        if self._dl is None:
+            # workers forked after a DALI pipeline has run in this process crash (DALI's thread pools
+            # do not survive fork): spawn them then (slower start; needs the __main__ guard)
+            dali = sys.modules.get("upreid.data.dali_pipeline")
+            ctx = "spawn" if self.workers and getattr(dali, "PIPELINES_BUILT", 0) else None
+            self._dl = DataLoader(self.dataset, batch_sampler=_EpochBatches(self), collate_fn=_collate,
+                                  num_workers=self.workers, multiprocessing_context=ctx,
+                                  worker_init_fn=_worker_init if self.workers else None,
+                                  persistent_workers=self.workers > 0, pin_memory=self.device.type == "cuda",
+                                  prefetch_factor=self.prefetch if self.workers else None)
+        return self._dl
 
     def __iter__(self) -> Iterator[dict]:
-        batches = self.sampler.batches(self.epoch)
-        # forked workers crash when DALI's thread pools already live in this process: spawn then
-        ctx = "spawn" if self.workers and "nvidia.dali.backend" in sys.modules else None
-        dl = DataLoader(self.dataset, batch_sampler=_EpochBatches(batches, self.epoch), collate_fn=_collate,
-                        num_workers=self.workers, multiprocessing_context=ctx, worker_init_fn=_worker_init if self.workers else None,
-                        pin_memory=self.device.type == "cuda",
-                        prefetch_factor=self.prefetch if self.workers else None)
         samples, n_batches, skipped = 0, 0, []
-        for batch in dl:
+        for batch in self._dataloader():
             skipped += batch.pop("_skipped")
             if not batch:
                 continue

@@ -1,0 +1,166 @@
+"""Data-layer benchmarks: samples/s of the pre-training (3 views), fine-tuning and evaluation
+pipelines, DALI vs the Pillow + torch fallback, on synthetic Market-like JPEGs (128 x 64 originals,
+256 x 128 outputs). Rows are appended to benchmarks/results/data.csv.
+
+    python benchmarks/bench_data.py                       # CPU, 2 threads, every pipeline and backend
+    python benchmarks/bench_data.py --device cuda --impl dali --batch 256 --images 4096
+    python benchmarks/bench_data.py --baseline DIR        # raw-pixel / colour-histogram NN mAP of a synth set
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from upreid.data.loader import build_loader, dali_available  # noqa: E402
+from upreid.data.testing import write_tiny  # noqa: E402
+
+CSV = os.path.join(HERE, "results", "data.csv")
+FIELDS = ["timestamp", "commit", "device", "torch", "dali", "pipeline", "impl", "batch", "threads", "images",
+          "epochs", "samples_per_s", "seconds"]
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU" \
+        if not torch.cuda.is_available() else f"CPU of a {torch.cuda.get_device_name()} host"
+
+
+def dali_version() -> str:
+    if not dali_available():
+        return ""
+    import nvidia.dali as d
+    return d.__version__
+
+
+def run(kind, recs, impl, device, batch, threads, epochs):
+    L = build_loader(kind, recs, batch_size=batch, backend=impl, device=device, workers=threads,
+                     aug={} if kind != "eval" else None)
+    for _ in L:                                   # warm-up epoch (pipeline build, worker start)
+        pass
+    n, t0 = 0, time.perf_counter()
+    for _ in range(epochs):
+        for b in L:
+            n += len(b["index"])
+        if device == "cuda":
+            torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return n, dt
+
+
+def append(rows):
+    os.makedirs(os.path.dirname(CSV), exist_ok=True)
+    new = not os.path.exists(CSV)
+    with open(CSV, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def nn_baseline(root: str) -> dict:
+    """Raw-pixel and colour-histogram nearest-neighbour mAP on a synthetic test split."""
+    from PIL import Image
+
+    from upreid.data import synth
+
+    ds = synth(root)
+    load = lambda recs: np.stack([np.asarray(Image.open(r.path).convert("RGB")) for r in recs]).astype(np.float32) / 255
+    q, g = load(ds.query), load(ds.gallery)
+    qp, qc = np.array([r.pid for r in ds.query]), np.array([r.camid for r in ds.query])
+    gp, gc = np.array([r.pid for r in ds.gallery]), np.array([r.camid for r in ds.gallery])
+
+    def mean_ap(dist):
+        aps = []
+        for i in range(len(qp)):
+            keep = ~((gp == qp[i]) & (gc == qc[i]))
+            match = (gp[keep] == qp[i])[np.argsort(dist[i][keep], kind="stable")]
+            if match.any():
+                ranks = np.nonzero(match)[0] + 1
+                aps.append((np.arange(1, len(ranks) + 1) / ranks).mean())
+        return float(np.mean(aps))
+
+    fq, fg = q.reshape(len(q), -1), g.reshape(len(g), -1)
+    out = {"raw_pixel_l2": mean_ap((fq ** 2).sum(1)[:, None] + (fg ** 2).sum(1)[None] - 2 * fq @ fg.T)}
+
+    def hist(x, bins=8):
+        code = np.minimum((x * bins).astype(int), bins - 1) @ np.array([bins * bins, bins, 1])
+        h = np.stack([np.bincount(c.ravel(), minlength=bins ** 3) for c in code]).astype(np.float32)
+        return h / h.sum(1, keepdims=True)
+
+    hq, hg = hist(q), hist(g)
+    out["rgb_hist_bhattacharyya"] = mean_ap(-np.sqrt(hq) @ np.sqrt(hg).T)
+    out["rgb_hist_l1"] = mean_ap(np.abs(hq[:, None] - hg[None]).sum(-1))
+    out["chance"] = float(np.mean([((gp == p) & (gc != c)).sum() / len(gp) for p, c in zip(qp, qc)]))
+    out["queries"], out["gallery"] = len(qp), len(gp)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--impl", nargs="+", default=["torch", "dali"], choices=["dali", "torch"])
+    ap.add_argument("--pipeline", nargs="+", default=["pretrain", "finetune", "eval"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="DALI threads / DataLoader workers")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--data", help="folder of JPEGs to reuse (default: render into a temp folder)")
+    ap.add_argument("--no-csv", action="store_true")
+    ap.add_argument("--baseline", metavar="SYNTH_ROOT", help="only measure the NN baselines of a synth dataset")
+    args = ap.parse_args(argv)
+
+    if args.baseline:
+        for k, v in nn_baseline(args.baseline).items():
+            print(f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}")
+        return 0
+    torch.set_num_threads(args.threads)
+    tmp = None
+    root = args.data
+    if root is None:
+        tmp = tempfile.TemporaryDirectory()
+        root = tmp.name
+    recs = write_tiny(root, n=args.images, ids=max(16, args.images // 16), cameras=6)
+    rows = []
+    # all torch runs first: DataLoader workers forked after a DALI pipeline ran would have to be spawned
+    for impl in sorted(args.impl, key=lambda i: i != "torch"):
+        for kind in args.pipeline:
+            if impl == "dali" and not dali_available():
+                print(f"skip {kind}/dali: DALI not installed")
+                continue
+            n, dt = run(kind, recs, impl, args.device, args.batch, args.threads, args.epochs)
+            row = dict(timestamp=datetime.datetime.now().isoformat(timespec="seconds"), commit=commit(),
+                       device=device_name(args.device), torch=torch.__version__, dali=dali_version(),
+                       pipeline=kind, impl=impl, batch=args.batch, threads=args.threads, images=args.images,
+                       epochs=args.epochs, samples_per_s=f"{n / dt:.1f}", seconds=f"{dt:.3f}")
+            rows.append(row)
+            print(f"{kind:>9} {impl:>6} {args.device:>5} batch {args.batch:>4} threads {args.threads}: "
+                  f"{n / dt:9.1f} samples/s ({n} in {dt:.2f} s)")
+    if rows and not args.no_csv:
+        append(rows)
+        print(f"appended {len(rows)} rows to {os.path.relpath(CSV)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
