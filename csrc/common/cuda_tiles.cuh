@@ -268,7 +268,8 @@ __device__ __forceinline__ void load_rows(typename Pol::T* s, const RowSrc& src,
       if constexpr (Pol::kSmemVec) {
         *reinterpret_cast<uint4*>(dst) = val;
       } else {
-        const T* e = reinterpret_cast<const T*>(&val);
+        T e[V];  // memcpy, not a T* view of the uint4: that would break strict aliasing
+        memcpy(e, &val, sizeof(e));
 #pragma unroll
         for (int i = 0; i < V; ++i) dst[i] = e[i];
       }
