@@ -1,0 +1,85 @@
+"""Evaluation inside fine-tuning: feature extraction through the data layer's eval pipeline, metrics
+through :func:`upreid.evaluation.evaluate` (with and without re-ranking) and the rank-list picture."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+
+from upreid.engine.ranklist import draw_ranklist, rank_lists
+from upreid.evaluation import evaluate, pairwise_distance
+
+log = logging.getLogger("upreid.finetune")
+
+
+def eval_aug(cfg: dict) -> dict:
+    d = cfg["data"]
+    return {"height": d["height"], "width": d["width"], "flip_test": d["flip_test"], "mean": d["mean"],
+            "std": d["std"]}
+
+
+@torch.no_grad()
+def extract(model, records, cfg: dict, device: torch.device, amp: str, desc: str = "features") -> tuple:
+    """Features ``[N, D]`` (fp32, CPU) of ``records`` in order, with their pids and camids."""
+    from tqdm.auto import tqdm
+
+    from upreid.data.loader import build_loader
+    d = cfg["data"]
+    loader = build_loader("eval", records, batch_size=d["eval_batch_size"], backend=d["backend"],
+                          device=device.type, aug=eval_aug(cfg), workers=d["workers"] if d["backend"] != "dali"
+                          else max(1, d["workers"]))
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "off" else contextlib.nullcontext())
+    was_training = model.training
+    model.eval()
+    feats, pids, camids, index = [], [], [], []
+    try:
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not cfg["train"]["progress"]):
+            with autocast:
+                f = model(batch["images"].to(device)).float()
+                if "images_flipped" in batch:
+                    f = (f + model(batch["images_flipped"].to(device)).float()) / 2
+            feats.append(f.cpu())
+            pids.append(batch["pids"].cpu())
+            camids.append(batch["camids"].cpu())
+            index.append(batch["index"].cpu())
+    finally:
+        model.train(was_training)
+    order = torch.argsort(torch.cat(index))
+    return torch.cat(feats)[order], torch.cat(pids)[order], torch.cat(camids)[order]
+
+
+def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, rerank: bool,
+                   ranklist_path: str | None = None) -> dict:
+    """``{"plain": metrics, "rerank": metrics (when asked)}``; optionally writes the rank-list PNG."""
+    e = cfg["eval"]
+    progress = cfg["train"]["progress"]
+    qf, qp, qc = extract(model, dataset.query, cfg, device, amp, "query features")
+    gf, gp, gc = extract(model, dataset.gallery, cfg, device, amp, "gallery features")
+    out = {"plain": evaluate(qf, gf, qp, gp, qc, gc, metric=e["metric"], progress=progress)}
+    if rerank:
+        out["rerank"] = evaluate(qf, gf, qp, gp, qc, gc, metric=e["metric"], rerank=True, k1=e["k1"],
+                                 k2=e["k2"], lambda_value=e["lambda_value"], progress=progress)
+    if ranklist_path and e["ranklist_queries"] > 0:
+        n = min(e["ranklist_queries"], len(dataset.query))
+        pick = torch.linspace(0, len(dataset.query) - 1, n).round().long().unique()   # spread over queries
+        dist = pairwise_distance(qf[pick], gf, e["metric"])                              # [n, G]
+        lists = rank_lists(dist, qp[pick], gp, qc[pick], gc, e["ranklist_top"])
+        draw_ranklist(ranklist_path, [dataset.query[int(i)].path for i in pick],
+                      [r.path for r in dataset.gallery], lists, top=e["ranklist_top"])
+        log.info("rank lists of %d queries written to %s", len(pick), ranklist_path)
+    for v in out.values():
+        v["cmc"] = v["cmc"][:20]
+    return out
+
+
+def summarise(result: dict) -> dict:
+    return {f"{mode}/{k}": v for mode, r in result.items() for k, v in r.items()
+            if k in ("mAP", "mINP", "Rank-1", "Rank-5", "Rank-10")}
+
+
+def ensure_dir(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path

@@ -1,0 +1,122 @@
+"""Initialising a fine-tuning trunk from the files people have.
+
+Supported (detected from the file's content, not its name):
+
+``upreid-pretrain``   a checkpoint of ``upreid pretrain`` (the query trunk, ``encoder_q.trunk.*``)
+``upreid-backbone``   a file of ``upreid export-backbone`` (``state_dict`` + ``arch``)
+``upreid-finetune``   a fine-tuning checkpoint of this engine (its ``trunk.*``)
+``moco``              a MoCo / LUPerson checkpoint: ``state_dict`` with keys ``module.encoder_q.*``
+                      (the projection MLP ``fc.*`` is dropped)
+``torchvision``       a plain ResNet state dict (``conv1.weight``, ``layer1.0.conv1.weight``, ...), bare
+                      or under ``state_dict`` / ``model``, with or without ``module.``; ``fc.*`` dropped
+
+A file whose trunk is another depth or another normalisation (IBN or not) than the config's is refused
+with an error naming both; shape mismatches likewise. Keys the file lacks (``missing``) and keys it has
+that the trunk does not (``unexpected``) are reported and logged.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+from upreid.engine.checkpoint import BACKBONE_FORMAT, FORMAT as PRETRAIN_FORMAT, CheckpointError, load
+from upreid.models.resnet import ARCHS, ResNet
+
+log = logging.getLogger("upreid.finetune")
+FINETUNE_FORMAT = "upreid-finetune"
+_IGNORED = ("fc.",)   # classifier / MoCo projection head: never part of the trunk
+
+
+def infer_arch(state: dict) -> dict:
+    """Depth and IBN of a ResNet state dict with torchvision keys (from its block counts)."""
+    blocks = []
+    for layer in range(1, 5):
+        idx = {int(m.group(1)) for k in state for m in [re.match(rf"layer{layer}\.(\d+)\.", k)] if m}
+        blocks.append(max(idx) + 1 if idx else 0)
+    kind = "bottleneck" if any(k.endswith("conv3.weight") for k in state) else "basic"
+    depth = next((d for d, (kd, layers) in ARCHS.items() if kd == kind and tuple(blocks) == layers), None)
+    ibn = any(".bn1.IN." in k for k in state)
+    return {"depth": depth, "ibn": ibn, "blocks": blocks, "kind": kind}
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def read_trunk_state(path: str) -> tuple[str, dict, dict]:
+    """(format, trunk state dict with torchvision keys, info such as ``arch`` and ``step``)."""
+    obj = load(path, expect=None)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"init {path!r}: expected a dict of tensors, got {type(obj).__name__}")
+    fmt = obj.get("format")
+    if fmt == PRETRAIN_FORMAT:
+        m = obj.get("config", {}).get("model", {})
+        return fmt, _strip(obj["model"], "encoder_q.trunk."), {
+            "arch": {"depth": m.get("depth"), "ibn": m.get("ibn"), "last_stride": m.get("last_stride")},
+            "step": obj.get("step")}
+    if fmt == BACKBONE_FORMAT:
+        return fmt, dict(obj["state_dict"]), {"arch": dict(obj["arch"]), "step": obj.get("step")}
+    if fmt == FINETUNE_FORMAT:
+        m = obj["config"]["model"]
+        return fmt, _strip(obj["model"], "trunk."), {"arch": {"depth": m["depth"], "ibn": m["ibn"]},
+                                                       "step": obj.get("step")}
+    if fmt is not None:
+        raise CheckpointError(f"init {path!r}: unsupported checkpoint format {fmt!r}")
+    state = obj
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"init {path!r}: not a state dict of tensors (keys e.g. {list(state)[:5]})")
+    if any(k.startswith("module.encoder_q.") for k in state):
+        fmt, state = "moco", _strip(state, "module.encoder_q.")
+    elif any(k.startswith("encoder_q.") for k in state):
+        fmt, state = "moco", _strip(state, "encoder_q.")
+    else:
+        fmt = "torchvision"
+        if all(k.startswith("module.") for k in state):
+            state = _strip(state, "module.")
+    state = {k: v for k, v in state.items() if not k.startswith(_IGNORED)}
+    if not state:
+        raise CheckpointError(f"init {path!r}: no ResNet trunk weights found ({fmt} layout)")
+    return fmt, state, {"arch": infer_arch(state)}
+
+
+def load_trunk(trunk: ResNet, path: str) -> dict:
+    """Load ``path`` into ``trunk``; returns a report (format, loaded, missing, unexpected, arch,
+    step). Raises :class:`CheckpointError` for another architecture."""
+    fmt, state, info = read_trunk_state(path)
+    arch = info["arch"]
+    want = {"depth": trunk.depth, "ibn": trunk.ibn}
+    if arch.get("depth") is None:
+        raise CheckpointError(f"init {path!r} ({fmt}): not a ResNet 18/34/50/101 trunk "
+                              f"(blocks per layer {arch.get('blocks')}, {arch.get('kind')} blocks)")
+    wrong = [f"{k}: file {arch.get(k)!r}, config model.{k}={want[k]!r}" for k in want if arch.get(k) != want[k]]
+    if wrong:
+        raise CheckpointError(f"init {path!r} ({fmt}) holds another architecture: " + "; ".join(wrong)
+                              + ". Set the config to match the file, or pick a file for this model.")
+    own = trunk.state_dict()
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise CheckpointError(f"init {path!r} ({fmt}): shape mismatch (key, file, model) {bad[:5]}")
+    res = trunk.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(res.missing_keys)
+    loaded = len(state) - len(unexpected)
+    if loaded == 0:
+        raise CheckpointError(f"init {path!r} ({fmt}): none of its keys belongs to the trunk")
+    report = {"path": path, "format": fmt, "loaded": loaded, "missing": missing, "unexpected": unexpected,
+              "arch": {k: v for k, v in arch.items() if k in ("depth", "ibn", "last_stride")},
+              "step": info.get("step")}
+    log.info("init from %s (%s): %d tensors loaded, %d missing, %d unexpected", path, fmt, loaded,
+             len(missing), len(unexpected))
+    if missing:
+        log.warning("init: keys the file lacks (left at their random init): %s%s", missing[:8],
+                    " ..." if len(missing) > 8 else "")
+    if unexpected:
+        log.warning("init: keys in the file the trunk does not have (ignored): %s%s", unexpected[:8],
+                    " ..." if len(unexpected) > 8 else "")
+    return report
