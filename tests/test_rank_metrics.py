@@ -137,3 +137,50 @@ def test_cuda_matches_reference(q, g, ids, cams, max_rank, dtype):
     lab = labels(q, g, ids, cams)
     out = rank_metrics(d.cuda(), *[t.cuda() for t in lab], max_rank)
     assert_same(tuple(t.cpu() for t in out), ref.rank_metrics(d, *lab, max_rank))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs CUDA")
+def test_cuda_uses_the_cuda_kernel_and_agrees_with_cpu():
+    import warnings
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("upreid::rank_metrics", "CUDA")
+    q, g = 200, 3000
+    d = torch.rand(q, g)
+    d[:, ::7] = d[:, 3:4]  # exact ties, decided by gallery index
+    d[0, ::2] = -0.0
+    lab = labels(q, g, 30, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the CPU round trip warns; the kernel must not
+        out = rank_metrics(d.cuda(), *[t.cuda() for t in lab], 60)
+    assert all(t.is_cuda for t in out)
+    assert_same(tuple(t.cpu() for t in out), rank_metrics(d, *lab, 60))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_many_positives_global_scratch(dtype):
+    # More than 2048 positives per query: the positives no longer fit in shared memory.
+    q, g = 9, 6000
+    d = torch.rand(q, g, dtype=torch.float64).to(dtype)
+    qp, gp = torch.zeros(q, dtype=torch.long), torch.randint(0, 2, (g,))
+    gp[:3000] = 0
+    qc, gc = torch.arange(q) % 3, torch.randint(0, 3, (g,))
+    qp[4] = 1
+    args = (d, qp, gp, qc, gc, 50)
+    out = rank_metrics(*[t.cuda() if torch.is_tensor(t) else t for t in args])
+    assert_same(tuple(t.cpu() for t in out), ref.rank_metrics(*args))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs CUDA")
+def test_cuda_non_finite_and_empty():
+    d = torch.rand(4, 6, device="cuda")
+    d[1, 2] = float("nan")
+    lab = [t.cuda() for t in labels(4, 6, 3, 2)]
+    with pytest.raises(RuntimeError, match="'distmat' contains NaN or Inf"):
+        rank_metrics(d, *lab, 5)
+    cmc, ap, inp, valid = rank_metrics(torch.rand(0, 5, device="cuda"),
+                                       *[t.cuda() for t in labels(0, 5, 2, 2)], 4)
+    assert ap.shape == (0,) and torch.equal(cmc.cpu(), torch.zeros(4))

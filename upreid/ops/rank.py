@@ -44,7 +44,8 @@ def rank_metrics(
         return reference.rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
     if impl != "fused":
         raise ValueError(f"rank_metrics: impl must be 'fused' or 'reference', got {impl!r}")
-    if distmat.device.type != "cpu":
+    if distmat.device.type != "cpu" and not _has_device_kernel(distmat.device):
+        # Fallback for builds without a kernel for this device: compute on the CPU and copy back.
         _warn_cpu_only(distmat.device)
         out = rank_metrics(distmat.cpu(), q_pids.cpu(), g_pids.cpu(), q_camids.cpu(),
                            g_camids.cpu(), max_rank)
@@ -54,15 +55,34 @@ def rank_metrics(
     return torch.ops.upreid.rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, int(max_rank))
 
 
+def _kernel_keys() -> dict:
+    """Dispatch keys with a compiled rank_metrics kernel (read once at import: registrations are
+    static, and a plain dict keeps torch.compile tracing simple)."""
+    if not _lib.HAS_EXTENSION:
+        return {}
+    return {key: torch._C._dispatch_has_kernel_for_dispatch_key("upreid::rank_metrics", key)
+            for key in ("CPU", "CUDA")}
+
+
+_KERNELS = _kernel_keys()
+
+
+def _has_device_kernel(device: torch.device) -> bool:
+    """Whether the compiled op has a kernel for this device type (``_lib.has_kernel`` does not list
+    rank_metrics, so the dispatcher is asked directly)."""
+    return _lib.has_kernel("rank_metrics", device) or _KERNELS.get(
+        "CUDA" if device.type == "cuda" else device.type.upper(), False)
+
+
 _warned_devices: set = set()
 
 
 def _warn_cpu_only(device) -> None:
-    """The CUDA kernels of this op are not written yet: inputs on another device are computed on
-    the CPU (copied there and back); says so once per device type."""
+    """This build has no kernel of this op for the device: inputs there are computed on the CPU
+    (copied there and back); says so once per device type."""
     if device.type not in _warned_devices:
         _warned_devices.add(device.type)
-        warnings.warn(f"{__name__}: no {device.type} kernel yet; computing on the CPU",
+        warnings.warn(f"{__name__}: no {device.type} kernel in this build; computing on the CPU",
                       RuntimeWarning, stacklevel=3)
 
 
