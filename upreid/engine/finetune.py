@@ -24,7 +24,7 @@ from torch import nn
 
 from upreid.engine import checkpoint as ckpt_io
 from upreid.engine.config import dump_config
-from upreid.engine.finetune_eval import run_evaluation, summarise
+from upreid.engine.finetune_eval import loader_workers, run_evaluation, summarise
 from upreid.engine.init_weights import FINETUNE_FORMAT, load_trunk
 from upreid.engine.logging_utils import MetricsWriter
 from upreid.engine.pretrain import (NonFiniteLossError, RunExistsError, _all_ranks_any, _gather_objects,
@@ -109,7 +109,7 @@ def finetune(cfg: dict, resume: str | None = None, overwrite: bool = False, on_s
     aug = {k: d[k] for k in ("height", "width", "flip_p", "pad", "erasing_p", "erasing_area", "mean", "std")}
     loader = build_loader("finetune", dataset.train, batch_size=d["p"] * d["k"], backend=d["backend"],
                           device=device.type, aug=aug, seed=t["seed"], rank=rank, world=world, p=d["p"], k=d["k"],
-                          workers=d["workers"] if d["backend"] != "dali" else max(1, d["workers"]))
+                          workers=loader_workers(d))
     cap = t["max_steps_per_epoch"]
     epochs = int(t["epochs"])
     per_epoch = [min(len(loader.sampler.batches(e)), cap or 10**9) for e in range(epochs)]
@@ -219,7 +219,7 @@ def finetune(cfg: dict, resume: str | None = None, overwrite: bool = False, on_s
                     if step % t["log_every"] == 0 or i + 1 == n:
                         now = time.perf_counter()
                         acc = float((out["logits"][0].argmax(1) == pids).float().mean())
-                        metrics = {"loss": float(loss), "loss_id": float(loss_id), "loss_triplet": float(loss_tri),
+                        metrics = {"loss": float(loss.detach()), "loss_id": float(loss_id.detach()), "loss_triplet": float(loss_tri.detach()),
                                    "acc": acc, "lr": lr, "epoch": epoch + (i + 1) / n,
                                    "samples_per_s": (step - tick_step) * images.shape[0] * world / max(now - tick, 1e-9)}
                         writer.write(step, metrics)

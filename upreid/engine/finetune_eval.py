@@ -14,6 +14,13 @@ from upreid.evaluation import evaluate, pairwise_distance
 log = logging.getLogger("upreid.finetune")
 
 
+def loader_workers(d: dict) -> int:
+    """DALI needs at least one thread; the torch fallback may run in-process (0 workers)."""
+    from upreid.data.loader import dali_available
+    dali = d["backend"] == "dali" or (d["backend"] == "auto" and dali_available())
+    return max(1, d["workers"]) if dali else d["workers"]
+
+
 def eval_aug(cfg: dict) -> dict:
     d = cfg["data"]
     return {"height": d["height"], "width": d["width"], "flip_test": d["flip_test"], "mean": d["mean"],
@@ -28,8 +35,7 @@ def extract(model, records, cfg: dict, device: torch.device, amp: str, desc: str
     from upreid.data.loader import build_loader
     d = cfg["data"]
     loader = build_loader("eval", records, batch_size=d["eval_batch_size"], backend=d["backend"],
-                          device=device.type, aug=eval_aug(cfg), workers=d["workers"] if d["backend"] != "dali"
-                          else max(1, d["workers"]))
+                          device=device.type, aug=eval_aug(cfg), workers=loader_workers(d))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp != "off" else contextlib.nullcontext())
     was_training = model.training
