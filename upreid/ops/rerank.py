@@ -45,7 +45,9 @@ def k_reciprocal_rerank(
         return reference.k_reciprocal_rerank(features, num_query, k1, k2, lambda_value).float()
     if impl != "fused":
         raise ValueError(f"k_reciprocal_rerank: impl must be 'fused' or 'reference', got {impl!r}")
-    if features.device.type != "cpu":
+    if features.device.type != "cpu" and not _has_device_kernel("k_reciprocal_rerank",
+                                                                features.device):
+        # Fallback for builds without a kernel for this device: compute on the CPU and copy back.
         _warn_cpu_only(features.device)
         return k_reciprocal_rerank(features.cpu(), num_query, k1, k2, lambda_value).to(
             features.device)
@@ -67,14 +69,15 @@ def k_reciprocal_rerank_dense(
 ) -> Tensor:
     """Re-ranking with the original signature: distances ``q_g [Q, G]``, ``q_q [Q, Q]``,
     ``g_g [G, G]`` (one dtype and device) -> ``[Q, G]`` fp32. Compatibility path: the inputs are
-    dense already, so it needs their memory (plus transposed copies), unlike the features path."""
+    dense already, so it needs their memory, unlike the features path."""
     if impl == "reference":
         return reference.k_reciprocal_rerank_dense(q_g, q_q, g_g, k1, k2, lambda_value).float()
     if impl != "fused":
         raise ValueError(
             f"k_reciprocal_rerank_dense: impl must be 'fused' or 'reference', got {impl!r}"
         )
-    if q_g.device.type != "cpu":
+    if q_g.device.type != "cpu" and not _has_device_kernel("k_reciprocal_rerank_dense",
+                                                           q_g.device):
         _warn_cpu_only(q_g.device)
         return k_reciprocal_rerank_dense(q_g.cpu(), q_q.cpu(), g_g.cpu(), k1, k2,
                                          lambda_value).to(q_g.device)
@@ -85,15 +88,34 @@ def k_reciprocal_rerank_dense(
     )
 
 
+def _kernel_keys() -> dict:
+    """(op, dispatch key) -> whether a compiled kernel exists; read once at import (registrations
+    are static; a plain dict keeps torch.compile tracing simple)."""
+    if not _lib.HAS_EXTENSION:
+        return {}
+    return {(op, key): torch._C._dispatch_has_kernel_for_dispatch_key(f"upreid::{op}", key)
+            for op in ("k_reciprocal_rerank", "k_reciprocal_rerank_dense") for key in ("CPU", "CUDA")}
+
+
+_KERNELS = _kernel_keys()
+
+
+def _has_device_kernel(op: str, device: torch.device) -> bool:
+    """Whether the compiled op has a kernel for this device type (``_lib.has_kernel`` does not list
+    the re-ranking ops, so the dispatcher is asked directly)."""
+    return _lib.has_kernel(op, device) or _KERNELS.get(
+        (op, "CUDA" if device.type == "cuda" else device.type.upper()), False)
+
+
 _warned_devices: set = set()
 
 
 def _warn_cpu_only(device) -> None:
-    """The CUDA kernels of this op are not written yet: inputs on another device are computed on
-    the CPU (copied there and back); says so once per device type."""
+    """This build has no kernel of this op for the device: inputs there are computed on the CPU
+    (copied there and back); says so once per device type."""
     if device.type not in _warned_devices:
         _warned_devices.add(device.type)
-        warnings.warn(f"{__name__}: no {device.type} kernel yet; computing on the CPU",
+        warnings.warn(f"{__name__}: no {device.type} kernel in this build; computing on the CPU",
                       RuntimeWarning, stacklevel=3)
 
 
