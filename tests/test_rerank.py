@@ -227,3 +227,79 @@ def test_cuda_matches_cpu(dtype):
     gg = torch.from_numpy(ref.euclidean_distances(x[300:], x[300:], True)).to(dtype)
     torch.testing.assert_close(k_reciprocal_rerank_dense(qg.cuda(), qq.cuda(), gg.cuda()).cpu(),
                                k_reciprocal_rerank_dense(qg, qq, gg), atol=1e-4, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs CUDA")
+@pytest.mark.parametrize("n,q,d,k1,k2", SIZES)
+def test_cuda_kernel_matches_reference_fp64(n, q, d, k1, k2):
+    import warnings
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("upreid::k_reciprocal_rerank", "CUDA")
+    x = clustered(n, d, max(2, n // 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the CPU round trip warns; the kernel must not
+        out = k_reciprocal_rerank(x.cuda(), q, k1, k2, 0.3)
+    assert out.is_cuda
+    check(out, ref.k_reciprocal_rerank(x, q, k1, k2, 0.3))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_duplicates_and_exact_ties(dtype):
+    # Grid features: every distance exact on both devices, so ties are decided by index alone.
+    x = clustered(400, 8, 40, grid=4, dtype=dtype)
+    x[150:180] = x[150]
+    x[5] = x[200]
+    x[300:310] = x[20]
+    out = k_reciprocal_rerank(x.cuda(), 60, 20, 6, 0.3).cpu()
+    check(out, ref.k_reciprocal_rerank(x, 60, 20, 6, 0.3))
+    torch.testing.assert_close(out, k_reciprocal_rerank(x, 60, 20, 6, 0.3), atol=1e-6, rtol=0)
+    assert torch.equal(out[:, 150 - 60:180 - 60], out[:, 150 - 60:151 - 60].expand(-1, 30))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs CUDA")
+def test_cuda_large_k1_uses_global_scratch():
+    # k1 = 150: the per-row candidate buffers exceed shared memory (global per-block slices).
+    x = clustered(700, 12, 20)
+    check(k_reciprocal_rerank(x.cuda(), 120, 150, 40, 0.3), ref.k_reciprocal_rerank(x, 120, 150, 40, 0.3))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs CUDA")
+def test_cuda_dense_path_matches_reference_and_features():
+    x = clustered(250, 12, 30)
+    q = 50
+    qg = torch.from_numpy(ref.euclidean_distances(x[:q], x[q:]))
+    qq = torch.from_numpy(ref.euclidean_distances(x[:q], x[:q], True))
+    gg = torch.from_numpy(ref.euclidean_distances(x[q:], x[q:], True))
+    dense = k_reciprocal_rerank_dense(qg.cuda(), qq.cuda(), gg.cuda(), 20, 6, 0.3)
+    check(dense, ref.k_reciprocal_rerank_dense(qg, qq, gg, 20, 6, 0.3))
+    torch.testing.assert_close(dense.cpu(), k_reciprocal_rerank(x, q, 20, 6, 0.3), atol=1e-5, rtol=0)
+    # Non-symmetric inputs: row i reads column i of the original's matrix.
+    qg, qq, gg = torch.rand(20, 70, dtype=torch.float64), torch.rand(20, 20, dtype=torch.float64), \
+        torch.rand(70, 70, dtype=torch.float64)
+    qq.fill_diagonal_(0)
+    gg.fill_diagonal_(0)
+    for k1, k2 in [(6, 3), (20, 6)]:
+        check(k_reciprocal_rerank_dense(qg.cuda(), qq.cuda(), gg.cuda(), k1, k2, 0.3),
+              ref.k_reciprocal_rerank_dense(qg, qq, gg, k1, k2, 0.3))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs CUDA")
+def test_cuda_low_precision_non_finite_and_wide_gallery():
+    x = clustered(200, 16, 25, dtype=torch.float16).cuda()
+    torch.testing.assert_close(k_reciprocal_rerank(x, 40), k_reciprocal_rerank(x.float(), 40),
+                               atol=0, rtol=0)
+    bad = torch.randn(30, 4, device="cuda")
+    bad[7, 2] = float("nan")
+    with pytest.raises(RuntimeError, match="'features' contains NaN or Inf"):
+        k_reciprocal_rerank(bad, 10)
+    # G = 32,000 in fp64: the per-query Jaccard accumulator no longer fits in shared memory.
+    x = clustered(32200, 4, 3000, dtype=torch.float64)
+    gpu = k_reciprocal_rerank(x.cuda(), 200, 20, 6, 0.3).cpu()
+    cpu = k_reciprocal_rerank(x, 200, 20, 6, 0.3)
+    torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=0)
