@@ -5,6 +5,7 @@ import os
 from PIL import Image
 
 from upreid.engine.cli_finetune import main
+from upreid.engine.ranklist import ranklist_size
 
 
 def test_demo_tiny_end_to_end(tmp_path, capsys):
@@ -26,6 +27,6 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert json.load(open(os.path.join(out, "finetune_random", "init.json")))["format"] == "random"
     for run in ("finetune_upreid", "finetune_random"):
         with Image.open(os.path.join(out, run, "ranklist.png")) as im:
-            assert im.format == "PNG" and im.size[0] > im.size[1] > 0
+            assert im.format == "PNG" and im.size == ranklist_size(8, 10)   # demo: 8 queries, top 10
     assert main(["demo", "--tiny", "--out", out]) == 1                      # not into a non-empty folder
     assert "not empty" in capsys.readouterr().err
