@@ -102,16 +102,19 @@ def test_dense_path_matches_features_and_reference():
     torch.testing.assert_close(dense, k_reciprocal_rerank(x, q, 20, 6, 0.3), atol=1e-5, rtol=0)
 
 
-def test_dense_path_non_symmetric_inputs():
+@pytest.mark.parametrize("seed, k1, k2", [(0, 6, 3), (1, 20, 6), (2, 20, 6), (3, 12, 4), (4, 20, 1)])
+def test_dense_path_non_symmetric_inputs(seed, k1, k2):
     # The original reads row i of its normalised matrix from column i (it normalises columns and
-    # transposes); with non-symmetric q_q / g_g that differs from a row reading.
+    # transposes); with non-symmetric q_q / g_g that differs from a row reading, and a pair (i, j)
+    # missing from i's neighbour list must not be read from j's list.
+    torch.manual_seed(seed)
     q, g = 20, 70
     qg, qq, gg = torch.rand(q, g, dtype=torch.float64), torch.rand(q, q, dtype=torch.float64), \
         torch.rand(g, g, dtype=torch.float64)
     qq.fill_diagonal_(0)
     gg.fill_diagonal_(0)
-    check(k_reciprocal_rerank_dense(qg, qq, gg, 6, 3, 0.3),
-          ref.k_reciprocal_rerank_dense(qg, qq, gg, 6, 3, 0.3))
+    check(k_reciprocal_rerank_dense(qg, qq, gg, k1, k2, 0.3),
+          ref.k_reciprocal_rerank_dense(qg, qq, gg, k1, k2, 0.3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

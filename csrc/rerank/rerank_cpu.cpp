@@ -164,7 +164,8 @@ at::Tensor rerank_features(const at::Tensor& X, int64_t Q, int64_t k1, int64_t k
     const T d = sq[i] + sq[j] - T(2) * dot(x + i * D, x + j * D, D);
     return d > T(0) ? d : T(0);
   };
-  rerank_cpu::rerank_sparse<T>(nb, dist2, Q, k1, k2, lambda, rerank_half_k(k1), out.data_ptr<float>());
+  rerank_cpu::rerank_sparse<T>(nb, dist2, /*symmetric=*/true, Q, k1, k2, lambda, rerank_half_k(k1),
+                               out.data_ptr<float>());
   return out;
 }
 
@@ -244,7 +245,7 @@ at::Tensor rerank_dense(const at::Tensor& q_g, const at::Tensor& q_q, const at::
   });
   TORCH_CHECK(finite.load(), "upreid::k_reciprocal_rerank_dense: 'q_g', 'q_q' or 'g_g' contains NaN ",
               "or Inf; every distance must be finite");
-  rerank_cpu::rerank_sparse<T>(nb, dist2, Q, k1, k2, lambda, rerank_half_k(k1), o);
+  rerank_cpu::rerank_sparse<T>(nb, dist2, /*symmetric=*/false, Q, k1, k2, lambda, rerank_half_k(k1), o);
   return out;
 }
 

@@ -83,10 +83,12 @@ inline bool in_prefix(const int32_t* list, int64_t len, int32_t x) {
 struct NoScratch {};
 
 // dist2(i, j): squared distance of any pair (used for expansion members outside i's neighbours).
+// symmetric: dist2(i, j) == dist2(j, i) (features path), so a pair missing from i's neighbour list
+// may be read from j's; the dense path's q_q / g_g need not be symmetric and must not.
 // out: [Q, G] fp32 holding the raw squared query-gallery distances; overwritten with the result.
 template <typename T, class Dist2>
-void rerank_sparse(const Neighbors<T>& nb, const Dist2& dist2, int64_t Q, int64_t k1, int64_t k2,
-                   double lambda_value, int64_t half_k, float* out) {
+void rerank_sparse(const Neighbors<T>& nb, const Dist2& dist2, bool symmetric, int64_t Q,
+                   int64_t k1, int64_t k2, double lambda_value, int64_t half_k, float* out) {
   const int64_t N = nb.N, K = nb.K, G = N - Q;
   const int64_t hk = std::min<int64_t>(half_k, N);
   const int32_t* nbr = nb.idx.data();
@@ -110,8 +112,10 @@ void rerank_sparse(const Neighbors<T>& nb, const Dist2& dist2, int64_t Q, int64_
     for (int64_t t = 0; t < K; ++t) {
       if (nbr[i * K + t] == j) return nb.d2[i * K + t];
     }
-    for (int64_t t = 0; t < K; ++t) {  // the pair is symmetric: reuse j's value when it has one
-      if (nbr[int64_t(j) * K + t] == i) return nb.d2[int64_t(j) * K + t];
+    if (symmetric) {  // reuse j's value when it has one
+      for (int64_t t = 0; t < K; ++t) {
+        if (nbr[int64_t(j) * K + t] == i) return nb.d2[int64_t(j) * K + t];
+      }
     }
     return dist2(i, j);
   };
