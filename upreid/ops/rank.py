@@ -55,23 +55,9 @@ def rank_metrics(
     return torch.ops.upreid.rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, int(max_rank))
 
 
-def _kernel_keys() -> dict:
-    """Dispatch keys with a compiled rank_metrics kernel (read once at import: registrations are
-    static, and a plain dict keeps torch.compile tracing simple)."""
-    if not _lib.HAS_EXTENSION:
-        return {}
-    return {key: torch._C._dispatch_has_kernel_for_dispatch_key("upreid::rank_metrics", key)
-            for key in ("CPU", "CUDA")}
-
-
-_KERNELS = _kernel_keys()
-
-
 def _has_device_kernel(device: torch.device) -> bool:
-    """Whether the compiled op has a kernel for this device type (``_lib.has_kernel`` does not list
-    rank_metrics, so the dispatcher is asked directly)."""
-    return _lib.has_kernel("rank_metrics", device) or _KERNELS.get(
-        "CUDA" if device.type == "cuda" else device.type.upper(), False)
+    """Whether the compiled op has a kernel for this device type."""
+    return _lib.has_kernel("rank_metrics", device)
 
 
 _warned_devices: set = set()

@@ -88,23 +88,9 @@ def k_reciprocal_rerank_dense(
     )
 
 
-def _kernel_keys() -> dict:
-    """(op, dispatch key) -> whether a compiled kernel exists; read once at import (registrations
-    are static; a plain dict keeps torch.compile tracing simple)."""
-    if not _lib.HAS_EXTENSION:
-        return {}
-    return {(op, key): torch._C._dispatch_has_kernel_for_dispatch_key(f"upreid::{op}", key)
-            for op in ("k_reciprocal_rerank", "k_reciprocal_rerank_dense") for key in ("CPU", "CUDA")}
-
-
-_KERNELS = _kernel_keys()
-
-
 def _has_device_kernel(op: str, device: torch.device) -> bool:
-    """Whether the compiled op has a kernel for this device type (``_lib.has_kernel`` does not list
-    the re-ranking ops, so the dispatcher is asked directly)."""
-    return _lib.has_kernel(op, device) or _KERNELS.get(
-        (op, "CUDA" if device.type == "cuda" else device.type.upper()), False)
+    """Whether the compiled op has a kernel for this device type."""
+    return _lib.has_kernel(op, device)
 
 
 _warned_devices: set = set()
