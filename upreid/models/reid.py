@@ -133,6 +133,10 @@ class MGN(nn.Module):
         self.reduce = nn.ModuleList([_Reduce(c, dim) for _ in range(8)])
         self.classifiers = nn.ModuleList([_classifier(dim, num_classes) for _ in range(8)])
         self.feat_dim = 8 * dim
+        # The trunk's own layer3[1:] and layer4 only carry loaded weights to the branches: frozen, so that
+        # the optimizer and DDP (which rejects parameters without a gradient) leave them out.
+        for p in list(t.layer3[1:].parameters()) + list(t.layer4.parameters()):
+            p.requires_grad_(False)
 
     def sync_branches(self) -> None:
         """Copy the trunk's (freshly loaded) layer3[1:] / layer4 weights into the three branches."""
