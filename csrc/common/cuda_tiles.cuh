@@ -19,6 +19,11 @@
 //     be the A operand of the next product) and the warp accumulates O[16 x DC] += W @ C_chunk in
 //     registers. If D > DC the output is produced in D/DC passes, each recomputing S (the
 //     output accumulator of a whole row would not fit in registers); for D <= DC one pass.
+//   * Forward with an output (kTrain, info_nce's bank_mean): as the backward, but the epilogue
+//     keeps an online-softmax reference max per row; P = exp(S - ref) is the A operand and, when
+//     the reference grows, O is rescaled first (Pol::rescale_o). The tensor-core policy lets the
+//     row max run up to kOSlack above the reference before it rescales (P <= e^kOSlack stays in
+//     fp16 range), so the round trip of O through shared memory is rare; SIMT rescales exactly.
 //
 // Two policies implement the products:
 //   TcPolicy<half|bf16>:  WMMA 16x16x16 tensor-core fragments with fp32 accumulation,
@@ -72,6 +77,9 @@ struct TcPolicy {
   static constexpr bool kSmemVec = true; // LDX * sizeof(T) is a multiple of 16 bytes
   static constexpr int BN = 64, DC = 128, KSTEP = 16;
   static constexpr int LDX = DC + 8, LDS = BN + 4, LDW = BN + 8;
+  // Online-softmax output: the running max may exceed O's reference by this much before O is
+  // rescaled (P <= e^8 ~ 3e3 is exact enough in fp16/bf16 and far from fp16's 65504).
+  static constexpr float kOSlack = 8.f;
   __device__ static __forceinline__ float ex(float x) { return __expf(x); }
 
   using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
@@ -124,6 +132,26 @@ struct TcPolicy {
       }
     }
   }
+  // O[r, :] *= alpha[r] (alpha: the warp's 16 factors in shared memory). The accumulator layout of
+  // a WMMA fragment is unspecified, so each fragment goes through `scratch` ([16 x LDS] fp32).
+  __device__ static __forceinline__ void rescale_o(OAcc& acc, const float* alpha, float* scratch,
+                                                   int dlen, int lane) {
+#pragma unroll
+    for (int n = 0; n < DC / 16; ++n) {
+      if (n * 16 < dlen) {  // the other fragments are never accumulated (mma_o) and stay zero
+        nvcuda::wmma::store_matrix_sync(scratch, acc.f[n], LDS, nvcuda::wmma::mem_row_major);
+        __syncwarp();
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int idx = lane + 32 * e, r = idx >> 4, c = idx & 15;
+          scratch[r * LDS + c] *= alpha[r];
+        }
+        __syncwarp();
+        nvcuda::wmma::load_matrix_sync(acc.f[n], scratch, LDS, nvcuda::wmma::mem_row_major);
+        __syncwarp();
+      }
+    }
+  }
   // out[row, d0 + d] = O[r, d] * rs(row) for the valid rows/columns; `scratch` is the warp's
   // [16 x LDS] fp32 area.
   template <class RS>
@@ -159,6 +187,7 @@ struct SimtPolicy {
   static constexpr bool kSmemVec = false;  // odd padding: stores are element-wise
   static constexpr int BN = 32, DC = 32, KSTEP = 1;
   static constexpr int LDX = DC + 1, LDS = BN + 1, LDW = LDS;
+  static constexpr Acc kOSlack = Acc(0);  // O lives in registers: rescaling is cheap, do it exactly
   __device__ static __forceinline__ Acc ex(Acc x) { return acc_exp_precise(x); }
 
   struct SAcc {
@@ -207,6 +236,15 @@ struct SimtPolicy {
         for (int j = 0; j < 4; ++j) acc.v[i][j] = fma(w[i], x[j], acc.v[i][j]);
     }
   }
+  __device__ static __forceinline__ void rescale_o(OAcc& acc, const Acc* alpha, Acc*, int, int lane) {
+    const int rg = lane >> 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const Acc a = alpha[rg + 4 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc.v[i][j] *= a;
+    }
+  }
   template <class RS>
   __device__ static __forceinline__ void store_o(const OAcc& acc, Acc*, Acc* out, int64_t wrow0,
                                                  int64_t nrows, int64_t d0, int64_t D, int lane,
@@ -246,6 +284,8 @@ struct SmemLayout {
   static constexpr size_t w_off = s_off + size_t(NQ) * kWarps * s_stride;
   static constexpr size_t col_off = w_off + size_t(kWarps) * w_stride;
   static constexpr size_t bytes = col_off + col_bytes;
+  // kTrain kernels keep each warp's 16 O-rescale factors in the column-scalar area.
+  static_assert(col_bytes >= size_t(kWarps) * 16 * sizeof(Acc), "alpha area");
 };
 
 // Stages rows [r0, r0 + ROWS) x features [d0, d0 + DC) of `src` into s[ROWS][LDX], zero-filled
@@ -294,10 +334,14 @@ __device__ __forceinline__ void load_rows(typename Pol::T* s, const RowSrc& src,
 // [t_begin, t_end) of `cols`. Epi (see the operator files) supplies:
 //   load_cols(c0, tid)                 block-wide, once per tile before the first barrier
 //   tile(sS[NQ], sW, c0, wrow0, lane)  per warp, on the finished logits tile(s)
-//   row_scale(row)                     backward: factor applied when storing O
+//   row_scale(row)                     backward / kTrain: factor applied when storing O
 //   finish(wrow0, lane)                forward: write the per-row partial statistics
-// Backward stores O (the split's partial [nrows, D]) to `out`.
-template <class Pol, int NQ, bool kBwd, class Epi>
+// kTrain (forward with an output O += P @ C) also needs:
+//   has_out(c0)                        block-uniform: does this tile feed O (else P is not written)
+//   rescale_pending(), alpha()         warp-uniform flag set by tile(); the warp's 16 factors
+//   finish_pass(oc, wrow0, lane)       after output pass oc: per-row statistics, reset the state
+// Backward and kTrain store O (the split's partial [nrows, D]) to `out`.
+template <class Pol, int NQ, bool kBwd, bool kTrain = false, class Epi>
 __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qsrc)[NQ],
                                           int64_t nrows, const RowSrc& csrc, int64_t D, bool vec,
                                           int64_t t_begin, int64_t t_end,
@@ -305,7 +349,9 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
   using T = typename Pol::T;
   using Acc = typename Pol::Acc;
   using WT = typename Pol::WT;
-  using L = SmemLayout<Pol, NQ, kBwd>;
+  static_assert(!(kBwd && kTrain), "kTrain is a forward mode");
+  constexpr bool kOut = kBwd || kTrain;  // accumulates O[16 x DC] per warp
+  using L = SmemLayout<Pol, NQ, kOut>;
   constexpr int BN = Pol::BN, DC = Pol::DC, LDX = Pol::LDX;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t row0 = int64_t(blockIdx.x) * kBM;
@@ -328,7 +374,7 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
 
   const int nD = D > 0 ? int((D + DC - 1) / DC) : 1;
   const bool q_once = nD == 1;  // the rows chunk stays resident for the whole kernel
-  const int nOut = kBwd ? nD : 1;
+  const int nOut = kOut ? nD : 1;
   if (q_once) {
 #pragma unroll
     for (int k = 0; k < NQ; ++k) load_rows<Pol, kBM>(sQ[k], qsrc[k], row0, D, 0, vec, tid);
@@ -337,7 +383,7 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
 
   for (int oc = 0; oc < nOut; ++oc) {
     typename Pol::OAcc o;
-    if constexpr (kBwd) Pol::zero(o);
+    if constexpr (kOut) Pol::zero(o);
     const int dlen = int(D - int64_t(oc) * DC < DC ? D - int64_t(oc) * DC : DC);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * BN;
@@ -368,23 +414,32 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
       __syncwarp();
       epi.tile(sS, sW, c0, wrow0, lane);
       __syncwarp();
-      if constexpr (kBwd) {
-        if (nD > 1) {  // bring the cols chunk of this output pass back
-          __syncthreads();
-          load_rows<Pol, BN>(sC, csrc, c0, D, int64_t(oc) * DC, vec, tid);
-          __syncthreads();
+      if constexpr (kOut) {
+        bool use = true;
+        if constexpr (kTrain) {
+          // sS is free again (P went to sW; SIMT: rescale_o needs no scratch)
+          if (epi.rescale_pending()) Pol::rescale_o(o, epi.alpha(), sS[0], dlen, lane);
+          use = epi.has_out(c0);  // block-uniform: the barriers below are safe
         }
-        Pol::mma_o(o, sW, sC, dlen, lane);
+        if (use) {
+          if (nD > 1) {  // bring the cols chunk of this output pass back
+            __syncthreads();
+            load_rows<Pol, BN>(sC, csrc, c0, D, int64_t(oc) * DC, vec, tid);
+            __syncthreads();
+          }
+          Pol::mma_o(o, sW, sC, dlen, lane);
+        }
       }
       __syncthreads();  // sC, sQ and the column scalars are overwritten by the next tile
     }
-    if constexpr (kBwd) {
+    if constexpr (kOut) {
       Pol::store_o(o, sS[0], out, wrow0, nrows, int64_t(oc) * DC, D, lane,
                    [&](int64_t r) { return epi.row_scale(r); });
       __syncwarp();
     }
+    if constexpr (kTrain) epi.finish_pass(oc, wrow0, lane);
   }
-  if constexpr (!kBwd) epi.finish(wrow0, lane);
+  if constexpr (!kOut) epi.finish(wrow0, lane);
 }
 
 // Epilogue lane mapping: lane l handles row r = l / 2 of its warp and columns h + 2j (h = l % 2).

@@ -28,6 +28,18 @@
 //             nce_bwd_finalize one warp per row: sums the split partials, adds the group keys'
 //                             terms (grad_keys by atomics here: which rows hit a key depends on the
 //                             data, and g is small) and the positive's -grad_loss terms, scales by 1/t.
+// Training variant (_info_nce_train, _info_nce_train_backward):
+//   forward   nce_fwd_train_tiles as nce_fwd_tiles, and for tiles with bank columns also
+//                             O += P @ bank_tile (P = exp(S - ref), ref = the row's running max up
+//                             to the policy's slack, O rescaled when ref moves; P is 0 on key
+//                             columns). D > DC: D/DC output passes, each recomputing the logits.
+//                             Per split and row: partial lse, ref per pass ([splits, passes, M]),
+//                             O ([splits, M, D]).
+//             nce_fwd_finalize also combines bank_mean_i = sum_s exp(ref_s - lse_i) O_s (fixed
+//                             split order: deterministic). lse_i includes the group keys, so a max
+//                             reached on key columns is accounted for by the final normalisation.
+//   backward  the backward above with the bank left out (K = 0 for the tile kernels);
+//             nce_bwd_finalize adds (grad_loss + grad_lse)_i bank_mean_i before the 1/t.
 #include "info_nce/info_nce_kernel.cuh"
 
 #include "common/cuda_tiles.cuh"
@@ -53,6 +65,9 @@ struct NceTileArgs {
   const Acc* gls;
   const int64_t* pos; // dk: positive of each column (query row)
   const Acc* gscale;  // dk: weight normaliser (nullptr: 1)
+  int64_t nkeys;      // train fwd: columns [0, nkeys) are keys (no bank_mean term)
+  Acc* mref;          // train fwd: O's reference max [nsplit, passes, nrows]
+  Acc* obuf;          // train fwd: partial O [nsplit, nrows, D]
 };
 
 __device__ __forceinline__ void split_range(int64_t ntiles, int nsplit, int64_t* tb, int64_t* te) {
@@ -97,6 +112,63 @@ struct FwdEpi {
     const EpiLane el(lane);
     const int64_t row = wrow0 + el.r;
     if (el.h == 0 && row < nrows) out[row] = st.value();
+  }
+};
+
+// Forward of _info_nce_train: the logsumexp of FwdEpi plus P = exp(S - ref) on the bank columns for
+// O += P @ bank_tile. ref follows the running max (including key columns) but only moves when the
+// max exceeds it by more than Pol::kOSlack; then O is rescaled by alpha = exp(ref_old - ref_new).
+template <class Pol>
+struct TrainEpi : FwdEpi<Pol> {
+  using Acc = typename Pol::Acc;
+  using WT = typename Pol::WT;
+  int64_t nkeys;
+  Acc* mref_out;  // this split's [passes, nrows]
+  Acc* s_alpha;   // this warp's 16 factors (shared)
+  Acc mref = neg_inf<Acc>();
+  bool pending = false;
+
+  __device__ __forceinline__ bool has_out(int64_t c0) const { return c0 + Pol::BN > nkeys; }
+  __device__ __forceinline__ bool rescale_pending() const { return pending; }
+  __device__ __forceinline__ const Acc* alpha() const { return s_alpha; }
+  __device__ __forceinline__ void tile(Acc* const* sS, WT* sW, int64_t c0, int64_t wrow0, int lane) {
+    FwdEpi<Pol>::tile(sS, sW, c0, wrow0, lane);  // folds the tile into st (reads sS only)
+    pending = false;
+    if (!has_out(c0)) return;
+    const EpiLane el(lane);
+    const Acc m = this->st.m;  // running max after this tile, the same in both lanes of the row
+    Acc a = Acc(1);
+    bool grow = false;
+    if (mref == neg_inf<Acc>()) {
+      mref = m;  // O is still zero: nothing to rescale
+    } else if (m > mref + Pol::kOSlack) {
+      a = acc_exp_precise(mref - m);
+      mref = m;
+      grow = true;
+    }
+    pending = __any_sync(0xffffffffu, grow);
+    if (pending && el.h == 0) s_alpha[el.r] = a;
+    const Acc pv = mref == neg_inf<Acc>() ? Acc(0) : mref;
+    const Acc* row = sS[0] + el.r * Pol::LDS;
+    WT* wrow = sW + el.r * Pol::LDW;
+#pragma unroll 8
+    for (int j = 0; j < Pol::BN / 2; ++j) {
+      const int c = el.h + 2 * j;
+      const int64_t g = c0 + c;
+      Acc w = Acc(0);
+      if (g >= nkeys && g < this->ncols) w = Pol::ex(row[c] * this->scale - pv);
+      wrow[c] = convert<WT>(w);  // in place for SIMT: same element just read
+    }
+  }
+  __device__ __forceinline__ void finish_pass(int oc, int64_t wrow0, int lane) {
+    const EpiLane el(lane);
+    const int64_t row = wrow0 + el.r;
+    if (el.h == 0 && row < this->nrows) {
+      if (oc == 0) this->out[row] = this->st.value();
+      mref_out[int64_t(oc) * this->nrows + row] = mref;
+    }
+    this->st = OnlineLse<Acc>();  // the next pass recomputes the same logits
+    mref = neg_inf<Acc>();
   }
 };
 
@@ -196,6 +268,26 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_tiles(NceTileArgs<typename P
 }
 
 template <class Pol>
+__global__ void __launch_bounds__(kThreads) nce_fwd_train_tiles(NceTileArgs<typename Pol::Acc> a) {
+  if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
+    __trap();
+  } else {
+    using Acc = typename Pol::Acc;
+    using L = SmemLayout<Pol, 1, true>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    int64_t tb, te;
+    split_range(a.ntiles, a.nsplit, &tb, &te);
+    const int64_t passes = a.D > 0 ? (a.D + Pol::DC - 1) / Pol::DC : 1;
+    Acc* alpha = reinterpret_cast<Acc*>(smem + L::col_off) + (threadIdx.x >> 5) * 16;
+    TrainEpi<Pol> epi{{a.scale, a.ncols, a.nrows, a.ws + int64_t(blockIdx.y) * a.nrows},
+                      a.nkeys, a.mref + int64_t(blockIdx.y) * passes * a.nrows, alpha};
+    const RowSrc q[1] = {a.rows};
+    Acc* out = a.obuf + int64_t(blockIdx.y) * a.nrows * a.D;
+    run_tiles<Pol, 1, false, true>(smem, q, a.nrows, a.cols, a.D, a.vec, tb, te, out, epi);
+  }
+}
+
+template <class Pol>
 __global__ void __launch_bounds__(kThreads) nce_dq_tiles(NceTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
@@ -261,6 +353,12 @@ struct NceRowArgs {
   const Acc* lse_in;
   Acc* gq;
   Acc* gk;
+  // training variant
+  const Acc* mref;         // fwd: [nsplit, passes, M]
+  const Acc* obuf;         // fwd: [nsplit, M, D]
+  int dc, passes;          // fwd: features per output pass
+  Acc* bank_mean;          // fwd output [M, D] (nullptr: plain forward)
+  const Acc* bank_mean_in; // bwd input [M, D] (nullptr: plain backward)
 };
 
 constexpr int kRowWarps = 8;  // rows (warps) per finalisation block
@@ -280,10 +378,22 @@ __global__ void __launch_bounds__(kRowWarps * 32) nce_fwd_finalize(NceRowArgs<Ac
     for (int64_t j = j0; j < j0 + a.g; ++j) st.add(warp_dot<Acc>(q, keys + j * a.D, a.D, lane) * a.scale);
   }
   const Acc xp = warp_dot<Acc>(q, keys + p * a.D, a.D, lane) * a.scale;
+  const Acc l = st.value();  // every lane folded the same values
   if (lane == 0) {
-    const Acc l = st.value();
     a.lse[i] = l;
     a.loss[i] = l - xp;
+  }
+  if (a.bank_mean != nullptr) {
+    // bank_mean_i = sum_k exp(S_ik - lse_i) b_k = sum_s exp(ref_s - lse_i) O_s (splits in order)
+    for (int64_t d = lane; d < a.D; d += 32) {
+      const int64_t oc = d / a.dc;
+      Acc v = Acc(0);
+      for (int s = 0; s < a.nsplit; ++s) {
+        const Acc r = a.mref[(int64_t(s) * a.passes + oc) * a.M + i];
+        if (r != neg_inf<Acc>()) v += acc_exp_precise(r - l) * a.obuf[(int64_t(s) * a.M + i) * a.D + d];
+      }
+      a.bank_mean[i * a.D + d] = v;
+    }
   }
 }
 
@@ -302,6 +412,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) nce_bwd_finalize(NceRowArgs<Ac
   for (int64_t d = lane; d < D; d += 32) {
     Acc s = Acc(0);
     for (int k = 0; k < a.nsplit; ++k) s += a.ws[(int64_t(k) * a.M + i) * D + d];
+    if (a.bank_mean_in != nullptr) s += coef * a.bank_mean_in[i * D + d];  // the bank's part
     gq[d] = s - glr * to_acc<Acc>(kp[d]);
     if (!a.all_keys) atomicAdd(a.gk + p * D + d, -glr * to_acc<Acc>(q[d]) * a.scale);
   }
@@ -339,8 +450,10 @@ NceRowArgs<typename Pol::Acc> row_args(const InfoNceParams& p) {
 }
 
 // bytes != nullptr: only report the workspace size. Otherwise launch.
+// train: also bank_mean (nce_fwd_train_tiles instead of nce_fwd_tiles).
 template <class Pol>
-cudaError_t forward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStream_t stream, size_t* bytes) {
+cudaError_t forward_impl(const InfoNceParams& p, bool train, const DeviceInfo& dev,
+                         cudaStream_t stream, size_t* bytes) {
   using T = typename Pol::T;
   using Acc = typename Pol::Acc;
   const bool all_keys = all_keys_mode(p);
@@ -348,22 +461,31 @@ cudaError_t forward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStre
   const int64_t ncols = n_keys_cols + p.K;
   const int64_t ntiles = ceil_div(ncols, Pol::BN);
   const int64_t row_blocks = ceil_div(p.M, kBM);
-  constexpr size_t smem = SmemLayout<Pol, 1, false>::bytes;
+  const size_t smem = train ? SmemLayout<Pol, 1, true>::bytes : SmemLayout<Pol, 1, false>::bytes;
+  const int64_t passes = p.D > 0 ? ceil_div(p.D, Pol::DC) : 1;
   int ns = 0;
   if (ntiles > 0 && p.M > 0) {
     int bpsm = 1;
-    cudaError_t e = prepare_kernel(nce_fwd_tiles<Pol>, smem, &bpsm);
+    cudaError_t e = train ? prepare_kernel(nce_fwd_train_tiles<Pol>, smem, &bpsm)
+                          : prepare_kernel(nce_fwd_tiles<Pol>, smem, &bpsm);
     if (e != cudaSuccess) return e;
     ns = choose_splits(row_blocks, ntiles, dev, bpsm);
   }
-  const size_t need = align_up(size_t(ns) * size_t(p.M) * sizeof(Acc));
+  const size_t bytes_lse = align_up(size_t(ns) * size_t(p.M) * sizeof(Acc));
+  const size_t bytes_ref = train ? align_up(size_t(ns) * size_t(passes) * size_t(p.M) * sizeof(Acc)) : 0;
+  const size_t bytes_o = train ? align_up(size_t(ns) * size_t(p.M) * size_t(p.D) * sizeof(Acc)) : 0;
+  const size_t need = bytes_lse + bytes_ref + bytes_o;
   if (bytes != nullptr) {
     *bytes = need;
     return cudaSuccess;
   }
   if (p.M <= 0) return cudaSuccess;
   if (p.workspace_bytes < need || (need > 0 && p.workspace == nullptr)) return cudaErrorInvalidValue;
+  if (train && p.bank_mean == nullptr && p.D > 0) return cudaErrorInvalidValue;
   Acc* ws = static_cast<Acc*>(p.workspace);
+  Acc* ws_ref = train ? reinterpret_cast<Acc*>(static_cast<unsigned char*>(p.workspace) + bytes_lse) : nullptr;
+  Acc* ws_o = train ? reinterpret_cast<Acc*>(static_cast<unsigned char*>(p.workspace) + bytes_lse + bytes_ref)
+                    : nullptr;
   if (ns > 0) {
     NceTileArgs<Acc> a{};
     a.rows = RowSrc{p.query, p.M, nullptr, 0};
@@ -376,7 +498,14 @@ cudaError_t forward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStre
     a.ntiles = ntiles;
     a.scale = Acc(1.0 / p.temperature);
     a.ws = ws;
-    nce_fwd_tiles<Pol><<<dim3(unsigned(row_blocks), unsigned(ns)), kThreads, smem, stream>>>(a);
+    if (train) {
+      a.nkeys = n_keys_cols;
+      a.mref = ws_ref;
+      a.obuf = ws_o;
+      nce_fwd_train_tiles<Pol><<<dim3(unsigned(row_blocks), unsigned(ns)), kThreads, smem, stream>>>(a);
+    } else {
+      nce_fwd_tiles<Pol><<<dim3(unsigned(row_blocks), unsigned(ns)), kThreads, smem, stream>>>(a);
+    }
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
@@ -385,6 +514,13 @@ cudaError_t forward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStre
   r.nsplit = ns;
   r.loss = static_cast<Acc*>(p.loss);
   r.lse = static_cast<Acc*>(p.lse);
+  if (train && p.D > 0) {
+    r.mref = ws_ref;
+    r.obuf = ws_o;
+    r.dc = Pol::DC;
+    r.passes = int(passes);
+    r.bank_mean = static_cast<Acc*>(p.bank_mean);
+  }
   nce_fwd_finalize<T, Acc><<<unsigned(ceil_div(p.M, kRowWarps)), kRowWarps * 32, 0, stream>>>(r);
   return cudaGetLastError();
 }
@@ -489,52 +625,90 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
   r.lse_in = lse;
   r.gq = static_cast<Acc*>(p.grad_query);
   r.gk = static_cast<Acc*>(p.grad_keys);
+  r.bank_mean_in = static_cast<const Acc*>(p.bank_mean_in);
   nce_bwd_finalize<T, Acc><<<unsigned(ceil_div(p.M, kRowWarps)), kRowWarps * 32, 0, stream>>>(r);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t info_nce_forward_workspace(const InfoNceParams& p, DType dtype, size_t* bytes) {
-  *bytes = 0;
-  if (p.M <= 0) return cudaSuccess;
+// ---- entry points --------------------------------------------------------------------------
+
+namespace {
+
+template <class F>
+cudaError_t with_policy(DType dtype, F&& f) {
   DeviceInfo dev;
   cudaError_t e = device_info(&dev);
   if (e != cudaSuccess) return e;
-  return dispatch_policy(dtype, dev, [&](auto pol) {
-    return forward_impl<decltype(pol)>(p, dev, nullptr, bytes);
+  return dispatch_policy(dtype, dev, [&](auto pol) { return f(pol, dev); });
+}
+
+// Plain forward (train = false) or the training variant (also bank_mean).
+cudaError_t forward_any(const InfoNceParams& p, bool train, DType dtype, cudaStream_t stream, size_t* bytes) {
+  if (bytes != nullptr) *bytes = 0;
+  if (p.M <= 0) return cudaSuccess;
+  return with_policy(dtype, [&](auto pol, const DeviceInfo& dev) {
+    return forward_impl<decltype(pol)>(p, train, dev, stream, bytes);
   });
+}
+
+// Backward; p.bank_mean_in is honoured (nullptr: the bank is visited).
+cudaError_t backward_any(const InfoNceParams& p, DType dtype, cudaStream_t stream, size_t* bytes) {
+  if (bytes != nullptr) *bytes = 0;
+  if (p.M <= 0 || p.D <= 0) return cudaSuccess;
+  return with_policy(dtype, [&](auto pol, const DeviceInfo& dev) {
+    return backward_impl<decltype(pol)>(p, dev, stream, bytes);
+  });
+}
+
+InfoNceParams plain(const InfoNceParams& p) {
+  InfoNceParams q = p;
+  q.bank_mean_in = nullptr;
+  return q;
+}
+
+// The backward of the training variant is the plain one without the bank's columns.
+InfoNceParams without_bank(const InfoNceParams& p) {
+  InfoNceParams q = p;
+  q.bank = nullptr;
+  q.K = 0;
+  return q;
+}
+
+}  // namespace
+
+cudaError_t info_nce_forward_workspace(const InfoNceParams& p, DType dtype, size_t* bytes) {
+  return forward_any(p, false, dtype, nullptr, bytes);
 }
 
 cudaError_t info_nce_backward_workspace(const InfoNceParams& p, DType dtype, size_t* bytes) {
-  *bytes = 0;
-  if (p.M <= 0 || p.D <= 0) return cudaSuccess;
-  DeviceInfo dev;
-  cudaError_t e = device_info(&dev);
-  if (e != cudaSuccess) return e;
-  return dispatch_policy(dtype, dev, [&](auto pol) {
-    return backward_impl<decltype(pol)>(p, dev, nullptr, bytes);
-  });
+  return backward_any(plain(p), dtype, nullptr, bytes);
 }
 
 cudaError_t info_nce_forward(const InfoNceParams& p, DType dtype, cudaStream_t stream) {
-  if (p.M <= 0) return cudaSuccess;
-  DeviceInfo dev;
-  cudaError_t e = device_info(&dev);
-  if (e != cudaSuccess) return e;
-  return dispatch_policy(dtype, dev, [&](auto pol) {
-    return forward_impl<decltype(pol)>(p, dev, stream, nullptr);
-  });
+  return forward_any(p, false, dtype, stream, nullptr);
 }
 
 cudaError_t info_nce_backward(const InfoNceParams& p, DType dtype, cudaStream_t stream) {
-  if (p.M <= 0 || p.D <= 0) return cudaSuccess;
-  DeviceInfo dev;
-  cudaError_t e = device_info(&dev);
-  if (e != cudaSuccess) return e;
-  return dispatch_policy(dtype, dev, [&](auto pol) {
-    return backward_impl<decltype(pol)>(p, dev, stream, nullptr);
-  });
+  return backward_any(plain(p), dtype, stream, nullptr);
+}
+
+cudaError_t info_nce_train_forward_workspace(const InfoNceParams& p, DType dtype, size_t* bytes) {
+  return forward_any(p, true, dtype, nullptr, bytes);
+}
+
+cudaError_t info_nce_train_forward(const InfoNceParams& p, DType dtype, cudaStream_t stream) {
+  return forward_any(p, true, dtype, stream, nullptr);
+}
+
+cudaError_t info_nce_train_backward_workspace(const InfoNceParams& p, DType dtype, size_t* bytes) {
+  return backward_any(without_bank(p), dtype, nullptr, bytes);
+}
+
+cudaError_t info_nce_train_backward(const InfoNceParams& p, DType dtype, cudaStream_t stream) {
+  if (p.M > 0 && p.D > 0 && p.bank_mean_in == nullptr) return cudaErrorInvalidValue;
+  return backward_any(without_bank(p), dtype, stream, nullptr);
 }
 
 }  // namespace cuda

@@ -27,11 +27,15 @@ struct InfoNceParams {
   // forward outputs (accumulation type)
   void* loss = nullptr;              // [M]
   void* lse = nullptr;               // [M]
+  // info_nce_train_forward only: sum_k softmax_ik bank_k over the bank columns (accumulation type)
+  void* bank_mean = nullptr;         // [M, D]
 
   // backward inputs (accumulation type)
   const void* grad_loss = nullptr;   // [M]
   const void* grad_lse = nullptr;    // [M]
   const void* lse_in = nullptr;      // [M], the forward's lse
+  // info_nce_train_backward only: the forward's bank_mean (accumulation type); the bank is not read
+  const void* bank_mean_in = nullptr;  // [M, D]
   // backward outputs (accumulation type); grad_keys must be zero-filled by the caller
   void* grad_query = nullptr;        // [M, D]
   void* grad_keys = nullptr;         // [N, D]
@@ -48,6 +52,14 @@ cudaError_t info_nce_backward_workspace(const InfoNceParams& p, DType dtype, siz
 // Launch on `stream` (asynchronous). Requires M > 0 and N > 0.
 cudaError_t info_nce_forward(const InfoNceParams& p, DType dtype, cudaStream_t stream);
 cudaError_t info_nce_backward(const InfoNceParams& p, DType dtype, cudaStream_t stream);
+
+// Training variant (_info_nce_train): the forward also writes bank_mean (in the same pass over the
+// bank as the logsumexp); the backward takes bank_mean_in instead of visiting the bank (p.bank and
+// p.K are ignored): the bank part of grad_query is (grad_loss + grad_lse)_i bank_mean_i / t.
+cudaError_t info_nce_train_forward_workspace(const InfoNceParams& p, DType dtype, size_t* bytes);
+cudaError_t info_nce_train_backward_workspace(const InfoNceParams& p, DType dtype, size_t* bytes);
+cudaError_t info_nce_train_forward(const InfoNceParams& p, DType dtype, cudaStream_t stream);
+cudaError_t info_nce_train_backward(const InfoNceParams& p, DType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace upreid
