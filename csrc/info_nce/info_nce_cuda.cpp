@@ -1,6 +1,7 @@
 // CUDA glue of info_nce (host compiler, torch): the same argument checks as the CPU path, contiguous
 // inputs, device guard, current stream, output/workspace allocation, launch of the torch-free kernels
-// of info_nce_kernel.cu.
+// of info_nce_kernel.cu. Also the training variant (_info_nce_train: the forward returns bank_mean;
+// _info_nce_train_backward: the bank is not visited, its part of grad_query is coef_i bank_mean_i).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -50,42 +51,72 @@ cuda::InfoNceParams base_params(const at::Tensor& q, const at::Tensor& k, const 
   return p;
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> info_nce_cuda(const at::Tensor& query, const at::Tensor& keys,
-                                                 const at::Tensor& positive,
-                                                 const std::optional<at::Tensor>& bank,
-                                                 double temperature, int64_t group_size) {
-  constexpr const char* op = "upreid::info_nce";
+// Forward of info_nce (train = false) and _info_nce_train (train = true: also bank_mean [M, D]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const char* op, bool train, const at::Tensor& query, const at::Tensor& keys,
+    const at::Tensor& positive, const std::optional<at::Tensor>& bank, double temperature,
+    int64_t group_size) {
   at::NoGradGuard no_grad;
   at::Tensor b = check_info_nce_args(query, keys, positive, bank, temperature, group_size, op);
   const c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous(), k = keys.contiguous(), pos = positive.contiguous(),
                    bk = b.contiguous();
   const auto opts = query.options().dtype(acc_dtype(query.scalar_type()));
-  const int64_t M = q.size(0);
+  const int64_t M = q.size(0), D = q.size(1);
   at::Tensor loss = at::empty({M}, opts), lse = at::empty({M}, opts);
-  if (M == 0) return {loss, lse};
+  // the kernels write every element of bank_mean (zeros without a bank); D = 0 has none
+  at::Tensor bank_mean = train ? at::empty({M, D}, opts) : at::Tensor();
+  if (M == 0) return {loss, lse, bank_mean};
 
   cuda::InfoNceParams p = base_params(q, k, pos, bk, temperature, group_size);
   p.loss = loss.data_ptr();
   p.lse = lse.data_ptr();
+  p.bank_mean = train && D > 0 ? bank_mean.data_ptr() : nullptr;
   const cuda::DType dt = kernel_dtype(q.scalar_type());
   size_t bytes = 0;
-  check_cuda(cuda::info_nce_forward_workspace(p, dt, &bytes), op, "workspace query");
+  check_cuda(train ? cuda::info_nce_train_forward_workspace(p, dt, &bytes)
+                   : cuda::info_nce_forward_workspace(p, dt, &bytes),
+             op, "workspace query");
   at::Tensor work = workspace(bytes, q);
   p.workspace = bytes > 0 ? work.data_ptr() : nullptr;
   p.workspace_bytes = bytes;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  check_cuda(cuda::info_nce_forward(p, dt, stream), op, "kernel launch");
-  return {loss, lse};
+  check_cuda(train ? cuda::info_nce_train_forward(p, dt, stream) : cuda::info_nce_forward(p, dt, stream),
+             op, "kernel launch");
+  return {loss, lse, bank_mean};
 }
 
-std::tuple<at::Tensor, at::Tensor> info_nce_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
+// Backward of info_nce (bank_mean undefined: the bank is visited) and of _info_nce_train (the bank
+// part of grad_query comes from bank_mean; `bank` is absent).
+std::tuple<at::Tensor, at::Tensor> backward_cuda(
+    const char* op, const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
     const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
-    const at::Tensor& lse, double temperature, int64_t group_size) {
-  constexpr const char* op = "upreid::_info_nce_backward";
+    const at::Tensor& lse, const at::Tensor& bank_mean, double temperature, int64_t group_size);
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> info_nce_cuda(const at::Tensor& query, const at::Tensor& keys,
+                                                 const at::Tensor& positive,
+                                                 const std::optional<at::Tensor>& bank,
+                                                 double temperature, int64_t group_size) {
+  auto out = forward_cuda("upreid::info_nce", false, query, keys, positive, bank, temperature,
+                          group_size);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_train_cuda(
+    const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positive,
+    const std::optional<at::Tensor>& bank, double temperature, int64_t group_size) {
+  return forward_cuda("upreid::info_nce", true, query, keys, positive, bank, temperature,
+                      group_size);
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> backward_cuda(
+    const char* op, const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
+    const at::Tensor& lse, const at::Tensor& bank_mean, double temperature, int64_t group_size) {
   at::NoGradGuard no_grad;
   at::Tensor b = check_info_nce_args(query, keys, positive, bank, temperature, group_size, op);
   const int64_t M = query.size(0), D = query.size(1);
@@ -107,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_backward_cuda(
                    bk = b.contiguous();
   const at::Tensor gl = grad_loss.to(acc).contiguous(), gls = grad_lse.to(acc).contiguous(),
                    lse_c = lse.to(acc).contiguous();
+  const at::Tensor bm = bank_mean.defined() ? bank_mean.to(acc).contiguous() : at::Tensor();
   at::Tensor gq = at::empty({M, D}, opts);
   at::Tensor gk = at::zeros({k.size(0), D}, opts);  // group mode accumulates into it atomically
 
@@ -116,15 +148,44 @@ std::tuple<at::Tensor, at::Tensor> info_nce_backward_cuda(
   p.lse_in = lse_c.data_ptr();
   p.grad_query = gq.data_ptr();
   p.grad_keys = gk.data_ptr();
+  p.bank_mean_in = bm.defined() ? bm.data_ptr() : nullptr;
   const cuda::DType dt = kernel_dtype(q.scalar_type());
+  const bool train = bm.defined();
   size_t bytes = 0;
-  check_cuda(cuda::info_nce_backward_workspace(p, dt, &bytes), op, "workspace query");
+  check_cuda(train ? cuda::info_nce_train_backward_workspace(p, dt, &bytes)
+                   : cuda::info_nce_backward_workspace(p, dt, &bytes),
+             op, "workspace query");
   at::Tensor work = workspace(bytes, q);
   p.workspace = bytes > 0 ? work.data_ptr() : nullptr;
   p.workspace_bytes = bytes;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  check_cuda(cuda::info_nce_backward(p, dt, stream), op, "kernel launch");
+  check_cuda(train ? cuda::info_nce_train_backward(p, dt, stream) : cuda::info_nce_backward(p, dt, stream),
+             op, "kernel launch");
   return {gq.to(query.scalar_type()), gk.to(keys.scalar_type())};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> info_nce_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
+    const at::Tensor& lse, double temperature, int64_t group_size) {
+  return backward_cuda("upreid::_info_nce_backward", grad_loss, grad_lse, query, keys, positive,
+                       bank, lse, at::Tensor(), temperature, group_size);
+}
+
+std::tuple<at::Tensor, at::Tensor> info_nce_train_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& positive, const at::Tensor& lse,
+    const at::Tensor& bank_mean, double temperature, int64_t group_size) {
+  constexpr const char* op = "upreid::_info_nce_train_backward";
+  check_dim(bank_mean, 2, op, "bank_mean", "[M, D]");
+  TORCH_CHECK(bank_mean.size(0) == query.size(0) && bank_mean.size(1) == query.size(1), op,
+              ": 'bank_mean' has shape ", shape_str(bank_mean), " but 'query' has shape ",
+              shape_str(query));
+  check_like(bank_mean, "bank_mean", query, "query", op, /*same_dtype=*/false);
+  return backward_cuda(op, grad_loss, grad_lse, query, keys, positive, std::nullopt, lse, bank_mean,
+                       temperature, group_size);
 }
 
 }  // namespace upreid
@@ -132,4 +193,6 @@ std::tuple<at::Tensor, at::Tensor> info_nce_backward_cuda(
 TORCH_LIBRARY_IMPL(upreid, CUDA, m) {
   m.impl("info_nce", &upreid::info_nce_cuda);
   m.impl("_info_nce_backward", &upreid::info_nce_backward_cuda);
+  m.impl("_info_nce_train", &upreid::info_nce_train_cuda);
+  m.impl("_info_nce_train_backward", &upreid::info_nce_train_backward_cuda);
 }
