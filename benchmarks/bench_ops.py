@@ -92,6 +92,8 @@ def forward_fn(s: Shape, impl: str) -> Callable:
     if impl == "reference":
         return ref
     # The timed backward-only pass replays one graph (retain_graph), which donated buffers forbid.
+    import torch._functorch.config
+
     torch._functorch.config.donated_buffer = False
     return torch.compile(ref, dynamic=False)
 
