@@ -5,7 +5,7 @@ with a suggestion); the defaults are the BoT recipe (METHOD.md section 5) on Res
 """
 from __future__ import annotations
 
-from upreid.engine.schema_config import Schema
+from upreid.engine.config import Schema
 
 DEFAULTS: dict = {
     "init": None,              # a checkpoint / backbone / MoCo / torchvision file; null or 'random' = random
