@@ -9,26 +9,10 @@
 #include "bank_kl/bank_kl.h"
 #include "bank_kl/bank_kl_kernel.cuh"
 #include "common/checks.h"
+#include "common/cuda_glue.h"
 
 namespace upreid {
 namespace {
-
-cuda::DType kernel_dtype(at::ScalarType s) {
-  switch (s) {
-    case at::kHalf:
-      return cuda::DType::kF16;
-    case at::kBFloat16:
-      return cuda::DType::kBF16;
-    case at::kDouble:
-      return cuda::DType::kF64;
-    default:
-      return cuda::DType::kF32;
-  }
-}
-
-void check_cuda(cudaError_t e, const char* op, const char* what) {
-  TORCH_CHECK(e == cudaSuccess, op, ": CUDA ", what, " failed: ", cudaGetErrorString(e));
-}
 
 cuda::BankKlParams base_params(const at::Tensor& s, const at::Tensor& t, const at::Tensor& b,
                                double tau_student, double tau_teacher) {

@@ -8,28 +8,12 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/cuda_glue.h"
 #include "info_nce/info_nce.h"
 #include "info_nce/info_nce_kernel.cuh"
 
 namespace upreid {
 namespace {
-
-cuda::DType kernel_dtype(at::ScalarType s) {
-  switch (s) {
-    case at::kHalf:
-      return cuda::DType::kF16;
-    case at::kBFloat16:
-      return cuda::DType::kBF16;
-    case at::kDouble:
-      return cuda::DType::kF64;
-    default:
-      return cuda::DType::kF32;
-  }
-}
-
-void check_cuda(cudaError_t e, const char* op, const char* what) {
-  TORCH_CHECK(e == cudaSuccess, op, ": CUDA ", what, " failed: ", cudaGetErrorString(e));
-}
 
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/cuda_glue.h"
 #include "rank/rank.h"
 #include "rank/rank_kernel.cuh"
 
@@ -13,23 +14,6 @@ namespace upreid {
 namespace {
 
 constexpr const char* kOp = "upreid::rank_metrics";
-
-cuda::DType kernel_dtype(at::ScalarType s) {
-  switch (s) {
-    case at::kHalf:
-      return cuda::DType::kF16;
-    case at::kBFloat16:
-      return cuda::DType::kBF16;
-    case at::kDouble:
-      return cuda::DType::kF64;
-    default:
-      return cuda::DType::kF32;
-  }
-}
-
-void check_cuda(cudaError_t e, const char* what) {
-  TORCH_CHECK(e == cudaSuccess, kOp, ": CUDA ", what, " failed: ", cudaGetErrorString(e));
-}
 
 }  // namespace
 
@@ -70,20 +54,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank_metrics_cuda(
 
   int64_t max_pos = 0;
   if (Q > 0) {
-    check_cuda(cuda::rank_count_positives(p, stream), "kernel launch (count positives)");
+    check_cuda(cuda::rank_count_positives(p, stream), kOp, "kernel launch (count positives)");
     const at::Tensor st = stats.cpu();  // one small copy: sizes pass 2, reports NaN/Inf
     TORCH_CHECK(st[1].item<int32_t>() == 0, kOp,
                 ": 'distmat' contains NaN or Inf; every distance must be finite");
     max_pos = st[0].item<int32_t>();
   }
   size_t bytes = 0;
-  check_cuda(cuda::rank_scratch_bytes(p, max_pos, &bytes), "workspace query");
+  check_cuda(cuda::rank_scratch_bytes(p, max_pos, &bytes), kOp, "workspace query");
   at::Tensor scratch;
   if (bytes > 0) {
     scratch = at::empty({static_cast<int64_t>(bytes)}, a.distmat.options().dtype(at::kByte));
     p.scratch = scratch.data_ptr();
   }
-  check_cuda(cuda::rank_metrics_run(p, max_pos, stream), "kernel launch");
+  check_cuda(cuda::rank_metrics_run(p, max_pos, stream), kOp, "kernel launch");
   return {cmc, ap, inp, valid};
 }
 

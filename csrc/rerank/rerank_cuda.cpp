@@ -10,15 +10,12 @@
 #include <algorithm>
 
 #include "common/checks.h"
+#include "common/cuda_glue.h"
 #include "rerank/rerank.h"
 #include "rerank/rerank_kernel.cuh"
 
 namespace upreid {
 namespace {
-
-void check_cuda(cudaError_t e, const char* op, const char* what) {
-  TORCH_CHECK(e == cudaSuccess, op, ": CUDA ", what, " failed: ", cudaGetErrorString(e));
-}
 
 int64_t last_entry(const at::Tensor& ptr) { return ptr[ptr.size(0) - 1].item<int64_t>(); }
 

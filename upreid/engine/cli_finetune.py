@@ -40,16 +40,8 @@ def _demo(args) -> int:
     return run_demo_cli(args)
 
 
-def _errors():
-    from upreid.data import DatasetError
-    from upreid.engine.checkpoint import CheckpointError
-    from upreid.engine.config import ConfigError
-    from upreid.engine.pretrain import NonFiniteLossError, RunExistsError
-    return (ConfigError, DatasetError, CheckpointError, RunExistsError, NonFiniteLossError, ValueError,
-            NotImplementedError)
-
-
 def run_finetune(args) -> int:
+    from upreid.engine.cli import _errors  # the errors a run reports as one line, not a traceback
     from upreid.engine.finetune_config import load_finetune_config
     errors = _errors()
     try:
