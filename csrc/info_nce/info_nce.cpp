@@ -40,6 +40,14 @@ at::Tensor check_info_nce_args(const at::Tensor& query, const at::Tensor& keys,
   return query.new_empty({0, D});
 }
 
+void check_bank_mean(const at::Tensor& bank_mean, const at::Tensor& query, const char* op) {
+  check_dim(bank_mean, 2, op, "bank_mean", "[M, D]");
+  TORCH_CHECK(bank_mean.size(0) == query.size(0) && bank_mean.size(1) == query.size(1), op,
+              ": 'bank_mean' has shape ", shape_str(bank_mean), " but 'query' has shape ",
+              shape_str(query));
+  check_like(bank_mean, "bank_mean", query, "query", op, /*same_dtype=*/false);
+}
+
 }  // namespace upreid
 
 TORCH_LIBRARY_FRAGMENT(upreid, m) {

@@ -14,6 +14,9 @@ at::Tensor check_info_nce_args(const at::Tensor& query, const at::Tensor& keys,
                                const at::Tensor& positive, const std::optional<at::Tensor>& bank,
                                double temperature, int64_t group_size, const char* op);
 
+// bank_mean of _info_nce_train_backward: [M, D] like the query, on its device.
+void check_bank_mean(const at::Tensor& bank_mean, const at::Tensor& query, const char* op);
+
 std::tuple<at::Tensor, at::Tensor> info_nce_cpu(const at::Tensor& query, const at::Tensor& keys,
                                                 const at::Tensor& positive,
                                                 const std::optional<at::Tensor>& bank,

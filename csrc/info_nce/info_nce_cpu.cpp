@@ -216,10 +216,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_train_backward_cpu(
     const at::Tensor& keys, const at::Tensor& positive, const at::Tensor& lse,
     const at::Tensor& bank_mean, double temperature, int64_t group_size) {
   constexpr const char* op = "upreid::_info_nce_train_backward";
-  check_dim(bank_mean, 2, op, "bank_mean", "[M, D]");
-  TORCH_CHECK(bank_mean.size(0) == query.size(0) && bank_mean.size(1) == query.size(1), op,
-              ": 'bank_mean' has shape ", shape_str(bank_mean), " but 'query' has shape ",
-              shape_str(query));
+  check_bank_mean(bank_mean, query, op);
   return backward_impl(op, grad_loss, grad_lse, query, keys, positive, std::nullopt, lse,
                        bank_mean.to(acc_dtype(query.scalar_type())).contiguous(), temperature,
                        group_size);

@@ -163,11 +163,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_train_backward_cuda(
     const at::Tensor& keys, const at::Tensor& positive, const at::Tensor& lse,
     const at::Tensor& bank_mean, double temperature, int64_t group_size) {
   constexpr const char* op = "upreid::_info_nce_train_backward";
-  check_dim(bank_mean, 2, op, "bank_mean", "[M, D]");
-  TORCH_CHECK(bank_mean.size(0) == query.size(0) && bank_mean.size(1) == query.size(1), op,
-              ": 'bank_mean' has shape ", shape_str(bank_mean), " but 'query' has shape ",
-              shape_str(query));
-  check_like(bank_mean, "bank_mean", query, "query", op, /*same_dtype=*/false);
+  check_bank_mean(bank_mean, query, op);
   return backward_cuda(op, grad_loss, grad_lse, query, keys, positive, std::nullopt, lse, bank_mean,
                        temperature, group_size);
 }
