@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, 1) bkl_fwd_tiles(BklTileArgs<typenam
     __trap();
   } else {
     using Acc = typename Pol::Acc;
-    extern __shared__ __align__(128) unsigned char smem[];
+    UPREID_DYNAMIC_SMEM(smem, 128);
     const int64_t s = blockIdx.y;
     const int64_t tb = s * a.ntiles / a.nsplit, te = (s + 1) * a.ntiles / a.nsplit;
     KlFwdEpi<Pol> epi{a.ss, a.st, a.K, a.M, a.ws + s * a.M * 5};
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 1) bkl_bwd_tiles(BklTileArgs<typenam
     __trap();
   } else {
     using Acc = typename Pol::Acc;
-    extern __shared__ __align__(128) unsigned char smem[];
+    UPREID_DYNAMIC_SMEM(smem, 128);
     const int64_t s = blockIdx.y;
     const int64_t tb = s * a.ntiles / a.nsplit, te = (s + 1) * a.ntiles / a.nsplit;
     const int64_t row = int64_t(blockIdx.x) * kBM + (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 1);
@@ -259,13 +259,13 @@ cudaError_t impl(const BankKlParams& p, const DeviceInfo& dev, cudaStream_t stre
     a.lse_s = static_cast<const Acc*>(p.lse_student_in);
     a.lse_t = static_cast<const Acc*>(p.lse_teacher_in);
   }
-  kernel<<<dim3(unsigned(row_blocks), unsigned(ns)), kThreads, smem, stream>>>(a);
+  launch(kernel, dim3(unsigned(row_blocks), unsigned(ns)), kThreads, smem, stream, a);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   if constexpr (kBwd) {
     return launch_reduce_splits<Acc>(a.ws, ns, p.M * p.D, a.ss, static_cast<Acc*>(p.grad_student), stream);
   } else {
-    bkl_fwd_finalize<Acc><<<unsigned(ceil_div(p.M, 256)), 256, 0, stream>>>(
+    launch(bkl_fwd_finalize<Acc>, unsigned(ceil_div(p.M, 256)), 256, 0, stream,
         a.ws, ns, p.M, static_cast<Acc*>(p.kl), static_cast<Acc*>(p.lse_student),
         static_cast<Acc*>(p.lse_teacher));
     return cudaGetLastError();

@@ -527,7 +527,7 @@ inline cudaError_t launch_reduce_splits(const Acc* ws, int nsplit, int64_t n, Ac
   if (n <= 0) return cudaSuccess;
   int64_t blocks = (n + 255) / 256;
   if (blocks > 8192) blocks = 8192;
-  reduce_splits_kernel<Acc><<<unsigned(blocks), 256, 0, stream>>>(ws, nsplit, n, scale, out);
+  launch(reduce_splits_kernel<Acc>, unsigned(blocks), 256, 0, stream, ws, nsplit, n, scale, out);
   return cudaGetLastError();
 }
 

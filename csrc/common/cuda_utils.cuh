@@ -26,9 +26,25 @@ enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
 #include <cfloat>
 #include <cmath>
+#include <utility>
 
 namespace upreid {
 namespace cuda {
+
+// ---------------------------------------------------------------------------------------------
+// Every kernel is launched through launch() and declares its dynamic shared memory with
+// UPREID_DYNAMIC_SMEM: the CPU emulation harness (tests/emu) supplies its own versions of both and
+// then compiles these same sources with the host compiler.
+#ifdef UPREID_CUDA_EMU
+using ::upreid_emu::launch;
+#else
+template <class... P, class... A>
+inline void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   A&&... args) {
+  kernel<<<grid, block, smem, stream>>>(std::forward<A>(args)...);
+}
+#define UPREID_DYNAMIC_SMEM(name, align) extern __shared__ __align__(align) unsigned char name[]
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // dtype conversions

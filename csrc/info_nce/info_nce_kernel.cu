@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_tiles(NceTileArgs<typename P
     __trap();
   } else {
     using Acc = typename Pol::Acc;
-    extern __shared__ __align__(128) unsigned char smem[];
+    UPREID_DYNAMIC_SMEM(smem, 128);
     int64_t tb, te;
     split_range(a.ntiles, a.nsplit, &tb, &te);
     FwdEpi<Pol> epi{a.scale, a.ncols, a.nrows, a.ws + int64_t(blockIdx.y) * a.nrows};
@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_train_tiles(NceTileArgs<type
   } else {
     using Acc = typename Pol::Acc;
     using L = SmemLayout<Pol, 1, true>;
-    extern __shared__ __align__(128) unsigned char smem[];
+    UPREID_DYNAMIC_SMEM(smem, 128);
     int64_t tb, te;
     split_range(a.ntiles, a.nsplit, &tb, &te);
     const int64_t passes = a.D > 0 ? (a.D + Pol::DC - 1) / Pol::DC : 1;
@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) nce_dq_tiles(NceTileArgs<typename Po
     __trap();
   } else {
     using Acc = typename Pol::Acc;
-    extern __shared__ __align__(128) unsigned char smem[];
+    UPREID_DYNAMIC_SMEM(smem, 128);
     int64_t tb, te;
     split_range(a.ntiles, a.nsplit, &tb, &te);
     const int64_t my_row = int64_t(blockIdx.x) * kBM + (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 1);
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(kThreads) nce_dk_tiles(NceTileArgs<typename Po
   } else {
     using Acc = typename Pol::Acc;
     using L = SmemLayout<Pol, 1, true>;
-    extern __shared__ __align__(128) unsigned char smem[];
+    UPREID_DYNAMIC_SMEM(smem, 128);
     int64_t tb, te;
     split_range(a.ntiles, a.nsplit, &tb, &te);
     const Acc gs = a.gscale != nullptr ? *a.gscale : Acc(1);
@@ -502,9 +502,9 @@ cudaError_t forward_impl(const InfoNceParams& p, bool train, const DeviceInfo& d
       a.nkeys = n_keys_cols;
       a.mref = ws_ref;
       a.obuf = ws_o;
-      nce_fwd_train_tiles<Pol><<<dim3(unsigned(row_blocks), unsigned(ns)), kThreads, smem, stream>>>(a);
+      launch(nce_fwd_train_tiles<Pol>, dim3(unsigned(row_blocks), unsigned(ns)), kThreads, smem, stream, a);
     } else {
-      nce_fwd_tiles<Pol><<<dim3(unsigned(row_blocks), unsigned(ns)), kThreads, smem, stream>>>(a);
+      launch(nce_fwd_tiles<Pol>, dim3(unsigned(row_blocks), unsigned(ns)), kThreads, smem, stream, a);
     }
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
@@ -521,7 +521,7 @@ cudaError_t forward_impl(const InfoNceParams& p, bool train, const DeviceInfo& d
     r.passes = int(passes);
     r.bank_mean = static_cast<Acc*>(p.bank_mean);
   }
-  nce_fwd_finalize<T, Acc><<<unsigned(ceil_div(p.M, kRowWarps)), kRowWarps * 32, 0, stream>>>(r);
+  launch(nce_fwd_finalize<T, Acc>, unsigned(ceil_div(p.M, kRowWarps)), kRowWarps * 32, 0, stream, r);
   return cudaGetLastError();
 }
 
@@ -586,13 +586,13 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
     a.lse = lse;
     a.gl = gl;
     a.gls = gls;
-    nce_dq_tiles<Pol><<<dim3(unsigned(blocks_q), unsigned(ns_q)), kThreads, smem, stream>>>(a);
+    launch(nce_dq_tiles<Pol>, dim3(unsigned(blocks_q), unsigned(ns_q)), kThreads, smem, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
   if (ns_k > 0) {
     const Acc* gs = nullptr;
     if constexpr (Pol::kTensorCore) {
-      coef_absmax_kernel<<<1, 1024, 0, stream>>>(gl, gls, p.M, gscale);
+      launch(coef_absmax_kernel, 1, 1024, 0, stream, gl, gls, p.M, gscale);
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
       gs = gscale;
     }
@@ -612,7 +612,7 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
     a.gls = gls;
     a.pos = p.positive;
     a.gscale = gs;
-    nce_dk_tiles<Pol><<<dim3(unsigned(blocks_k), unsigned(ns_k)), kThreads, smem, stream>>>(a);
+    launch(nce_dk_tiles<Pol>, dim3(unsigned(blocks_k), unsigned(ns_k)), kThreads, smem, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
     e = launch_reduce_splits<Acc>(ws_k, ns_k, p.N * p.D, scale, static_cast<Acc*>(p.grad_keys), stream);
     if (e != cudaSuccess) return e;
@@ -626,7 +626,7 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
   r.gq = static_cast<Acc*>(p.grad_query);
   r.gk = static_cast<Acc*>(p.grad_keys);
   r.bank_mean_in = static_cast<const Acc*>(p.bank_mean_in);
-  nce_bwd_finalize<T, Acc><<<unsigned(ceil_div(p.M, kRowWarps)), kRowWarps * 32, 0, stream>>>(r);
+  launch(nce_bwd_finalize<T, Acc>, unsigned(ceil_div(p.M, kRowWarps)), kRowWarps * 32, 0, stream, r);
   return cudaGetLastError();
 }
 

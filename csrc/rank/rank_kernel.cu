@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) count_positives_kernel(RankParams p)
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) rank_kernel(RankParams p, int64_t cap, bool in_smem) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  UPREID_DYNAMIC_SMEM(smem, 16);
   __shared__ int counter;
   unsigned char* base =
       in_smem ? smem : static_cast<unsigned char*>(p.scratch) + size_t(blockIdx.x) * size_t(cap) * kEntryBytes;
@@ -232,7 +232,7 @@ cudaError_t rank_count_positives(const RankParams& p, cudaStream_t stream) {
   const unsigned grid = unsigned(std::min<int64_t>(p.Q, 1 << 20));
   return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    count_positives_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+    launch(count_positives_kernel<T>, grid, kThreads, 0, stream, p);
     return cudaGetLastError();
   });
 }
@@ -255,16 +255,16 @@ cudaError_t rank_metrics_run(const RankParams& p, int64_t max_pos, cudaStream_t 
     const size_t smem = in_smem ? size_t(cap) * kEntryBytes : 0;
     e = dispatch(p.dtype, [&](auto tag) {
       using T = decltype(tag);
-      rank_kernel<T><<<unsigned(blocks), kThreads, smem, stream>>>(p, cap, in_smem);
+      launch(rank_kernel<T>, unsigned(blocks), kThreads, smem, stream, p, cap, in_smem);
       return cudaGetLastError();
     });
     if (e != cudaSuccess) return e;
     const unsigned hb = unsigned(std::min<int64_t>((p.Q + kThreads - 1) / kThreads, 4096));
-    histogram_kernel<<<hb, kThreads, 0, stream>>>(p);
+    launch(histogram_kernel, hb, kThreads, 0, stream, p);
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
-  cmc_kernel<<<1, 32, 0, stream>>>(p);
+  launch(cmc_kernel, 1, 32, 0, stream, p);
   return cudaGetLastError();
 }
 

@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(1024) scan_kernel(int64_t* ptr, int64_t n) {
 }
 
 cudaError_t launch_scan(int64_t* ptr, int64_t n, cudaStream_t stream) {
-  scan_kernel<<<1, 1024, 0, stream>>>(ptr, n);
+  launch(scan_kernel, 1, 1024, 0, stream, ptr, n);
   return cudaGetLastError();
 }
 
@@ -399,7 +399,7 @@ constexpr int kRowThreads = 128;
 // V rows. buf: lcap ints per block (shared or global slice).
 template <class T, bool kFill, bool kDense>
 __global__ void __launch_bounds__(kRowThreads) sets_kernel(RerankParams p, int64_t lcap, bool in_smem) {
-  extern __shared__ __align__(16) unsigned char dyn[];
+  UPREID_DYNAMIC_SMEM(dyn, 16);
   __shared__ int red[32];
   __shared__ T wsum;
   int* buf = in_smem ? reinterpret_cast<int*>(dyn)
@@ -480,7 +480,7 @@ __global__ void __launch_bounds__(kRowThreads) sets_kernel(RerankParams p, int64
 // Local query expansion. Scratch per block: keys [mcap] u64, vals [mcap] T, off [kq + 1] int64.
 template <class T, bool kFill>
 __global__ void __launch_bounds__(kRowThreads) expand_kernel(RerankParams p, int64_t mcap, bool in_smem) {
-  extern __shared__ __align__(16) unsigned char dyn[];
+  UPREID_DYNAMIC_SMEM(dyn, 16);
   __shared__ int red[32];
   const size_t slice = size_t(mcap) * (8 + sizeof(T)) + size_t(p.kq + 1) * 8;
   unsigned char* base = in_smem ? dyn : static_cast<unsigned char*>(p.scratch) + size_t(blockIdx.x) * slice;
@@ -560,7 +560,7 @@ template <class T>
 __global__ void __launch_bounds__(kJacThreads) jaccard_kernel(RerankParams p, const int64_t* ptr,
                                                               const int32_t* col, const T* val,
                                                               bool in_smem) {
-  extern __shared__ __align__(16) unsigned char dyn[];
+  UPREID_DYNAMIC_SMEM(dyn, 16);
   const int64_t G = p.N - p.Q;
   T* tmin = in_smem ? reinterpret_cast<T*>(dyn) : static_cast<T*>(p.scratch) + size_t(blockIdx.x) * size_t(G);
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -650,12 +650,12 @@ cudaError_t rerank_neighbors(const RerankParams& p, cudaStream_t stream) {
     const unsigned grid = unsigned((p.N + kBM - 1) / kBM);
     if (p.x != nullptr) {
       const unsigned sq_grid = unsigned(std::min<int64_t>((p.N + 7) / 8, 1 << 16));
-      sq_norm_kernel<T><<<sq_grid, 256, 0, stream>>>(p);
+      launch(sq_norm_kernel<T>, sq_grid, 256, 0, stream, p);
       cudaError_t e = cudaGetLastError();
       if (e != cudaSuccess) return e;
-      neighbors_kernel<T, false><<<grid, kNbThreads, 0, stream>>>(p);
+      launch(neighbors_kernel<T, false>, grid, kNbThreads, 0, stream, p);
     } else {
-      neighbors_kernel<T, true><<<grid, kNbThreads, 0, stream>>>(p);
+      launch(neighbors_kernel<T, true>, grid, kNbThreads, 0, stream, p);
     }
     return cudaGetLastError();
   });
@@ -671,18 +671,18 @@ cudaError_t rerank_sets(const RerankParams& p, bool fill, cudaStream_t stream) {
   const size_t smem = in_smem ? size_t(lcap) * 4 : 0;
   cudaError_t e = cudaSuccess;
   if (!fill) {
-    half_sets_kernel<<<unsigned(std::min<int64_t>((p.N + 255) / 256, 1 << 16)), 256, 0, stream>>>(p);
+    launch(half_sets_kernel, unsigned(std::min<int64_t>((p.N + 255) / 256, 1 << 16)), 256, 0, stream, p);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
   e = dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool dense = p.x == nullptr;
     if (fill) {
-      if (dense) sets_kernel<T, true, true><<<grid, kRowThreads, smem, stream>>>(p, lcap, in_smem);
-      else sets_kernel<T, true, false><<<grid, kRowThreads, smem, stream>>>(p, lcap, in_smem);
+      if (dense) launch(sets_kernel<T, true, true>, grid, kRowThreads, smem, stream, p, lcap, in_smem);
+      else launch(sets_kernel<T, true, false>, grid, kRowThreads, smem, stream, p, lcap, in_smem);
     } else {
-      if (dense) sets_kernel<T, false, true><<<grid, kRowThreads, smem, stream>>>(p, lcap, in_smem);
-      else sets_kernel<T, false, false><<<grid, kRowThreads, smem, stream>>>(p, lcap, in_smem);
+      if (dense) launch(sets_kernel<T, false, true>, grid, kRowThreads, smem, stream, p, lcap, in_smem);
+      else launch(sets_kernel<T, false, false>, grid, kRowThreads, smem, stream, p, lcap, in_smem);
     }
     return cudaGetLastError();
   });
@@ -701,8 +701,8 @@ cudaError_t rerank_expand(const RerankParams& p, bool fill, cudaStream_t stream)
     if (!in_smem && p.scratch == nullptr) return cudaErrorInvalidValue;
     const unsigned grid = unsigned(row_blocks(p, dev, in_smem));
     const size_t smem = in_smem ? slice : 0;
-    if (fill) expand_kernel<T, true><<<grid, kRowThreads, smem, stream>>>(p, mcap, in_smem);
-    else expand_kernel<T, false><<<grid, kRowThreads, smem, stream>>>(p, mcap, in_smem);
+    if (fill) launch(expand_kernel<T, true>, grid, kRowThreads, smem, stream, p, mcap, in_smem);
+    else launch(expand_kernel<T, false>, grid, kRowThreads, smem, stream, p, mcap, in_smem);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess || fill) return e;
     return launch_scan(p.e_ptr, p.N, stream);
@@ -718,11 +718,11 @@ cudaError_t rerank_invert(const RerankParams& p, cudaStream_t stream) {
   return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* val = static_cast<const T*>(qe ? p.e_val : p.v_val);
-    invert_kernel<T, false><<<grid, 256, 0, stream>>>(p, ptr, col, val);
+    launch(invert_kernel<T, false>, grid, 256, 0, stream, p, ptr, col, val);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     if ((e = launch_scan(p.i_ptr, p.N, stream)) != cudaSuccess) return e;
-    invert_kernel<T, true><<<grid, 256, 0, stream>>>(p, ptr, col, val);
+    launch(invert_kernel<T, true>, grid, 256, 0, stream, p, ptr, col, val);
     return cudaGetLastError();
   });
 }
@@ -752,7 +752,7 @@ cudaError_t rerank_jaccard(const RerankParams& p, cudaStream_t stream) {
       if (p.scratch == nullptr) return cudaErrorInvalidValue;
       blocks = jaccard_global_blocks(p, dev);
     }
-    jaccard_kernel<T><<<unsigned(blocks), kJacThreads, smem, stream>>>(p, ptr, col, val, in_smem);
+    launch(jaccard_kernel<T>, unsigned(blocks), kJacThreads, smem, stream, p, ptr, col, val, in_smem);
     return cudaGetLastError();
   });
 }
