@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CSRC = ROOT / "csrc"
-OPS = ("info_nce", "bank_kl", "rank", "rerank")
+OPS = ("info_nce", "bank_kl", "rank", "rerank", "selftest")  # selftest: the harness's own checks
 CXX = os.environ.get("CXX", "g++")
 BASE_FLAGS = ["-std=gnu++17", "-g0", "-fno-strict-aliasing", "-fno-gnu-unique", "-D__CUDACC__", "-DUPREID_CUDA_EMU=1",
               f"-I{HERE / 'include'}", f"-I{HERE / 'drivers'}"]
@@ -44,8 +44,15 @@ def _compiler_id() -> str:
     return out.splitlines()[0]
 
 
+def _csrc(op: str, csrc: Path | None) -> Path:
+    if csrc is not None:
+        return Path(csrc)
+    return HERE if op == "selftest" else CSRC
+
+
 def _inputs(op: str, csrc: Path) -> list[Path]:
-    files = sorted((csrc / "common").glob("*.cuh")) + sorted((csrc / op).glob("*_kernel.cu*"))
+    files = sorted((CSRC / "common").glob("*.cuh")) + sorted((csrc / "common").glob("*.cuh"))
+    files += sorted((csrc / op).glob("*_kernel.cu*"))
     files += sorted((HERE / "include").glob("*.h")) + sorted((HERE / "drivers").glob("*"))
     files += [HERE / "runtime.cpp", HERE / "race_main.cpp"]
     return files
@@ -72,14 +79,14 @@ def build(op: str, mode: str = "functional", csrc: Path | None = None) -> Path:
     kernel sources under `csrc` (default: the checkout's csrc/). Returns its path."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
-    csrc = Path(csrc) if csrc is not None else CSRC
+    csrc = _csrc(op, csrc)
     out_dir = cache_dir() / f"{op}-{mode}-{_digest(op, mode, csrc)}"
     target = out_dir / (f"lib{op}.so" if mode == "functional" else f"race_{op}")
     if target.exists():
         return target
     cache_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{op}-{mode}-", dir=cache_dir()))
-    flags = BASE_FLAGS + [f"-I{csrc}"] + MODES[mode]
+    flags = BASE_FLAGS + [f"-I{csrc}", f"-I{CSRC}"] + MODES[mode]
     units = [(csrc / op / f"{op}_kernel.cu", ["-x", "c++"]), (HERE / "drivers" / f"{op}.cpp", []),
              (HERE / "runtime.cpp", [])]
     if mode == "race":
@@ -122,6 +129,7 @@ class Emu:
         sizes = (ctypes.c_uint64 * max(1, len(smem)))(*[s for _, s in smem])
         self.lib.emu_register_static_smem(offs, sizes, len(smem))
         self.num_static_shared = len(smem)
+        self._names: dict[int, str] | None = None
         self.lib.emu_configure.argtypes = [ctypes.c_int] * 5
         self.configure()
 
@@ -143,10 +151,39 @@ class Emu:
         return self._log("emu_error_log")
 
     def launches(self) -> list[str]:
-        return self._log("emu_launch_log").splitlines()
+        """One line per launch since the last clear: "kernel<...> grid=x,y,z block=x,y,z smem=B"."""
+        if self._names is None:
+            self.lib.emu_base.restype = ctypes.c_uint64
+            base = self.lib.emu_base()
+            out = subprocess.run(["nm", "-C", "--defined-only", str(self.path)], capture_output=True,
+                                 text=True, check=True).stdout
+            self._names = {}
+            for line in out.splitlines():
+                parts = line.split(" ", 2)
+                if len(parts) == 3 and parts[1] in "tTW":
+                    self._names[base + int(parts[0], 16)] = _strip_params(parts[2])
+        lines = []
+        for line in self._log("emu_launch_log").splitlines():
+            head, _, rest = line.partition(" ")
+            if head.startswith("kernel@"):
+                head = self._names.get(int(head[7:], 16), head)
+            lines.append(f"{head} {rest}")
+        return lines
 
     def clear(self) -> None:
         self.lib.emu_clear_log()
+
+
+def _strip_params(sig: str) -> str:
+    """"void ns::k<T>(Args)" -> "ns::k<T>" (the name of a demangled function signature)."""
+    if sig.endswith(")"):
+        depth = 0
+        for i in range(len(sig) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(sig[i], 0)
+            if depth == 0:
+                sig = sig[:i]
+                break
+    return sig[5:] if sig.startswith("void ") else sig
 
 
 _LOADED: dict[tuple[str, str], Emu] = {}

@@ -6,6 +6,7 @@
 //   bank_kl:  M K D ts tt dtype
 //   rank:     Q G max_rank ids cams dtype
 //   rerank:   N Q D k1 k2 dense=0|1 dtype=f32|f64
+//   selftest: case threads (the kernels of selftest/selftest_kernel.cu)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -27,6 +28,7 @@ int emu_bank_kl(int, int, const void*, const void*, const void*, int64_t, int64_
                 void*, void*, void*, const void*, const void*, const void*, const void*, void*);
 int emu_rank_metrics(int, const void*, int64_t, int64_t, int64_t, const int64_t*, const int64_t*,
                      const int64_t*, const int64_t*, float*, float*, float*, bool*, int64_t*);
+int emu_selftest(int, unsigned, unsigned, unsigned, size_t, int, void*, const void*, const void*, const void*);
 int emu_rerank(int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, const void*,
                const void*, const void*, const void*, float*, int64_t*);
 }
@@ -54,7 +56,7 @@ std::vector<unsigned char> feats(int64_t n, int64_t d, int dt) {
   std::normal_distribution<double> g;
   std::vector<unsigned char> out(size_t(n * d) * dtype_size(dt) + 16);
   for (int64_t i = 0; i < n; ++i) {
-    std::vector<double> row(size_t(d));
+    std::vector<double> row(static_cast<size_t>(d));
     double s = 0;
     for (auto& v : row) s += (v = g(g_rng)) * v;
     s = s > 0 ? std::sqrt(s) : 1;
@@ -98,7 +100,7 @@ int run_info_nce() {
   const double t = num("t", 0.1);
   const bool train = inum("train", 0) != 0;
   auto q = feats(M, D, dt), k = feats(N, D, dt), b = feats(K, D, dt);
-  std::vector<int64_t> pos(size_t(M));
+  std::vector<int64_t> pos(static_cast<size_t>(M));
   for (int64_t i = 0; i < M; ++i) pos[size_t(i)] = int64_t(g_rng() % uint64_t(N));
   const size_t as = acc_size(dt);
   std::vector<unsigned char> loss(size_t(M) * as), lse(size_t(M) * as), bm(size_t(M * D) * as + 8);
@@ -151,12 +153,12 @@ int run_rank() {
       std::memcpy(p, &h, 2);
     }
   }
-  std::vector<int64_t> qp(size_t(Q)), gp(size_t(G)), qc(size_t(Q)), gc(size_t(G));
+  std::vector<int64_t> qp(static_cast<size_t>(Q)), gp(static_cast<size_t>(G)), qc(static_cast<size_t>(Q)), gc(static_cast<size_t>(G));
   for (auto& v : qp) v = int64_t(g_rng() % uint64_t(ids));
   for (auto& v : gp) v = int64_t(g_rng() % uint64_t(ids));
   for (auto& v : qc) v = int64_t(g_rng() % uint64_t(cams));
   for (auto& v : gc) v = int64_t(g_rng() % uint64_t(cams));
-  std::vector<float> cmc(size_t(R)), ap(size_t(Q) + 1), inp(size_t(Q) + 1);
+  std::vector<float> cmc(static_cast<size_t>(R)), ap(size_t(Q) + 1), inp(size_t(Q) + 1);
   std::vector<unsigned char> valid(size_t(Q) + 1);
   int64_t scratch = 0;
   return emu_rank_metrics(dt, dist.data(), Q, G, R, qp.data(), gp.data(), qc.data(), gc.data(), cmc.data(),
@@ -251,6 +253,10 @@ int main(int argc, char** argv) {
   const int rc = run_bank_kl();
 #elif defined(UPREID_EMU_OP_RANK)
   const int rc = run_rank();
+#elif defined(UPREID_EMU_OP_SELFTEST)
+  std::vector<float> out(4096);
+  const int rc = emu_selftest(int(inum("case", 0)), 1, 1, unsigned(inum("threads", 64)), 0, 0, out.data(), nullptr,
+                              nullptr, nullptr);
 #else
   const int rc = run_rerank();
 #endif

@@ -816,4 +816,11 @@ void emu_clear_log() {
 }
 int emu_is_race_build() { return kRace ? 1 : 0; }
 
+// The library's load address (the harness maps launch addresses to symbol names with it).
+uint64_t emu_base() {
+  Dl_info info;
+  dladdr(reinterpret_cast<void*>(&emu_base), &info);
+  return reinterpret_cast<uint64_t>(info.dli_fbase);
+}
+
 }  // extern "C"

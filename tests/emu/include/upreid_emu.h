@@ -67,6 +67,18 @@ struct __align__(16) float4 {
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 constexpr int warpSize = 32;
 
+// CUDA's device min/max overloads for mixed arithmetic types
+template <class A, class B, class = typename std::enable_if<std::is_arithmetic<A>::value && std::is_arithmetic<B>::value>::type>
+inline typename std::common_type<A, B>::type min(A a, B b) {
+  using C = typename std::common_type<A, B>::type;
+  return C(b) < C(a) ? C(b) : C(a);
+}
+template <class A, class B, class = typename std::enable_if<std::is_arithmetic<A>::value && std::is_arithmetic<B>::value>::type>
+inline typename std::common_type<A, B>::type max(A a, B b) {
+  using C = typename std::common_type<A, B>::type;
+  return C(a) < C(b) ? C(b) : C(a);
+}
+
 // ---- runtime API types ---------------------------------------------------------------------------
 enum cudaError_t {
   cudaSuccess = 0,

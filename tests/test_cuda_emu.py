@@ -1,0 +1,315 @@
+"""The CUDA kernels, run on the CPU by the emulation harness (tests/emu), against the fp64
+references: every kernel source, both tile policies (tensor-core WMMA and CUDA-core SIMT), one and
+many column splits, tile-edge shapes, every group mode, fp64/fp32/fp16/bf16.
+
+Functional mode here; race mode (ThreadSanitizer) and the harness's self-tests in
+test_cuda_emu_race.py. The kernels are rebuilt from csrc/ whenever a source changes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import emu
+from emu import ops as eo
+from helpers import assert_tolerance, default_atol, feats, max_err
+from upreid.ops import reference
+
+why = emu.available()
+pytestmark = [pytest.mark.cuda_emu, pytest.mark.skipif(why is not None, reason=why or "")]
+
+# Emulated devices: sm_90 with 132 SMs (tensor-core policy for fp16/bf16, many column splits), the
+# same with one SM (a single split), and sm_75 (CUDA-core policy for fp16/bf16).
+DEVICES = {"sm90": dict(major=9, sms=132), "sm90-1sm": dict(major=9, sms=1), "sm75": dict(major=7, minor=5, sms=40)}
+
+
+def configure(lib: str, dev: str):
+    e = emu.load(lib)
+    e.configure(**DEVICES[dev])
+    return e
+
+
+# ---- info_nce --------------------------------------------------------------------------------------
+
+def nce_inputs(m, n, k, d, dtype, seed=0):
+    torch.manual_seed(seed)
+    q, keys = feats(m, d), feats(n, d)
+    bank = feats(k, d) if k else None
+    pos = torch.randint(0, n, (m,))
+    return [t.to(torch.float64) if t is not None else None for t in (q, keys, bank)] + [pos]
+
+
+def nce_exact(q, keys, bank, pos, t, g, gl, gls):
+    """fp64 reference values, gradients and the training forward's bank_mean."""
+    q = q.double().clone().requires_grad_()
+    keys = keys.double().clone().requires_grad_()
+    b = bank.double() if bank is not None else None
+    loss, lse = reference.info_nce(q, keys, pos, b, t, g)
+    (loss * gl + lse * gls).sum().backward()
+    if b is not None:
+        p_bank = torch.softmax(torch.cat([_key_logits(q, keys, pos, t, g), q.detach() @ b.T / t], 1), 1)
+        bank_mean = p_bank[:, keys.shape[0]:] @ b
+    else:
+        bank_mean = torch.zeros_like(q)
+    return loss.detach(), lse.detach(), q.grad, keys.grad, bank_mean.detach()
+
+
+def _key_logits(q, keys, pos, t, g):
+    s = q.detach() @ keys.T / t
+    n = keys.shape[0]
+    if g not in (0, n):
+        grp = torch.arange(n) // g
+        s = s.masked_fill(grp.unsqueeze(0) != (pos // g).unsqueeze(1), float("-inf"))
+    return s
+
+
+def nce_baseline(q, keys, bank, pos, t, g, gl, gls, dtype):
+    """Plain PyTorch in `dtype` (the tolerance rule's baseline)."""
+    qd = q.to(dtype).clone().requires_grad_()
+    kd = keys.to(dtype).clone().requires_grad_()
+    loss, lse = reference.info_nce(qd, kd, pos, bank.to(dtype) if bank is not None else None, t, g)
+    (loss.double() * gl + lse.double() * gls).sum().backward()
+    return loss.detach(), lse.detach(), qd.grad, kd.grad
+
+
+def run_nce(q, keys, bank, pos, t, g, gl, gls, dtype, train):
+    qd, kd = q.to(dtype), keys.to(dtype)
+    bd = bank.to(dtype) if bank is not None else None
+    loss, lse, bm = eo.info_nce(qd, kd, pos, bd, t, g, train=train)
+    gq, gk = eo.info_nce_backward(gl, gls, qd, kd, pos, bd, lse, t, g, bank_mean=bm)
+    return loss, lse, gq, gk, bm
+
+
+NCE_CASES = [  # M, N, K (0: no bank), D, group_size
+    (1, 5, 17, 3, 1),          # M = 1, MoCo
+    (64, 64, 64, 16, 0),       # exact tile multiples
+    (65, 63, 130, 33, 0),      # one past / short of the tiles
+    (33, 44, 200, 128, 4),     # D = 128: one tensor-core chunk
+    (20, 8, 0, 1, 8),          # D = 1, K = 0, one group spanning every key
+    (37, 37, 0, 59, 37),       # K = 0, group_size = N (all keys)
+    (70, 70, 90, 129, 7),      # D just past a chunk
+    (6, 12, 9, 2048, 3),       # wide features
+]
+NCE_IDS = ["M{}N{}K{}D{}g{}".format(*c) for c in NCE_CASES]
+
+
+@pytest.mark.parametrize("dev", ["sm90", "sm90-1sm"])
+@pytest.mark.parametrize("train", [False, True], ids=["plain", "train"])
+@pytest.mark.parametrize("case", NCE_CASES, ids=NCE_IDS)
+def test_info_nce_fp64_matches_reference(case, train, dev):
+    configure("info_nce", dev)
+    m, n, k, d, g = case
+    if train and k == 0:
+        pytest.skip("the training variant needs a bank")
+    q, keys, bank, pos = nce_inputs(m, n, k, d, torch.float64)
+    gl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    got = run_nce(q, keys, bank, pos, 0.2, g, gl, gls, torch.float64, train)
+    ref = nce_exact(q, keys, bank, pos, 0.2, g, gl, gls)
+    names = ("loss", "lse", "grad_query", "grad_keys", "bank_mean")
+    for name, a, b in zip(names, got, ref):
+        if a is None:
+            continue
+        assert a.dtype == torch.float64 and a.shape == b.shape, name
+        assert max_err(a, b) < 1e-9, f"{name}: {max_err(a, b):.3g}"
+
+
+@pytest.mark.parametrize("dev", ["sm90", "sm75"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("train", [False, True], ids=["plain", "train"])
+@pytest.mark.parametrize("case", NCE_CASES[:4] + NCE_CASES[6:7], ids=NCE_IDS[:4] + NCE_IDS[6:7])
+def test_info_nce_low_precision_tolerance(case, train, dtype, dev):
+    """DESIGN's rule: error vs fp64 at most 2x that of plain PyTorch in the same precision, plus a
+    small allowance. sm90 runs fp16/bf16 on the tensor-core policy, sm75 on the CUDA-core one."""
+    configure("info_nce", dev)
+    m, n, k, d, g = case
+    q, keys, bank, pos = nce_inputs(m, n, k, d, dtype)
+    gl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    got = run_nce(q, keys, bank, pos, 0.1, g, gl, gls, dtype, train)
+    ref = nce_exact(q, keys, bank, pos, 0.1, g, gl, gls)
+    base = nce_baseline(q, keys, bank, pos, 0.1, g, gl, gls, dtype)
+    for name, a, b, c, scale in zip(("loss", "lse", "grad_query", "grad_keys"), got, ref, base, (10, 10, 1, 1)):
+        assert_tolerance(a, b, c, default_atol(dtype, scale), f"{name} {dtype}")
+    if train and got[4] is not None:  # bank_mean: an expectation of unit vectors, |x| <= 1
+        assert max_err(got[4], ref[4]) <= default_atol(dtype, 2), "bank_mean"
+
+
+def test_info_nce_policies_and_splits_are_the_ones_asked_for():
+    """The launch log shows the tensor-core kernels for fp16 on sm_90, the CUDA-core ones on sm_75,
+    and fewer column splits on one SM than on 132."""
+    q, keys, bank, pos = nce_inputs(70, 70, 3000, 32, torch.float16)
+
+    def tiles(dev):
+        e = configure("info_nce", dev)
+        eo.info_nce(q.half(), keys.half(), pos, bank.half(), 0.1, 0)
+        found = [s for s in e.launches() if "nce_fwd_tiles" in s]
+        assert len(found) == 1, e.launches()
+        return found[0]
+
+    many, one, simt = tiles("sm90"), tiles("sm90-1sm"), tiles("sm75")
+    assert "TcPolicy<__half>" in many and "TcPolicy<__half>" in one, (many, one)
+    assert "SimtPolicy<__half, float>" in simt, simt
+    splits = lambda s: int(s.split("grid=")[1].split(",")[1])  # noqa: E731
+    assert splits(one) < splits(many), (one, many)
+
+
+def test_info_nce_extreme_temperatures_and_large_logits():
+    configure("info_nce", "sm90")
+    q, keys, bank, pos = nce_inputs(40, 40, 100, 24, torch.float64)
+    for t, scale in ((0.01, 1.0), (10.0, 1.0), (1.0, 1e4)):
+        gl, gls = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+        got = run_nce(q * scale, keys, bank, pos, t, 0, gl, gls, torch.float64, True)
+        ref = nce_exact(q * scale, keys, bank, pos, t, 0, gl, gls)
+        for a, b in zip(got[:4], ref[:4]):
+            assert max_err(a, b) <= 1e-9 * max(1.0, b.abs().max().item()), (t, scale)
+
+
+# ---- bank_kl ---------------------------------------------------------------------------------------
+
+BKL_CASES = [(1, 7, 3), (64, 64, 16), (65, 130, 33), (33, 300, 128), (20, 70, 129), (5, 40, 2048)]
+
+
+def bkl_exact(s, te, bank, ts, tt, gkl, gls):
+    sd = s.double().clone().requires_grad_()
+    kl, ls, lt = reference.bank_kl(sd, te.double(), bank.double(), ts, tt)
+    (kl * gkl + ls * gls).sum().backward()
+    return kl.detach(), ls.detach(), lt.detach(), sd.grad
+
+
+def run_bkl(s, te, bank, ts, tt, gkl, gls, dtype):
+    sd, td, bd = s.to(dtype), te.to(dtype), bank.to(dtype)
+    kl, ls, lt = eo.bank_kl(sd, td, bd, ts, tt)
+    gs = eo.bank_kl_backward(gkl, gls, sd, td, bd, ls, lt, ts, tt)
+    return kl, ls, lt, gs
+
+
+@pytest.mark.parametrize("dev", ["sm90", "sm90-1sm"])
+@pytest.mark.parametrize("case", BKL_CASES, ids=lambda c: "M{}K{}D{}".format(*c))
+def test_bank_kl_fp64_matches_reference(case, dev):
+    configure("bank_kl", dev)
+    m, k, d = case
+    torch.manual_seed(1)
+    s, te, bank = feats(m, d, dtype=torch.float64), feats(m, d, dtype=torch.float64), feats(k, d, dtype=torch.float64)
+    gkl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    for a, b, name in zip(run_bkl(s, te, bank, 0.1, 0.05, gkl, gls, torch.float64),
+                          bkl_exact(s, te, bank, 0.1, 0.05, gkl, gls), ("kl", "lse_s", "lse_t", "grad")):
+        assert max_err(a, b) < 1e-9, f"{name}: {max_err(a, b):.3g}"
+
+
+@pytest.mark.parametrize("dev", ["sm90", "sm75"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", BKL_CASES[1:5], ids=lambda c: "M{}K{}D{}".format(*c))
+def test_bank_kl_low_precision_tolerance(case, dtype, dev):
+    configure("bank_kl", dev)
+    m, k, d = case
+    torch.manual_seed(2)
+    s, te, bank = feats(m, d, dtype=torch.float64), feats(m, d, dtype=torch.float64), feats(k, d, dtype=torch.float64)
+    gkl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    got = run_bkl(s, te, bank, 0.1, 0.1, gkl, gls, dtype)
+    ref = bkl_exact(s, te, bank, 0.1, 0.1, gkl, gls)
+    sd = s.to(dtype).clone().requires_grad_()
+    kl, ls, lt = reference.bank_kl(sd, te.to(dtype), bank.to(dtype), 0.1, 0.1)
+    (kl.double() * gkl + ls.double() * gls).sum().backward()
+    base = (kl, ls, lt, sd.grad)
+    for name, a, b, c, scale in zip(("kl", "lse_s", "lse_t", "grad"), got, ref, base, (1, 10, 10, 1)):
+        assert_tolerance(a, b, c, default_atol(dtype, scale), f"{name} {dtype}")
+
+
+# ---- rank_metrics ----------------------------------------------------------------------------------
+
+def rank_inputs(q, g, ids, cams, dtype, seed=0, ties=False):
+    torch.manual_seed(seed)
+    dist = torch.rand(q, g, dtype=torch.float64)
+    if ties:
+        dist = torch.round(dist * 16) / 16
+    return (dist.to(dtype), torch.randint(0, ids, (q,)), torch.randint(0, ids, (g,)),
+            torch.randint(0, cams, (q,)), torch.randint(0, cams, (g,)))
+
+
+def check_rank(args, max_rank):
+    cmc, ap, inp, valid, used = eo.rank_metrics(*args, max_rank)
+    rc, rap, rinp, rvalid = reference.rank_metrics(*[a.numpy() if a.dtype != torch.bfloat16 else a.float().numpy()
+                                                    for a in args], max_rank)
+    rvalid = torch.as_tensor(rvalid)
+    assert torch.equal(valid, rvalid)
+    assert max_err(cmc, torch.as_tensor(rc)) < 1e-6
+    assert max_err(ap[valid], torch.as_tensor(rap)[rvalid]) < 1e-6
+    assert max_err(inp[valid], torch.as_tensor(rinp)[rvalid]) < 1e-6
+    return used
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("q,g,ids,cams,max_rank,ties", [(1, 1, 1, 1, 1, False), (7, 50, 5, 3, 10, True),
+                                                        (40, 300, 30, 6, 50, False), (9, 257, 4, 2, 300, True)])
+def test_rank_metrics_shared_memory_path(q, g, ids, cams, max_rank, ties, dtype):
+    configure("rank", "sm90")
+    assert check_rank(rank_inputs(q, g, ids, cams, dtype, ties=ties), max_rank) == 0
+
+
+def test_rank_metrics_global_scratch_path():
+    """More than 2048 positives per query: pass 2 keeps them in global scratch."""
+    configure("rank", "sm90-1sm")
+    assert check_rank(rank_inputs(3, 9000, 2, 3, torch.float32, ties=True), 20) > 0
+
+
+def test_rank_metrics_non_finite_is_reported():
+    configure("rank", "sm90")
+    dist, *ids = rank_inputs(4, 30, 3, 2, torch.float32)
+    dist[2, 5] = float("nan")
+    with pytest.raises(eo.EmuError, match="non-finite"):
+        eo.rank_metrics(dist, *ids, 5)
+
+
+# ---- k_reciprocal_rerank ---------------------------------------------------------------------------
+
+def clustered(n, d, ids, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(ids, d, dtype=torch.float64)[torch.randint(0, ids, (n,))]
+    return x + 0.6 * torch.randn(n, d, dtype=torch.float64)
+
+
+def check_rerank(out, expected, atol):
+    err = (out.double() - torch.as_tensor(expected)).abs().max().item()
+    assert err <= atol, f"max error {err:.3g}"
+
+
+RERANK = [(8, 3, 4, 20, 6), (12, 5, 3, 1, 1), (40, 7, 5, 3, 2), (60, 9, 6, 5, 6), (90, 20, 8, 7, 1),
+          (150, 31, 16, 20, 6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("n,q,d,k1,k2", RERANK)
+def test_rerank_features_match_reference(n, q, d, k1, k2, dtype):
+    configure("rerank", "sm90")
+    x = clustered(n, d, max(2, n // 8))
+    out, _ = eo.rerank_features(x.to(dtype), q, k1, k2, 0.3)
+    check_rerank(out, reference.k_reciprocal_rerank(x, q, k1, k2, 0.3), 1e-5 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("n,q,d,k1,k2", RERANK[2:])
+def test_rerank_dense_matches_reference(n, q, d, k1, k2):
+    configure("rerank", "sm90")
+    x = clustered(n, d, max(2, n // 8), seed=3)
+    dist = torch.cdist(x, x) ** 2
+    qg, qq, gg = dist[:q, q:], dist[:q, :q], dist[q:, q:]
+    out, _ = eo.rerank_dense(qg, qq, gg, k1, k2, 0.3)
+    check_rerank(out, reference.k_reciprocal_rerank_dense(qg, qq, gg, k1, k2, 0.3), 1e-5)
+
+
+def test_rerank_large_k1_uses_global_scratch():
+    """k1 = 130: the reciprocal-set and expansion buffers outgrow shared memory (global slices)."""
+    configure("rerank", "sm90")
+    x = clustered(200, 8, 10, seed=4)
+    out, used = eo.rerank_features(x, 30, 130, 6, 0.3)
+    assert used > 0
+    check_rerank(out, reference.k_reciprocal_rerank(x, 30, 130, 6, 0.3), 1e-5)
+
+
+def test_rerank_wide_gallery_jaccard_in_global_scratch():
+    """A gallery row that does not fit in the device's shared memory (here a device with 16 KB):
+    the Jaccard stage keeps it in global scratch."""
+    e = configure("rerank", "sm90")
+    e.configure(major=9, sms=4, smem_optin=16 * 1024)
+    x = clustered(2100, 3, 100, seed=5)
+    out, used = eo.rerank_features(x, 40, 3, 1, 0.3)
+    assert used >= (2100 - 40) * 8
+    check_rerank(out, reference.k_reciprocal_rerank(x, 40, 3, 1, 0.3), 1e-5)
