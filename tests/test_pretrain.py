@@ -45,7 +45,7 @@ def test_resume_after_sigterm_is_exact(images, tmp_path, backend):
 
     def interrupt(step, out):
         if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)   # handled by the engine: checkpoint, clean return
+            signal.raise_signal(signal.SIGTERM)   # handled by the engine: checkpoint, clean return
 
     part = pretrain(cfg_for(images, str(tmp_path / "split"), *extra), on_step=interrupt)
     assert part["interrupted"] and part["step"] == 3
