@@ -84,7 +84,7 @@ def test_resume_after_sigterm_is_exact(synth_root, tmp_path):
 
     def interrupt(step, out):
         if step == 2:                                   # mid-epoch
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
 
     part = finetune(ft_cfg(synth_root, str(tmp_path / "split"), *extra), on_step=interrupt)
     assert part["interrupted"] and part["step"] == 2

@@ -1,7 +1,6 @@
 """Fine-tuning under torchrun: two CPU processes (gloo), MGN (whose trunk holds frozen, unused layers)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,22 +12,18 @@ from upreid.engine import checkpoint as ckpt_io
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_finetune(synth_root, tmp_path):  # noqa: F811
     out = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # --standalone: torchrun's own store binds port 0 and its workers join it; no port is chosen
+    # ahead of time for another process to take first.
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", "-m", "upreid.engine.cli_finetune", "finetune", "--config", TINY,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         "--local_addr=127.0.0.1", "-m", "upreid.engine.cli_finetune", "finetune", "--config", TINY,
          f"data.root={synth_root}", f"train.output={out}", "model.arch=mgn", "model.mgn_dim=16", "data.p=4",
          "data.k=2", "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false", "data.backend=torch",
          "eval.rerank=false", "eval.ranklist_queries=2"],
-        env=env, capture_output=True, text=True, timeout=300)
+        env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("without re-ranking") == 1          # rank 0 alone reports
     ck = ckpt_io.load(os.path.join(out, "checkpoint.pt"), expect="upreid-finetune")

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -46,7 +45,7 @@ def test_resume_after_sigterm_is_exact(images, tmp_path, backend):
 
     def interrupt(step, out):
         if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)   # handled by the engine: checkpoint, clean return
+            signal.raise_signal(signal.SIGTERM)   # handled by the engine: checkpoint, clean return
 
     part = pretrain(cfg_for(images, str(tmp_path / "split"), *extra), on_step=interrupt)
     assert part["interrupted"] and part["step"] == 3
@@ -62,12 +61,6 @@ def test_resume_after_sigterm_is_exact(images, tmp_path, backend):
     # the metrics log continues: steps 1..3 from the first process, 4..6 from the resumed one
     steps = [json.loads(line)["step"] for line in open(tmp_path / "split" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 WORKER = textwrap.dedent("""
@@ -110,10 +103,12 @@ def test_two_process_gloo_run(images, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=os.path.dirname(__file__), images=images, out=str(out)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # --standalone: torchrun's own store binds port 0 and its workers join it; no port is chosen
+    # ahead of time for another process to take first.
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", str(script)],
-        env=env, capture_output=True, text=True, timeout=300)
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         "--local_addr=127.0.0.1", str(script)],
+        env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0 = torch.load(out / "rank0.pt", weights_only=True)
     r1 = torch.load(out / "rank1.pt", weights_only=True)

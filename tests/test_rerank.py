@@ -1,9 +1,4 @@
 """k_reciprocal_rerank against the NumPy transcription of the original algorithm."""
-import json
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import torch
@@ -11,9 +6,9 @@ import torch
 from upreid.ops import HAS_EXTENSION
 from upreid.ops import reference_eval as ref
 from upreid.ops.rerank import k_reciprocal_rerank, k_reciprocal_rerank_dense
-from upreid.utils.memory import cpu_peak_supported
 
 from conftest import CUDA_OK, devices
+from memprobe import heap_counter, run_probe  # noqa: F401  (heap_counter: a fixture)
 
 pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="upreid._C is not built")
 
@@ -190,30 +185,31 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.upreid.k_reciprocal_rerank_dense.default, (qg, qq, gg, 5, 3, 0.3))
 
 
-PROBE = textwrap.dedent("""
-    import json, sys, torch
+PROBE = """
     from upreid.ops.rerank import k_reciprocal_rerank
-    from upreid.utils.memory import cpu_peak_bytes
     n, q, d = map(int, sys.argv[1:4])
     torch.manual_seed(0)
     x = torch.randn(n, d)
     k_reciprocal_rerank(x[:300], 50)  # warm-up: thread pool, BLAS buffers
     out = []
-    print(json.dumps(cpu_peak_bytes(lambda: out.append(k_reciprocal_rerank(x, q)))))
-""")
+    op = heap_peak(lambda: out.append(k_reciprocal_rerank(x, q)))
+    n_by_n = heap_peak(lambda: out.append(torch.cdist(x, x)))  # calibration: one N x N result
+    print(json.dumps({"op": op, "n_by_n": n_by_n}))
+"""
 
 
-@pytest.mark.skipif(not cpu_peak_supported(), reason="needs Linux /proc/self/clear_refs")
-def test_features_path_peak_memory_is_far_below_n_squared():
-    n, q, d = 8000, 1000, 64
-    res = subprocess.run([sys.executable, "-c", PROBE, str(n), str(q), str(d)], capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    peak = json.loads(res.stdout.strip().splitlines()[-1])
-    dense = n * n * 4  # one fp32 N x N matrix; the original holds several
-    output = q * (n - q) * 4
-    # Output + one [1024, 4096] tile + neighbour lists and sparse rows: well under half of N x N.
-    assert peak < output + dense // 4, f"peak {peak / 2**20:.1f} MiB, N x N = {dense / 2**20:.1f} MiB"
+def test_features_path_peak_memory_is_far_below_n_squared(heap_counter):
+    # Q small against N: the [Q, G] output stays small and the N x N matrix stands out.
+    n, q, d = 10000, 500, 32
+    peak = run_probe(heap_counter, PROBE, n, q, d)
+    dense = n * n * 4  # one fp32 N x N matrix (381 MiB); the original holds several
+    output = q * (n - q) * 4  # 18 MiB
+    assert peak["n_by_n"] >= dense, f"the counter missed an N x N matrix: {peak['n_by_n']} bytes"
+    assert peak["op"] >= output, f"the counter missed the [Q, G] output: {peak['op']} bytes"
+    # Output + one [1024, 4096] tile + neighbour lists and sparse rows (about 48 MiB in all at two
+    # threads) against output + N x N / 4 = 114 MiB, and over 400 MiB for any N x N intermediate.
+    assert peak["op"] < output + dense // 4, \
+        f"peak {peak['op'] / 2**20:.1f} MiB, N x N = {dense / 2**20:.1f} MiB"
 
 
 @pytest.mark.cuda
