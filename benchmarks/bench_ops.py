@@ -36,13 +36,15 @@ class Shape:
     k: int           # bank rows
     d: int
     group: int = 1   # info_nce group_size
+    keys_grad: bool = True  # info_nce: whether the keys need a gradient (momentum keys do not)
 
     def columns(self) -> int:
         keys = self.n if self.group in (0, self.n) else self.group
         return self.k + (keys if self.op == "info_nce" else self.k)  # bank_kl: two products
 
     def label(self) -> str:
-        return f"{self.name}:M={self.m},N={self.n},K={self.k},D={self.d},g={self.group}"
+        grad = "" if self.keys_grad else ",keys_grad=0"
+        return f"{self.name}:M={self.m},N={self.n},K={self.k},D={self.d},g={self.group}{grad}"
 
 
 SHAPES = {
@@ -62,6 +64,11 @@ SHAPES = {
         Shape("bank_kl", "bank_kl", 256, 256, 65536, 128),
         Shape("bank_kl", "bank_kl", 4096, 4096, 65536, 128),
     ],
+    # The backward's cost with and without a gradient for the keys (ctx.needs_input_grad).
+    "needs-grad": [
+        Shape("all-keys", "info_nce", 1024, 1024, 16384, 128, 0),
+        Shape("all-keys", "info_nce", 1024, 1024, 16384, 128, 0, keys_grad=False),
+    ],
 }
 
 
@@ -72,10 +79,10 @@ def make_inputs(s: Shape, dtype, device):
         return F.normalize(torch.randn(n, s.d, generator=g), dim=-1).to(device=device, dtype=dtype)
 
     if s.op == "info_nce":
-        q, keys = feats(s.m).requires_grad_(), feats(s.n).requires_grad_()
+        q, keys = feats(s.m).requires_grad_(), feats(s.n).requires_grad_(s.keys_grad)
         bank = feats(s.k) if s.k else None
         pos = torch.arange(s.m, device=device) % s.n
-        return (q, keys, pos, bank), (q, keys)
+        return (q, keys, pos, bank), (q, keys) if s.keys_grad else (q,)
     student = feats(s.m).requires_grad_()
     return (student, feats(s.m), feats(s.k)), (student,)
 
