@@ -11,6 +11,7 @@ columns, as flash-attention reports); the fused backward's recomputation of the 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -240,14 +241,15 @@ def main(argv=None):
             except Exception as exc:  # a baseline that cannot run (e.g. out of memory) is reported
                 print(f"{s.label():58s} {impl:9s} failed: {type(exc).__name__}: {exc}"[:200])
                 continue
+            # Timings on a shared machine depend on its load: recorded with the rows.
+            load = f"loadavg={os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
             for r in rows:
-                speed = ""
                 if impl == "reference":
                     base[r["pass"]] = r["median_ms"]
                 print(f"{s.label():58s} {impl:9s} {r['pass']:8s} {r['median_ms']:10.2f} {r['iqr_ms']:8.2f} "
                       f"{str(r['tflops']):>8s} {str(r['peak_mem_mb']):>9s}")
                 out_rows.append({**env, "benchmark": s.op, "impl": impl, "config": s.label(),
-                                 "dtype": args.dtype, **r, "extra": speed})
+                                 "dtype": args.dtype, **r, "extra": load})
         fused = {r["pass"]: r for r in out_rows if r["config"] == s.label() and r["impl"] == "fused"}
         ref = {r["pass"]: r for r in out_rows if r["config"] == s.label() and r["impl"] == "reference"}
         if "fwd+bwd" in fused and "fwd+bwd" in ref:
