@@ -85,9 +85,16 @@ def build_calls(name, feats, pids, camids, q, device):
             dists = [t.cpu() for t in dists]
             return lambda: ref.k_reciprocal_rerank_dense(*dists, k1, k2, lam)
         return lambda: k_reciprocal_rerank_dense(*dists, k1, k2, lam)
-    if name in ("rank", "rank_ref"):
-        dist = 1.0 - qf @ gf.t()  # [Q, G] cosine distance
+    if name in ("rank", "rank_ref", "rank_worst"):
         lab = (pids[:q], pids[q:], camids[:q], camids[q:])
+        if name == "rank_worst":
+            # Uniform random distances, positives shifted down by 0.3: most negatives precede the
+            # last positive, the costliest case of the sort-free counting.
+            gen = torch.Generator().manual_seed(1)
+            dist = torch.rand(q, feats.shape[0] - q, generator=gen).to(feats.device)
+            dist = torch.where(lab[0][:, None] == lab[1][None, :], dist - 0.3, dist)
+            return lambda: rank_metrics(dist, *lab, 50)
+        dist = 1.0 - qf @ gf.t()  # [Q, G] cosine distance
         if name == "rank_ref":
             return lambda: ref.rank_metrics(dist.cpu(), *[t.cpu() for t in lab], 50)
         return lambda: rank_metrics(dist, *lab, 50)
@@ -119,7 +126,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="market1501")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--ops", default="rerank,rerank_dense,rank", help="comma list")
+    p.add_argument("--ops", default="rerank,rerank_dense,rank",
+                   help="comma list of rerank, rerank_dense, rank, rank_worst")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--reference", default="",
                    help="comma list of ops whose reference to time too (rerank_dense, rank)")
@@ -156,8 +164,10 @@ def main(argv=None) -> int:
                                   "NumPy dense transcription of the original"),
              "rank": ("rank_metrics", "upreid", "float32",
                       "max_rank=50; peak beyond the [Q,G] distance matrix"),
+             "rank_worst": ("rank_metrics", "upreid", "float32",
+                            "max_rank=50; worst case: uniform random distances, positives - 0.3"),
              "rank_ref": ("rank_metrics", "reference", "float32", "NumPy sort-based (stable)")}
-    todo = [o for o in ("rerank", "rerank_dense", "rank") if o in ops]
+    todo = [o for o in ("rerank", "rerank_dense", "rank", "rank_worst") if o in ops]
     todo += [o + "_ref" for o in ("rerank_dense", "rank") if o in args.reference.split(",")]
     for name in todo:
         is_ref = name.endswith("_ref")

@@ -11,6 +11,7 @@ columns, as flash-attention reports); the fused backward's recomputation of the 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -36,13 +37,15 @@ class Shape:
     k: int           # bank rows
     d: int
     group: int = 1   # info_nce group_size
+    keys_grad: bool = True  # info_nce: whether the keys need a gradient (momentum keys do not)
 
     def columns(self) -> int:
         keys = self.n if self.group in (0, self.n) else self.group
         return self.k + (keys if self.op == "info_nce" else self.k)  # bank_kl: two products
 
     def label(self) -> str:
-        return f"{self.name}:M={self.m},N={self.n},K={self.k},D={self.d},g={self.group}"
+        grad = "" if self.keys_grad else ",keys_grad=0"
+        return f"{self.name}:M={self.m},N={self.n},K={self.k},D={self.d},g={self.group}{grad}"
 
 
 SHAPES = {
@@ -62,6 +65,11 @@ SHAPES = {
         Shape("bank_kl", "bank_kl", 256, 256, 65536, 128),
         Shape("bank_kl", "bank_kl", 4096, 4096, 65536, 128),
     ],
+    # The backward's cost with and without a gradient for the keys (ctx.needs_input_grad).
+    "needs-grad": [
+        Shape("all-keys", "info_nce", 1024, 1024, 16384, 128, 0),
+        Shape("all-keys", "info_nce", 1024, 1024, 16384, 128, 0, keys_grad=False),
+    ],
 }
 
 
@@ -72,10 +80,10 @@ def make_inputs(s: Shape, dtype, device):
         return F.normalize(torch.randn(n, s.d, generator=g), dim=-1).to(device=device, dtype=dtype)
 
     if s.op == "info_nce":
-        q, keys = feats(s.m).requires_grad_(), feats(s.n).requires_grad_()
+        q, keys = feats(s.m).requires_grad_(), feats(s.n).requires_grad_(s.keys_grad)
         bank = feats(s.k) if s.k else None
         pos = torch.arange(s.m, device=device) % s.n
-        return (q, keys, pos, bank), (q, keys)
+        return (q, keys, pos, bank), (q, keys) if s.keys_grad else (q,)
     student = feats(s.m).requires_grad_()
     return (student, feats(s.m), feats(s.k)), (student,)
 
@@ -233,14 +241,15 @@ def main(argv=None):
             except Exception as exc:  # a baseline that cannot run (e.g. out of memory) is reported
                 print(f"{s.label():58s} {impl:9s} failed: {type(exc).__name__}: {exc}"[:200])
                 continue
+            # Timings on a shared machine depend on its load: recorded with the rows.
+            load = f"loadavg={os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
             for r in rows:
-                speed = ""
                 if impl == "reference":
                     base[r["pass"]] = r["median_ms"]
                 print(f"{s.label():58s} {impl:9s} {r['pass']:8s} {r['median_ms']:10.2f} {r['iqr_ms']:8.2f} "
                       f"{str(r['tflops']):>8s} {str(r['peak_mem_mb']):>9s}")
                 out_rows.append({**env, "benchmark": s.op, "impl": impl, "config": s.label(),
-                                 "dtype": args.dtype, **r, "extra": speed})
+                                 "dtype": args.dtype, **r, "extra": load})
         fused = {r["pass"]: r for r in out_rows if r["config"] == s.label() and r["impl"] == "fused"}
         ref = {r["pass"]: r for r in out_rows if r["config"] == s.label() and r["impl"] == "reference"}
         if "fwd+bwd" in fused and "fwd+bwd" in ref:

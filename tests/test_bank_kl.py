@@ -77,3 +77,40 @@ def test_gradcheck_fp64():
     t = feats(4, 5, dtype=torch.float64)
     b = feats(11, 5, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda s: bank_kl(s, t, b, 0.3, 0.7)[:2], (s,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}K{}D{}".format(*c))
+def test_train_variant_returns_the_expected_bank_vectors(case):
+    """_bank_kl_train: the plain op's outputs plus E_r[b] and E_p[b] ([M, D]) of both distributions."""
+    m, k, d = case
+    s, t, b = (feats(n, d, dtype=torch.float64) for n in (m, m, k))
+    kl, ls, lt, mean_s, mean_t = torch.ops.upreid._bank_kl_train(s, t, b, 0.2, 0.05)
+    for got, want in zip((kl, ls, lt), torch.ops.upreid.bank_kl(s, t, b, 0.2, 0.05)):
+        assert max_err(got, want) < 1e-10
+    assert max_err(mean_s, torch.softmax(s @ b.T / 0.2, dim=1) @ b) < 1e-12
+    assert max_err(mean_t, torch.softmax(t @ b.T / 0.05, dim=1) @ b) < 1e-12
+
+
+def test_training_uses_the_train_variant_and_inference_the_plain_op():
+    """With a student gradient the wrapper runs _bank_kl_train (its backward never sees the bank);
+    without one the plain forward, which needs no [M, D] accumulators."""
+    from test_op_autograd import RecordOps
+
+    s, t, b = feats(6, 8), feats(6, 8), feats(40, 8)
+    with RecordOps() as rec:
+        bank_kl(s.clone().requires_grad_(), t, b)[0].sum().backward()
+        with torch.no_grad():
+            bank_kl(s.clone().requires_grad_(), t, b)
+    names = [name for name, _ in rec.calls]
+    assert names == ["_bank_kl_train", "_bank_kl_train_backward", "bank_kl"]
+    assert not any(a is b for _, args in rec.calls[1:2] for a in args), "backward got the bank"
+
+
+def test_train_backward_argument_errors():
+    s, v = feats(6, 8), torch.zeros(6)
+    with pytest.raises(RuntimeError, match=r"'mean_teacher' has shape \[6, 7\] but 'student' has shape \[6, 8\]"):
+        torch.ops.upreid._bank_kl_train_backward(v, v, s, feats(6, 8), feats(6, 7), 0.1)
+    with pytest.raises(RuntimeError, match=r"'grad_kl' has 5 entries"):
+        torch.ops.upreid._bank_kl_train_backward(torch.zeros(5), v, s, s, s, 0.1)
+    with pytest.raises(RuntimeError, match=r"'tau_student' must be a finite number > 0"):
+        torch.ops.upreid._bank_kl_train_backward(v, v, s, s, s, 0.0)

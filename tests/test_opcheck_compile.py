@@ -45,6 +45,17 @@ def test_opcheck_bank_kl(device):
         torch.library.opcheck(torch.ops.upreid.bank_kl.default, args)
 
 
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_bank_kl_train(device):
+    from upreid.ops import _lib
+    if not _lib.has_kernel("_bank_kl_train", torch.device(device)):
+        pytest.skip(f"no _bank_kl_train kernel for {device}")
+    for dtype in (torch.float32, torch.float64):
+        s = feats(7, 6, dtype=dtype, device=device, requires_grad=True)
+        args = (s, feats(7, 6, dtype=dtype, device=device), feats(13, 6, dtype=dtype, device=device), 0.2, 0.1)
+        torch.library.opcheck(torch.ops.upreid._bank_kl_train.default, args)
+
+
 def test_opcheck_backward_ops():
     q, keys, pos, bank = feats(6, 5), feats(6, 5), torch.arange(6), feats(8, 5)
     loss, lse = torch.ops.upreid.info_nce(q, keys, pos, bank, 0.1, 1)
@@ -54,6 +65,12 @@ def test_opcheck_backward_ops():
     kl, ls, lt = torch.ops.upreid.bank_kl(s, t, bank, 0.1, 0.2)
     torch.library.opcheck(torch.ops.upreid._bank_kl_backward.default,
                           (torch.ones(6), torch.zeros(6), s, t, bank, ls, lt, 0.1, 0.2))
+    _, ls, _, ms, mt = torch.ops.upreid._bank_kl_train(s, t, bank, 0.1, 0.2)
+    torch.library.opcheck(torch.ops.upreid._bank_kl_train_backward.default,
+                          (torch.ones(6), torch.zeros(6), s, ms, mt, 0.1))
+    for need in ((True, False), (False, True)):  # a gradient not asked for: an empty [0, D]
+        torch.library.opcheck(torch.ops.upreid._info_nce_backward.default,
+                              (torch.ones(6), torch.zeros(6), q, keys, pos, bank, lse, 0.1, 0, *need))
 
 
 def test_torch_compile_fullgraph_forward_backward():

@@ -27,10 +27,11 @@ def assert_same(out, expected):
     torch.testing.assert_close(inp, einp, atol=1e-6, rtol=1e-6)
 
 
-# (Q, G, ids, cams, max_rank): few positives (counting path), many (> 32, binary search), one
-# gallery item, more identities than the gallery holds (queries without positives).
+# (Q, G, ids, cams, max_rank): few positives (counting path), many (> 64, binary search), about 50
+# (either side of the switch), one gallery item, more identities than the gallery holds (queries
+# without positives), a gallery spanning several 2048-wide counting blocks.
 CASES = [(50, 300, 20, 3, 10), (40, 2000, 3, 2, 50), (7, 1, 3, 2, 5), (30, 100, 200, 2, 20),
-         (64, 500, 40, 6, 100)]
+         (64, 500, 40, 6, 100), (30, 300, 3, 2, 50), (20, 5000, 300, 3, 50)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -51,6 +52,18 @@ def test_ties_break_by_gallery_index(dtype):
     args = (d, *labels(q, g, 15, 3), 30)
     out = rank_metrics(*args)
     assert_same(out, ref.rank_metrics(*args))
+
+
+def test_worst_case_negatives_before_the_positives():
+    """Positives shifted down (the benchmark's worst case): most negatives precede the last
+    positive, so every count is exercised, with ties at block edges."""
+    q, g = 25, 4500
+    qp, gp, qc, gc = labels(q, g, 200, 6)
+    d = torch.rand(q, g)
+    d = torch.where(qp[:, None] == gp[None, :], d - 0.3, d)
+    d[:, 2040:2060] = d[:, 2040:2041]  # ties across the first counting block's edge
+    args = (d, qp, gp, qc, gc, 50)
+    assert_same(rank_metrics(*args), ref.rank_metrics(*args))
 
 
 def test_hand_computed_example():

@@ -25,6 +25,7 @@ cuda::BankKlParams base_params(const at::Tensor& s, const at::Tensor& t, const a
   p.D = s.size(1);
   p.tau_student = tau_student;
   p.tau_teacher = tau_teacher;
+  set_fp32_precision(p, static_cast<int>(fp32_matmul_precision()));
   return p;
 }
 
@@ -67,16 +68,8 @@ at::Tensor bank_kl_backward_cuda(const at::Tensor& grad_kl, const at::Tensor& gr
   constexpr const char* op = "upreid::_bank_kl_backward";
   at::NoGradGuard no_grad;
   check_bank_kl_args(student, teacher, bank, tau_student, tau_teacher, op);
+  check_bank_kl_backward_args(grad_kl, grad_lse_student, lse_student, lse_teacher, student, op);
   const int64_t M = student.size(0), D = student.size(1);
-  const std::pair<const at::Tensor*, const char*> vecs[] = {{&grad_kl, "grad_kl"},
-                                                            {&grad_lse_student, "grad_lse_student"},
-                                                            {&lse_student, "lse_student"},
-                                                            {&lse_teacher, "lse_teacher"}};
-  for (const auto& [t, name] : vecs) {
-    check_dim(*t, 1, op, name, "[M]");
-    check_size(*t, 0, M, name, "entries", op);
-    check_like(*t, name, student, "student", op, /*same_dtype=*/false);
-  }
   if (M == 0 || D == 0) return at::zeros_like(student);
 
   const c10::cuda::CUDAGuard guard(student.device());
@@ -108,4 +101,7 @@ at::Tensor bank_kl_backward_cuda(const at::Tensor& grad_kl, const at::Tensor& gr
 TORCH_LIBRARY_IMPL(upreid, CUDA, m) {
   m.impl("bank_kl", &upreid::bank_kl_cuda);
   m.impl("_bank_kl_backward", &upreid::bank_kl_backward_cuda);
+  // _bank_kl_train has no CUDA kernel yet (upreid.ops.bank_kl then uses bank_kl); its backward is
+  // elementwise ATen and serves every device.
+  m.impl("_bank_kl_train_backward", &upreid::bank_kl_train_backward);
 }

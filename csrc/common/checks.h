@@ -65,16 +65,32 @@ inline void check_positive_finite(double v, const char* op, const char* name) {
               "' must be a finite number > 0, got ", v);
 }
 
-// Range check of an index tensor; on CUDA this synchronises once (a wrong index would read out of
-// bounds inside a kernel, which is worse than the sync).
+// Range check of an index tensor. On the CPU the offending range is reported. On CUDA the check
+// runs on the device (at::_assert_async: no host synchronisation, so a training step stays
+// capturable in a CUDA graph); a bad index is a device-side assertion with this message.
 inline void check_index_range(const at::Tensor& idx, int64_t upper, const char* op,
                               const char* name, const char* upper_name) {
   if (idx.numel() == 0) return;
+  if (idx.is_cuda()) {
+    std::ostringstream msg;
+    msg << op << ": '" << name << "' must index rows of " << upper_name << " in [0, " << upper
+        << ")";
+    at::_assert_async(at::logical_and(idx.ge(0), idx.lt(upper)).all(), msg.str());
+    return;
+  }
   auto mm = at::aminmax(idx);
   const int64_t lo = std::get<0>(mm).item<int64_t>();
   const int64_t hi = std::get<1>(mm).item<int64_t>();
   TORCH_CHECK(lo >= 0 && hi < upper, op, ": '", name, "' must index rows of ", upper_name,
               " in [0, ", upper, "), got values in [", lo, ", ", hi, "]");
+}
+
+// A vector argument of a backward op: 1-D with `n` entries, on the device of `ref`.
+inline void check_vector(const at::Tensor& t, int64_t n, const char* name, const at::Tensor& ref,
+                         const char* ref_name, const char* op) {
+  check_dim(t, 1, op, name, "[M]");
+  check_size(t, 0, n, name, "entries", op);
+  check_like(t, name, ref, ref_name, op, /*same_dtype=*/false);
 }
 
 // Accumulation type of a feature dtype: fp32 for every dtype but fp64.

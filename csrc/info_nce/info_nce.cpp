@@ -40,6 +40,14 @@ at::Tensor check_info_nce_args(const at::Tensor& query, const at::Tensor& keys,
   return query.new_empty({0, D});
 }
 
+void check_info_nce_backward_args(const at::Tensor& grad_loss, const at::Tensor& grad_lse,
+                                  const at::Tensor& lse, const at::Tensor& query, const char* op) {
+  const int64_t M = query.size(0);
+  check_vector(grad_loss, M, "grad_loss", query, "query", op);
+  check_vector(grad_lse, M, "grad_lse", query, "query", op);
+  check_vector(lse, M, "lse", query, "query", op);
+}
+
 void check_bank_mean(const at::Tensor& bank_mean, const at::Tensor& query, const char* op) {
   check_dim(bank_mean, 2, op, "bank_mean", "[M, D]");
   TORCH_CHECK(bank_mean.size(0) == query.size(0) && bank_mean.size(1) == query.size(1), op,
@@ -51,13 +59,15 @@ void check_bank_mean(const at::Tensor& bank_mean, const at::Tensor& query, const
 }  // namespace upreid
 
 TORCH_LIBRARY_FRAGMENT(upreid, m) {
+  // The backward ops compute only the gradients asked for (need_grad_*, from ctx.needs_input_grad);
+  // a gradient not asked for is returned as an empty [0, D] tensor.
   m.def(
       "info_nce(Tensor query, Tensor keys, Tensor positive, Tensor? bank, float temperature, "
       "int group_size) -> (Tensor loss, Tensor lse)");
   m.def(
       "_info_nce_backward(Tensor grad_loss, Tensor grad_lse, Tensor query, Tensor keys, "
-      "Tensor positive, Tensor? bank, Tensor lse, float temperature, int group_size) "
-      "-> (Tensor grad_query, Tensor grad_keys)");
+      "Tensor positive, Tensor? bank, Tensor lse, float temperature, int group_size, "
+      "bool need_grad_query=True, bool need_grad_keys=True) -> (Tensor grad_query, Tensor grad_keys)");
   // Training variant: also returns bank_mean [M, D] = sum_k softmax_ik bank_k (accumulated in the
   // same pass), so that the backward needs no second pass over the bank: 2 matrix products over
   // the bank in all instead of 3. Used by upreid.ops.info_nce when a gradient is needed.
@@ -66,6 +76,6 @@ TORCH_LIBRARY_FRAGMENT(upreid, m) {
       "float temperature, int group_size) -> (Tensor loss, Tensor lse, Tensor bank_mean)");
   m.def(
       "_info_nce_train_backward(Tensor grad_loss, Tensor grad_lse, Tensor query, Tensor keys, "
-      "Tensor positive, Tensor lse, Tensor bank_mean, float temperature, int group_size) "
-      "-> (Tensor grad_query, Tensor grad_keys)");
+      "Tensor positive, Tensor lse, Tensor bank_mean, float temperature, int group_size, "
+      "bool need_grad_query=True, bool need_grad_keys=True) -> (Tensor grad_query, Tensor grad_keys)");
 }

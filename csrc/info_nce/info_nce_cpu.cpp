@@ -132,58 +132,60 @@ namespace {
 
 // Backward core. Without bank_mean every bank tile is recomputed from the saved lse; with it (from
 // _info_nce_train) the bank part of grad_query is coef_i * bank_mean_i and the bank is not visited.
+// Only the gradients asked for are formed: without need_gk no grad_keys accumulator exists and the
+// W^T @ qs products are skipped; without need_gq the bank (which only feeds grad_query) is skipped.
 std::tuple<at::Tensor, at::Tensor> backward_impl(
     const char* op, const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
     const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
-    const at::Tensor& lse, const at::Tensor& bank_mean, double temperature, int64_t group_size) {
+    const at::Tensor& lse, const at::Tensor& bank_mean, double temperature, int64_t group_size,
+    bool need_gq, bool need_gk) {
   at::NoGradGuard no_grad;  // internal tensors never need autograd history
   Prepared p = prepare(query, keys, positive, bank, temperature, group_size);
-  check_dim(grad_loss, 1, op, "grad_loss", "[M]");
-  check_dim(grad_lse, 1, op, "grad_lse", "[M]");
-  check_dim(lse, 1, op, "lse", "[M]");
-  check_size(grad_loss, 0, p.M, "grad_loss", "entries", op);
-  check_size(grad_lse, 0, p.M, "grad_lse", "entries", op);
-  check_size(lse, 0, p.M, "lse", "entries", op);
+  check_info_nce_backward_args(grad_loss, grad_lse, lse, query, op);
   const auto opts = query.options().dtype(p.acc);
-  if (p.M == 0 || p.D == 0) {
-    return {at::zeros_like(query), at::zeros_like(keys)};
+  if (p.M == 0 || p.D == 0 || !(need_gq || need_gk)) {
+    return {need_gq ? at::zeros_like(query) : skipped_grad(query),
+            need_gk ? at::zeros_like(keys) : skipped_grad(keys)};
   }
   at::Tensor gl = grad_loss.to(p.acc).contiguous();
   at::Tensor coef = (gl + grad_lse.to(p.acc)).contiguous();  // d(loss + lse)/d(softmax logits)
   at::Tensor lse_c = lse.to(p.acc).contiguous();
-  at::Tensor gq = at::zeros({p.M, p.D}, opts);
-  // One grad_keys accumulator per thread: row blocks of different threads hit the same keys.
+  at::Tensor gq = need_gq ? at::zeros({p.M, p.D}, opts) : at::Tensor();
+  // One grad_keys accumulator per thread: row blocks of different threads hit the same keys. The
+  // blocks a thread runs are fixed by at::parallel_for's static split, so the sum is reproducible.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  at::Tensor gk_parts = at::zeros({threads, p.N, p.D}, opts);
+  at::Tensor gk_parts = need_gk ? at::zeros({threads, p.N, p.D}, opts) : at::Tensor();
 
   const CpuBlocking blk = cpu_blocking(p.M);
   parallel_row_blocks(p.M, blk.rows, [&](int64_t r0, int64_t r1) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    at::Tensor gk = gk_parts[tid];                       // [N, D]
-    at::Tensor qb = p.qs.slice(0, r0, r1);               // [R, D]
-    at::Tensor gqb = gq.slice(0, r0, r1);                // [R, D]
-    at::Tensor cb = coef.slice(0, r0, r1).unsqueeze(1);  // [R, 1]
-    at::Tensor lb = lse_c.slice(0, r0, r1).unsqueeze(1);  // [R, 1]
+    at::Tensor gk = need_gk ? gk_parts[tid] : at::Tensor();     // [N, D]
+    at::Tensor qb = p.qs.slice(0, r0, r1);                       // [R, D]
+    at::Tensor gqb = need_gq ? gq.slice(0, r0, r1) : at::Tensor();  // [R, D]
+    at::Tensor cb = coef.slice(0, r0, r1).unsqueeze(1);          // [R, 1]
+    at::Tensor lb = lse_c.slice(0, r0, r1).unsqueeze(1);         // [R, 1]
     auto weights = [&](at::Tensor& s) { s.sub_(lb).exp_().mul_(cb); };  // W = c * softmax
     if (p.all_keys) {
       for_each_tile(p.keys, blk.cols, p.acc, [&](const at::Tensor& tile, int64_t c0, int64_t c1) {
         at::Tensor w = at::mm(qb, tile.t());  // [R, T]
         weights(w);
-        gqb.addmm_(w, tile);
-        gk.slice(0, c0, c1).addmm_(w.t(), qb);
+        if (need_gq) gqb.addmm_(w, tile);
+        if (need_gk) gk.slice(0, c0, c1).addmm_(w.t(), qb);
       });
     } else {
       at::Tensor start = p.positive.slice(0, r0, r1).div(group_size, "floor").mul_(group_size);
       for_each_group_chunk(p.keys, start, group_size, p.acc, [&](const at::Tensor& kg, const at::Tensor& idx) {
         at::Tensor w = at::bmm(kg, qb.unsqueeze(2)).squeeze(2);  // [R, gc]
         weights(w);
-        gqb.add_(at::bmm(w.unsqueeze(1), kg).squeeze(1));
-        gk.index_add_(0, idx.reshape(-1), (w.unsqueeze(2) * qb.unsqueeze(1)).reshape({-1, p.D}));
+        if (need_gq) gqb.add_(at::bmm(w.unsqueeze(1), kg).squeeze(1));
+        if (need_gk) {
+          gk.index_add_(0, idx.reshape(-1), (w.unsqueeze(2) * qb.unsqueeze(1)).reshape({-1, p.D}));
+        }
       });
     }
-    if (bank_mean.defined()) {
+    if (need_gq && bank_mean.defined()) {
       gqb.addcmul_(bank_mean.slice(0, r0, r1), cb);
-    } else {
+    } else if (need_gq) {
       for_each_tile(p.bank, blk.cols, p.acc, [&](const at::Tensor& tile, int64_t, int64_t) {
         at::Tensor w = at::mm(qb, tile.t());
         weights(w);
@@ -193,12 +195,11 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
     // The positive logit enters the loss with -grad_loss.
     at::Tensor pb = p.positive.slice(0, r0, r1);
     at::Tensor glb = gl.slice(0, r0, r1).unsqueeze(1);
-    gqb.sub_(p.keys.index_select(0, pb).to(p.acc) * glb);
-    gk.index_add_(0, pb, qb * glb, -1.0);
+    if (need_gq) gqb.sub_(p.keys.index_select(0, pb).to(p.acc) * glb);
+    if (need_gk) gk.index_add_(0, pb, qb * glb, -1.0);
   });
-  at::Tensor grad_query = gq.mul_(1.0 / temperature).to(query.scalar_type());
-  at::Tensor grad_keys = gk_parts.sum(0).to(keys.scalar_type());
-  return {grad_query, grad_keys};
+  return {need_gq ? gq.mul_(1.0 / temperature).to(query.scalar_type()) : skipped_grad(query),
+          need_gk ? gk_parts.sum(0).to(keys.scalar_type()) : skipped_grad(keys)};
 }
 
 }  // namespace
@@ -206,20 +207,23 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
 std::tuple<at::Tensor, at::Tensor> info_nce_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
     const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
-    const at::Tensor& lse, double temperature, int64_t group_size) {
+    const at::Tensor& lse, double temperature, int64_t group_size, bool need_grad_query,
+    bool need_grad_keys) {
   return backward_impl("upreid::_info_nce_backward", grad_loss, grad_lse, query, keys, positive,
-                       bank, lse, at::Tensor(), temperature, group_size);
+                       bank, lse, at::Tensor(), temperature, group_size, need_grad_query,
+                       need_grad_keys);
 }
 
 std::tuple<at::Tensor, at::Tensor> info_nce_train_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
     const at::Tensor& keys, const at::Tensor& positive, const at::Tensor& lse,
-    const at::Tensor& bank_mean, double temperature, int64_t group_size) {
+    const at::Tensor& bank_mean, double temperature, int64_t group_size, bool need_grad_query,
+    bool need_grad_keys) {
   constexpr const char* op = "upreid::_info_nce_train_backward";
   check_bank_mean(bank_mean, query, op);
   return backward_impl(op, grad_loss, grad_lse, query, keys, positive, std::nullopt, lse,
                        bank_mean.to(acc_dtype(query.scalar_type())).contiguous(), temperature,
-                       group_size);
+                       group_size, need_grad_query, need_grad_keys);
 }
 
 }  // namespace upreid

@@ -32,6 +32,7 @@ cuda::InfoNceParams base_params(const at::Tensor& q, const at::Tensor& k, const 
   p.D = q.size(1);
   p.group_size = group_size;
   p.temperature = temperature;
+  set_fp32_precision(p, static_cast<int>(fp32_matmul_precision()));
   return p;
 }
 
@@ -75,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
 std::tuple<at::Tensor, at::Tensor> backward_cuda(
     const char* op, const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
     const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
-    const at::Tensor& lse, const at::Tensor& bank_mean, double temperature, int64_t group_size);
+    const at::Tensor& lse, const at::Tensor& bank_mean, double temperature, int64_t group_size,
+    bool need_gq, bool need_gk);
 
 }  // namespace
 
@@ -97,23 +99,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_train_cuda(
 
 namespace {
 
+// Only the gradients asked for: a kernel that knows need_grad_query/need_grad_keys gets nullptr for
+// the skipped output; with an older kernel both are computed and the skipped one is dropped.
 std::tuple<at::Tensor, at::Tensor> backward_cuda(
     const char* op, const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
     const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
-    const at::Tensor& lse, const at::Tensor& bank_mean, double temperature, int64_t group_size) {
+    const at::Tensor& lse, const at::Tensor& bank_mean, double temperature, int64_t group_size,
+    bool need_gq, bool need_gk) {
   at::NoGradGuard no_grad;
   at::Tensor b = check_info_nce_args(query, keys, positive, bank, temperature, group_size, op);
-  const int64_t M = query.size(0), D = query.size(1);
-  check_dim(grad_loss, 1, op, "grad_loss", "[M]");
-  check_dim(grad_lse, 1, op, "grad_lse", "[M]");
-  check_dim(lse, 1, op, "lse", "[M]");
-  check_size(grad_loss, 0, M, "grad_loss", "entries", op);
-  check_size(grad_lse, 0, M, "grad_lse", "entries", op);
-  check_size(lse, 0, M, "lse", "entries", op);
-  check_like(grad_loss, "grad_loss", query, "query", op, /*same_dtype=*/false);
-  check_like(grad_lse, "grad_lse", query, "query", op, /*same_dtype=*/false);
-  check_like(lse, "lse", query, "query", op, /*same_dtype=*/false);
-  if (M == 0 || D == 0) return {at::zeros_like(query), at::zeros_like(keys)};
+  check_info_nce_backward_args(grad_loss, grad_lse, lse, query, op);
+  const int64_t M = query.size(0), D = query.size(1), N = keys.size(0);
+  if (M == 0 || D == 0 || !(need_gq || need_gk)) {
+    return {need_gq ? at::zeros_like(query) : skipped_grad(query),
+            need_gk ? at::zeros_like(keys) : skipped_grad(keys)};
+  }
+  const bool all_keys = group_size == 0 || group_size == N;
+  if (need_gk && !all_keys) {
+    // The group keys' gradient is accumulated with float atomics (nce_bwd_finalize).
+    at::globalContext().alertNotDeterministic(
+        "upreid::info_nce backward on CUDA (grad_keys with group_size >= 1)");
+  }
 
   const c10::cuda::CUDAGuard guard(query.device());
   const auto acc = acc_dtype(query.scalar_type());
@@ -123,15 +129,17 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
   const at::Tensor gl = grad_loss.to(acc).contiguous(), gls = grad_lse.to(acc).contiguous(),
                    lse_c = lse.to(acc).contiguous();
   const at::Tensor bm = bank_mean.defined() ? bank_mean.to(acc).contiguous() : at::Tensor();
-  at::Tensor gq = at::empty({M, D}, opts);
-  at::Tensor gk = at::zeros({k.size(0), D}, opts);  // group mode accumulates into it atomically
 
   cuda::InfoNceParams p = base_params(q, k, pos, bk, temperature, group_size);
+  const bool skip_q = !need_gq && set_need_grad_query(p, false);
+  const bool skip_k = !need_gk && set_need_grad_keys(p, false);
+  at::Tensor gq = skip_q ? at::Tensor() : at::empty({M, D}, opts);
+  at::Tensor gk = skip_k ? at::Tensor() : at::zeros({N, D}, opts);  // group mode: atomics into it
   p.grad_loss = gl.data_ptr();
   p.grad_lse = gls.data_ptr();
   p.lse_in = lse_c.data_ptr();
-  p.grad_query = gq.data_ptr();
-  p.grad_keys = gk.data_ptr();
+  p.grad_query = skip_q ? nullptr : gq.data_ptr();
+  p.grad_keys = skip_k ? nullptr : gk.data_ptr();
   p.bank_mean_in = bm.defined() ? bm.data_ptr() : nullptr;
   const cuda::DType dt = kernel_dtype(q.scalar_type());
   const bool train = bm.defined();
@@ -145,7 +153,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   check_cuda(train ? cuda::info_nce_train_backward(p, dt, stream) : cuda::info_nce_backward(p, dt, stream),
              op, "kernel launch");
-  return {gq.to(query.scalar_type()), gk.to(keys.scalar_type())};
+  return {need_gq ? gq.to(query.scalar_type()) : skipped_grad(query),
+          need_gk ? gk.to(keys.scalar_type()) : skipped_grad(keys)};
 }
 
 }  // namespace
@@ -153,19 +162,22 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
 std::tuple<at::Tensor, at::Tensor> info_nce_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
     const at::Tensor& keys, const at::Tensor& positive, const std::optional<at::Tensor>& bank,
-    const at::Tensor& lse, double temperature, int64_t group_size) {
+    const at::Tensor& lse, double temperature, int64_t group_size, bool need_grad_query,
+    bool need_grad_keys) {
   return backward_cuda("upreid::_info_nce_backward", grad_loss, grad_lse, query, keys, positive,
-                       bank, lse, at::Tensor(), temperature, group_size);
+                       bank, lse, at::Tensor(), temperature, group_size, need_grad_query,
+                       need_grad_keys);
 }
 
 std::tuple<at::Tensor, at::Tensor> info_nce_train_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& query,
     const at::Tensor& keys, const at::Tensor& positive, const at::Tensor& lse,
-    const at::Tensor& bank_mean, double temperature, int64_t group_size) {
+    const at::Tensor& bank_mean, double temperature, int64_t group_size, bool need_grad_query,
+    bool need_grad_keys) {
   constexpr const char* op = "upreid::_info_nce_train_backward";
   check_bank_mean(bank_mean, query, op);
   return backward_cuda(op, grad_loss, grad_lse, query, keys, positive, std::nullopt, lse, bank_mean,
-                       temperature, group_size);
+                       temperature, group_size, need_grad_query, need_grad_keys);
 }
 
 }  // namespace upreid

@@ -2,11 +2,17 @@
 //
 // No gallery sort. For query q with P positives (same pid, other camera), the positives are
 // gathered through a pid index of the gallery (O(P) per query) and sorted by (distance, index).
-// One pass over the gallery then places every valid negative (other pid) among the sorted positives
-// by counting / branch-free binary search: cnt[t] counts negatives that precede positives t..P-1. The rank of the k-th
-// positive is k + sum(cnt[0..k]), from which AP, the first-match rank (CMC) and the hardest-positive
-// rank (INP) follow. O(G log P) per query, O(Q + G) memory beyond the distance matrix; queries run in
-// parallel. Ties are broken by gallery index, i.e. the order of a stable sort.
+// The rank of the k-th positive is k + before[k], before[k] = the valid negatives (other pid) that
+// precede it, from which AP, the first-match rank (CMC) and the hardest-positive rank (INP) follow.
+// Ties are broken by gallery index, i.e. the order of a stable sort.
+//   Few positives (P <= kCountMax, fp32/fp16/bf16): before[k] is counted directly, P vectorised
+//   passes over the query's row (in L1-sized blocks), the row first rewritten with +inf at the
+//   non-negatives. The tie rule costs no compare: a negative g ties-and-precedes positive k only if
+//   g < index_k, so the count is (d <= d_k) over g < index_k and (d < d_k) after it. The passes are
+//   compiled for AVX-512, AVX2 and the baseline, picked at run time (target_clones).
+//   Many positives, or fp64: one pass places every valid negative among the sorted positives by a
+//   branch-free binary search (O(G log P)); cnt[t] counts negatives that precede positives t..P-1.
+// O(Q + G) memory beyond the distance matrix; queries run in parallel.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -63,17 +69,11 @@ struct KeyOf<double> {
   static int64_t index(const type& k) { return k.second; }
 };
 
-constexpr int64_t kScanMax = 32;
+constexpr int64_t kCountMax = 64;
 
-// Number of sorted keys < key (lower_bound), branch-free: a counting scan for few positives, a
-// branch-free binary search otherwise.
+// Number of sorted keys < key (lower_bound), branch-free.
 template <typename K>
 inline int64_t count_less(const K* keys, int64_t P, const K& key) {
-  if (P <= 32) {
-    int64_t c = 0;
-    for (int64_t k = 0; k < P; ++k) c += keys[k] < key ? 1 : 0;
-    return c;
-  }
   const K* base = keys;
   int64_t n = P;
   while (n > 1) {
@@ -84,6 +84,49 @@ inline int64_t count_less(const K* keys, int64_t P, const K& key) {
   return (*base < key ? 1 : 0) + (base - keys);
 }
 
+}  // namespace
+
+// Outside the anonymous namespace: target_clones needs external linkage (hidden by -fvisibility).
+namespace detail {
+
+// dm[g] = d[g] where g_id[g] != id (a valid negative) and +inf elsewhere; returns whether every d[g]
+// is finite (bit test, so that the loop vectorises).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+bool mask_negatives(const float* d, const int32_t* g_id, int32_t id, int32_t G, float* dm) {
+  const float inf = std::numeric_limits<float>::infinity();
+  uint32_t nonfinite = 0;
+  for (int32_t g = 0; g < G; ++g) {
+    uint32_t u;
+    std::memcpy(&u, d + g, sizeof(u));
+    nonfinite |= static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+    dm[g] = g_id[g] != id ? d[g] : inf;
+  }
+  return nonfinite == 0;
+}
+
+// before[k] = #{g : dm[g] < pd[k], or dm[g] == pd[k] and g < pi[k]} for the P sorted positives.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void count_before(const float* dm, int32_t G, const float* pd, const int32_t* pi, int32_t P,
+                  int64_t* before) {
+  constexpr int32_t kBlock = 2048;  // 8 KB of the row stays in L1 across the P passes
+  for (int32_t k = 0; k < P; ++k) before[k] = 0;
+  for (int32_t g0 = 0; g0 < G; g0 += kBlock) {
+    const int32_t g1 = std::min(G, g0 + kBlock);
+    for (int32_t k = 0; k < P; ++k) {
+      const float dk = pd[k];
+      const int32_t split = std::clamp(pi[k], g0, g1);
+      int32_t c = 0;
+      for (int32_t g = g0; g < split; ++g) c += dm[g] <= dk;
+      for (int32_t g = split; g < g1; ++g) c += dm[g] < dk;
+      before[k] += c;
+    }
+  }
+}
+
+}  // namespace detail
+
+namespace {
+
 template <typename scalar_t>
 void rank_rows(const scalar_t* dist, const int64_t* qc, const int64_t* gc, const int32_t* q_id,
                const int32_t* g_id, const std::vector<int64_t>& by_id,
@@ -92,9 +135,10 @@ void rank_rows(const scalar_t* dist, const int64_t* qc, const int64_t* gc, const
   using Key = typename KeyOf<scalar_t>::type;
   at::parallel_for(0, Q, 16, [&](int64_t q0, int64_t q1) {
     std::vector<Key> pos;
-    std::vector<int64_t> cnt;
-    alignas(16) float pd[kScanMax];
-    alignas(16) int32_t pi[kScanMax];
+    std::vector<int64_t> cnt, before;
+    std::vector<float> dm(G);  // the row, +inf at the non-negatives
+    float pd[kCountMax];
+    int32_t pi[kCountMax];
     for (int64_t q = q0; q < q1; ++q) {
       const scalar_t* row = dist + q * G;
       const int32_t id = q_id[q];
@@ -118,32 +162,25 @@ void rank_rows(const scalar_t* dist, const int64_t* qc, const int64_t* gc, const
         continue;
       }
       std::sort(pos.begin(), pos.end());
-      cnt.assign(P + 1, 0);
-      const Key last = pos.back();
-      // Few positives: a counting scan over (distance, index) arrays, which vectorises (SSE2 has
-      // 32-bit but no 64-bit compares); many: a branch-free binary search over the keys.
-      const bool scan = P <= kScanMax && !std::is_same<scalar_t, double>::value;
-      if (scan) {
-        // Padded to a multiple of 8 with +inf, which no finite distance precedes.
-        const int64_t P8 = (P + 7) / 8 * 8;
-        for (int64_t k = 0; k < P8; ++k) {
-          pd[k] = k < P ? static_cast<float>(KeyOf<scalar_t>::dist(pos[k]))
-                        : std::numeric_limits<float>::infinity();
-          pi[k] = k < P ? static_cast<int32_t>(KeyOf<scalar_t>::index(pos[k])) : 0;
+      before.assign(P, 0);
+      if (P <= kCountMax && !std::is_same<scalar_t, double>::value) {
+        const float* drow = nullptr;
+        if constexpr (std::is_same<scalar_t, float>::value) {
+          drow = row;
+        } else {
+          for (int64_t g = 0; g < G; ++g) dm[g] = static_cast<float>(row[g]);
+          drow = dm.data();
         }
-        const float dl = pd[P - 1];
-        const int32_t il = pi[P - 1];
-        for (int64_t g = 0; g < G; ++g) {
-          const float df = static_cast<float>(row[g]) + 0.0f;
-          finite &= std::isfinite(df);
-          if (g_id[g] == id) continue;  // a positive, or removed (same pid and camera)
-          const int32_t gi = static_cast<int32_t>(g);
-          if (df > dl || (df == dl && gi > il)) continue;  // after every positive
-          int32_t c = 0;
-          for (int64_t k = 0; k < P8; ++k) c += (pd[k] < df) | ((pd[k] == df) & (pi[k] < gi));
-          ++cnt[c];
+        finite = detail::mask_negatives(drow, g_id, id, static_cast<int32_t>(G), dm.data());
+        for (int64_t k = 0; k < P; ++k) {
+          pd[k] = static_cast<float>(KeyOf<scalar_t>::dist(pos[k]));
+          pi[k] = static_cast<int32_t>(KeyOf<scalar_t>::index(pos[k]));
         }
+        detail::count_before(dm.data(), static_cast<int32_t>(G), pd, pi, static_cast<int32_t>(P),
+                             before.data());
       } else {
+        cnt.assign(P + 1, 0);
+        const Key last = pos.back();
         for (int64_t g = 0; g < G; ++g) {
           const scalar_t d = row[g];
           finite &= std::isfinite(static_cast<double>(d));
@@ -152,13 +189,14 @@ void rank_rows(const scalar_t* dist, const int64_t* qc, const int64_t* gc, const
           if (last < key) continue;  // after every positive: changes no rank
           ++cnt[count_less(pos.data(), P, key)];
         }
+        int64_t acc = 0;
+        for (int64_t k = 0; k < P; ++k) before[k] = acc += cnt[k];
       }
       if (!finite) bad = true;
       double ap_sum = 0.0;
-      int64_t neg_before = 0, rank = 0;
+      int64_t rank = 0;
       for (int64_t k = 0; k < P; ++k) {
-        neg_before += cnt[k];
-        rank = k + neg_before;  // 0-based rank among the kept gallery items
+        rank = k + before[k];  // 0-based rank among the kept gallery items
         if (k == 0) first[q] = rank;
         ap_sum += static_cast<double>(k + 1) / static_cast<double>(rank + 1);
       }

@@ -30,8 +30,8 @@ def built_with_cuda() -> bool:
 
 
 def _kernel_table() -> dict[tuple[str, str], bool]:
-    ops = ("info_nce", "_info_nce_train", "bank_kl", "rank_metrics", "k_reciprocal_rerank",
-           "k_reciprocal_rerank_dense")
+    ops = ("info_nce", "_info_nce_train", "bank_kl", "_bank_kl_train", "rank_metrics",
+           "k_reciprocal_rerank", "k_reciprocal_rerank_dense")
     return {
         (op, key): HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(f"upreid::{op}", key)
         for op in ops for key in ("CPU", "CUDA")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from upreid.ops import _lib, reference
+from upreid.ops import _checks, _dispatch, _lib, reference
 
 
 def info_nce(
@@ -39,21 +39,19 @@ def info_nce(
         ``(loss, lse)``, both ``[M]`` in fp32 (fp64 for fp64 inputs), with
         ``loss[i] = lse[i] - query[i] . keys[positive[i]] / temperature``.
     """
-    if bank is not None and bank.requires_grad:
-        raise ValueError(
-            "info_nce: 'bank' requires grad, but the bank is a buffer that receives no gradient; "
-            "pass bank.detach()"
-        )
-    if impl == "reference":
-        return reference.info_nce(query, keys, positive, bank, temperature, group_size)
-    if impl != "fused":
-        raise ValueError(f"info_nce: impl must be 'fused' or 'reference', got {impl!r}")
-    if not _lib.use_extension(query):
-        return reference.info_nce(query, keys, positive, bank, temperature, group_size)
-    if (bank is not None and torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad)
+    _checks.no_grad_buffer(bank, "upreid::info_nce", "bank", _BANK_WHY)
+    return _dispatch.call("info_nce", impl, _fused, reference.info_nce,
+                          (query, keys, positive, bank, temperature, group_size))
+
+
+_BANK_WHY = "the bank is a buffer that receives no gradient"
+
+
+def _fused(query, keys, positive, bank, temperature, group_size):
+    if (bank is not None and torch.is_grad_enabled() and query.requires_grad
             and _lib.has_kernel("_info_nce_train", query.device)):
         # Training: the forward also returns the softmax-weighted bank mean, which saves the backward
-        # a second pass over the bank.
+        # a second pass over the bank (only grad_query involves the bank).
         loss, lse, _ = torch.ops.upreid._info_nce_train(
             query, keys, positive, bank, float(temperature), int(group_size))
         return loss, lse
@@ -68,23 +66,21 @@ if _lib.HAS_EXTENSION:
 
     @torch.library.register_fake("upreid::info_nce")
     def _info_nce_fake(query, keys, positive, bank, temperature, group_size):
-        # Shape/device checks that need no data (the index range is checked by the real kernels).
-        named = [("keys", keys), ("positive", positive)] + ([("bank", bank)] if bank is not None else [])
-        for name, t in named:
-            torch._check(t.device == query.device, lambda: (
-                f"upreid::info_nce: '{name}' is on {t.device} but 'query' is on {query.device}; "
-                "all tensors must be on one device"))
-        torch._check(query.dim() == 2 and keys.dim() == 2 and positive.dim() == 1,
-                     lambda: "upreid::info_nce: query [M, D], keys [N, D] and positive [M] expected")
-        torch._check(keys.shape[1] == query.shape[1] and positive.shape[0] == query.shape[0],
-                     lambda: "upreid::info_nce: mismatched D or M between query, keys and positive")
+        # The checks that need no data (the index range is checked by the real kernels).
+        _checks.info_nce(query, keys, positive, bank, temperature, group_size)
         m = query.shape[0]
         return query.new_empty((m,), dtype=_acc(query)), query.new_empty((m,), dtype=_acc(query))
 
+    def _grads_fake(query, keys, need_grad_query, need_grad_keys):
+        # A gradient not asked for is an empty [0, D] tensor.
+        gq = torch.empty_like(query) if need_grad_query else query.new_empty((0, query.shape[1]))
+        gk = torch.empty_like(keys) if need_grad_keys else keys.new_empty((0, keys.shape[1]))
+        return gq, gk
+
     @torch.library.register_fake("upreid::_info_nce_backward")
     def _info_nce_backward_fake(grad_loss, grad_lse, query, keys, positive, bank, lse, temperature,
-                                group_size):
-        return torch.empty_like(query), torch.empty_like(keys)
+                                group_size, need_grad_query=True, need_grad_keys=True):
+        return _grads_fake(query, keys, need_grad_query, need_grad_keys)
 
     def _make_autograd(backward_op, saves_bank: bool):
         """setup_context/backward for info_nce (saves the bank, recomputes its tiles) and for
@@ -93,6 +89,8 @@ if _lib.HAS_EXTENSION:
 
         def setup_context(ctx, inputs, output):
             query, keys, positive, bank, temperature, group_size = inputs
+            # Called directly (torch.ops.upreid.*), a bank asking for a gradient would get None.
+            _checks.no_grad_buffer(bank, "upreid::info_nce", "bank", _BANK_WHY)
             lse = output[1]
             extra = bank if saves_bank else output[2]
             ctx.save_for_backward(query, keys, positive, extra, lse)
@@ -106,8 +104,10 @@ if _lib.HAS_EXTENSION:
                 ins = (grad_loss, grad_lse, query, keys, positive, extra, lse)
             else:
                 ins = (grad_loss, grad_lse, query, keys, positive, lse, extra)
-            grad_query, grad_keys = backward_op(*ins, *ctx.args)
-            return grad_query, grad_keys, None, None, None, None
+            need_q, need_k = _dispatch.needs(ctx, 0, 1)
+            grad_query, grad_keys = backward_op(*ins, *ctx.args, need_q, need_k)
+            return (grad_query if need_q else None), (grad_keys if need_k else None), \
+                None, None, None, None
 
         return backward, setup_context
 
@@ -121,8 +121,12 @@ if _lib.HAS_EXTENSION:
 
     @torch.library.register_fake("upreid::_info_nce_train_backward")
     def _info_nce_train_backward_fake(grad_loss, grad_lse, query, keys, positive, lse, bank_mean,
-                                      temperature, group_size):
-        return torch.empty_like(query), torch.empty_like(keys)
+                                      temperature, group_size, need_grad_query=True,
+                                      need_grad_keys=True):
+        return _grads_fake(query, keys, need_grad_query, need_grad_keys)
 
     _bw, _ctx = _make_autograd(torch.ops.upreid._info_nce_train_backward, saves_bank=False)
     torch.library.register_autograd("upreid::_info_nce_train", _bw, setup_context=_ctx)
+
+    for _name in ("_info_nce_backward", "_info_nce_train_backward"):
+        _dispatch.forbid_double_backward(_name, "upreid::info_nce")

@@ -8,12 +8,10 @@ distance with ties broken by ascending gallery index (a stable sort).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
-from upreid.ops import _lib
+from upreid.ops import _dispatch, _lib
 from upreid.ops import reference_eval as reference
 
 
@@ -40,36 +38,13 @@ def rank_metrics(
         whose first match has rank ``<= r`` (0-based); ``ap [Q]`` and ``inp [Q]`` fp32 (0 for invalid
         queries); ``valid [Q]`` bool. mAP and mINP are the means of ``ap`` and ``inp`` over ``valid``.
     """
-    if impl == "reference":
-        return reference.rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
-    if impl != "fused":
-        raise ValueError(f"rank_metrics: impl must be 'fused' or 'reference', got {impl!r}")
-    if distmat.device.type != "cpu" and not _has_device_kernel(distmat.device):
-        # Fallback for builds without a kernel for this device: compute on the CPU and copy back.
-        _warn_cpu_only(distmat.device)
-        out = rank_metrics(distmat.cpu(), q_pids.cpu(), g_pids.cpu(), q_camids.cpu(),
-                           g_camids.cpu(), max_rank)
-        return tuple(t.to(distmat.device) for t in out)
-    if not _lib.use_extension(distmat):
-        return reference.rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
+    return _dispatch.call("rank_metrics", impl, _fused, reference.rank_metrics,
+                          (distmat, q_pids, g_pids, q_camids, g_camids, max_rank),
+                          cpu_fallback=True)
+
+
+def _fused(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
     return torch.ops.upreid.rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, int(max_rank))
-
-
-def _has_device_kernel(device: torch.device) -> bool:
-    """Whether the compiled op has a kernel for this device type."""
-    return _lib.has_kernel("rank_metrics", device)
-
-
-_warned_devices: set = set()
-
-
-def _warn_cpu_only(device) -> None:
-    """This build has no kernel of this op for the device: inputs there are computed on the CPU
-    (copied there and back); says so once per device type."""
-    if device.type not in _warned_devices:
-        _warned_devices.add(device.type)
-        warnings.warn(f"{__name__}: no {device.type} kernel in this build; computing on the CPU",
-                      RuntimeWarning, stacklevel=3)
 
 
 if _lib.HAS_EXTENSION:

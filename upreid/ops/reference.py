@@ -7,11 +7,15 @@ logits matrix, and differentiate through plain autograd.
 ``compute_dtype`` selects the precision of the matrix products and reductions; by default the inputs'
 own dtype is used, which is what a user writing these losses by hand would get (and the baseline of
 the low-precision tolerance rule). Outputs are float32 (float64 for float64 inputs), like the ops.
+
+They reject what the operators reject, with the operators' messages (:mod:`upreid.ops._checks`).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from upreid.ops import _checks
 
 
 def _out_dtype(t: Tensor) -> torch.dtype:
@@ -28,6 +32,7 @@ def info_nce(
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Reference of ``upreid::info_nce``: returns (loss [M], lse [M])."""
+    _checks.info_nce(query, keys, positive, bank, temperature, group_size)
     cd = compute_dtype or query.dtype
     q = query.to(cd) / temperature                      # [M, D]
     logits_k = q @ keys.to(cd).T                        # [M, N]
@@ -55,6 +60,7 @@ def bank_kl(
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reference of ``upreid::bank_kl``: (KL(p_teacher || p_student) [M], lse_student, lse_teacher)."""
+    _checks.bank_kl(student, teacher, bank, tau_student, tau_teacher)
     cd = compute_dtype or student.dtype
     b = bank.to(cd)
     a = (student.to(cd) / tau_student) @ b.T           # [M, K]

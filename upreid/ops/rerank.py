@@ -9,12 +9,10 @@ ascending index (a stable sort). The features path never allocates an ``N x N`` 
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
-from upreid.ops import _lib
+from upreid.ops import _dispatch, _lib
 from upreid.ops import reference_eval as reference
 
 
@@ -41,21 +39,17 @@ def k_reciprocal_rerank(
     Returns:
         ``[num_query, N - num_query]`` fp32 final distance (smaller is more similar).
     """
-    if impl == "reference":
-        return reference.k_reciprocal_rerank(features, num_query, k1, k2, lambda_value).float()
-    if impl != "fused":
-        raise ValueError(f"k_reciprocal_rerank: impl must be 'fused' or 'reference', got {impl!r}")
-    if features.device.type != "cpu" and not _has_device_kernel("k_reciprocal_rerank",
-                                                                features.device):
-        # Fallback for builds without a kernel for this device: compute on the CPU and copy back.
-        _warn_cpu_only(features.device)
-        return k_reciprocal_rerank(features.cpu(), num_query, k1, k2, lambda_value).to(
-            features.device)
-    if not _lib.use_extension(features):
-        return reference.k_reciprocal_rerank(features, num_query, k1, k2, lambda_value).float()
+    return _dispatch.call("k_reciprocal_rerank", impl, _fused, _reference,
+                          (features, num_query, k1, k2, lambda_value), cpu_fallback=True)
+
+
+def _fused(features, num_query, k1, k2, lambda_value):
     return torch.ops.upreid.k_reciprocal_rerank(
-        features, int(num_query), int(k1), int(k2), float(lambda_value)
-    )
+        features, int(num_query), int(k1), int(k2), float(lambda_value))
+
+
+def _reference(features, num_query, k1, k2, lambda_value):
+    return reference.k_reciprocal_rerank(features, num_query, k1, k2, lambda_value).float()
 
 
 def k_reciprocal_rerank_dense(
@@ -70,39 +64,17 @@ def k_reciprocal_rerank_dense(
     """Re-ranking with the original signature: distances ``q_g [Q, G]``, ``q_q [Q, Q]``,
     ``g_g [G, G]`` (one dtype and device) -> ``[Q, G]`` fp32. Compatibility path: the inputs are
     dense already, so it needs their memory, unlike the features path."""
-    if impl == "reference":
-        return reference.k_reciprocal_rerank_dense(q_g, q_q, g_g, k1, k2, lambda_value).float()
-    if impl != "fused":
-        raise ValueError(
-            f"k_reciprocal_rerank_dense: impl must be 'fused' or 'reference', got {impl!r}"
-        )
-    if q_g.device.type != "cpu" and not _has_device_kernel("k_reciprocal_rerank_dense",
-                                                           q_g.device):
-        _warn_cpu_only(q_g.device)
-        return k_reciprocal_rerank_dense(q_g.cpu(), q_q.cpu(), g_g.cpu(), k1, k2,
-                                         lambda_value).to(q_g.device)
-    if not _lib.use_extension(q_g, q_q, g_g):
-        return reference.k_reciprocal_rerank_dense(q_g, q_q, g_g, k1, k2, lambda_value).float()
+    return _dispatch.call("k_reciprocal_rerank_dense", impl, _fused_dense, _reference_dense,
+                          (q_g, q_q, g_g, k1, k2, lambda_value), cpu_fallback=True)
+
+
+def _fused_dense(q_g, q_q, g_g, k1, k2, lambda_value):
     return torch.ops.upreid.k_reciprocal_rerank_dense(
-        q_g, q_q, g_g, int(k1), int(k2), float(lambda_value)
-    )
+        q_g, q_q, g_g, int(k1), int(k2), float(lambda_value))
 
 
-def _has_device_kernel(op: str, device: torch.device) -> bool:
-    """Whether the compiled op has a kernel for this device type."""
-    return _lib.has_kernel(op, device)
-
-
-_warned_devices: set = set()
-
-
-def _warn_cpu_only(device) -> None:
-    """This build has no kernel of this op for the device: inputs there are computed on the CPU
-    (copied there and back); says so once per device type."""
-    if device.type not in _warned_devices:
-        _warned_devices.add(device.type)
-        warnings.warn(f"{__name__}: no {device.type} kernel in this build; computing on the CPU",
-                      RuntimeWarning, stacklevel=3)
+def _reference_dense(q_g, q_q, g_g, k1, k2, lambda_value):
+    return reference.k_reciprocal_rerank_dense(q_g, q_q, g_g, k1, k2, lambda_value).float()
 
 
 if _lib.HAS_EXTENSION:
