@@ -2,7 +2,6 @@
 through :func:`upreid.evaluation.evaluate` (with and without re-ranking) and the rank-list picture."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
@@ -10,6 +9,7 @@ import torch
 
 from upreid.engine.ranklist import draw_ranklist, rank_lists
 from upreid.evaluation import evaluate, pairwise_distance
+from upreid.evaluation.extract import extract_features
 
 log = logging.getLogger("upreid.finetune")
 
@@ -23,38 +23,16 @@ def loader_workers(d: dict) -> int:
 
 def eval_aug(cfg: dict) -> dict:
     d = cfg["data"]
-    return {"height": d["height"], "width": d["width"], "flip_test": d["flip_test"], "mean": d["mean"],
+    return {"height": d["height"], "width": d["width"], "flip": d["flip_test"], "mean": d["mean"],
             "std": d["std"]}
 
 
-@torch.no_grad()
 def extract(model, records, cfg: dict, device: torch.device, amp: str, desc: str = "features") -> tuple:
     """Features ``[N, D]`` (fp32, CPU) of ``records`` in order, with their pids and camids."""
-    from tqdm.auto import tqdm
-
-    from upreid.data.loader import build_loader
     d = cfg["data"]
-    loader = build_loader("eval", records, batch_size=d["eval_batch_size"], backend=d["backend"],
-                          device=device.type, aug=eval_aug(cfg), workers=loader_workers(d))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp != "off" else contextlib.nullcontext())
-    was_training = model.training
-    model.eval()
-    feats, pids, camids, index = [], [], [], []
-    try:
-        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not cfg["train"]["progress"]):
-            with autocast:
-                f = model(batch["images"].to(device)).float()
-                if "images_flipped" in batch:
-                    f = (f + model(batch["images_flipped"].to(device)).float()) / 2
-            feats.append(f.cpu())
-            pids.append(batch["pids"].cpu())
-            camids.append(batch["camids"].cpu())
-            index.append(batch["index"].cpu())
-    finally:
-        model.train(was_training)
-    order = torch.argsort(torch.cat(index))
-    return torch.cat(feats)[order], torch.cat(pids)[order], torch.cat(camids)[order]
+    return extract_features(model, records, **eval_aug(cfg), batch_size=d["eval_batch_size"], backend=d["backend"],
+                            device=device, amp=amp, workers=loader_workers(d), progress=cfg["train"]["progress"],
+                            desc=desc)
 
 
 def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, rerank: bool,
