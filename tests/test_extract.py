@@ -49,6 +49,9 @@ def test_extract_then_evaluate_reproduces_finetuning(run, tmp_path, capsys):
     assert evaluate_main(["evaluate", npz, "--rerank", "both", "--json", res_json, "--no-progress"]) == 0
     mine = json.load(open(res_json))
     theirs = json.load(open(os.path.join(run["output"], "results.json")))["final"]
+    for png in ("cmc.png", "distances.png", "ranklist.png"):     # fine-tuning's evaluation pictures
+        assert os.path.getsize(os.path.join(run["output"], png)) > 1000, png
+    assert sum(theirs["rerank"]["distances"]["positive"]) == sum(mine["rerank"]["distances"]["positive"]) > 0
     for mode in ("plain", "rerank"):
         for k in ("mAP", "mINP", "Rank-1", "Rank-5", "Rank-10"):
             assert mine[mode][k] == pytest.approx(theirs[mode][k], abs=1e-6), (mode, k)

@@ -10,6 +10,7 @@ import torch
 from upreid.engine.ranklist import draw_ranklist, rank_lists
 from upreid.evaluation import evaluate, pairwise_distance
 from upreid.evaluation.extract import extract_features
+from upreid.evaluation.plots import write_plots
 
 log = logging.getLogger("upreid.finetune")
 
@@ -42,10 +43,12 @@ def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, re
     progress = cfg["train"]["progress"]
     qf, qp, qc = extract(model, dataset.query, cfg, device, amp, "query features")
     gf, gp, gc = extract(model, dataset.gallery, cfg, device, amp, "gallery features")
-    out = {"plain": evaluate(qf, gf, qp, gp, qc, gc, metric=e["metric"], progress=progress)}
+    bins = 100 if ranklist_path else 0           # the final evaluation also draws the distance plot
+    out = {"plain": evaluate(qf, gf, qp, gp, qc, gc, metric=e["metric"], progress=progress, distance_bins=bins)}
     if rerank:
         out["rerank"] = evaluate(qf, gf, qp, gp, qc, gc, metric=e["metric"], rerank=True, k1=e["k1"],
-                                 k2=e["k2"], lambda_value=e["lambda_value"], progress=progress)
+                                 k2=e["k2"], lambda_value=e["lambda_value"], progress=progress,
+                                 distance_bins=bins)
     if ranklist_path and e["ranklist_queries"] > 0:
         n = min(e["ranklist_queries"], len(dataset.query))
         pick = torch.linspace(0, len(dataset.query) - 1, n).round().long().unique()   # spread over queries
@@ -54,6 +57,8 @@ def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, re
         draw_ranklist(ranklist_path, [dataset.query[int(i)].path for i in pick],
                       [r.path for r in dataset.gallery], lists, top=e["ranklist_top"])
         log.info("rank lists of %d queries written to %s", len(pick), ranklist_path)
+    if ranklist_path:
+        log.info("plots written: %s", write_plots(os.path.dirname(os.path.abspath(ranklist_path)), out))
     for v in out.values():
         v["cmc"] = v["cmc"][:20]
     return out
