@@ -116,10 +116,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     env = env_fields("cpu")
     print(f"{env['device']}, {env['threads']} threads, torch {env['torch']}")
-    rows = []
-    if "rank" not in args.skip:
+    rows, skip = [], set(args.skip.split(","))
+    if "rank" not in skip:
         rows += rank_rows(env, args.rank_workload, args.repeats)
-    if "rerank" not in args.skip:
+    if "rerank" not in skip:
         rows += rerank_rows(env, args.rerank_workload, args.repeats)
     if not args.no_csv and rows:
         print(f"appended {len(rows)} rows to {append_rows(rows, COMPAT_CSV)}")
