@@ -102,3 +102,31 @@ def test_bad_input_is_named(tmp_path, capsys):
     assert rc == 2 and "extract --images" in capsys.readouterr().err and not os.path.exists(tmp_path / "x.npz")
     with pytest.raises(ValueError, match="'split' must be one of"):
         extract_to_npz(tv, str(tmp_path / "x.npz"), data=str(tmp_path), split="val")
+
+
+def test_exported_backbone_features_are_the_pooled_trunk_on_lup_normalised_images(tmp_path):
+    from upreid.data.augment import LUP_MEAN, LUP_STD
+    from upreid.data.imageio import decode_pil
+    from upreid.data.testing import write_tiny
+    from upreid.data.transforms import normalize, resize
+    from upreid.engine import checkpoint as ckpt_io
+    recs = write_tiny(str(tmp_path / "img"), n=5, ids=2, size=(64, 32))
+    torch.manual_seed(3)
+    trunk = ResNet(18, last_stride=2)
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+    bb = str(tmp_path / "bb.pt")
+    ckpt_io.save_atomic({"format": ckpt_io.BACKBONE_FORMAT, "version": ckpt_io.VERSION, "step": 1,
+                         "arch": {"depth": 18, "last_stride": 2, "ibn": False}, "state_dict": trunk.state_dict()}, bb)
+    out = str(tmp_path / "f.npz")
+    s = extract_to_npz(bb, out, images=str(tmp_path / "img"), height=64, width=32, backend="torch", progress=False,
+                       flip=True, last_stride=2)
+    assert s["format"] == "upreid-backbone" and s["flip"]
+    images = torch.stack([normalize(np.asarray(resize(decode_pil(r.path), 64, 32)), LUP_MEAN, LUP_STD)
+                          for r in sorted(recs)])
+    with torch.no_grad():
+        trunk.eval()
+        want = (trunk(images).mean((2, 3)) + trunk(images.flip(3)).mean((2, 3))) / 2     # [5, 512]
+    np.testing.assert_allclose(np.load(out)["features"], want.numpy(), atol=1e-5)
