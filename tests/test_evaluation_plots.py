@@ -108,3 +108,24 @@ def test_evaluate_cli_writes_json_and_plots_beside_it(tmp_path, capsys):
     assert (out / "cmc.png").exists() and (out / "distances.png").exists()
     assert evaluate_main(["evaluate", npz, "--plots", str(tmp_path / "p"), "--no-progress"]) == 0
     assert (tmp_path / "p" / "cmc.png").exists()
+
+
+def test_without_matplotlib_plots_are_skipped_or_refused(tmp_path, monkeypatch, caplog, capsys):
+    from upreid.evaluation import plots
+
+    def absent(*_):
+        raise ImportError("evaluation plots need matplotlib: pip install matplotlib")
+
+    monkeypatch.setattr(plots, "_figure", absent)
+    qf, gf, qp, gp, qc, gc = data()
+    res = {"plain": evaluate(qf, gf, qp, gp, qc, gc, progress=False, distance_bins=5)}
+    with caplog.at_level("WARNING"):
+        assert plots.write_plots(str(tmp_path / "a"), res, required=False) == []
+    assert "need matplotlib" in caplog.text and not (tmp_path / "a").exists()
+    npz = str(tmp_path / "f.npz")
+    np.savez(npz, qf=qf.numpy(), gf=gf.numpy(), q_pids=qp.numpy(), g_pids=gp.numpy(), q_camids=qc.numpy(),
+             g_camids=gc.numpy())
+    assert evaluate_main(["evaluate", npz, "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    assert (tmp_path / "r.json").exists() and not (tmp_path / "cmc.png").exists()
+    assert evaluate_main(["evaluate", npz, "--plots", str(tmp_path / "p"), "--no-progress"]) == 2
+    assert "--plots: evaluation plots need matplotlib" in capsys.readouterr().err

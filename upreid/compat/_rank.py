@@ -17,7 +17,7 @@ CUHK03_MESSAGE = (
     "CUHK03-NP (the 767/700 split) with the default protocol, use_metric_cuhk03=False.")
 
 
-def _array(x, name: str, op: str, ndim: int) -> np.ndarray:
+def as_array(x, name: str, op: str, ndim: int) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -30,7 +30,7 @@ def _array(x, name: str, op: str, ndim: int) -> np.ndarray:
 
 
 def _labels(x, name: str, op: str, n: int, what: str) -> torch.Tensor:
-    a = _array(x, name, op, 1)
+    a = as_array(x, name, op, 1)
     if a.dtype.kind not in "iu":
         if a.dtype.kind == "f" and a.size and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
             a = a.astype(np.int64)       # integral floats, as some loaders produce
@@ -45,7 +45,7 @@ def per_query_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int
     """``(cmc [max_rank'] float32, ap [V] float32, inp [V] float32)`` over the V valid queries, with
     ``max_rank' = min(max_rank, num_gallery)`` as the originals do. Raises the originals'
     ``AssertionError`` when no query has a match."""
-    d = _array(distmat, "distmat", op, 2)
+    d = as_array(distmat, "distmat", op, 2)
     if d.dtype.kind != "f":
         d = d.astype(np.float32)
     num_q, num_g = d.shape

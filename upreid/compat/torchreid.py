@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from upreid.compat._rank import CUHK03_MESSAGE, _array, per_query_metrics
+from upreid.compat._rank import CUHK03_MESSAGE, as_array, per_query_metrics
 from upreid.ops.rerank import k_reciprocal_rerank_dense
 
 __all__ = ["evaluate_rank", "re_ranking"]
@@ -57,7 +57,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
     op = "upreid.compat.torchreid.re_ranking"
     mats = {}
     for name, x in (("q_g_dist", q_g_dist), ("q_q_dist", q_q_dist), ("g_g_dist", g_g_dist)):
-        a = _array(x, name, op, 2)
+        a = as_array(x, name, op, 2)
         mats[name] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32 if a.dtype != np.float64
                                                            else np.float64))
     q, g = mats["q_g_dist"].shape

@@ -58,7 +58,8 @@ def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, re
                       [r.path for r in dataset.gallery], lists, top=e["ranklist_top"])
         log.info("rank lists of %d queries written to %s", len(pick), ranklist_path)
     if ranklist_path:
-        log.info("plots written: %s", write_plots(os.path.dirname(os.path.abspath(ranklist_path)), out))
+        log.info("plots written: %s", write_plots(os.path.dirname(os.path.abspath(ranklist_path)), out,
+                                                 required=False))
     for v in out.values():
         v["cmc"] = v["cmc"][:20]
     return out

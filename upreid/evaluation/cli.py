@@ -76,7 +76,12 @@ def _run(args: argparse.Namespace) -> int:
             json.dump(results, f, indent=2)
     if plots:
         from upreid.evaluation.plots import write_plots
-        for path in write_plots(plots, results, title=os.path.basename(args.features)):
+        try:   # beside --json the plots are a bonus; asked for with --plots they are required
+            paths = write_plots(plots, results, title=os.path.basename(args.features), required=bool(args.plots))
+        except ImportError as exc:
+            print(f"upreid evaluate: --plots: {exc}", file=sys.stderr)
+            return 2
+        for path in paths:
             print(f"wrote {path}")
     return 0
 

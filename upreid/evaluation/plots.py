@@ -4,8 +4,10 @@ the ``distances`` histograms that ``evaluate(..., distance_bins=N)`` adds). One 
 (e.g. without and with re-ranking). matplotlib is imported lazily, without pyplot's global state."""
 from __future__ import annotations
 
+import logging
 import os
 
+log = logging.getLogger("upreid.evaluation")
 CMC_NAME, DISTANCES_NAME = "cmc.png", "distances.png"
 LABELS = {"plain": "without re-ranking", "rerank": "with re-ranking"}
 
@@ -67,9 +69,16 @@ def plot_distances(path: str, results: dict, title: str | None = None) -> str:
     return path
 
 
-def write_plots(folder: str, results: dict, title: str | None = None) -> list:
+def write_plots(folder: str, results: dict, title: str | None = None, required: bool = True) -> list:
     """``cmc.png`` and (when the results carry histograms) ``distances.png`` in ``folder``; returns
-    the paths written."""
+    the paths written. Without matplotlib: ImportError, or (``required=False``) a warning and []."""
+    try:
+        _figure(1, 1)
+    except ImportError as e:
+        if required:
+            raise
+        log.warning("%s; no plots written", e)
+        return []
     os.makedirs(folder, exist_ok=True)
     paths = [plot_cmc(os.path.join(folder, CMC_NAME), results, title)]
     if any("distances" in r for r in results.values()):

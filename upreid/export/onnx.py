@@ -69,7 +69,8 @@ def export_onnx(checkpoint: str, out: str, *, height: int | None = None, width: 
     reads) to ``out``; returns ``out``, ``format``, ``feat_dim``, ``height``, ``width`` and
     ``max_abs_err`` (onnxruntime against PyTorch on ``check_batch`` synthetic images)."""
     from upreid.evaluation.feature_model import load_feature_model
-    _require("onnx"), _require("onnxruntime"), _require("onnxscript")
+    for package in ("onnx", "onnxruntime", "onnxscript"):
+        _require(package)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"export-onnx: {out!r} exists; pass --overwrite to replace it")
     if check_batch < 1:
