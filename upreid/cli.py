@@ -9,7 +9,8 @@ import logging
 import sys
 
 # Modules that contribute subcommands, in the order they are listed in --help.
-COMMAND_MODULES = ("upreid.data.cli", "upreid.engine.cli", "upreid.engine.cli_finetune", "upreid.evaluation.cli")
+COMMAND_MODULES = ("upreid.data.cli", "upreid.engine.cli", "upreid.engine.cli_finetune", "upreid.evaluation.cli",
+                   "upreid.evaluation.cli_extract", "upreid.export.cli")
 
 
 def _info(args: argparse.Namespace) -> int:

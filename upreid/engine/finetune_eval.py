@@ -2,7 +2,6 @@
 through :func:`upreid.evaluation.evaluate` (with and without re-ranking) and the rank-list picture."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
@@ -10,6 +9,8 @@ import torch
 
 from upreid.engine.ranklist import draw_ranklist, rank_lists
 from upreid.evaluation import evaluate, pairwise_distance
+from upreid.evaluation.extract import extract_features
+from upreid.evaluation.plots import write_plots
 
 log = logging.getLogger("upreid.finetune")
 
@@ -23,38 +24,16 @@ def loader_workers(d: dict) -> int:
 
 def eval_aug(cfg: dict) -> dict:
     d = cfg["data"]
-    return {"height": d["height"], "width": d["width"], "flip_test": d["flip_test"], "mean": d["mean"],
+    return {"height": d["height"], "width": d["width"], "flip": d["flip_test"], "mean": d["mean"],
             "std": d["std"]}
 
 
-@torch.no_grad()
 def extract(model, records, cfg: dict, device: torch.device, amp: str, desc: str = "features") -> tuple:
     """Features ``[N, D]`` (fp32, CPU) of ``records`` in order, with their pids and camids."""
-    from tqdm.auto import tqdm
-
-    from upreid.data.loader import build_loader
     d = cfg["data"]
-    loader = build_loader("eval", records, batch_size=d["eval_batch_size"], backend=d["backend"],
-                          device=device.type, aug=eval_aug(cfg), workers=loader_workers(d))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp != "off" else contextlib.nullcontext())
-    was_training = model.training
-    model.eval()
-    feats, pids, camids, index = [], [], [], []
-    try:
-        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not cfg["train"]["progress"]):
-            with autocast:
-                f = model(batch["images"].to(device)).float()
-                if "images_flipped" in batch:
-                    f = (f + model(batch["images_flipped"].to(device)).float()) / 2
-            feats.append(f.cpu())
-            pids.append(batch["pids"].cpu())
-            camids.append(batch["camids"].cpu())
-            index.append(batch["index"].cpu())
-    finally:
-        model.train(was_training)
-    order = torch.argsort(torch.cat(index))
-    return torch.cat(feats)[order], torch.cat(pids)[order], torch.cat(camids)[order]
+    return extract_features(model, records, **eval_aug(cfg), batch_size=d["eval_batch_size"], backend=d["backend"],
+                            device=device, amp=amp, workers=loader_workers(d), progress=cfg["train"]["progress"],
+                            desc=desc)
 
 
 def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, rerank: bool,
@@ -64,10 +43,12 @@ def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, re
     progress = cfg["train"]["progress"]
     qf, qp, qc = extract(model, dataset.query, cfg, device, amp, "query features")
     gf, gp, gc = extract(model, dataset.gallery, cfg, device, amp, "gallery features")
-    out = {"plain": evaluate(qf, gf, qp, gp, qc, gc, metric=e["metric"], progress=progress)}
+    bins = 100 if ranklist_path else 0           # the final evaluation also draws the distance plot
+    out = {"plain": evaluate(qf, gf, qp, gp, qc, gc, metric=e["metric"], progress=progress, distance_bins=bins)}
     if rerank:
         out["rerank"] = evaluate(qf, gf, qp, gp, qc, gc, metric=e["metric"], rerank=True, k1=e["k1"],
-                                 k2=e["k2"], lambda_value=e["lambda_value"], progress=progress)
+                                 k2=e["k2"], lambda_value=e["lambda_value"], progress=progress,
+                                 distance_bins=bins)
     if ranklist_path and e["ranklist_queries"] > 0:
         n = min(e["ranklist_queries"], len(dataset.query))
         pick = torch.linspace(0, len(dataset.query) - 1, n).round().long().unique()   # spread over queries
@@ -76,6 +57,9 @@ def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, re
         draw_ranklist(ranklist_path, [dataset.query[int(i)].path for i in pick],
                       [r.path for r in dataset.gallery], lists, top=e["ranklist_top"])
         log.info("rank lists of %d queries written to %s", len(pick), ranklist_path)
+    if ranklist_path:
+        log.info("plots written: %s", write_plots(os.path.dirname(os.path.abspath(ranklist_path)), out,
+                                                 required=False))
     for v in out.values():
         v["cmc"] = v["cmc"][:20]
     return out

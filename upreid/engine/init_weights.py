@@ -5,10 +5,8 @@ Supported (detected from the file's content, not its name):
 ``upreid-pretrain``   a checkpoint of ``upreid pretrain`` (the query trunk, ``encoder_q.trunk.*``)
 ``upreid-backbone``   a file of ``upreid export-backbone`` (``state_dict`` + ``arch``)
 ``upreid-finetune``   a fine-tuning checkpoint of this engine (its ``trunk.*``)
-``moco``              a MoCo / LUPerson checkpoint: ``state_dict`` with keys ``module.encoder_q.*``
-                      (the projection MLP ``fc.*`` is dropped)
-``torchvision``       a plain ResNet state dict (``conv1.weight``, ``layer1.0.conv1.weight``, ...), bare
-                      or under ``state_dict`` / ``model``, with or without ``module.``; ``fc.*`` dropped
+``moco``, ``fastreid``, ``torchreid``, ``torchvision``
+                      the files of other tools, recognised by :mod:`upreid.models.checkpoint_formats`
 
 A file whose trunk is another depth or another normalisation (IBN or not) than the config's is refused
 with an error naming both; shape mismatches likewise. Keys the file lacks (``missing``) and keys it has
@@ -19,14 +17,13 @@ from __future__ import annotations
 import logging
 import re
 
-import torch
-
 from upreid.engine.checkpoint import BACKBONE_FORMAT, FORMAT as PRETRAIN_FORMAT, CheckpointError, load
+from upreid.models.checkpoint_formats import CheckpointFormatError, convert
 from upreid.models.resnet import ARCHS, ResNet
 
 log = logging.getLogger("upreid.finetune")
 FINETUNE_FORMAT = "upreid-finetune"
-_IGNORED = ("fc.",)   # classifier / MoCo projection head: never part of the trunk
+_OWN = f"{PRETRAIN_FORMAT}, {BACKBONE_FORMAT}, {FINETUNE_FORMAT} (a 'format' key)"
 
 
 def infer_arch(state: dict) -> dict:
@@ -48,9 +45,7 @@ def _strip(state: dict, prefix: str) -> dict:
 def read_trunk_state(path: str) -> tuple[str, dict, dict]:
     """(format, trunk state dict with torchvision keys, info such as ``arch`` and ``step``)."""
     obj = load(path, expect=None)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"init {path!r}: expected a dict of tensors, got {type(obj).__name__}")
-    fmt = obj.get("format")
+    fmt = obj.get("format") if isinstance(obj, dict) else None
     if fmt == PRETRAIN_FORMAT:
         m = obj.get("config", {}).get("model", {})
         return fmt, _strip(obj["model"], "encoder_q.trunk."), {
@@ -64,24 +59,10 @@ def read_trunk_state(path: str) -> tuple[str, dict, dict]:
                                                        "step": obj.get("step")}
     if fmt is not None:
         raise CheckpointError(f"init {path!r}: unsupported checkpoint format {fmt!r}")
-    state = obj
-    for key in ("state_dict", "model"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"init {path!r}: not a state dict of tensors (keys e.g. {list(state)[:5]})")
-    if any(k.startswith("module.encoder_q.") for k in state):
-        fmt, state = "moco", _strip(state, "module.encoder_q.")
-    elif any(k.startswith("encoder_q.") for k in state):
-        fmt, state = "moco", _strip(state, "encoder_q.")
-    else:
-        fmt = "torchvision"
-        if all(k.startswith("module.") for k in state):
-            state = _strip(state, "module.")
-    state = {k: v for k, v in state.items() if not k.startswith(_IGNORED)}
-    if not state:
-        raise CheckpointError(f"init {path!r}: no ResNet trunk weights found ({fmt} layout)")
+    try:
+        fmt, state = convert(obj, path, tried=(_OWN,), context="init")
+    except CheckpointFormatError as e:
+        raise CheckpointError(str(e)) from None
     return fmt, state, {"arch": infer_arch(state)}
 
 

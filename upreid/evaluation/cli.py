@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
 
+DISTANCE_BINS = 100
 SCHEMES = (
     ("query_features", "gallery_features", "query_pids", "gallery_pids", "query_camids",
      "gallery_camids"),
@@ -55,12 +57,13 @@ def _run(args: argparse.Namespace) -> int:
         data["query_features"] = data["query_features"].to(args.device)
         data["gallery_features"] = data["gallery_features"].to(args.device)
     reranks = [False, True] if args.rerank == "both" else [args.rerank == "yes"]
+    plots = args.plots or (os.path.dirname(os.path.abspath(args.json)) if args.json else None)
     results = {}
     for rr in reranks:
         try:
             res = evaluate(**data, metric=args.metric, rerank=rr, k1=args.k1, k2=args.k2,
                            lambda_value=args.lambda_value, max_rank=args.max_rank,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, distance_bins=DISTANCE_BINS if plots else 0)
         except (ValueError, RuntimeError) as exc:
             print(f"upreid evaluate: {exc}", file=sys.stderr)
             return 2
@@ -71,6 +74,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    if plots:
+        from upreid.evaluation.plots import write_plots
+        try:   # beside --json the plots are a bonus; asked for with --plots they are required
+            paths = write_plots(plots, results, title=os.path.basename(args.features), required=bool(args.plots))
+        except ImportError as exc:
+            print(f"upreid evaluate: --plots: {exc}", file=sys.stderr)
+            return 2
+        for path in paths:
+            print(f"wrote {path}")
     return 0
 
 
@@ -89,7 +101,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="re-ranking lambda (default 0.3)")
     p.add_argument("--max-rank", type=int, default=50, help="CMC length (default 50)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    p.add_argument("--json", help="also write the results (with the CMC curve) to this file")
+    p.add_argument("--json", help="also write every metric (CMC curve and distance histograms included) to "
+                                  "this file, and the plots beside it")
+    p.add_argument("--plots", metavar="DIR", help="write the CMC curve (cmc.png) and the positive / negative "
+                                                  "distance distributions (distances.png) here (default: "
+                                                  "beside --json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
     return p

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from upreid.evaluation.histogram import DistanceHistogram, distance_range
 from upreid.evaluation.progress import Progress
 from upreid.ops.rank import rank_metrics
 from upreid.ops.rerank import k_reciprocal_rerank
@@ -70,6 +71,7 @@ def evaluate(
     junk_pid: int | None = -1,
     chunk_size: int | None = None,
     progress: bool = True,
+    distance_bins: int = 0,
 ) -> dict:
     """ReID evaluation of query features against gallery features.
 
@@ -84,10 +86,14 @@ def evaluate(
         chunk_size: queries per distance block without re-ranking (default: blocks of ~2^25
             distances), which bounds memory to ``O(chunk_size * G)``.
         progress: show a progress bar (tqdm) or log lines.
+        distance_bins: when > 0, also histogram the positive and negative distances (the re-ranked
+            ones with ``rerank``) in that many bins: ``distances`` in the result
+            (:class:`upreid.evaluation.histogram.DistanceHistogram`).
 
     Returns:
         dict with ``mAP``, ``mINP``, ``Rank-1``, ``Rank-5``, ``Rank-10`` (those <= max_rank), ``cmc``
-        (list of ``max_rank`` floats), ``num_query``, ``num_valid_query``, ``num_gallery``, ``seconds``.
+        (list of ``max_rank`` floats), ``num_query``, ``num_valid_query``, ``num_gallery``, ``seconds``
+        (and ``distances`` with ``distance_bins``).
     """
     t0 = time.perf_counter()
     if metric not in METRICS:
@@ -125,6 +131,7 @@ def evaluate(
 
     ap, inp, valid = [], [], []
     cmc_hits = torch.zeros(max_rank, dtype=torch.float64)
+    hist = DistanceHistogram(*distance_range(metric, rerank, qf, gf), distance_bins) if distance_bins else None
 
     def score(dist: Tensor, s: slice) -> None:
         c, a, i, v = rank_metrics(dist, labels[0][s], labels[1], labels[2][s], labels[3], max_rank)
@@ -132,6 +139,8 @@ def evaluate(
         inp.append(i.cpu())
         valid.append(v.cpu())
         cmc_hits.add_(c.cpu().double() * v.sum().item())
+        if hist is not None:
+            hist.add(dist, labels[0][s], labels[1], labels[2][s], labels[3])
 
     if rerank:
         feats = torch.cat([qf, gf])  # [Q + G, D]
@@ -172,6 +181,8 @@ def evaluate(
             out[f"Rank-{r}"] = cmc[r - 1]
     out.update(cmc=cmc, num_query=Q, num_valid_query=n_valid, num_gallery=G,
                seconds=time.perf_counter() - t0)
+    if hist is not None:
+        out["distances"] = hist.to_dict()
     return out
 
 

@@ -1,0 +1,132 @@
+"""``upreid extract`` then ``upreid evaluate`` reproduce fine-tuning's own numbers; extraction from
+trunk-only formats and image folders; bad input named."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from upreid.data.synthetic import SynthConfig, generate
+from upreid.engine.finetune import finetune
+from upreid.engine.finetune_config import load_finetune_config
+from upreid.evaluation.cli import load_features
+from upreid.evaluation.cli import main as evaluate_main
+from upreid.evaluation.cli_extract import main as extract_main
+from upreid.evaluation.extract import extract_to_npz, folder_records
+from upreid.models import ResNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "finetune", "tiny_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synth"))
+    generate(root, SynthConfig(ids=12, cameras=3, unlabeled=0, height=64, width=32, distractors=4, junk=2),
+             workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(synth_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ft"))
+    cfg = load_finetune_config(TINY, [f"data.root={synth_root}", f"train.output={out}", "data.p=4", "data.k=4",
+                                      "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false",
+                                      "data.backend=torch", "eval.ranklist_queries=2", "data.flip_test=true"])
+    return finetune(cfg)
+
+
+@pytest.mark.slow
+def test_extract_then_evaluate_reproduces_finetuning(run, tmp_path, capsys):
+    npz = str(tmp_path / "feats.npz")
+    ckpt = run["checkpoint"]
+    assert extract_main(["extract", ckpt, "--out", npz, "--backend", "torch", "--no-progress", "--device", "cpu"]) == 0
+    assert "flip on" in capsys.readouterr().out          # the run's data.flip_test
+    with np.load(npz) as z:
+        assert {"query_paths", "gallery_paths"} <= set(z.files) and z["query_features"].dtype == np.float32
+    res_json = str(tmp_path / "res.json")
+    assert evaluate_main(["evaluate", npz, "--rerank", "both", "--json", res_json, "--no-progress"]) == 0
+    mine = json.load(open(res_json))
+    theirs = json.load(open(os.path.join(run["output"], "results.json")))["final"]
+    for png in ("cmc.png", "distances.png", "ranklist.png"):     # fine-tuning's evaluation pictures
+        assert os.path.getsize(os.path.join(run["output"], png)) > 1000, png
+    assert sum(theirs["rerank"]["distances"]["positive"]) == sum(mine["rerank"]["distances"]["positive"]) > 0
+    for mode in ("plain", "rerank"):
+        for k in ("mAP", "mINP", "Rank-1", "Rank-5", "Rank-10"):
+            assert mine[mode][k] == pytest.approx(theirs[mode][k], abs=1e-6), (mode, k)
+        assert mine[mode]["num_query"] == theirs[mode]["num_query"]
+    # --no-flip changes the features (so the flag reaches the pipeline)
+    npz2 = str(tmp_path / "noflip.npz")
+    assert extract_main(["extract", ckpt, "--out", npz2, "--backend", "torch", "--no-progress", "--no-flip",
+                         "--split", "query", "--device", "cpu"]) == 0
+    a, b = load_features(npz)["query_features"], np.load(npz2)["features"]
+    assert a.shape == b.shape and not np.allclose(a, b)
+
+
+def test_trunk_only_fastreid_file_and_image_folder(synth_root, tmp_path):
+    torch.manual_seed(0)
+    state = ResNet(18).state_dict()
+    path = str(tmp_path / "model_final.pth")
+    torch.save({"model": {**{"backbone." + k: v for k, v in state.items()}, "heads.weight": torch.zeros(5, 512)}},
+               path)
+    out = str(tmp_path / "folder.npz")
+    s = extract_to_npz(path, out, images=os.path.join(synth_root, "query"), height=64, width=32, backend="torch",
+                       progress=False)
+    assert s["format"] == "fastreid" and s["feat_dim"] == 512
+    recs = folder_records(os.path.join(synth_root, "query"))
+    with np.load(out) as z:
+        assert z["features"].shape == (len(recs), 512)
+        assert list(z["paths"]) == [r.path for r in recs]
+        assert (z["pids"] >= 0).all() and (z["camids"] >= 0).all()      # Market-style names parsed
+        np.testing.assert_array_equal(z["pids"], [r.pid for r in recs])
+
+
+def test_folder_names_outside_the_market_pattern_get_minus_one(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (8, 16)).save(tmp_path / "person.jpg")
+    Image.new("RGB", (8, 16)).save(tmp_path / "0007_c2s1_000001_00.jpg")
+    recs = {os.path.basename(r.path): (r.pid, r.camid) for r in folder_records(str(tmp_path))}
+    assert recs == {"person.jpg": (-1, -1), "0007_c2s1_000001_00.jpg": (7, 1)}
+
+
+def test_bad_input_is_named(tmp_path, capsys):
+    torch.save({"state_dict": ResNet(18).state_dict()}, tmp_path / "tv.pth")
+    tv = str(tmp_path / "tv.pth")
+    rc = extract_main(["extract", tv, "--out", str(tmp_path / "x.npz"), "--no-progress"])
+    assert rc == 2 and "names no dataset; pass --data NAME:ROOT" in capsys.readouterr().err
+    rc = extract_main(["extract", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "x.npz"), "--images",
+                       str(tmp_path)])
+    assert rc == 2 and "checkpoint" in (err := capsys.readouterr().err) and "absent.pt' does not exist" in err
+    rc = extract_main(["extract", tv, "--out", str(tmp_path / "x.npz"), "--images", str(tmp_path / "nothing")])
+    assert rc == 2 and "extract --images" in capsys.readouterr().err and not os.path.exists(tmp_path / "x.npz")
+    with pytest.raises(ValueError, match="'split' must be one of"):
+        extract_to_npz(tv, str(tmp_path / "x.npz"), data=str(tmp_path), split="val")
+
+
+def test_exported_backbone_features_are_the_pooled_trunk_on_lup_normalised_images(tmp_path):
+    from upreid.data.augment import LUP_MEAN, LUP_STD
+    from upreid.data.imageio import decode_pil
+    from upreid.data.testing import write_tiny
+    from upreid.data.transforms import normalize, resize
+    from upreid.engine import checkpoint as ckpt_io
+    recs = write_tiny(str(tmp_path / "img"), n=5, ids=2, size=(64, 32))
+    torch.manual_seed(3)
+    trunk = ResNet(18, last_stride=2)
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+    bb = str(tmp_path / "bb.pt")
+    ckpt_io.save_atomic({"format": ckpt_io.BACKBONE_FORMAT, "version": ckpt_io.VERSION, "step": 1,
+                         "arch": {"depth": 18, "last_stride": 2, "ibn": False}, "state_dict": trunk.state_dict()}, bb)
+    out = str(tmp_path / "f.npz")
+    s = extract_to_npz(bb, out, images=str(tmp_path / "img"), height=64, width=32, backend="torch", progress=False,
+                       flip=True, last_stride=2)
+    assert s["format"] == "upreid-backbone" and s["flip"]
+    images = torch.stack([normalize(np.asarray(resize(decode_pil(r.path), 64, 32)), LUP_MEAN, LUP_STD)
+                          for r in sorted(recs)])
+    with torch.no_grad():
+        trunk.eval()
+        want = (trunk(images).mean((2, 3)) + trunk(images.flip(3)).mean((2, 3))) / 2     # [5, 512]
+    np.testing.assert_allclose(np.load(out)["features"], want.numpy(), atol=1e-5)

@@ -1,0 +1,68 @@
+"""ONNX export of the fine-tuned feature extractor, checked with onnxruntime on synthetic images."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from upreid.engine import checkpoint as ckpt_io
+from upreid.engine.finetune import build_model
+from upreid.engine.finetune_config import load_finetune_config
+from upreid.export.cli import main as export_main
+from upreid.export.onnx import export_onnx, onnx_features, read_metadata, sample_images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "finetune", "tiny_cpu.yaml")
+
+
+def finetune_checkpoint(path, *overrides):
+    """A fine-tuning checkpoint of an untrained tiny BoT (BN statistics moved off their init)."""
+    cfg = load_finetune_config(TINY, ["data.root=unused", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=7)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    ckpt_io.save_atomic({"format": "upreid-finetune", "version": ckpt_io.VERSION, "step": 3, "config": cfg,
+                         "num_classes": 7, "model": model.state_dict()}, path)
+    return model.eval(), cfg
+
+
+@pytest.mark.slow
+def test_onnx_round_trip_matches_pytorch_with_dynamic_batch(tmp_path, capsys):
+    ckpt, out = str(tmp_path / "ft.pt"), str(tmp_path / "reid.onnx")
+    model, cfg = finetune_checkpoint(ckpt)
+    assert export_main(["export-onnx", ckpt, out]) == 0
+    assert "onnxruntime matches PyTorch" in capsys.readouterr().out
+    d = cfg["data"]
+    meta = read_metadata(out)
+    assert meta == {"height": d["height"], "width": d["width"], "mean": d["mean"], "std": d["std"],
+                    "feat_dim": 512, "source_format": "upreid-finetune"}
+    import onnxruntime as ort
+    sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    (inp,) = sess.get_inputs()
+    assert inp.name == "images" and isinstance(inp.shape[0], str) and inp.shape[1:] == [3, d["height"], d["width"]]
+    for n in (1, 5):                                     # batch sizes other than the export example's
+        images = sample_images(n, d["height"], d["width"], d["mean"], d["std"], seed=10 + n)
+        with torch.no_grad():
+            want = model(images).numpy()
+        got = onnx_features(out, images.numpy())
+        assert got.shape == (n, 512)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    # an existing file is not replaced without --overwrite
+    assert export_main(["export-onnx", ckpt, out]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_bad_input_is_named(tmp_path, capsys):
+    absent = str(tmp_path / "absent.pt")
+    assert export_main(["export-onnx", absent, str(tmp_path / "x.onnx")]) == 2
+    assert "absent.pt' does not exist" in capsys.readouterr().err
+    torch.save({"model": {"encoder.weight": torch.zeros(2)}}, tmp_path / "other.pth")
+    with pytest.raises(ckpt_io.CheckpointError, match="not a ResNet checkpoint"):
+        export_onnx(str(tmp_path / "other.pth"), str(tmp_path / "x.onnx"))
+    with pytest.raises(ValueError, match="'check_batch' must be >= 1, got 0"):
+        export_onnx(absent, str(tmp_path / "x.onnx"), check_batch=0)
+    assert not os.path.exists(tmp_path / "x.onnx")

@@ -1,0 +1,139 @@
+"""Feature extraction: features of records (a dataset split, or any image folder) through the data
+layer's evaluation pipeline (DALI or the Pillow + torch fallback), optionally flip-averaged, written
+as the ``.npz`` that ``upreid evaluate`` reads.
+
+``.npz`` layouts written by :func:`extract_to_npz`:
+
+* query and gallery of a dataset: ``query_features, gallery_features, query_pids, gallery_pids,
+  query_camids, gallery_camids`` (``upreid evaluate`` reads it as is), plus ``query_paths`` and
+  ``gallery_paths``;
+* one split, or an image folder: ``features, pids, camids, paths`` (pids / cameras parsed from
+  Market-style names such as ``0002_c1s1_000451_03.jpg``, -1 where a name does not follow it).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import numpy as np
+import torch
+
+log = logging.getLogger("upreid.evaluation")
+
+SPLITS = ("query+gallery", "query", "gallery", "train")
+
+
+@torch.no_grad()
+def extract_features(model, records, *, height: int, width: int, mean, std, batch_size: int = 128,
+                     flip: bool = False, backend: str = "auto", device="cpu", amp: str = "off",
+                     workers: int = 2, progress: bool = True, desc: str = "features") -> tuple:
+    """Features ``[N, D]`` (fp32, CPU) of ``records`` in their order, with their pids and camids
+    (int64 tensors). ``flip``: average with the features of the mirrored images. ``amp``: 'off',
+    'bf16' or 'fp16' autocast."""
+    from tqdm.auto import tqdm
+
+    from upreid.data.loader import build_loader
+    device = torch.device(device)
+    aug = {"height": height, "width": width, "flip_test": flip, "mean": list(mean), "std": list(std)}
+    loader = build_loader("eval", records, batch_size=batch_size, backend=backend, device=device.type, aug=aug,
+                          workers=workers)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "off" else contextlib.nullcontext())
+    was_training = model.training
+    model.eval()
+    feats, pids, camids, index = [], [], [], []
+    try:
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+            with autocast:
+                f = model(batch["images"].to(device)).float()                         # [B, D]
+                if "images_flipped" in batch:
+                    f = (f + model(batch["images_flipped"].to(device)).float()) / 2
+            feats.append(f.cpu())
+            pids.append(batch["pids"].cpu())
+            camids.append(batch["camids"].cpu())
+            index.append(batch["index"].cpu())
+    finally:
+        model.train(was_training)
+    order = torch.argsort(torch.cat(index))
+    return torch.cat(feats)[order], torch.cat(pids)[order].long(), torch.cat(camids)[order].long()
+
+
+def folder_records(root: str) -> list:
+    """Every image under ``root`` (a folder tree, or a list file of paths), sorted, with pid and
+    0-based camera parsed from Market-style names (-1 where a name does not follow that pattern)."""
+    from upreid.data.datasets import MARKET_PATTERN, unlabeled
+    from upreid.data.records import Record
+
+    out = []
+    for r in unlabeled(root, name="extract --images", progress=False).train:
+        m = MARKET_PATTERN.match(os.path.basename(r.path))
+        out.append(Record(r.path, int(m.group(1)), int(m.group(2)) - 1) if m else r)
+    return out
+
+
+def save_npz(path: str, arrays: dict) -> None:
+    """Write ``arrays`` to ``path`` atomically (temp file + rename); no pickled objects."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _dataset_records(data: str | None, info: dict, split: str) -> dict:
+    from upreid.data import DatasetError, build_dataset
+    from upreid.data.datasets import parse_spec
+    if data:
+        name, root = parse_spec(data)
+    elif info.get("root"):
+        name, root = info["dataset"], info["root"]      # the fine-tuning run's own dataset
+    else:
+        raise DatasetError(f"extract: the {info['format']} checkpoint names no dataset; pass --data "
+                           "NAME:ROOT (e.g. market1501:/data/Market-1501) or --images DIR")
+    ds = build_dataset(name, str(root))
+    names = ("query", "gallery") if split == "query+gallery" else (split,)
+    return {s: getattr(ds, s) for s in names}
+
+
+def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images: str | None = None,
+                   split: str = "query+gallery", flip: bool | None = None, height: int | None = None,
+                   width: int | None = None, backend: str = "auto", device: str = "cpu", batch_size: int = 128,
+                   workers: int = 2, amp: str = "off", last_stride: int = 1, progress: bool = True) -> dict:
+    """Extract and write features (see the module docstring); returns a summary (``out``,
+    ``format``, ``counts`` per split, ``feat_dim``, ``flip``, ``height``, ``width``). Image size,
+    normalisation and flip default to the checkpoint's (a fine-tuning run's config)."""
+    from upreid.evaluation.feature_model import load_feature_model
+    if split not in SPLITS:
+        raise ValueError(f"extract: 'split' must be one of {SPLITS}, got {split!r}")
+    if data and images:
+        raise ValueError("extract: pass either --data (a dataset) or --images (a folder), not both")
+    if not os.path.isfile(checkpoint):
+        raise ValueError(f"extract: checkpoint {checkpoint!r} does not exist")
+    groups = {"images": folder_records(images)} if images else None
+    model, info = load_feature_model(checkpoint, last_stride=last_stride)
+    model.to(device)
+    groups = groups or _dataset_records(data, info, split)
+    for name, recs in groups.items():
+        if not recs:
+            raise ValueError(f"extract: the {name} split is empty")
+    pre = {"height": height or info["height"], "width": width or info["width"], "mean": info["mean"],
+           "std": info["std"], "flip": info["flip_test"] if flip is None else flip}
+    arrays = {}
+    for name, recs in groups.items():
+        f, p, c = extract_features(model, recs, **pre, batch_size=batch_size, backend=backend, device=device,
+                                   amp=amp, workers=workers, progress=progress, desc=f"{name} features")
+        prefix = f"{name}_" if len(groups) == 2 else ""
+        arrays[f"{prefix}features"] = f.numpy()
+        arrays[f"{name}_pids" if prefix else "pids"] = p.numpy()
+        arrays[f"{name}_camids" if prefix else "camids"] = c.numpy()
+        arrays[f"{prefix}paths"] = np.array([r.path for r in recs])
+    save_npz(out, arrays)
+    counts = {name: len(recs) for name, recs in groups.items()}
+    log.info("wrote %s: %s features of dimension %d", out, counts, info["feat_dim"])
+    return {"out": out, "format": info["format"], "counts": counts, "feat_dim": info["feat_dim"],
+            "flip": pre["flip"], "height": pre["height"], "width": pre["width"]}
