@@ -9,7 +9,7 @@ import logging
 import sys
 
 # Modules that contribute subcommands, in the order they are listed in --help.
-COMMAND_MODULES = ("upreid.data.cli", "upreid.engine.cli", "upreid.engine.cli_finetune", "upreid.evaluation.cli")
+COMMAND_MODULES = ("upreid.data.cli", "upreid.engine.cli", "upreid.evaluation.cli")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from upreid.engine.cli import parse   # key=value overrides anywhere on the line
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
