@@ -16,13 +16,11 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
 
+from upreid.engine.schema import SPECS, ConfigError, check_relations
+
 TASKS = ("pretrain", "finetune")
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "configs")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 # ------------------------------------------------------------------------------------- frozen object
@@ -170,8 +168,6 @@ def suggest(key: str, known: Iterable[str]) -> str:
 def load_config(task: str, path: str | None = None, overrides: Iterable[str] = ()) -> Config:
     """``task``'s config: its base.yaml <- ``path`` (and its ``_base_`` chain) <- ``key=value``
     overrides, every value checked (:mod:`upreid.engine.schema`); a frozen :class:`Config`."""
-    from upreid.engine.schema import SPECS, check_relations
-
     spec = SPECS[task]
     items = _read(base_file(task))
     if path:

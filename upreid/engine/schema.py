@@ -10,7 +10,9 @@ import math
 import re
 from typing import Any, Callable, Mapping
 
-from upreid.engine.config import ConfigError
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key, the value, where it came from and what is allowed."""
 
 
 class _Reject(Exception):
