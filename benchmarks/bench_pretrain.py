@@ -27,7 +27,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import append_rows, env_fields  # noqa: E402
 from upreid.engine.config import load_config  # noqa: E402
-from upreid.engine.data import build_loader  # noqa: E402
+from upreid.engine.pretrain import list_images  # noqa: E402
+from upreid.data.base import StepStream  # noqa: E402
+from upreid.data.loader import loader_from_config  # noqa: E402
 from upreid.models import UPReID  # noqa: E402
 
 
@@ -50,7 +52,7 @@ def sync(device):
 def run(impl: str, args, device, root: str) -> dict:
     upreid = impl == "upreid"
     backend = args.backend if upreid else ("torch" if args.plain_backend == "auto" else args.plain_backend)
-    cfg = load_config(None, [
+    cfg = load_config("pretrain", None, [
         f"model.depth={args.depth}", f"model.queue_size={args.queue}", f"data.root={root}",
         f"data.height={args.height}", f"data.width={args.width}", f"data.batch_size={args.batch}",
         f"data.workers={args.workers}", f"data.backend={backend}",
@@ -66,8 +68,8 @@ def run(impl: str, args, device, root: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=1e-4)
     amp = device.type == "cuda"
-    loader, _, _ = build_loader(cfg, 1, 0, 0, 0, device)
-    it = iter(loader)
+    loader = loader_from_config("pretrain", list_images(root), cfg["data"], device=device.type)
+    it = (batch for _, _, batch in StepStream(loader, lambda epoch: loader.sampler.steps))
     times, waits = [], []
     for step in range(args.warmup + args.steps):
         sync(device)

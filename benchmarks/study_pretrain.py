@@ -50,7 +50,6 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool
     from upreid.engine.config import load_config
     from upreid.engine.demo import finetune_overrides, pretrain_overrides
     from upreid.engine.finetune import finetune
-    from upreid.engine.finetune_config import load_finetune_config
     from upreid.engine.pretrain import export_backbone, pretrain
 
     run = os.path.join(work, f"{variant}_s{seed}")
@@ -58,14 +57,14 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool
     init, pre_s = None, 0.0
     if VARIANTS[variant] is not None:
         t = time.perf_counter()
-        pcfg = load_config(None, pretrain_overrides(scale, os.path.join(data, "unlabeled"), os.path.join(run, "pretrain"),
+        pcfg = load_config("pretrain", None, pretrain_overrides(scale, os.path.join(data, "unlabeled"), os.path.join(run, "pretrain"),
                                                     seed) + VARIANTS[variant] + prog)
         pre = pretrain(pcfg, overwrite=True)
         init = os.path.join(run, "backbone.pt")
         export_backbone(pre["checkpoint"], init, overwrite=True)
         pre_s = time.perf_counter() - t
     t = time.perf_counter()
-    fcfg = load_finetune_config(None, finetune_overrides(scale, data, os.path.join(run, "finetune"), init, seed)
+    fcfg = load_config("finetune", None, finetune_overrides(scale, data, os.path.join(run, "finetune"), init, seed)
                                 + ["eval.ranklist_queries=0"] + prog)
     s = finetune(fcfg, overwrite=True)
     r = s["results"]

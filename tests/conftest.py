@@ -25,3 +25,67 @@ def _seed():
 def pytest_report_header(config):
     return (f"upreid: extension built={HAS_EXTENSION}, cuda kernels={built_with_cuda()}, "
             f"torch={torch.__version__}, cuda available={torch.cuda.is_available()}")
+
+
+# ------------------------------------------------------------------ engine and data fixtures
+import os  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+PRETRAIN_TINY = os.path.join(CONFIGS, "pretrain", "tiny_cpu.yaml")
+FINETUNE_TINY = os.path.join(CONFIGS, "finetune", "tiny_cpu.yaml")
+# A pre-training that takes a second a step on a CPU: tiny heads and queue, 4 images a step.
+PRETRAIN_FAST = ["model.hidden_dim=64", "model.dim=32", "model.patch_dim=32", "model.queue_size=16",
+                 "data.batch_size=4", "train.progress=false", "train.log_every=1"]
+FINETUNE_FAST = ["data.p=4", "data.k=4", "train.epochs=2", "train.max_steps_per_epoch=2", "train.progress=false",
+                 "data.backend=torch", "eval.ranklist_queries=3"]
+
+
+def write_images(folder, n=16, seed=0):
+    """``n`` random JPEGs of a few sizes (an unlabeled pre-training set)."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (48 + i % 3 * 8, 24, 3), dtype=np.uint8)).save(
+            os.path.join(folder, f"img{i:03d}.jpg"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """16 random JPEGs; tests must not change them."""
+    return write_images(str(tmp_path_factory.mktemp("images")))
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """A tiny synthetic labelled set (16 ids, 3 cameras, 64 x 32) with unlabeled/; read-only."""
+    from upreid.data.synthetic import SynthConfig, generate
+    root = str(tmp_path_factory.mktemp("synth"))
+    generate(root, SynthConfig(ids=16, cameras=3, unlabeled=32, height=64, width=32, distractors=6, junk=2),
+             workers=1, progress=False)
+    return root
+
+
+@pytest.fixture
+def pretrain_cfg():
+    """``make(images, out, *overrides)``: the tiny CPU pre-training config at test speed."""
+    from upreid.engine.config import load_config
+
+    def make(images, out, *extra):
+        return load_config("pretrain", PRETRAIN_TINY, [f"data.root={images}", f"train.output={out}",
+                                                       *PRETRAIN_FAST, *extra])
+    return make
+
+
+@pytest.fixture
+def finetune_cfg():
+    """``make(root, out, *overrides)``: the tiny CPU fine-tuning config at test speed (2 x 2 steps)."""
+    from upreid.engine.config import load_config
+
+    def make(root, out, *extra):
+        return load_config("finetune", FINETUNE_TINY, [f"data.root={root}", f"train.output={out}",
+                                                       *FINETUNE_FAST, *extra])
+    return make

@@ -198,3 +198,31 @@ def test_gpu_matches_cpu(recs):
     assert (px(g["images"].cpu()) - px(c["images"])).abs().mean() < 1.0
     b = next(iter(build_loader("pretrain", recs, batch_size=8, backend="dali", device="cuda")))
     assert b["view1"].is_cuda and b["box1"].is_cuda and b["view1"].shape == (8, 3, 256, 128)
+
+
+def test_malformed_files_named_and_skipped_without_breaking_the_epoch(recs, tmp_path):
+    """Files with a valid signature that do not decode are named (or skipped and counted) before DALI
+    sees them: the epoch goes on."""
+    from upreid.data.testing import malformed_files
+    files = malformed_files(str(tmp_path), recs[0].path)
+    for path in files.values():
+        L = build_loader("eval", [recs[1], Record(path, 0, 0)], batch_size=2, backend="dali", device="cpu")
+        with pytest.raises(BadImageError, match=path.replace(".", r"\.")):
+            list(L)
+    records = recs[:5] + [Record(p, 0, 0) for p in files.values()] + recs[5:8]
+    L = build_loader("eval", records, batch_size=3, backend="dali", device="cpu", on_bad_image="skip")
+    idx = torch.cat([b["index"] for b in L]).tolist()
+    assert idx == [0, 1, 2, 3, 4, 10, 11, 12]                    # every good image, in order, none lost
+    assert L.summary["skipped"] == 5 and set(L.summary["skipped_paths"]) == set(files.values())
+
+
+def test_odd_but_valid_files_agree_with_torch(recs, tmp_path):
+    """A JPEG with trailing bytes, EXIF orientation and a 16-bit PNG: both backends decode them alike."""
+    from upreid.data.testing import odd_but_valid_files
+    files = odd_but_valid_files(str(tmp_path), recs[0].path)
+    records = [Record(p, 0, 0) for p in files.values()]
+    for i, rec in enumerate(records):
+        a = one("eval", [rec], "dali", aug={"height": 64, "width": 32})
+        t = one("eval", [rec], "torch", aug={"height": 64, "width": 32}, workers=0)
+        d = (px(a["images"]) - px(t["images"])).abs()
+        assert d.mean() < 1.0, (list(files)[i], d.mean())

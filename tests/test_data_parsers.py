@@ -154,3 +154,58 @@ def test_build_dataset_suggests(tmp_path):
 def test_relabel_is_sorted_and_dense():
     recs = relabel([Record("a", 17, 0), Record("b", 3, 1), Record("c", 17, 2)])
     assert [r.pid for r in recs] == [1, 0, 1]
+
+
+def test_name_matching_the_pattern_without_an_integer_is_named(tmp_path):
+    root = make_market(str(tmp_path), train=("0002_c1s1_000451_03.jpg", "--_c1s1_000452_01.jpg"))
+    bad = os.path.join(root, "bounding_box_train", "--_c1s1_000452_01.jpg")
+    with pytest.raises(DatasetError, match=f"{bad}'.*identity '--' in the name is not an integer"):
+        market1501(root)
+
+
+def test_empty_query_or_gallery_is_an_error_at_parse_time(tmp_path):
+    root = make_market(str(tmp_path / "a"), query=("-1_c1s1_000001_00.jpg",))          # junk only
+    with pytest.raises(DatasetError, match=r"market1501 query: no usable images in .*query'.*junk"):
+        market1501(root)
+    root = make_market(str(tmp_path / "b"), gallery=("-1_c3s1_000002_00.jpg",))
+    with pytest.raises(DatasetError, match=r"gallery: no usable images in .*bounding_box_test'"):
+        market1501(root)
+
+
+def test_each_image_listed_once_whatever_symlinks_say(tmp_path, caplog):
+    for p in ("a/1.jpg", "a/2.jpg"):
+        touch(str(tmp_path / "imgs" / p))
+    os.symlink(tmp_path / "imgs" / "a", tmp_path / "imgs" / "again")            # the same folder twice
+    os.symlink(tmp_path / "imgs", tmp_path / "imgs" / "a" / "loop")             # a loop back to the root
+    os.symlink(tmp_path / "imgs" / "a" / "1.jpg", tmp_path / "imgs" / "link.jpg")
+    with caplog.at_level(logging.WARNING):
+        ds = unlabeled(str(tmp_path / "imgs"), progress=False)
+    assert sorted(os.path.basename(r.path) for r in ds.train) == ["1.jpg", "2.jpg"]
+    assert "loop" in caplog.text and "not scanned again" in caplog.text
+    assert "1 duplicate entries" in caplog.text
+
+
+def test_list_file_with_spaces_duplicates_and_missing_entries(tmp_path, caplog):
+    touch(str(tmp_path / "my images" / "a 1.jpg"))
+    touch(str(tmp_path / "my images" / "b.jpg"))
+    lst = tmp_path / "list.txt"
+    lst.write_text("my images/a 1.jpg\nmy images/b.jpg 7\nmy images/a 1.jpg\n")
+    with caplog.at_level(logging.WARNING):
+        ds = unlabeled(str(lst))
+    assert [os.path.basename(r.path) for r in ds.train] == ["a 1.jpg", "b.jpg"]
+    assert "1 duplicate entries" in caplog.text
+    lst.write_text("my images/b.jpg\nmy images/gone.jpg\n")
+    with pytest.raises(DatasetError, match=r"1 images listed in .*list.txt' do not exist, e.g. .*gone.jpg"):
+        unlabeled(str(lst))
+
+
+def test_msmt17_path_with_spaces_and_duplicates(tmp_path, caplog):
+    root = make_msmt(str(tmp_path))
+    rel = "0002/0002_001_03_0303noon 2_0001_0.jpg"
+    touch(os.path.join(root, "test", rel))
+    with open(os.path.join(root, "list_gallery.txt"), "a") as f:
+        f.write(f"{rel} 2\n{rel} 2\n")
+    with caplog.at_level(logging.WARNING):
+        ds = msmt17(root)
+    assert len(ds.gallery) == 2 and ds.gallery[1].path.endswith("noon 2_0001_0.jpg") and ds.gallery[1].camid == 2
+    assert "1 duplicate entries" in caplog.text

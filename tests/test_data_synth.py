@@ -92,6 +92,37 @@ def test_cli_register_and_run(tmp_path, capsys):
     assert args.func(args) == 2
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--junk", "-1"], "--junk must be >= 0, got -1"),
+    (["--occlusion", "1.5"], "--occlusion must be a probability in [0, 1], got 1.5"),
+    (["--quality", "0"], "--quality must be a JPEG quality in 1..100, got 0"),
+])
+def test_cli_validates_arguments(tmp_path, capsys, argv, message):
+    parser = argparse.ArgumentParser(prog="upreid")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["synth", "--root", str(tmp_path / "d"), *argv])
+    assert args.func(args) == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_overwrite_replaces_a_bigger_set(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="upreid")
+    register(parser.add_subparsers(dest="command"))
+    root = tmp_path / "d"
+    small = ["--cameras", "2", "--unlabeled", "2", "--distractors", "1", "--junk", "1", "--workers", "1",
+             "--no-progress"]
+    assert parser.parse_args(["synth", "--root", str(root), "--ids", "12", *small]).func(
+        parser.parse_args(["synth", "--root", str(root), "--ids", "12", *small])) == 0
+    (root / "notes.txt").write_text("mine")
+    args = parser.parse_args(["synth", "--root", str(root), "--ids", "4", "--overwrite", *small])
+    assert args.func(args) == 0
+    meta = json.load(open(root / "meta.json"))
+    ds = parse_synth(str(root))
+    assert len(ds.query) == meta["counts"]["query"] and len(ds.train) == meta["counts"]["bounding_box_train"]
+    assert ds.num_train_pids == 2 and (root / "notes.txt").read_text() == "mine"   # only the set was replaced
+
+
 def average_precision_map(dist, qp, qc, gp, gc):
     """Non-interpolated mAP with same-id-same-camera gallery images removed per query."""
     aps = []

@@ -175,3 +175,28 @@ def test_bad_image_skip_is_counted(bad_recs):
 def test_unknown_aug_option_suggests(recs):
     with pytest.raises(ValueError, match="did you mean 'grayscale_p'"):
         build_loader("pretrain", recs, batch_size=4, backend="torch", aug={"greyscale_p": 0.1})
+
+
+def test_malformed_files_are_named_and_skipped(recs, tmp_path):
+    from upreid.data.testing import malformed_files
+    files = malformed_files(str(tmp_path), recs[0].path)
+    reasons = {"truncated_png": "truncated PNG", "header_only_jpeg": "without image data",
+               "zero_size_sof": "zero size", "riff_not_webp": "not WebP", "bm_text": "not a valid BMP"}
+    for kind, path in files.items():
+        L = build_loader("eval", [recs[0], Record(path, 0, 0)], batch_size=2, backend="torch", workers=0)
+        with pytest.raises(BadImageError, match=f"{path}.*{reasons[kind]}"):
+            list(L)
+    L = build_loader("eval", recs[:4] + [Record(p, 0, 0) for p in files.values()], batch_size=3, backend="torch",
+                     workers=0, on_bad_image="skip")
+    assert sum(len(b["index"]) for b in L) == 4 and set(L.summary["skipped_paths"]) == set(files.values())
+
+
+def test_odd_but_valid_files_decode_as_meant(recs, tmp_path):
+    from upreid.data.imageio import decode_pil
+    from upreid.data.testing import odd_but_valid_files
+    files = odd_but_valid_files(str(tmp_path), recs[0].path)
+    src = Image.open(recs[0].path).convert("RGB")
+    assert np.array_equal(np.asarray(decode_pil(files["trailing_bytes"])), np.asarray(src))
+    assert decode_pil(files["exif_rotated"]).size == (src.height, src.width)     # rotated by the EXIF tag
+    grey = np.asarray(decode_pil(files["png16"]))
+    assert grey.min() == grey.max() == 0x80                                      # scaled, not saturated

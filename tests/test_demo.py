@@ -2,12 +2,14 @@
 import json
 import os
 
+import pytest
 from PIL import Image
 
-from upreid.engine.cli_finetune import main
+from upreid.engine.cli import main
 from upreid.engine.ranklist import ranklist_size
 
 
+@pytest.mark.slow
 def test_demo_tiny_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert main(["demo", "--tiny", "--out", out, "--no-progress"]) == 0

@@ -1,49 +1,37 @@
-"""Engine: config files and overrides, bad input (missing data, unknown keys, foreign or corrupt
-checkpoints, an existing run), non-finite loss handling, backbone export."""
+"""Engine: bad input of a run (missing data, foreign, corrupt or changed checkpoints, an existing run,
+an output that cannot be created), non-finite loss handling, run outputs and backbone export."""
+import json
 import os
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
+from conftest import CONFIGS
 from upreid.data import DatasetError
 from upreid.engine import checkpoint as ckpt_io
 from upreid.engine.cli import main as cli_main
-from upreid.engine.config import DEFAULTS, ConfigError, load_config
+from upreid.engine.config import load_config
 from upreid.engine.pretrain import NonFiniteLossError, RunExistsError, export_backbone, load_backbone, pretrain
+from upreid.engine.trainer import OutputError
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain")
-TINY = os.path.join(CONFIGS, "tiny_cpu.yaml")
-FAST = ["model.hidden_dim=64", "model.dim=32", "model.patch_dim=32", "model.queue_size=16",
-        "data.batch_size=4", "train.progress=false", "train.log_every=1"]
-
-
-def write_images(folder, n=16, seed=0):
-    from PIL import Image
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (48 + i % 3 * 8, 24, 3), dtype=np.uint8)).save(
-            os.path.join(folder, f"img{i:03d}.jpg"))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_images(str(tmp_path_factory.mktemp("images")))
-
-
-def cfg_for(images, out, *extra):
-    return load_config(TINY, [f"data.root={images}", f"train.output={out}", *FAST, *extra])
+TINY = os.path.join(CONFIGS, "pretrain", "tiny_cpu.yaml")
+FAST = ["train.progress=false", "train.log_every=1"]
 
 
 @pytest.fixture(scope="module")
 def trained(images, tmp_path_factory):
     """A finished 2-step run (its checkpoint is the input of several tests; they must not change it)."""
+    from conftest import PRETRAIN_FAST, PRETRAIN_TINY
     out = str(tmp_path_factory.mktemp("run"))
-    summary = pretrain(cfg_for(images, out, "train.steps=2"))
-    return out, summary
+    cfg = load_config("pretrain", PRETRAIN_TINY, [f"data.root={images}", f"train.output={out}", *PRETRAIN_FAST,
+                                                  "train.steps=2"])
+    return out, pretrain(cfg)
+
+
+@pytest.fixture
+def cfg_for(pretrain_cfg):
+    return pretrain_cfg
 
 
 def digest(path):
@@ -51,54 +39,16 @@ def digest(path):
         return f.read()
 
 
-# ------------------------------------------------------------------------------------------ config
-def test_base_yaml_is_the_schema():
-    with open(os.path.join(CONFIGS, "base.yaml")) as f:
-        assert yaml.safe_load(f) == DEFAULTS
-
-
-def test_config_inheritance_and_overrides(tmp_path):
-    cfg = load_config(os.path.join(CONFIGS, "upreid_r50.yaml"), ["optim.lr=0.05", "model.gc=cosine"])
-    assert cfg["model"]["depth"] == 50 and cfg["data"]["batch_size"] == 256 and cfg["optim"]["lr"] == 0.05
-    assert cfg["model"]["gc"] == "cosine" and cfg["model"]["queue_size"] == 65536   # from base.yaml
-    child = tmp_path / "child.yaml"
-    child.write_text(f"_base_: {os.path.abspath(TINY)}\nmodel:\n  stripes: 2\n")
-    cfg = load_config(str(child))
-    assert cfg["model"]["stripes"] == 2 and cfg["model"]["depth"] == 18
-
-
-@pytest.mark.parametrize("override,message", [
-    ("model.detph=18", "did you mean 'model.depth'"),
-    ("model.lr=0.1", "did you mean 'optim.lr'"),
-    ("model.gc=kl", "must be one of"),
-    ("model.stripes=many", "expected a int"),
-    ("depth", "must look like key=value"),
-])
-def test_config_errors(override, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(TINY, [override])
-
-
-def test_unknown_key_in_file_and_cli(tmp_path, capsys):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("optim:\n  learning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match="optim.learning_rate.*bad.yaml"):
-        load_config(str(bad))
-    assert cli_main(["pretrain", "--config", TINY, "train.stpes=3", f"train.output={tmp_path}/o"]) == 1
-    assert "did you mean 'train.steps'" in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "o")
-
-
 # -------------------------------------------------------------------------------------- bad input
 def test_missing_data_root(tmp_path):
     with pytest.raises(DatasetError, match="data.root is not set"):
-        pretrain(load_config(TINY, [f"train.output={tmp_path}/a", *FAST]))
+        pretrain(load_config("pretrain", TINY, [f"train.output={tmp_path}/a", *FAST]))
     with pytest.raises(DatasetError, match="does not exist"):
-        pretrain(load_config(TINY, [f"data.root={tmp_path}/nothing", f"train.output={tmp_path}/b", *FAST]))
+        pretrain(load_config("pretrain", TINY, [f"data.root={tmp_path}/nothing", f"train.output={tmp_path}/b", *FAST]))
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
-def test_checkpoint_of_another_model_is_refused(trained, images):
+def test_checkpoint_of_another_model_is_refused(trained, images, cfg_for):
     out, _ = trained
     path = os.path.join(out, "checkpoint.pt")
     before = digest(path)
@@ -106,10 +56,28 @@ def test_checkpoint_of_another_model_is_refused(trained, images):
         pretrain(cfg_for(images, out, "model.depth=34", "train.steps=4"), resume="auto")
     with pytest.raises(ckpt_io.CheckpointError, match="another model.*model.ic"):
         pretrain(cfg_for(images, out, "model.ic=off", "train.steps=4"), resume="auto")
+    with pytest.raises(ckpt_io.CheckpointError, match=r"other data settings: data.batch_size: checkpoint 4, "
+                                                       r"config 2.*restore these settings"):
+        pretrain(cfg_for(images, out, "data.batch_size=2", "train.steps=4"), resume="auto")
+    with pytest.raises(ckpt_io.CheckpointError, match="other data settings: train.seed: checkpoint 0, config 5"):
+        pretrain(cfg_for(images, out, "train.seed=5", "train.steps=4"), resume="auto")
     assert digest(path) == before
 
 
-def test_corrupt_and_foreign_checkpoints(trained, images, tmp_path):
+def test_changed_settings_are_applied_and_listed(trained, images, cfg_for, tmp_path, caplog):
+    out, _ = trained
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(digest(os.path.join(out, "checkpoint.pt")))
+    with caplog.at_level("WARNING", logger="upreid.trainer"):
+        pretrain(cfg_for(images, str(run), "train.steps=3", "optim.weight_decay=0.5"), resume="auto")
+    assert "optim.weight_decay: checkpoint 0.0001, config 0.5" in caplog.text
+    assert "train.steps: checkpoint 2, config 3" in caplog.text
+    groups = ckpt_io.load(str(run / "checkpoint.pt"))["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]        # applied, not the checkpoint's
+
+
+def test_corrupt_and_foreign_checkpoints(trained, images, cfg_for, tmp_path):
     out, _ = trained
     good = digest(os.path.join(out, "checkpoint.pt"))
     run = tmp_path / "run"
@@ -127,7 +95,49 @@ def test_corrupt_and_foreign_checkpoints(trained, images, tmp_path):
     assert not (tmp_path / "bb.pt").exists()
 
 
-def test_existing_run_is_not_overwritten(trained, images):
+def _flip_tensor_bytes(src: str, dst: str, name: str = "encoder_q.trunk.conv1.weight") -> None:
+    """Copy ``src`` with 4 KiB of one tensor's data inverted: the zip archive stays readable."""
+    data = bytearray(open(src, "rb").read())
+    obj = torch.load(src, weights_only=True)
+    raw = obj["model"][name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    at = data.find(raw[:4096])
+    assert at > 0
+    data[at:at + 4096] = bytes(b ^ 0xFF for b in data[at:at + 4096])
+    open(dst, "wb").write(bytes(data))
+
+
+def test_flipped_tensor_bytes_are_refused_everywhere(trained, images, cfg_for, tmp_path, capsys):
+    out, _ = trained
+    run = tmp_path / "run"
+    run.mkdir()
+    _flip_tensor_bytes(os.path.join(out, "checkpoint.pt"), str(run / "checkpoint.pt"))
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2   # torch alone accepts it
+    with pytest.raises(ckpt_io.CheckpointError, match="is corrupt: its contents do not match the SHA-256"):
+        pretrain(cfg_for(images, str(run), "train.steps=4"), resume="auto")
+    assert cli_main(["export-backbone", str(run / "checkpoint.pt"), str(tmp_path / "bb.pt")]) == 1
+    assert "is corrupt" in capsys.readouterr().err and not (tmp_path / "bb.pt").exists()
+    from upreid.engine.init_weights import load_trunk
+    from upreid.models import ResNet
+    with pytest.raises(ckpt_io.CheckpointError, match="is corrupt"):
+        load_trunk(ResNet(18, last_stride=1), str(run / "checkpoint.pt"))
+
+
+def test_last_good_checkpoint_survives(images, cfg_for, tmp_path):
+    run = tmp_path / "run"
+    pretrain(cfg_for(images, str(run), "train.steps=2", "train.checkpoint_every=1"))
+    prev = run / "checkpoint.pt.prev"
+    assert ckpt_io.load(str(prev))["step"] == 1 and ckpt_io.load(str(run / "checkpoint.pt"))["step"] == 2
+    _flip_tensor_bytes(str(run / "checkpoint.pt"), str(run / "checkpoint.pt"))
+    with pytest.raises(ckpt_io.CheckpointError, match=r"previous checkpoint .*checkpoint.pt.prev' \(step 1\) is "
+                                                       r"intact: continue from it with --resume-from"):
+        pretrain(cfg_for(images, str(run), "train.steps=3"), resume="auto")
+    s = pretrain(cfg_for(images, str(run), "train.steps=3"), resume=str(prev))
+    assert s["step"] == 3 and not s["interrupted"]
+    steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")]
+    assert steps == [1, 2, 3]                           # step 2 was run again after step 1: logged once
+
+
+def test_existing_run_is_not_overwritten(trained, images, cfg_for):
     out, _ = trained
     before = digest(os.path.join(out, "checkpoint.pt"))
     with pytest.raises(RunExistsError, match="--resume"):
@@ -135,17 +145,77 @@ def test_existing_run_is_not_overwritten(trained, images):
     assert digest(os.path.join(out, "checkpoint.pt")) == before
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained, images, tmp_path):
+def test_overwrite_starts_a_fresh_metrics_log(images, cfg_for, tmp_path):
+    run = str(tmp_path / "run")
+    pretrain(cfg_for(images, run, "train.steps=2"))
+    pretrain(cfg_for(images, run, "train.steps=1"), overwrite=True)
+    assert [json.loads(x)["step"] for x in open(os.path.join(run, "metrics.jsonl"))] == [1]
+
+
+def test_output_that_cannot_be_created(images, cfg_for, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match=r"train.output=.*file/run' cannot be created: .*file' is a file"):
+        pretrain(cfg_for(images, str(blocker / "run"), "train.steps=1"))
+    assert cli_main(["pretrain", "--config", TINY, f"data.root={images}", f"train.output={blocker}"]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_cuda_requested_without_cuda(images, cfg_for, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(Exception, match=r"train.device='cuda' but CUDA is not available"):
+        pretrain(cfg_for(images, str(tmp_path / "r"), "train.device=cuda", "train.steps=1"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(trained, images, cfg_for, tmp_path, monkeypatch):
     out, _ = trained
     run = tmp_path / "nan"
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(digest(os.path.join(out, "checkpoint.pt")))
     before = (run / "checkpoint.pt").read_bytes()
-    # std 0 turns every normalised pixel into inf: the loss of step 3 is NaN
+    from upreid.models import UPReID
+    forward = UPReID.forward
+
+    def nan_forward(self, batch):                  # the loss of step 3 (the first after resuming) is NaN
+        res = forward(self, batch)
+        return {**res, "loss": res["loss"] * float("nan")}
+    monkeypatch.setattr(UPReID, "forward", nan_forward)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 .*step 2\) is kept"):
-        pretrain(cfg_for(images, str(run), "train.steps=4", "data.std=[0, 0, 0]"), resume="auto")
+        pretrain(cfg_for(images, str(run), "train.steps=4"), resume="auto")
     assert (run / "checkpoint.pt").read_bytes() == before
     assert ckpt_io.load(str(run / "checkpoint.pt"))["step"] == 2
+
+
+def test_thread_count_is_recorded_and_checked(trained, images, cfg_for, tmp_path, caplog):
+    out, _ = trained
+    assert ckpt_io.load(os.path.join(out, "checkpoint.pt"))["threads"] == torch.get_num_threads()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(digest(os.path.join(out, "checkpoint.pt")))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with caplog.at_level("WARNING", logger="upreid.trainer"):
+            pretrain(cfg_for(images, str(run), "train.steps=3"), resume="auto")
+    finally:
+        torch.set_num_threads(threads)
+    assert f"written with {threads} CPU threads, this run has {threads + 1}" in caplog.text
+
+
+def test_cli_overrides_after_resume(trained, images, tmp_path, capsys):
+    out, _ = trained
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(digest(os.path.join(out, "checkpoint.pt")))
+    from conftest import PRETRAIN_FAST
+    rc = cli_main(["pretrain", "--config", TINY, f"data.root={images}", "--resume", f"train.output={run}",
+                   *PRETRAIN_FAST, "train.steps=3"])
+    assert rc == 0 and "finished at step 3/3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_main(["pretrain", "--resume", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------- outputs

@@ -9,7 +9,7 @@ import torch
 
 from upreid.data.synthetic import SynthConfig, generate
 from upreid.engine.finetune import finetune
-from upreid.engine.finetune_config import load_finetune_config
+from upreid.engine.config import load_config
 from upreid.evaluation.cli import load_features
 from upreid.evaluation.cli import main as evaluate_main
 from upreid.evaluation.cli_extract import main as extract_main
@@ -31,7 +31,7 @@ def synth_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(synth_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ft"))
-    cfg = load_finetune_config(TINY, [f"data.root={synth_root}", f"train.output={out}", "data.p=4", "data.k=4",
+    cfg = load_config("finetune", TINY, [f"data.root={synth_root}", f"train.output={out}", "data.p=4", "data.k=4",
                                       "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false",
                                       "data.backend=torch", "eval.ranklist_queries=2", "data.flip_test=true"])
     return finetune(cfg)

@@ -8,35 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
-from upreid.data.synthetic import SynthConfig, generate
+from conftest import FINETUNE_TINY, PRETRAIN_TINY
 from upreid.engine import checkpoint as ckpt_io
 from upreid.engine.checkpoint import CheckpointError
+from upreid.engine.cli import main
 from upreid.engine.config import load_config
 from upreid.engine.finetune import finetune
-from upreid.engine.finetune_config import load_finetune_config
 from upreid.engine.pretrain import export_backbone, pretrain
 from upreid.engine.ranklist import ranklist_size
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "finetune", "tiny_cpu.yaml")
 
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("synth"))
-    generate(root, SynthConfig(ids=16, cameras=3, unlabeled=32, height=64, width=32, distractors=6, junk=2),
-             workers=1, progress=False)
-    return root
-
-
-def ft_cfg(root, out, *extra):
-    return load_finetune_config(TINY, [f"data.root={root}", f"train.output={out}", "data.p=4", "data.k=4",
-                                       "train.epochs=2", "train.max_steps_per_epoch=2", "train.progress=false",
-                                       "data.backend=torch", "eval.ranklist_queries=3", *extra])
-
-
-def test_pretrain_export_finetune_evaluate(synth_root, tmp_path):
-    pcfg = load_config(os.path.join(ROOT, "configs", "pretrain", "tiny_cpu.yaml"),
+@pytest.mark.slow
+def test_pretrain_export_finetune_evaluate(synth_root, tmp_path, finetune_cfg):
+    pcfg = load_config("pretrain", PRETRAIN_TINY,
                        [f"data.root={synth_root}/unlabeled", f"train.output={tmp_path}/pre", "train.steps=2",
                         "train.progress=false", "data.backend=torch", "model.queue_size=16"])
     pre = pretrain(pcfg)
@@ -44,7 +28,7 @@ def test_pretrain_export_finetune_evaluate(synth_root, tmp_path):
     info = export_backbone(pre["checkpoint"], bb)
 
     out = str(tmp_path / "ft")
-    s = finetune(ft_cfg(synth_root, out, f"init={bb}"))
+    s = finetune(finetune_cfg(synth_root, out, f"init={bb}"))
     assert s["step"] == 4 and s["epoch"] == 2 and not s["interrupted"]
     assert s["init"]["format"] == "upreid-backbone" and s["init"]["loaded"] == info["tensors"]
     assert s["init"]["missing"] == [] and s["init"]["unexpected"] == []
@@ -66,31 +50,32 @@ def test_pretrain_export_finetune_evaluate(synth_root, tmp_path):
 
 
 def test_cli_finetune_random_init(synth_root, tmp_path, capsys):
-    from upreid.engine.cli_finetune import main
     out = str(tmp_path / "cli")
-    rc = main(["finetune", "--config", TINY, f"data.root={synth_root}", f"train.output={out}", "train.epochs=1",
-               "train.max_steps_per_epoch=1", "data.p=4", "eval.rerank=false", "train.progress=false"])
+    rc = main(["finetune", "--config", FINETUNE_TINY, f"data.root={synth_root}", f"train.output={out}",
+               "train.epochs=1", "train.max_steps_per_epoch=1", "data.p=4", "eval.rerank=false",
+               "train.progress=false"])
     text = capsys.readouterr().out
     assert rc == 0 and "without re-ranking" in text and "with re-ranking" not in text.replace("without", "")
     assert json.load(open(os.path.join(out, "init.json")))["format"] == "random"
-    assert main(["finetune", "--config", TINY, f"data.root={synth_root}", f"train.output={out}"]) == 1
+    assert main(["finetune", "--config", FINETUNE_TINY, f"data.root={synth_root}", f"train.output={out}"]) == 1
     assert "--resume" in capsys.readouterr().err       # an existing run is not overwritten silently
 
 
-def test_resume_after_sigterm_is_exact(synth_root, tmp_path):
-    extra = ("eval.rerank=false", "eval.ranklist_queries=0", "train.max_steps_per_epoch=3")
-    full = finetune(ft_cfg(synth_root, str(tmp_path / "full"), *extra))
+@pytest.mark.slow
+def test_resume_after_sigterm_is_exact(synth_root, tmp_path, finetune_cfg):
+    extra = ("eval.rerank=false", "eval.ranklist_queries=0", "train.max_steps_per_epoch=3", "eval.every=1")
+    full = finetune(finetune_cfg(synth_root, str(tmp_path / "full"), *extra))
     assert full["step"] == 6
 
     def interrupt(step, out):
         if step == 2:                                   # mid-epoch
             signal.raise_signal(signal.SIGTERM)
 
-    part = finetune(ft_cfg(synth_root, str(tmp_path / "split"), *extra), on_step=interrupt)
+    part = finetune(finetune_cfg(synth_root, str(tmp_path / "split"), *extra), on_step=interrupt)
     assert part["interrupted"] and part["step"] == 2
     mid = ckpt_io.load(str(tmp_path / "split" / "checkpoint.pt"), expect="upreid-finetune")
     assert (mid["epoch"], mid["batch"]) == (0, 2)
-    rest = finetune(ft_cfg(synth_root, str(tmp_path / "split"), *extra), resume="auto")
+    rest = finetune(finetune_cfg(synth_root, str(tmp_path / "split"), *extra), resume="auto")
     assert rest["step"] == 6 and not rest["interrupted"]
     a = ckpt_io.load(str(tmp_path / "full" / "checkpoint.pt"), expect="upreid-finetune")
     b = ckpt_io.load(str(tmp_path / "split" / "checkpoint.pt"), expect="upreid-finetune")
@@ -98,6 +83,29 @@ def test_resume_after_sigterm_is_exact(synth_root, tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert rest["results"]["plain"]["mAP"] == pytest.approx(full["results"]["plain"]["mAP"], abs=1e-9)
+    assert [h["epoch"] for h in b["history"]] == [h["epoch"] for h in a["history"]] == [1]
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "split" / "metrics.jsonl")]
+    assert steps == [json.loads(x)["step"] for x in open(tmp_path / "full" / "metrics.jsonl")]
 
     with pytest.raises(CheckpointError, match="another model: model.depth"):
-        finetune(ft_cfg(synth_root, str(tmp_path / "split"), *extra, "model.depth=34"), resume="auto")
+        finetune(finetune_cfg(synth_root, str(tmp_path / "split"), *extra, "model.depth=34"), resume="auto")
+    with pytest.raises(CheckpointError, match="other data settings: data.p: checkpoint 4, config 2"):
+        finetune(finetune_cfg(synth_root, str(tmp_path / "split"), *extra, "data.p=2"), resume="auto")
+
+
+def test_bad_images_skipped_when_asked(synth_root, tmp_path, finetune_cfg):
+    """data.on_bad_image reaches the loaders of both training and evaluation."""
+    import shutil
+    root = tmp_path / "synth"
+    shutil.copytree(synth_root, root)
+    firsts = {}
+    for path in sorted((root / "bounding_box_train").iterdir()):     # the first image of every identity
+        firsts.setdefault(path.name.split("_")[0], path)
+    for path in firsts.values():
+        path.write_bytes(b"")
+    from upreid.data.imageio import BadImageError
+    with pytest.raises(BadImageError, match=r"bad image .*bounding_box_train.*the file is empty.*on_bad_image"):
+        finetune(finetune_cfg(str(root), str(tmp_path / "err"), "train.epochs=1", "train.max_steps_per_epoch=8"))
+    s = finetune(finetune_cfg(str(root), str(tmp_path / "skip"), "train.epochs=1", "train.max_steps_per_epoch=8",
+                              "data.on_bad_image=skip", "eval.rerank=false", "eval.ranklist_queries=0"))
+    assert not s["interrupted"] and s["results"]["plain"]["num_query"] > 0

@@ -4,22 +4,23 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from test_finetune import TINY, synth_root  # noqa: F401  (the module-scoped synthetic set)
+from conftest import FINETUNE_TINY as TINY, ROOT
 from upreid.engine import checkpoint as ckpt_io
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
 
 
-def test_two_process_gloo_finetune(synth_root, tmp_path):  # noqa: F811
+def test_two_process_gloo_finetune(synth_root, tmp_path):
     out = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # --standalone: torchrun's own store binds port 0 and its workers join it; no port is chosen
     # ahead of time for another process to take first.
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-         "--local_addr=127.0.0.1", "-m", "upreid.engine.cli_finetune", "finetune", "--config", TINY,
+         "--local_addr=127.0.0.1", "-m", "upreid.engine.cli", "finetune", "--config", TINY,
          f"data.root={synth_root}", f"train.output={out}", "model.arch=mgn", "model.mgn_dim=16", "data.p=4",
          "data.k=2", "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false", "data.backend=torch",
          "eval.rerank=false", "eval.ranklist_queries=2"],

@@ -6,8 +6,6 @@ import torch
 from PIL import Image
 
 from upreid.engine.finetune import lr_factor
-from upreid.engine.finetune_config import load_finetune_config
-from upreid.engine.config import ConfigError
 from upreid.engine.ranklist import GREEN, GREY, RED, draw_ranklist, frame_colour, rank_lists, ranklist_size
 from upreid.models.reid import MGN, BoT, batch_hard_triplet
 
@@ -72,14 +70,3 @@ def test_models_train_and_eval_outputs():
     out = mgn(x)
     assert len(out["logits"]) == 8 and len(out["triplet"]) == 3 and out["logits"][7].shape == (4, 7)
     assert mgn.eval()(x).shape == (4, 8 * 16)
-
-
-def test_configs_load_and_reject_unknown_keys():
-    bot = load_finetune_config("configs/finetune/bot_r50.yaml")
-    assert (bot["model"]["last_stride"], bot["data"]["p"], bot["data"]["k"], bot["optim"]["lr"]) == (1, 16, 4, 3.5e-4)
-    mgn = load_finetune_config("configs/finetune/mgn_r50.yaml", ["init=x.pth"])
-    assert (mgn["model"]["arch"], mgn["model"]["pooling"], mgn["data"]["height"], mgn["init"]) == ("mgn", "gem", 384, "x.pth")
-    with pytest.raises(ConfigError, match="did you mean 'loss.margin'"):
-        load_finetune_config(None, ["loss.margn=0.3"])
-    with pytest.raises(ConfigError, match="must be one of"):
-        load_finetune_config(None, ["model.arch=pcb"])

@@ -7,7 +7,7 @@ import torch
 
 from upreid.engine import checkpoint as ckpt_io
 from upreid.engine.finetune import build_model
-from upreid.engine.finetune_config import load_finetune_config
+from upreid.engine.config import load_config
 from upreid.export.cli import main as export_main
 from upreid.export.onnx import export_onnx, onnx_features, read_metadata, sample_images
 
@@ -17,7 +17,7 @@ TINY = os.path.join(ROOT, "configs", "finetune", "tiny_cpu.yaml")
 
 def finetune_checkpoint(path, *overrides):
     """A fine-tuning checkpoint of an untrained tiny BoT (BN statistics moved off their init)."""
-    cfg = load_finetune_config(TINY, ["data.root=unused", *overrides])
+    cfg = load_config("finetune", TINY, ["data.root=unused", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=7)
     with torch.no_grad():

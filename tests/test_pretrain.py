@@ -1,4 +1,5 @@
-"""Pre-training runs: exact resume after a SIGTERM, and a two-process gloo run through torchrun."""
+"""Pre-training runs: exact resume after SIGTERM, after SIGKILL mid-run and after SIGKILL during a
+checkpoint write (torch and DALI pipelines), and a two-process gloo run through torchrun."""
 import json
 import os
 import signal
@@ -9,16 +10,15 @@ import textwrap
 import pytest
 import torch
 
-from test_engine import FAST, cfg_for, write_images
+from conftest import PRETRAIN_FAST, PRETRAIN_TINY, ROOT
+from upreid.data.base import dali_available
 from upreid.engine import checkpoint as ckpt_io
 from upreid.engine.pretrain import pretrain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_images(str(tmp_path_factory.mktemp("images")), n=16)
+pytestmark = pytest.mark.slow
+BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI"))]
+# 6 steps over 16 images at batch 4: crosses an epoch boundary (4 steps per epoch)
+RUN = ("train.steps=6", "train.checkpoint_every=100", "data.workers=0")
 
 
 def assert_same_state(a: dict, b: dict):
@@ -31,43 +31,105 @@ def assert_same_state(a: dict, b: dict):
     assert oa["state"].keys() == ob["state"].keys() and len(oa["state"]) > 0
     for i in oa["state"]:
         assert torch.equal(oa["state"][i]["momentum_buffer"], ob["state"][i]["momentum_buffer"]), i
-    assert a["scheduler"] == b["scheduler"] and a["step"] == b["step"]
+    assert a["step"] == b["step"] and (a["epoch"], a["batch"]) == (b["epoch"], b["batch"])
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])   # the two upreid.data pipelines
-def test_resume_after_sigterm_is_exact(images, tmp_path, backend):
-    if backend == "dali":
-        pytest.importorskip("nvidia.dali")
-    # 6 steps over 16 images at batch 4: crosses an epoch boundary (4 steps per epoch)
-    extra = ("train.steps=6", "train.checkpoint_every=100", "data.workers=0", f"data.backend={backend}")
-    full = pretrain(cfg_for(images, str(tmp_path / "full"), *extra))
-    assert full["step"] == 6 and not full["interrupted"]
+@pytest.fixture(scope="module")
+def full_runs(images, tmp_path_factory):
+    """The uninterrupted 6-step run of each backend: the reference of every resume test."""
+    cache = {}
+
+    def get(backend):
+        if backend not in cache:
+            from upreid.engine.config import load_config
+            out = str(tmp_path_factory.mktemp(f"full_{backend}"))
+            cfg = load_config("pretrain", PRETRAIN_TINY, [f"data.root={images}", f"train.output={out}",
+                                                          *PRETRAIN_FAST, *RUN, f"data.backend={backend}"])
+            assert pretrain(cfg)["step"] == 6
+            cache[backend] = ckpt_io.load(os.path.join(out, "checkpoint.pt"))
+        return cache[backend]
+    return get
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_after_sigterm_is_exact(images, tmp_path, backend, pretrain_cfg, full_runs):
+    extra = (*RUN, f"data.backend={backend}")
 
     def interrupt(step, out):
         if step == 3:
             signal.raise_signal(signal.SIGTERM)   # handled by the engine: checkpoint, clean return
 
-    part = pretrain(cfg_for(images, str(tmp_path / "split"), *extra), on_step=interrupt)
+    part = pretrain(pretrain_cfg(images, str(tmp_path / "split"), *extra), on_step=interrupt)
     assert part["interrupted"] and part["step"] == 3
     mid = ckpt_io.load(str(tmp_path / "split" / "checkpoint.pt"))
     assert mid["step"] == 3 and int(mid["model"]["queue_ptr"]) == (3 * 4) % 16
-    rest = pretrain(cfg_for(images, str(tmp_path / "split"), *extra), resume="auto")
+    rest = pretrain(pretrain_cfg(images, str(tmp_path / "split"), *extra), resume="auto")
     assert rest["step"] == 6 and not rest["interrupted"]
-
-    a = ckpt_io.load(str(tmp_path / "full" / "checkpoint.pt"))
     b = ckpt_io.load(str(tmp_path / "split" / "checkpoint.pt"))
-    assert_same_state(a, b)
-    assert not torch.equal(a["model"]["queue"], mid["model"]["queue"])   # the run did move on
+    assert_same_state(full_runs(backend), b)
+    assert not torch.equal(b["model"]["queue"], mid["model"]["queue"])   # the run did move on
     # the metrics log continues: steps 1..3 from the first process, 4..6 from the resumed one
     steps = [json.loads(line)["step"] for line in open(tmp_path / "split" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+KILLED = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from upreid.engine import checkpoint
+    from upreid.engine.config import load_config
+    from upreid.engine.pretrain import pretrain
+
+    mode = sys.argv[1]
+    cfg = load_config("pretrain", {tiny!r}, {overrides!r})
+    if mode == "mid-run":              # killed after step 3; the checkpoint of step 2 is on disk
+        def on_step(step, out):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        pretrain(cfg, on_step=on_step)
+    else:                              # killed half-way through writing the checkpoint of step 4
+        real = torch.save
+        def save(obj, f, *a, **k):
+            if obj.get("step") == 4:
+                import io
+                buf = io.BytesIO()
+                real(obj, buf, *a, **k)
+                f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(obj, f, *a, **k)
+        checkpoint.torch.save = save
+        pretrain(cfg)
+""")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["mid-run", "in-checkpoint-write"])
+def test_resume_after_sigkill_is_exact(images, tmp_path, backend, mode, pretrain_cfg, full_runs):
+    out = tmp_path / "killed"
+    extra = ("train.steps=6", "train.checkpoint_every=2", "data.workers=0", f"data.backend={backend}")
+    overrides = [f"data.root={images}", f"train.output={out}", *PRETRAIN_FAST, *extra]
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED.format(tiny=PRETRAIN_TINY, overrides=overrides))
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    on_disk = ckpt_io.load(str(out / "checkpoint.pt"))
+    assert on_disk["step"] == 2                               # the last complete checkpoint
+    if mode == "in-checkpoint-write":
+        assert (out / "checkpoint.pt.tmp").exists()           # the half-written file never replaced it
+    rest = pretrain(pretrain_cfg(images, str(out), *extra), resume="auto")
+    assert rest["step"] == 6 and not rest["interrupted"]
+    assert_same_state(full_runs(backend), ckpt_io.load(str(out / "checkpoint.pt")))
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]                        # steps after the checkpoint logged once
+
+
 WORKER = textwrap.dedent("""
     import os, sys, torch
     import torch.distributed as dist
-    sys.path.insert(0, {tests!r})
-    from test_engine import cfg_for
+    from upreid.engine.config import load_config
     from upreid.engine.pretrain import pretrain
     from upreid.models import UPReID
 
@@ -86,8 +148,7 @@ WORKER = textwrap.dedent("""
         return captured["model"]
     engine.UPReID.from_config = staticmethod(build)
 
-    cfg = cfg_for({images!r}, {out!r}, "train.steps=2", "train.checkpoint_every=100",
-                  "model.queue_size=32", "data.backend=simple")
+    cfg = load_config("pretrain", {tiny!r}, {overrides!r})
     summary = pretrain(cfg)
     rank = int(os.environ["RANK"])
     m = captured["model"]
@@ -101,7 +162,9 @@ WORKER = textwrap.dedent("""
 def test_two_process_gloo_run(images, tmp_path):
     out = tmp_path / "ddp"
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=os.path.dirname(__file__), images=images, out=str(out)))
+    overrides = [f"data.root={images}", f"train.output={out}", *PRETRAIN_FAST, "train.steps=2",
+                 "train.checkpoint_every=100", "model.queue_size=32", "data.backend=torch", "data.workers=0"]
+    script.write_text(WORKER.format(tiny=PRETRAIN_TINY, overrides=overrides, out=str(out)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # --standalone: torchrun's own store binds port 0 and its workers join it; no port is chosen
     # ahead of time for another process to take first.

@@ -9,8 +9,8 @@ import logging
 import sys
 
 # Modules that contribute subcommands, in the order they are listed in --help.
-COMMAND_MODULES = ("upreid.data.cli", "upreid.engine.cli", "upreid.engine.cli_finetune", "upreid.evaluation.cli",
-                   "upreid.evaluation.cli_extract", "upreid.export.cli")
+COMMAND_MODULES = ("upreid.data.cli", "upreid.engine.cli", "upreid.evaluation.cli", "upreid.evaluation.cli_extract",
+                   "upreid.export.cli")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from upreid.engine.cli import parse   # key=value overrides anywhere on the line
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

@@ -27,10 +27,26 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                    help="rendering processes (default: CPU count, at most 8)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the synthetic set in a non-empty folder (its folders and meta.json are removed "
+                        "first; nothing else is touched)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_synth)
     return p
+
+
+SET_ENTRIES = ("bounding_box_train", "query", "bounding_box_test", "unlabeled", "meta.json")
+
+
+def remove_set(root: str) -> None:
+    """Remove what ``upreid synth`` writes under ``root`` (so that a smaller set leaves no old images)."""
+    import shutil
+    for name in SET_ENTRIES:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def run_synth(args) -> int:
@@ -43,13 +59,25 @@ def run_synth(args) -> int:
                       quality=args.quality)
     try:
         cfg.validate()
+        if args.workers < 1:
+            raise ValueError(f"synth: --workers must be >= 1, got {args.workers}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if os.path.isdir(args.root) and os.listdir(args.root) and not args.overwrite:
-        print(f"error: synth: {args.root!r} is not empty; pass --overwrite to write into it", file=sys.stderr)
+    if os.path.exists(args.root) and not os.path.isdir(args.root):
+        print(f"error: synth: --root {args.root!r} is a file, not a folder", file=sys.stderr)
         return 2
-    os.makedirs(args.root, exist_ok=True)
+    if os.path.isdir(args.root) and os.listdir(args.root):
+        if not args.overwrite:
+            print(f"error: synth: {args.root!r} is not empty; pass --overwrite to replace the set in it",
+                  file=sys.stderr)
+            return 2
+        remove_set(args.root)
+    try:
+        os.makedirs(args.root, exist_ok=True)
+    except OSError as e:
+        print(f"error: synth: --root {args.root!r} cannot be created: {e.strerror or e}", file=sys.stderr)
+        return 2
     counts = generate(args.root, cfg, workers=args.workers, progress=not args.no_progress)
     print(f"wrote {sum(counts.values())} images to {args.root}: "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))

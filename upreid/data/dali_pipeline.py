@@ -19,12 +19,10 @@ from typing import Iterator, List
 import numpy as np
 import torch
 
+from .base import BaseLoader, note_dali_pipeline_built
 from .imageio import BadImageError, read_bytes
-from .loader import BaseLoader
 
 log = logging.getLogger(__name__)
-
-PIPELINES_BUILT = 0      # > 0 once a pipeline ran here: the torch fallback then spawns its workers
 
 INSTALL_HINT = ("NVIDIA DALI is not installed. Install the wheel matching your CUDA, e.g. "
                 "`pip install nvidia-dali-cuda120` (the plain `nvidia-dali` name on PyPI is not the real "
@@ -224,8 +222,7 @@ class DaliLoader(BaseLoader):
                                    device=self.dali_device, threads=self.threads,
                                    seed=(self.seed * 7919 + self.rank) % (2 ** 31), prefetch=self.prefetch,
                                    device_id=dev_id)
-        global PIPELINES_BUILT
-        PIPELINES_BUILT += 1
+        note_dali_pipeline_built()
         self.pipe.build()
         self._iter = DALIGenericIterator(self.pipe, self.output_map, last_batch_policy=LastBatchPolicy.PARTIAL,
                                          auto_reset=False, prepare_first_batch=False)

@@ -76,7 +76,11 @@ def parse_market_folder(folder: str, *, what: str = "dataset", layout: str = MAR
         if m is None:
             bad.append(n)
             continue
-        pid, cam = int(m.group(1)), int(m.group(2))
+        try:
+            pid, cam = int(m.group(1)), int(m.group(2))
+        except ValueError:
+            raise DatasetError(f"{what}: {os.path.join(folder, n)!r}: the identity {m.group(1)!r} in the name is "
+                               f"not an integer. Expected layout: {layout}") from None
         if pid == -1 and drop_junk:
             continue
         records.append(Record(os.path.join(folder, n), pid, cam - cam_base))
@@ -101,8 +105,16 @@ def market_style(root: str, *, name: str = "market-style", train_dir: str = "bou
         raise DatasetError(f"{name} query: distractor images (pid 0) in {os.path.join(root, query_dir)!r}; "
                            f"every query needs an identity. Expected layout: {layout}")
     ds = ReIDDataset(name, root, relabel(train), query, gallery)
+    _check_not_empty(ds, {"train": train_dir, "query": query_dir, "gallery": gallery_dir}, layout)
     _check_counts(ds, expected)
     return ds
+
+
+def _check_not_empty(ds: ReIDDataset, where: dict, layout: str) -> None:
+    for split, recs in ds.splits():
+        if not recs:
+            raise DatasetError(f"{ds.name} {split}: no usable images in {os.path.join(ds.root, where[split])!r} "
+                               f"(junk images, pid -1, are dropped). Expected layout: {layout}")
 
 
 def _check_counts(ds: ReIDDataset, expected: Optional[dict]) -> None:
@@ -173,13 +185,14 @@ def _parse_msmt_list(root: str, list_name: str, image_dirs: Sequence[str], check
             line = line.strip()
             if not line:
                 continue
-            parts = line.split()
+            parts = line.rsplit(None, 1)          # the path may hold spaces; the pid is the last field
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
                 raise DatasetError(f"msmt17: {list_file}:{lineno}: expected 'relative/path pid', got {line!r}")
             rel, pid = parts[0], int(parts[1])
             records.append(Record(os.path.join(image_dir, rel), pid, _msmt_camid(rel, list_file, lineno)))
     if not records:
         raise DatasetError(f"msmt17: list file {list_file!r} is empty. Expected layout: {MSMT17_LAYOUT}")
+    records = _unique(records, list_file)
     if check_files:
         missing = [r.path for r in records if not os.path.isfile(r.path)]
         if missing:
@@ -199,6 +212,8 @@ def msmt17(root: str, *, combine_trainval: bool = True, check_files: bool = True
     query = _parse_msmt_list(root, "list_query.txt", test_dirs, check_files)
     gallery = _parse_msmt_list(root, "list_gallery.txt", test_dirs, check_files)
     ds = ReIDDataset("msmt17", root, relabel(train), query, gallery)
+    _check_not_empty(ds, {"train": "list_train.txt", "query": "list_query.txt", "gallery": "list_gallery.txt"},
+                     MSMT17_LAYOUT)
     _check_counts(ds, EXPECTED["msmt17"] if combine_trainval else None)
     return ds
 
@@ -208,16 +223,7 @@ def unlabeled(root: str, *, name: str = "unlabeled", progress: bool = True) -> R
     (relative paths are taken relative to the list file's folder)."""
     root = os.path.expanduser(root)
     if os.path.isfile(root):
-        base = os.path.dirname(os.path.abspath(root))
-        with open(root) as f:
-            paths = [ln.strip().split()[0] for ln in f if ln.strip()]
-        if not paths:
-            raise DatasetError(f"{name}: list file {root!r} is empty. Expected: {UNLABELED_LAYOUT}")
-        paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in paths]
-        bad = [p for p in paths if not _is_image(p)]
-        if bad:
-            raise DatasetError(f"{name}: {len(bad)} entries of {root!r} are not image paths, e.g. {bad[:3]}. "
-                               f"Expected: {UNLABELED_LAYOUT}")
+        paths = _read_path_list(root, name)
     elif os.path.isdir(root):
         paths = _walk_images(root, progress)
         if not paths:
@@ -227,11 +233,60 @@ def unlabeled(root: str, *, name: str = "unlabeled", progress: bool = True) -> R
     return ReIDDataset(name, root, [Record(p, -1, -1) for p in paths], unlabeled=True)
 
 
+def _unique(records: List[Record], source: str) -> List[Record]:
+    """Each image once (by its real path, so a symlink and its target count once); duplicates logged."""
+    seen, out = set(), []
+    for r in records:
+        try:
+            st = os.stat(r.path)
+            key = (st.st_dev, st.st_ino)        # one system call; the same file through any link
+        except OSError:
+            key = os.path.abspath(r.path)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    if len(out) < len(records):
+        log.warning("%s: %d duplicate entries (the same image listed again, or through a symlink) were "
+                    "dropped; each image is used once", source, len(records) - len(out))
+    return out
+
+
+def _read_path_list(list_file: str, name: str) -> List[str]:
+    """A list file of image paths, one per line (relative to the list's folder); a path may hold spaces,
+    and an integer after it (a label) is ignored. Missing files are an error naming them."""
+    base = os.path.dirname(os.path.abspath(list_file))
+    paths = []
+    with open(list_file, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            path = line if os.path.isabs(line) else os.path.join(base, line)
+            head, _, tail = line.rpartition(" ")
+            if not os.path.exists(path) and head and tail.lstrip("-").isdigit():
+                path = head.strip() if os.path.isabs(head.strip()) else os.path.join(base, head.strip())
+            paths.append(path)
+    if not paths:
+        raise DatasetError(f"{name}: list file {list_file!r} is empty. Expected: {UNLABELED_LAYOUT}")
+    bad = [p for p in paths if not _is_image(p)]
+    if bad:
+        raise DatasetError(f"{name}: {len(bad)} entries of {list_file!r} are not image paths, e.g. {bad[:3]}. "
+                           f"Expected: {UNLABELED_LAYOUT}")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DatasetError(f"{name}: {len(missing)} images listed in {list_file!r} do not exist, e.g. "
+                           f"{missing[:3]}")
+    return [r.path for r in _unique([Record(p, -1, -1) for p in paths], list_file)]
+
+
 def _walk_images(root: str, progress: bool) -> List[str]:
+    """Images under ``root``, following symlinks; a folder reached again (a symlink loop) is named in
+    a warning and not entered twice, and an image reached by two paths is listed once."""
     from tqdm import tqdm
 
     out: List[str] = []
     stack = [root]
+    visited = {os.path.realpath(root)}
     with tqdm(desc=f"scanning {os.path.basename(root) or root}", unit=" img", disable=not progress,
               leave=False) as bar:
         while stack:
@@ -239,12 +294,18 @@ def _walk_images(root: str, progress: bool) -> List[str]:
             with os.scandir(d) as it:
                 for e in it:
                     if e.is_dir(follow_symlinks=True):
+                        real = os.path.realpath(e.path)
+                        if real in visited:
+                            log.warning("unlabeled: %r leads back to %r (a symlink loop or a second link to "
+                                        "the same folder): not scanned again", e.path, real)
+                            continue
+                        visited.add(real)
                         stack.append(e.path)
                     elif _is_image(e.name):
                         out.append(e.path)
                         bar.update(1)
     out.sort()
-    return out
+    return [r.path for r in _unique([Record(p, -1, -1) for p in out], root)]
 
 
 def synth(root: str) -> ReIDDataset:

@@ -12,32 +12,20 @@ eval      images [B, 3, H, W] (+ images_flipped with flip_test); pids, camids, i
 Iterating a loader runs one epoch and advances its epoch counter (or call ``set_epoch``). After an
 epoch, ``loader.summary`` holds the counts (samples, batches, skipped bad images and their paths,
 images the sampler did not draw) and they are logged: nothing is dropped silently.
+
+Both training tasks get their data through :func:`loader_from_config` (the ``data`` section of a
+config). Imports run one way: :mod:`.base` -> the DALI and torch pipelines -> this module.
 """
 from __future__ import annotations
 
-import logging
-import os
-from typing import Iterator, List, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from .augment import from_config
-from .imageio import check_policy
+from .base import BACKENDS, KINDS, BaseLoader, StepStream, dali_available, resolve_backend  # noqa: F401
 from .records import Record
 from .samplers import PKBatches, SequentialBatches, ShuffleBatches
-
-log = logging.getLogger(__name__)
-
-KINDS = ("pretrain", "finetune", "eval")
-BACKENDS = ("auto", "dali", "torch")
-
-
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 def make_sampler(kind: str, records: Sequence[Record], batch_size: int, rank: int, world: int, seed: int,
@@ -53,52 +41,14 @@ def make_sampler(kind: str, records: Sequence[Record], batch_size: int, rank: in
     return PKBatches([r.pid for r in records], p, k, rank, world, seed)
 
 
-class BaseLoader:
-    """Epoch bookkeeping shared by the backends."""
-
-    def __init__(self, kind: str, records: Sequence[Record], sampler, aug, *, seed: int, on_bad_image: str,
-                 rank: int, world: int):
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if not records:
-            raise ValueError(f"{kind} loader: no records (the split is empty)")
-        self.kind, self.records, self.sampler, self.aug = kind, list(records), sampler, aug
-        self.seed, self.on_bad_image = seed, check_policy(on_bad_image)
-        self.rank, self.world = rank, world
-        self.epoch = 0
-        self.summary: dict = {}
-
-    def __len__(self) -> int:
-        return len(self.sampler.batches(self.epoch))
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _finish_epoch(self, samples: int, batches: int, skipped: List[str]) -> None:
-        self.summary = {"epoch": self.epoch, "samples": samples, "batches": batches,
-                        "skipped": len(skipped), "skipped_paths": list(skipped),
-                        "not_drawn": self.sampler.dropped(), "backend": self.backend}
-        msg = (f"{self.kind} epoch {self.epoch} (rank {self.rank}/{self.world}, {self.backend}): {samples} samples "
-               f"in {batches} batches, {len(skipped)} bad images skipped")
-        if skipped:
-            msg += f" (e.g. {skipped[:3]})"
-        if self.summary["not_drawn"]:
-            msg += f", {self.summary['not_drawn']} images not drawn by the sampler this epoch"
-        log.info(msg)
-        self.epoch += 1
-
-
 def build_loader(kind: str, records: Sequence[Record], *, batch_size: int, backend: str = "auto",
                  device: Optional[str] = None, aug: Optional[dict] = None, seed: int = 0, rank: int = 0,
                  world: int = 1, workers: int = 2, on_bad_image: str = "error", p: Optional[int] = None,
                  k: int = 4, prefetch: int = 2):
     """Build a loader (see the module docstring). ``device``: 'cpu' or 'cuda' (default: cuda when
     available). ``aug``: a dict of augmentation options (:mod:`upreid.data.augment`). ``workers``:
-    DALI threads or DataLoader worker processes."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "dali" if dali_available() else "torch"
+    DALI threads (at least one is used) or DataLoader worker processes (0 = in this process)."""
+    backend = resolve_backend(backend)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     augment = from_config(kind, aug)
     sampler = make_sampler(kind, records, batch_size, rank, world, seed, p, k)
@@ -106,8 +56,39 @@ def build_loader(kind: str, records: Sequence[Record], *, batch_size: int, backe
         from .dali_pipeline import DaliLoader
 
         return DaliLoader(kind, records, sampler, augment, batch_size=batch_size, device=device, seed=seed,
-                          on_bad_image=on_bad_image, rank=rank, world=world, threads=workers, prefetch=prefetch)
+                          on_bad_image=on_bad_image, rank=rank, world=world, threads=max(1, workers),
+                          prefetch=prefetch)
     from .torch_pipeline import TorchLoader
 
     return TorchLoader(kind, records, sampler, augment, device=device, seed=seed, on_bad_image=on_bad_image,
                        rank=rank, world=world, workers=workers, prefetch=prefetch)
+
+
+# The config keys of each kind's augmentation (the ``data`` section of a task config).
+_AUG_KEYS = {
+    "pretrain": ("height", "width", "grayscale_p", "blur_p", "blur_sigma", "flip_p", "erasing_p", "erasing_area",
+                 "mean", "std"),
+    "finetune": ("height", "width", "flip_p", "pad", "erasing_p", "erasing_area", "mean", "std"),
+    "eval": ("height", "width", "flip_test", "mean", "std"),
+}
+
+
+def aug_from_config(kind: str, d: Mapping) -> dict:
+    """The augmentation options of ``kind`` from a config's ``data`` section."""
+    aug = {key: d[key] for key in _AUG_KEYS[kind]}
+    if kind == "pretrain":
+        aug["crop_scale"] = (d["crop_scale_min"], 1.0)
+    return aug
+
+
+def loader_from_config(kind: str, records: Sequence[Record], d: Mapping, *, device, seed: int = 0, rank: int = 0,
+                       world: int = 1):
+    """The loader of ``kind`` for a config's ``data`` section (``backend``, ``workers``,
+    ``on_bad_image``, the batch size of the kind and its augmentation keys)."""
+    kw = dict(backend=d["backend"], device=str(device), aug=aug_from_config(kind, d), seed=seed, rank=rank,
+              world=world, workers=d["workers"], on_bad_image=d["on_bad_image"])
+    if kind == "pretrain":
+        return build_loader(kind, records, batch_size=d["batch_size"], **kw)
+    if kind == "finetune":
+        return build_loader(kind, records, batch_size=d["p"] * d["k"], p=d["p"], k=d["k"], **kw)
+    return build_loader(kind, records, batch_size=d["eval_batch_size"], **kw)

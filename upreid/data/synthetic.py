@@ -340,6 +340,13 @@ class SynthConfig:
             raise ValueError(f"synth: need 2 <= min_images <= max_images, got {self.min_images}, {self.max_images}")
         if self.height < 32 or self.width < 16:
             raise ValueError(f"synth: image size must be at least 32x16, got {self.height}x{self.width}")
+        for name in ("unlabeled", "distractors", "junk"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"synth: --{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.occlusion_p <= 1.0:
+            raise ValueError(f"synth: --occlusion must be a probability in [0, 1], got {self.occlusion_p}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"synth: --quality must be a JPEG quality in 1..100, got {self.quality}")
 
 
 def plan(cfg: SynthConfig) -> List[Tuple[str, str, Optional[int], int, Tuple[int, ...]]]:

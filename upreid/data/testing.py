@@ -43,3 +43,48 @@ def truncated_copy(src: str, dst: str, keep: float = 0.5) -> str:
     with open(dst, "wb") as f:
         f.write(data[: int(len(data) * keep)])
     return dst
+
+
+def malformed_files(root: str, jpeg: str, png_size=(16, 8)) -> dict:
+    """Files with a valid signature that do not decode; returns {kind: path}. ``jpeg``: a good JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    data = open(jpeg, "rb").read()
+    out = {}
+    png = os.path.join(root, "good.png")
+    Image.fromarray(np.zeros((*png_size, 3), np.uint8)).save(png)
+    raw = open(png, "rb").read()
+    sos = data.index(b"\xff\xda")
+    sof = next(i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC1, 0xC2))
+    cases = {
+        "truncated_png": raw[: len(raw) - 20],
+        "header_only_jpeg": data[:sos] + b"\xff\xd9",
+        "zero_size_sof": data[:sof + 5] + b"\x00\x00\x00\x00" + data[sof + 9:],
+        "riff_not_webp": b"RIFF\x10\x00\x00\x00WAVEfmt " + b"\x00" * 16,
+        "bm_text": b"BM is how this text file begins, and it is not a bitmap\n",
+    }
+    for kind, payload in cases.items():
+        out[kind] = os.path.join(root, kind + (".png" if "png" in kind else ".bmp" if "bm" in kind else ".jpg"))
+        with open(out[kind], "wb") as f:
+            f.write(payload)
+    os.remove(png)
+    return out
+
+
+def odd_but_valid_files(root: str, jpeg: str) -> dict:
+    """Valid images that decoders treat differently unless care is taken: a JPEG with bytes after its
+    end marker, a JPEG with EXIF orientation 6 (rotate 90 degrees), a 16-bit grey PNG (mid grey)."""
+    import numpy as np
+    from PIL import Image
+
+    out = {"trailing_bytes": os.path.join(root, "trailing.jpg"), "exif_rotated": os.path.join(root, "exif6.jpg"),
+           "png16": os.path.join(root, "grey16.png")}
+    with open(out["trailing_bytes"], "wb") as f:
+        f.write(open(jpeg, "rb").read() + b"\x00trailing data of a phone camera" * 8)
+    with Image.open(jpeg) as im:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        im.convert("RGB").save(out["exif_rotated"], exif=exif.tobytes(), quality=95)
+    Image.fromarray(np.full((32, 16), 0x8000, np.uint16)).save(out["png16"])
+    return out

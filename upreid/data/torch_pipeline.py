@@ -5,15 +5,14 @@ on the number of workers and a resumed run reproduces its batches.
 """
 from __future__ import annotations
 
-import sys
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from .base import BaseLoader, dali_pipelines_built
 from .imageio import BadImageError, decode_pil
-from .loader import BaseLoader
 from .transforms import SAMPLE_FNS
 
 
@@ -89,8 +88,7 @@ class TorchLoader(BaseLoader):
         if self._dl is None:
             # workers forked after a DALI pipeline has run in this process crash (DALI's thread pools
             # do not survive fork): spawn them then (slower start; needs the __main__ guard)
-            dali = sys.modules.get("upreid.data.dali_pipeline")
-            ctx = "spawn" if self.workers and getattr(dali, "PIPELINES_BUILT", 0) else None
+            ctx = "spawn" if self.workers and dali_pipelines_built() else None
             self._dl = DataLoader(self.dataset, batch_sampler=_EpochBatches(self), collate_fn=_collate,
                                   num_workers=self.workers, multiprocessing_context=ctx,
                                   worker_init_fn=_worker_init if self.workers else None,

@@ -1,57 +1,137 @@
-"""Checkpoints: atomic writes, ``weights_only`` loads, clear errors, RNG state capture.
+"""Checkpoints: atomic writes, an integrity check verified on load, ``weights_only`` loads, clear
+errors, RNG state capture.
 
-A pre-training checkpoint is a plain dict of tensors and Python primitives (so that
-``torch.load(weights_only=True)`` reads it): ``format``, ``version``, ``step``, ``config``,
-``model`` (query and momentum encoders, queue and pointer), ``optimizer``, ``scheduler``, ``scaler``,
-``rng`` (one entry per rank) and ``world_size``.
+A checkpoint is a plain dict of tensors and Python primitives (so that ``torch.load(weights_only=True)``
+reads it) with ``format`` and ``version``; the trainer's hold ``step``, ``epoch``, ``batch``,
+``config``, ``world_size``, ``threads``, ``model``, ``optimizer``, ``scaler``, ``rng`` (one entry per
+rank) and the task's own entries. Every file written here carries ``integrity``: the SHA-256 of its
+contents (tensor bytes, dtypes, shapes and every other value), recomputed and compared on load, so
+flipped bytes inside tensor data are an error rather than a silently different weight. A training
+checkpoint keeps its predecessor as ``<name>.prev``: the last good state survives a corrupt write.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import pickle
 import random
+import shutil
 import zipfile
 
 import numpy as np
 import torch
 
+log = logging.getLogger("upreid.checkpoint")
+
 FORMAT = "upreid-pretrain"
 BACKBONE_FORMAT = "upreid-backbone"
-VERSION = 1
-# Model keys whose change makes a checkpoint a different model (the rest may change on resume).
-STRUCTURAL = ("depth", "last_stride", "ibn", "dim", "hidden_dim", "patch_dim", "queue_size")
+VERSION = 2          # 2: the integrity entry; version 1 files (without it) still load
+INTEGRITY = "integrity"
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def save_atomic(obj: dict, path: str) -> None:
-    """Write to ``path.tmp`` in the same folder, fsync, then ``os.replace``: a reader (or a crash)
-    sees the old file or the new one, never half of one."""
+# ------------------------------------------------------------------------------------------ digest
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k in sorted(obj, key=repr):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())   # lists and tuples alike: a save/load may turn one into the other
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"V{type(obj).__name__}:{obj!r}".encode())
+
+
+def digest(obj: dict) -> str:
+    """SHA-256 of everything in ``obj`` but its ``integrity`` entry."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in obj.items() if k != INTEGRITY})
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------- save / load
+def previous_path(path: str) -> str:
+    return f"{path}.prev"
+
+
+def save_atomic(obj: dict, path: str, keep_previous: bool = False) -> None:
+    """Write ``obj`` (with its integrity entry) to ``path.tmp`` in the same folder, fsync, then
+    ``os.replace``: a reader (or a crash) sees the old file or the new one, never half of one. With
+    ``keep_previous`` the file being replaced stays as ``path.prev`` (a hard link where possible)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    obj = {**obj, INTEGRITY: {"algorithm": "sha256", "digest": digest(obj)}}
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and os.path.isfile(path):
+            prev, prev_tmp = previous_path(path), f"{previous_path(path)}.tmp"
+            if os.path.exists(prev_tmp):
+                os.remove(prev_tmp)
+            try:
+                os.link(path, prev_tmp)
+            except OSError:           # no hard links on this file system
+                shutil.copyfile(path, prev_tmp)
+            os.replace(prev_tmp, prev)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def load(path: str, expect: str | None = FORMAT) -> dict:
-    """``torch.load(weights_only=True)`` with errors that name the file and say what is wrong."""
+def _read(path: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path!r} cannot be read (corrupt, truncated or not a "
                               f"PyTorch file): {first}") from None
+
+
+def verify(obj, path: str) -> None:
+    """Raise :class:`CheckpointError` when ``obj`` carries an integrity entry its contents do not match."""
+    if not isinstance(obj, dict) or INTEGRITY not in obj:
+        return
+    want = obj[INTEGRITY].get("digest") if isinstance(obj[INTEGRITY], dict) else None
+    if want != digest(obj):
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: its contents do not match the SHA-256 "
+                              f"recorded when it was written{_previous_hint(path)}")
+
+
+def _previous_hint(path: str) -> str:
+    prev = previous_path(path)
+    if not os.path.isfile(prev):
+        return ""
+    try:
+        obj = _read(prev)
+        verify(obj, prev)
+    except CheckpointError:
+        return f"; the previous checkpoint {prev!r} is damaged too"
+    return (f"; the previous checkpoint {prev!r} (step {obj.get('step')}) is intact: continue from it "
+            f"with --resume-from {prev}")
+
+
+def load(path: str, expect: str | None = FORMAT) -> dict:
+    """``torch.load(weights_only=True)``, the integrity check, and the format check, with errors that
+    name the file and say what is wrong."""
+    obj = _read(path)
+    verify(obj, path)
     if expect is not None:
         fmt = obj.get("format") if isinstance(obj, dict) else None
         if fmt != expect:
@@ -60,20 +140,9 @@ def load(path: str, expect: str | None = FORMAT) -> dict:
         if obj.get("version", 0) > VERSION:
             raise CheckpointError(f"checkpoint {path!r} has version {obj['version']}, newer than this "
                                   f"upreid understands ({VERSION}); upgrade upreid")
+        if INTEGRITY not in obj:
+            log.warning("checkpoint %s has no integrity entry (written by an older upreid): not verified", path)
     return obj
-
-
-def check_compatible(ckpt: dict, model_cfg: dict, path: str) -> list[str]:
-    """Raise when the checkpoint holds another model; return the non-structural keys that differ."""
-    saved = ckpt.get("config", {}).get("model", {})
-    structural = [f"model.{k}: checkpoint {saved.get(k)!r}, config {model_cfg.get(k)!r}"
-                  for k in STRUCTURAL if saved.get(k) != model_cfg.get(k)]
-    if (saved.get("ic") == "off") != (model_cfg.get("ic") == "off"):
-        structural.append(f"model.ic: checkpoint {saved.get('ic')!r}, config {model_cfg.get('ic')!r} "
-                          "(the patch head exists only when ic is on)")
-    if structural:
-        raise CheckpointError(f"checkpoint {path!r} is from another model: " + "; ".join(structural))
-    return [k for k in model_cfg if k not in STRUCTURAL and saved.get(k) != model_cfg.get(k)]
 
 
 # ------------------------------------------------------------------------------------- RNG states
@@ -98,6 +167,12 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _tuplify(x):

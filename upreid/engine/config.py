@@ -1,76 +1,108 @@
-"""Pre-training configuration: nested YAML, a base file, ``key=value`` overrides.
+"""One config system for both tasks: YAML files with ``_base_`` inheritance, ``key=value`` overrides,
+every setting type- and range-checked at load, and a frozen result.
 
-A config file may name a parent with ``_base_: base.yaml`` (relative to the file); sections merge key
-by key. ``DEFAULTS`` below is the schema: every key a file or an override sets must exist here (an
-unknown key is an error that suggests the closest known one), and its value must have the default's
-type (ints are accepted for floats; a default of ``None`` accepts numbers and strings).
+The defaults of a task live in one place, its ``configs/<task>/base.yaml``; :mod:`upreid.engine.schema`
+says what each key accepts. Loading reads the defaults, then the file (and its ``_base_`` chain), then
+the overrides, and checks every value as it arrives: an unknown key is an error that suggests the
+closest known one, a bad value an error naming the key, the value, where it came from and what is
+allowed. Checks between keys (a stripe count that must fit the feature map, ...) run once all values
+are in. The result is a :class:`Config`: read-only, ``cfg["train"]["steps"]`` or ``cfg.train.steps``.
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
 
-DEFAULTS: dict = {
-    "model": {
-        "depth": 50, "last_stride": 2, "ibn": False,
-        "dim": 128, "hidden_dim": 2048, "patch_dim": 128,
-        "queue_size": 65536, "momentum": 0.999, "temperature": 0.1, "symmetric": False,
-        "gc": "bank_kl", "gc_tau_student": None, "gc_tau_teacher": None, "lambda_gc": 1.0,
-        "ic": "aligned", "ic_negatives": "image", "ic_temperature": None, "lambda_ic": 1.0,
-        "stripes": 4, "roi_samples": 2, "loss_impl": "fused", "shuffle_bn": True,
-    },
-    "data": {
-        "root": None, "backend": "auto", "height": 256, "width": 128, "batch_size": 64, "workers": 4,
-        "crop_scale_min": 0.2, "grayscale_p": 0.2, "blur_p": 0.5, "flip_p": 0.5, "erasing_p": 0.5,
-        "erasing_area": [0.02, 0.6], "blur_sigma": [0.1, 2.0],
-        "mean": [0.3525, 0.3106, 0.3140], "std": [0.2660, 0.2522, 0.2505],
-    },
-    "optim": {
-        "lr": 0.3, "momentum": 0.9, "weight_decay": 1.0e-4, "warmup_steps": 0, "warmup_epochs": 0.0,
-        "min_lr": 0.0, "grad_clip": None,
-    },
-    "train": {
-        "epochs": 200, "steps": None, "seed": 0, "device": "auto", "amp": "auto",
-        "channels_last": "auto", "compile": False, "output": "runs/upreid_pretrain",
-        "checkpoint_every": 1000, "log_every": 20, "progress": True, "deterministic": False,
-    },
-}
+from upreid.engine.schema import SPECS, ConfigError, check_relations
 
-CHOICES = {
-    "model.depth": (18, 34, 50, 101), "model.last_stride": (1, 2), "model.gc": ("bank_kl", "cosine", "off"),
-    "model.ic": ("aligned", "unaligned", "off"), "model.ic_negatives": ("image", "batch"),
-    "model.loss_impl": ("fused", "reference"), "data.backend": ("auto", "dali", "torch", "simple"),
-    "train.amp": ("auto", "bf16", "fp16", "off"), "train.channels_last": ("auto", True, False),
-}
+TASKS = ("pretrain", "finetune")
+CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "configs")
 
 
-class ConfigError(ValueError):
-    pass
+# ------------------------------------------------------------------------------------- frozen object
+def _freeze(v):
+    if isinstance(v, Mapping):
+        return Config(v)
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def _thaw(v):
+    if isinstance(v, Config):
+        return {k: _thaw(x) for k, x in v.items()}
+    if isinstance(v, tuple):
+        return [_thaw(x) for x in v]
+    return v
+
+
+class Config(Mapping):
+    """A read-only nested mapping (lists become tuples); ``to_dict()`` gives plain dicts and lists."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping):
+        object.__setattr__(self, "_data", {k: _freeze(v) for k, v in data.items()})
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __getattr__(self, key):
+        try:
+            return self._data[key]
+        except KeyError:
+            raise AttributeError(f"config has no key {key!r} (keys: {', '.join(self._data)})") from None
+
+    def __setattr__(self, key, value):
+        raise TypeError(f"a config is frozen: cannot set {key!r}; load it with an override instead")
+
+    __setitem__ = __setattr__
+
+    def __iter__(self) -> Iterator:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mapping) and _thaw(self) == _thaw(Config(other))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Config({self.to_dict()!r})"
+
+    def to_dict(self) -> dict:
+        return _thaw(self)
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and tuples are leaves)."""
     out = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
-            out[key] = v
+            out[f"{prefix}{k}"] = v
     return out
 
 
-def _set(cfg: dict, key: str, value: Any) -> None:
-    *path, leaf = key.split(".")
-    node = cfg
-    for p in path:
-        node = node[p]
-    node[leaf] = value
+def _nest(flat: Mapping) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        *path, leaf = key.split(".")
+        node = out
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
 
 
+# -------------------------------------------------------------------------------------------- files
 def _read(path: str, seen: tuple = ()) -> list[tuple[str, Any, str]]:
     """Flattened (key, value, origin) of a file and its bases, bases first."""
     path = os.path.abspath(path)
@@ -78,22 +110,28 @@ def _read(path: str, seen: tuple = ()) -> list[tuple[str, Any, str]]:
         raise ConfigError(f"config: _base_ cycle through {path}")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    with open(path) as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                          "save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path!r} cannot be read: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(data).__name__}")
     items: list = []
     base = data.pop("_base_", None)
     if base:
-        items += _read(os.path.join(os.path.dirname(path), base), seen + (path,))
+        items += _read(os.path.join(os.path.dirname(path), str(base)), seen + (path,))
+    origin = os.path.basename(path)
     for section, body in data.items():
-        if not isinstance(body, dict):  # a leaf at the top level: _check reports it as unknown
-            items.append((str(section), body, os.path.basename(path)))
-            continue
-        items += [(k, v, os.path.basename(path)) for k, v in _flat(body, f"{section}.").items()]
+        if isinstance(body, dict):
+            items += [(k, v, origin) for k, v in flatten(body, f"{section}.").items()]
+        else:  # a top-level leaf (fine-tuning's `init`), or a misplaced key: the schema decides
+            items.append((str(section), body, origin))
     return items
 
 
@@ -108,61 +146,48 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-class Schema:
-    def __init__(self, defaults: dict, choices: dict | None = None):
-        self.defaults = defaults
-        self.choices = dict(choices or {})
-        self.known = _flat(defaults)
-
-    def suggest(self, key: str) -> str:
-        leaf = key.rsplit(".", 1)[-1]
-        same_leaf = [k for k in self.known if k.rsplit(".", 1)[-1] == leaf]
-        close = same_leaf[:1] or difflib.get_close_matches(key, list(self.known), n=1, cutoff=0.5)
-        return f"; did you mean '{close[0]}'?" if close else ""
-
-    def check(self, key: str, value: Any, origin: str) -> Any:
-        if key not in self.known:
-            raise ConfigError(f"unknown config key '{key}' (from {origin}){self.suggest(key)}")
-        default = self.known[key]
-        if isinstance(default, str) and isinstance(value, bool) and "off" in self.choices.get(key, ()):
-            value = "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
-        if key in self.choices and value not in self.choices[key]:
-            raise ConfigError(f"{key}={value!r} (from {origin}): must be one of {list(self.choices[key])}")
-        ok = (value is None or default is None or
-              (isinstance(default, bool) and isinstance(value, bool)) or
-              (isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool)) or
-              (isinstance(default, int) and not isinstance(default, bool) and isinstance(value, int)
-               and not isinstance(value, bool)) or
-              (isinstance(default, str) and isinstance(value, (str, bool))) or
-              (isinstance(default, list) and isinstance(value, list)))
-        if not ok:
-            raise ConfigError(f"{key}={value!r} (from {origin}): expected a {type(default).__name__} "
-                              f"like the default {default!r}")
-        if isinstance(default, float) and isinstance(value, int):
-            value = float(value)
-        return value
-
-    def load(self, path: str | None = None, overrides: Iterable[str] = ()) -> dict:
-        """Defaults <- file (and its ``_base_`` chain) <- ``key=value`` overrides; validated."""
-        cfg = copy.deepcopy(self.defaults)
-        items = _read(path) if path else []
-        items += [(*parse_override(o), "the command line") for o in overrides]
-        for key, value, origin in items:
-            _set(cfg, key, self.check(key, value, origin))
-        return cfg
+def base_file(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    path = os.path.join(CONFIG_ROOT, task, "base.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"the defaults of {task} ({path!r}) are missing: upreid must be used from a "
+                          "checkout (or an editable install) that has the configs/ folder")
+    return path
 
 
-# Pre-training's schema; fine-tuning builds its own Schema over its defaults and choices.
-PRETRAIN = Schema(DEFAULTS, CHOICES)
+# ------------------------------------------------------------------------------------------ loading
+def suggest(key: str, known: Iterable[str]) -> str:
+    known = list(known)
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    close = same_leaf[:1] or difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> dict:
-    """Pre-training config: defaults <- file (and its ``_base_`` chain) <- ``key=value`` overrides."""
-    return PRETRAIN.load(path, overrides)
+def load_config(task: str, path: str | None = None, overrides: Iterable[str] = ()) -> Config:
+    """``task``'s config: its base.yaml <- ``path`` (and its ``_base_`` chain) <- ``key=value``
+    overrides, every value checked (:mod:`upreid.engine.schema`); a frozen :class:`Config`."""
+    spec = SPECS[task]
+    items = _read(base_file(task))
+    if path:
+        items += _read(path)
+    items += [(*parse_override(o), "the command line") for o in overrides]
+    values, origins = {}, {}
+    for key, value, origin in items:
+        if key not in spec:
+            raise ConfigError(f"unknown {task} config key '{key}' (from {origin}){suggest(key, spec)}")
+        values[key] = spec[key].check(key, value, origin)
+        origins[key] = origin
+    missing = [k for k in spec if k not in values]
+    if missing:   # base.yaml lacks a key of the schema: a defect of the package, said plainly
+        raise ConfigError(f"{base_file(task)} lacks the keys {missing}")
+    check_relations(task, values, origins)
+    return Config(_nest(values))
 
 
-def dump_config(cfg: dict, path: str) -> None:
+def dump_config(cfg: Mapping, path: str) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict() if isinstance(cfg, Config) else dict(cfg), f, sort_keys=False)
     os.replace(tmp, path)

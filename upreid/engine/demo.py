@@ -66,7 +66,7 @@ def finetune_overrides(s: DemoScale, root: str, out: str, init: str | None, seed
          f"model.depth={s.pretrain_depth}", f"data.height={h}", f"data.width={w}", f"data.p={s.finetune_p}",
          f"data.k={s.finetune_k}", f"train.epochs={s.finetune_epochs}", f"train.seed={seed}",
          f"train.device={s.device}", f"optim.warmup_epochs={max(1, s.finetune_epochs // 8)}",
-         f"optim.milestones=[{int(s.finetune_epochs * 0.75)}]", "eval.every=0",
+         f"optim.milestones=[{max(1, int(s.finetune_epochs * 0.75))}]", "eval.every=0",
          f"train.checkpoint_every={s.finetune_epochs}", "eval.ranklist_queries=8"]
     if s.device == "cpu":
         o += ["data.workers=0", "data.pad=4", "train.log_every=5"]
@@ -92,7 +92,6 @@ def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite
     from upreid.data.synthetic import SynthConfig, generate
     from upreid.engine.config import load_config
     from upreid.engine.finetune import finetune
-    from upreid.engine.finetune_config import load_finetune_config
     from upreid.engine.pretrain import export_backbone, pretrain
 
     if scale is None:
@@ -118,7 +117,7 @@ def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite
     log.info("[2/5] pre-training UP-ReID (%d steps, ResNet-%d at %dx%d, %s)", scale.pretrain_steps,
              scale.pretrain_depth if scale.device == "cpu" else 50, scale.pretrain_height, scale.pretrain_width,
              scale.device)
-    pcfg = load_config(None, pretrain_overrides(scale, os.path.join(data, "unlabeled"),
+    pcfg = load_config("pretrain", None, pretrain_overrides(scale, os.path.join(data, "unlabeled"),
                                                 os.path.join(out, "pretrain")) + prog)
     pre = pretrain(pcfg, overwrite=True)
     times["pretrain"] = time.perf_counter() - t
@@ -131,7 +130,7 @@ def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite
     for i, (name, init) in enumerate((("UP-ReID", backbone), ("random", None))):
         t = time.perf_counter()
         log.info("[%d/5] fine-tuning (BoT) from %s init", 4 + i, name)
-        fcfg = load_finetune_config(None, finetune_overrides(scale, data, os.path.join(
+        fcfg = load_config("finetune", None, finetune_overrides(scale, data, os.path.join(
             out, "finetune_" + ("upreid" if init else "random")), init) + prog)
         summary = finetune(fcfg, overwrite=True)
         results[name] = summary["results"]

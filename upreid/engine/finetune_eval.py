@@ -1,39 +1,50 @@
 """Evaluation inside fine-tuning: feature extraction through the data layer's eval pipeline, metrics
-through :func:`upreid.evaluation.evaluate` (with and without re-ranking) and the rank-list picture."""
+through :func:`upreid.evaluation.evaluate` (with and without re-ranking), the rank-list picture, and
+:class:`EvalHook`, which runs them from the trainer and writes ``results.json``."""
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 
 import torch
 
 from upreid.engine.ranklist import draw_ranklist, rank_lists
+from upreid.engine.task import Hook
 from upreid.evaluation import evaluate, pairwise_distance
-from upreid.evaluation.extract import extract_features
 from upreid.evaluation.plots import write_plots
+from upreid.utils import distributed as dist
 
 log = logging.getLogger("upreid.finetune")
 
 
-def loader_workers(d: dict) -> int:
-    """DALI needs at least one thread; the torch fallback may run in-process (0 workers)."""
-    from upreid.data.loader import dali_available
-    dali = d["backend"] == "dali" or (d["backend"] == "auto" and dali_available())
-    return max(1, d["workers"]) if dali else d["workers"]
-
-
-def eval_aug(cfg: dict) -> dict:
-    d = cfg["data"]
-    return {"height": d["height"], "width": d["width"], "flip": d["flip_test"], "mean": d["mean"],
-            "std": d["std"]}
-
-
+@torch.no_grad()
 def extract(model, records, cfg: dict, device: torch.device, amp: str, desc: str = "features") -> tuple:
     """Features ``[N, D]`` (fp32, CPU) of ``records`` in order, with their pids and camids."""
-    d = cfg["data"]
-    return extract_features(model, records, **eval_aug(cfg), batch_size=d["eval_batch_size"], backend=d["backend"],
-                            device=device, amp=amp, workers=loader_workers(d), progress=cfg["train"]["progress"],
-                            desc=desc)
+    from tqdm.auto import tqdm
+
+    from upreid.data.loader import loader_from_config
+    loader = loader_from_config("eval", records, cfg["data"], device=device.type)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "off" else contextlib.nullcontext())
+    was_training = model.training
+    model.eval()
+    feats, pids, camids, index = [], [], [], []
+    try:
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not cfg["train"]["progress"]):
+            with autocast:
+                f = model(batch["images"].to(device)).float()
+                if "images_flipped" in batch:
+                    f = (f + model(batch["images_flipped"].to(device)).float()) / 2
+            feats.append(f.cpu())
+            pids.append(batch["pids"].cpu())
+            camids.append(batch["camids"].cpu())
+            index.append(batch["index"].cpu())
+    finally:
+        model.train(was_training)
+    order = torch.argsort(torch.cat(index))
+    return torch.cat(feats)[order], torch.cat(pids)[order], torch.cat(camids)[order]
 
 
 def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, rerank: bool,
@@ -70,6 +81,42 @@ def summarise(result: dict) -> dict:
             if k in ("mAP", "mINP", "Rank-1", "Rank-5", "Rank-10")}
 
 
-def ensure_dir(path: str) -> str:
-    os.makedirs(path, exist_ok=True)
-    return path
+class EvalHook(Hook):
+    """Evaluation every ``eval.every`` epochs (into the task's history and the metrics log) and at the
+    end (with re-ranking when ``eval.rerank``, the rank lists, ``results.json``); on rank 0 only."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def before_train(self, trainer) -> None:
+        if trainer.is_main and self.task.init:
+            self.task.write_init_report(trainer.out_dir)
+
+    def _evaluate(self, trainer, final: bool):
+        res = None
+        cfg = self.task.cfg
+        if trainer.is_main:
+            res = run_evaluation(trainer.model, self.task.dataset, cfg, trainer.device, trainer.amp,
+                                 rerank=final and cfg["eval"]["rerank"],
+                                 ranklist_path=os.path.join(trainer.out_dir, "ranklist.png") if final else None)
+            trainer.writer.write(trainer.step, {f"eval/{k}": v for k, v in summarise(res).items()})
+        dist.barrier()
+        return res
+
+    def after_epoch(self, trainer, epoch: int) -> None:
+        every = self.task.cfg["eval"]["every"]
+        if every and epoch % every == 0 and epoch < self.task.epochs:
+            res = self._evaluate(trainer, final=False)
+            if res is not None:
+                self.task.history.append({"epoch": epoch, **summarise(res)})
+
+    def after_train(self, trainer) -> None:
+        results = self._evaluate(trainer, final=True)
+        self.task.results = results
+        if trainer.is_main:
+            payload = {"final": results, "history": self.task.history, "init": self.task.init,
+                       "epochs": self.task.epochs, "steps": trainer.step, "config": self.task.cfg.to_dict()}
+            tmp = os.path.join(trainer.out_dir, "results.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(payload, f, indent=2)
+            os.replace(tmp, os.path.join(trainer.out_dir, "results.json"))

@@ -1,4 +1,8 @@
-"""Metrics sinks of the engine: JSONL always, TensorBoard when the ``tensorboard`` package is importable."""
+"""Metrics sinks of the trainer: JSONL always, TensorBoard when the ``tensorboard`` package is importable.
+
+``metrics.jsonl`` holds one run: a new run starts it afresh, a resumed one keeps the lines up to the
+checkpoint's step and continues from there (the steps after it are run again and logged once).
+"""
 from __future__ import annotations
 
 import json
@@ -8,17 +12,39 @@ import os
 log = logging.getLogger(__name__)
 
 
+def _kept_lines(path: str, keep_until: int) -> list:
+    if keep_until <= 0 or not os.path.isfile(path):
+        return []
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if int(json.loads(line)["step"]) <= keep_until:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue          # a line cut by a kill: dropped
+    return kept
+
+
 class MetricsWriter:
-    def __init__(self, folder: str, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, folder: str, enabled: bool = True, tensorboard: bool = True, keep_until: int = 0):
         self.enabled = enabled
         self.path = os.path.join(folder, "metrics.jsonl")
-        self._file = open(self.path, "a") if enabled else None
+        self._file = None
         self._tb = None
-        if enabled and tensorboard:
+        if not enabled:
+            return
+        kept = _kept_lines(self.path, keep_until)
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
             try:
                 import tensorboard  # noqa: F401
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(folder, "tensorboard"))
+                self._tb = SummaryWriter(os.path.join(folder, "tensorboard"), purge_step=keep_until + 1)
             except ImportError:
                 log.debug("tensorboard is not installed; metrics go to %s only", self.path)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upreid.losses import BankKL, MoCoLoss, PatchInfoNCE
-from upreid.models.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, world_size
+from upreid.utils.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, world_size
 from upreid.models.heads import MLPHead, roi_pool, stripe_boxes, view_stripes_on_original
 from upreid.models.resnet import ResNet
 

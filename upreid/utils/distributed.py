@@ -1,5 +1,8 @@
-"""Collectives the UP-ReID module needs under DistributedDataParallel (no-ops in one process)."""
+"""The distributed helpers of the package, in one place: joining the process group under
+``torchrun``, and the collectives the model and the trainer need (no-ops in one process)."""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -45,3 +48,41 @@ def batch_unshuffle(x: Tensor, unshuffle: Tensor) -> Tensor:
     gathered = concat_all_gather(x)                                    # [W*B, ...]
     idx = unshuffle.view(world_size(), local)[rank()]
     return gathered[idx]
+
+
+# ------------------------------------------------------------------------------------- the trainer's
+def setup(device: torch.device) -> tuple[int, int]:
+    """(rank, world) from torchrun's environment; joins the process group when WORLD_SIZE > 1 (NCCL
+    on GPUs, gloo on CPU). ``device`` is this process's device (``cuda:LOCAL_RANK`` or cpu)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank_ = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank_, world
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on one of them."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (picklable objects)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,159 @@
+"""The config system: one base.yaml of defaults per task, inheritance and overrides, a frozen result,
+and every bad setting refused at load with the key, the value, its origin and what is allowed."""
+import os
+
+import pytest
+import yaml
+
+from conftest import CONFIGS, FINETUNE_TINY, PRETRAIN_TINY
+from upreid.engine.cli import main as cli_main
+from upreid.engine.config import Config, ConfigError, flatten, load_config
+from upreid.engine.schema import SPECS, layer4_rows
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_base_yaml_holds_every_key_of_the_schema(task):
+    with open(os.path.join(CONFIGS, task, "base.yaml")) as f:
+        base = flatten(yaml.safe_load(f))
+    assert sorted(base) == sorted(SPECS[task])
+    cfg = load_config(task)                 # every default passes its own check
+    assert flatten(cfg.to_dict()) == {k: (list(v) if isinstance(v, tuple) else v) for k, v in base.items()}
+
+
+def test_inheritance_overrides_and_frozen(tmp_path):
+    cfg = load_config("pretrain", os.path.join(CONFIGS, "pretrain", "upreid_r50.yaml"),
+                      ["optim.lr=0.05", "model.gc=cosine"])
+    assert cfg["model"]["depth"] == 50 and cfg.data.batch_size == 256 and cfg.optim.lr == 0.05
+    assert cfg.model.gc == "cosine" and cfg.model.queue_size == 65536      # from base.yaml
+    child = tmp_path / "child.yaml"
+    child.write_text(f"_base_: {os.path.abspath(PRETRAIN_TINY)}\nmodel:\n  stripes: 2\n")
+    cfg = load_config("pretrain", str(child))
+    assert cfg.model.stripes == 2 and cfg.model.depth == 18
+    with pytest.raises(TypeError, match="frozen"):
+        cfg["model"]["depth"] = 50
+    with pytest.raises(TypeError, match="frozen"):
+        cfg.train.steps = 3
+    assert isinstance(cfg.data.mean, tuple) and isinstance(cfg.to_dict()["data"]["mean"], list)
+    assert Config(cfg.to_dict()) == cfg
+    ft = load_config("finetune", os.path.join(CONFIGS, "finetune", "mgn_r50.yaml"), ["init=x.pth"])
+    assert (ft.model.arch, ft.model.pooling, ft.data.height, ft.init, ft.optim.lr) == ("mgn", "gem", 384, "x.pth", 3.5e-4)
+
+
+@pytest.mark.parametrize("override,value", [
+    ("optim.lr=1e-3", 0.001),                # YAML 1.1 reads 1e-3 as a string
+    ("train.steps=1e3", 1000),               # an integral number where an integer is expected
+    ("model.gc=off", "off"),                 # YAML 1.1 reads a bare off as false
+    ("data.root=2024", "2024"),              # a path that YAML reads as a number
+])
+def test_values_read_as_meant(override, value):
+    key = override.split("=")[0]
+    assert flatten(load_config("pretrain", None, [override]).to_dict())[key] == value
+
+
+PRETRAIN_ERRORS = [
+    ("model.detph=18", "unknown pretrain config key 'model.detph' (from the command line); did you mean 'model.depth'"),
+    ("model.lr=0.1", "did you mean 'optim.lr'"),
+    ("model.gc=kl", "model.gc='kl' (from the command line): must be one of ['bank_kl', 'cosine', 'off']"),
+    ("model.stripes=many", "model.stripes='many' (from the command line): must be an integer >= 1"),
+    ("depth", "must look like key=value"),
+    ("train.steps=1.5", "train.steps=1.5 (from the command line): must be null or an integer >= 1"),
+    ("train.device=gpu", "train.device='gpu' (from the command line): must be one of 'auto', 'cpu', 'cuda', 'cuda:N'"),
+    ("data.batch_size=0", "data.batch_size=0 (from the command line): must be an integer >= 1"),
+    ("train.checkpoint_every=0", "train.checkpoint_every=0 (from the command line): must be an integer >= 1"),
+    ("train.log_every=0", "train.log_every=0 (from the command line): must be an integer >= 1"),
+    ("model.temperature=0", "model.temperature=0 (from the command line): must be a number > 0"),
+    ("model.gc_tau_student=0", "model.gc_tau_student=0 (from the command line): must be null or a number > 0"),
+    ("model.ic_temperature=-1", "must be null or a number > 0"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps=-1 (from the command line): must be an integer >= 0"),
+    ("optim.warmup_epochs=-0.5", "optim.warmup_epochs=-0.5 (from the command line): must be a number >= 0"),
+    ("data.mean=[0.5, 0.5]", "data.mean=[0.5, 0.5] (from the command line): must be a list of 3 numbers"),
+    ("data.std=[0.2, 0, 0.2]", "data.std=[0.2, 0, 0.2] (from the command line): must be a list of 3 numbers, each > 0"),
+    ("data.backend=simple", "data.backend='simple' (from the command line): must be one of ['auto', 'dali', 'torch']"),
+    ("data.on_bad_image=ignore", "must be one of ['error', 'skip']"),
+    ("data.erasing_area=[0.5, 0.1]", "must be a list [min, max] with 0 < min <= max <= 1"),
+    ("data.flip_p=1.5", "data.flip_p=1.5 (from the command line): must be a number >= 0 and <= 1"),
+    ("train.progress=maybe", "must be true or false"),
+    ("optim.min_lr=1", "optim.min_lr=1.0 is above optim.lr=0.05"),
+    ("model.stripes=5", "model.stripes=5 does not fit the layer-4 feature map, which has 4 rows at data.height=64 "
+                        "and model.last_stride=1 (model.stripes from the command line, data.height from "
+                        "tiny_cpu.yaml, model.last_stride from tiny_cpu.yaml)"),
+]
+
+
+@pytest.mark.parametrize("override,message", PRETRAIN_ERRORS)
+def test_pretrain_settings_refused_at_load(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("pretrain", PRETRAIN_TINY, [override])
+    assert message in str(e.value)
+
+
+FINETUNE_ERRORS = [
+    ("loss.label_smoothing=1", "loss.label_smoothing=1 (from the command line): must be a number >= 0 and < 1"),
+    ("loss.label_smoothing=-0.1", "must be a number >= 0 and < 1"),
+    ("loss.margn=0.3", "did you mean 'loss.margin'"),
+    ("model.arch=pcb", "model.arch='pcb' (from the command line): must be one of ['bot', 'mgn']"),
+    ("data.p=1", "data.p=1 (from the command line): must be an integer >= 2"),
+    ("data.dataset=market", "data.dataset='market' (from the command line): must be one of ['market1501',"),
+    ("eval.k1=0", "eval.k1=0 (from the command line): must be an integer >= 1"),
+    ("eval.lambda_value=2", "eval.lambda_value=2 (from the command line): must be a number >= 0 and <= 1"),
+    ("eval.ranklist_top=0", "must be an integer >= 1"),
+    ("eval.metric=l1", "must be one of ['cosine', 'euclidean']"),
+    ("eval.every=-1", "must be an integer >= 0"),
+    ("optim.milestones=[90, 40]", "must be a list of increasing integers >= 1"),
+    ("optim.warmup_epochs=-1", "must be a number >= 0"),
+    ("data.eval_batch_size=0", "must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("override,message", FINETUNE_ERRORS)
+def test_finetune_settings_refused_at_load(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("finetune", FINETUNE_TINY, [override])
+    assert message in str(e.value)
+
+
+def test_on_bad_image_is_a_setting_of_both_tasks():
+    assert load_config("pretrain", None, ["data.on_bad_image=skip"]).data.on_bad_image == "skip"
+    assert load_config("finetune", None, ["data.on_bad_image=skip"]).data.on_bad_image == "skip"
+
+
+def test_errors_in_files_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown pretrain config key 'optim.learning_rate' \(from bad.yaml\)"):
+        load_config("pretrain", str(bad))
+    value = tmp_path / "value.yaml"
+    value.write_text("train:\n  log_every: 0\n")
+    with pytest.raises(ConfigError, match=r"train.log_every=0 \(from value.yaml\): must be an integer >= 1"):
+        load_config("finetune", str(value))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("# caf\xe9\ntrain:\n  steps: 2\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"config file '.*latin.yaml' is not UTF-8 text \(byte 5"):
+        load_config("pretrain", str(latin))
+    with pytest.raises(ConfigError, match=r"config file '.*absent.yaml' does not exist"):
+        load_config("pretrain", str(tmp_path / "absent.yaml"))
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("_base_: loop.yaml\n")
+    with pytest.raises(ConfigError, match="_base_ cycle"):
+        load_config("pretrain", str(loop))
+
+
+def test_cli_reports_config_errors_before_any_work(tmp_path, capsys):
+    assert cli_main(["pretrain", "--config", PRETRAIN_TINY, "train.stpes=3", f"train.output={tmp_path}/o"]) == 1
+    assert "did you mean 'train.steps'" in capsys.readouterr().err
+    assert cli_main(["finetune", "--config", FINETUNE_TINY, "eval.k2=0", f"train.output={tmp_path}/f"]) == 1
+    assert "eval.k2=0 (from the command line): must be an integer >= 1" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "f")
+    assert cli_main(["finetune", "--print-config", "train.epochs=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["epochs"] == 3
+
+
+def test_layer4_rows_match_the_model():
+    import torch
+
+    from upreid.models import ResNet
+    assert layer4_rows(256, 2) == 8 and layer4_rows(256, 1) == 16 and layer4_rows(64, 1) == 4
+    for height, stride in ((100, 2), (70, 1), (64, 2)):                # every stage rounds up
+        net = ResNet(18, last_stride=stride).eval()
+        with torch.no_grad():
+            assert net(torch.zeros(1, 3, height, 32)).shape[2] == layer4_rows(height, stride)

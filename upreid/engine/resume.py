@@ -1,0 +1,61 @@
+"""What may change between a checkpoint and the run that resumes it.
+
+Settings that define the model's shape or the run's data stream are refused with the list of what
+changed (resuming would not continue the same run); every other change is applied and listed in a
+warning, so nothing is silently ignored.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+from upreid.engine.checkpoint import CheckpointError
+from upreid.engine.config import flatten
+
+log = logging.getLogger("upreid.trainer")
+
+# Keys whose change makes the checkpoint another model.
+MODEL = {
+    "pretrain": ("model.depth", "model.last_stride", "model.ibn", "model.dim", "model.hidden_dim",
+                 "model.patch_dim", "model.queue_size"),
+    "finetune": ("model.arch", "model.depth", "model.ibn", "model.neck", "model.mgn_dim"),
+}
+# Keys whose change makes the resumed run see other data than the interrupted one would have: every
+# data.* key but these, the seed, and fine-tuning's init.
+DATA_FREE = ("data.workers", "data.on_bad_image", "data.eval_batch_size", "data.flip_test")
+OTHER_DATA = {"pretrain": ("train.seed",), "finetune": ("init", "train.seed")}
+# Keys of no consequence for the state of a run.
+FREE = ("train.output", "train.progress")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _diff(saved: Mapping, now: Mapping, keys) -> list:
+    return [f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}" for k in keys
+            if _norm(saved.get(k)) != _norm(now.get(k))]
+
+
+def check_resume(task: str, state: dict, cfg, path: str) -> list:
+    """Raise :class:`CheckpointError` for a change of model or data; return (and log) the other
+    settings that changed, which the resumed run applies."""
+    saved = flatten(state.get("config", {}))
+    now = flatten(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    model = _diff(saved, now, MODEL[task])
+    if task == "pretrain" and (saved.get("model.ic") == "off") != (now.get("model.ic") == "off"):
+        model.append(f"model.ic: checkpoint {saved.get('model.ic')!r}, config {now.get('model.ic')!r} "
+                     "(the patch head exists only when ic is on)")
+    if model:
+        raise CheckpointError(f"checkpoint {path!r} is from another model: " + "; ".join(model))
+    data_keys = sorted(k for k in set(saved) | set(now) if k.startswith("data.") and k not in DATA_FREE)
+    data = _diff(saved, now, data_keys + list(OTHER_DATA[task]))
+    if data:
+        raise CheckpointError(f"checkpoint {path!r} was written with other data settings: " + "; ".join(data)
+                              + ". Resuming would not continue the same run: restore these settings, or start "
+                              "a new run (--overwrite, or another train.output)")
+    fixed = set(MODEL[task]) | set(data_keys) | set(OTHER_DATA[task]) | set(FREE)
+    applied = [d for d in _diff(saved, now, sorted(set(saved) | set(now))) if d.split(":")[0] not in fixed]
+    if applied:
+        log.warning("resuming with changed settings (applied from here on): %s", "; ".join(applied))
+    return applied

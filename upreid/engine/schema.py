@@ -1,0 +1,257 @@
+"""What every config key of the two tasks accepts (types, ranges, choices) and the checks between keys.
+
+The defaults are not here: they are in ``configs/<task>/base.yaml``, the one source. A value is
+converted where YAML's reading differs from the intent: ``1e-3`` (a string in YAML 1.1) is a number,
+``1e3`` an integer where one is expected, a bare ``off`` (false in YAML 1.1) the choice ``off``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Mapping
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key, the value, where it came from and what is allowed."""
+
+
+class _Reject(Exception):
+    pass
+
+
+class Setting:
+    """One key's rule: ``allowed`` says it in words, ``convert`` returns the value or raises _Reject."""
+
+    def __init__(self, allowed: str, convert: Callable[[Any], Any]):
+        self.allowed, self.convert = allowed, convert
+
+    def check(self, key: str, value: Any, origin: str) -> Any:
+        try:
+            return self.convert(value)
+        except _Reject:
+            raise ConfigError(f"{key}={value!r} (from {origin}): must be {self.allowed}") from None
+
+
+def _num(v) -> float | int:
+    if isinstance(v, bool):
+        raise _Reject
+    if isinstance(v, (int, float)):
+        return v
+    if isinstance(v, str):
+        try:
+            return float(v)          # YAML 1.1 reads 1e-3 (no dot) as a string
+        except ValueError:
+            raise _Reject from None
+    raise _Reject
+
+
+def _bounds(lo, hi, lo_open, hi_open) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    return " and ".join(parts)
+
+
+def _in(x, lo, hi, lo_open, hi_open) -> bool:
+    return ((lo is None or (x > lo if lo_open else x >= lo)) and
+            (hi is None or (x < hi if hi_open else x <= hi)))
+
+
+def integer(lo=None, hi=None) -> Setting:
+    def convert(v):
+        x = _num(v)
+        if isinstance(x, float):
+            if not x.is_integer():
+                raise _Reject
+            x = int(x)
+        if not _in(x, lo, hi, False, False):
+            raise _Reject
+        return x
+    b = _bounds(lo, hi, False, False)
+    return Setting("an integer" + (f" {b}" if b else ""), convert)
+
+
+def real(lo=None, hi=None, lo_open=False, hi_open=False) -> Setting:
+    def convert(v):
+        x = float(_num(v))
+        if not math.isfinite(x) or not _in(x, lo, hi, lo_open, hi_open):
+            raise _Reject
+        return x
+    b = _bounds(lo, hi, lo_open, hi_open)
+    return Setting("a number" + (f" {b}" if b else ""), convert)
+
+
+def prob() -> Setting:
+    return real(0.0, 1.0)
+
+
+def boolean() -> Setting:
+    def convert(v):
+        if not isinstance(v, bool):
+            raise _Reject
+        return v
+    return Setting("true or false", convert)
+
+
+def one_of(*choices) -> Setting:
+    def convert(v):
+        if isinstance(v, bool) and not any(isinstance(c, bool) for c in choices):
+            v = "off" if v is False else "on"          # YAML 1.1: a bare off / on is a bool
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        for c in choices:
+            if type(c) is type(v) and c == v:
+                return c
+        raise _Reject
+    return Setting(f"one of {list(choices)}", convert)
+
+
+def text() -> Setting:
+    def convert(v):
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)) or str(v) == "":
+            raise _Reject
+        return str(v)                  # a path like 2024 is read by YAML as a number
+    return Setting("a non-empty string", convert)
+
+
+def optional(inner: Setting) -> Setting:
+    return Setting(f"null or {inner.allowed}", lambda v: None if v is None else inner.convert(v))
+
+
+def numbers(n: int, lo=None, lo_open=False) -> Setting:
+    item = real(lo, lo_open=lo_open)
+
+    def convert(v):
+        if not isinstance(v, (list, tuple)) or len(v) != n:
+            raise _Reject
+        return [item.convert(x) for x in v]
+    b = _bounds(lo, None, lo_open, False)
+    return Setting(f"a list of {n} numbers" + (f", each {b}" if b else ""), convert)
+
+
+def pair(lo: float, hi: float | None) -> Setting:
+    """[a, b] with lo < a <= b (<= hi)."""
+    def convert(v):
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise _Reject
+        a, b = (float(_num(x)) for x in v)
+        if not (lo < a <= b and (hi is None or b <= hi)):
+            raise _Reject
+        return [a, b]
+    return Setting(f"a list [min, max] with {lo:g} < min <= max" + (f" <= {hi:g}" if hi is not None else ""),
+                   convert)
+
+
+def increasing_ints(lo: int) -> Setting:
+    def convert(v):
+        if not isinstance(v, (list, tuple)):
+            raise _Reject
+        out = [integer(lo).convert(x) for x in v]
+        if out != sorted(set(out)):
+            raise _Reject
+        return out
+    return Setting(f"a list of increasing integers >= {lo} (may be empty)", convert)
+
+
+def device() -> Setting:
+    def convert(v):
+        if not isinstance(v, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise _Reject
+        return v
+    return Setting("one of 'auto', 'cpu', 'cuda', 'cuda:N'", convert)
+
+
+DEPTHS = (18, 34, 50, 101)
+BAD_IMAGE = one_of("error", "skip")
+AMP = one_of("auto", "bf16", "fp16", "off")
+BACKEND = one_of("auto", "dali", "torch")
+POSITIVE = real(0.0, lo_open=True)
+NONNEG = real(0.0)
+
+_DATA_COMMON = {
+    "data.root": optional(text()), "data.backend": BACKEND, "data.height": integer(1), "data.width": integer(1),
+    "data.workers": integer(0), "data.flip_p": prob(), "data.erasing_p": prob(),
+    "data.erasing_area": pair(0.0, 1.0), "data.mean": numbers(3), "data.std": numbers(3, 0.0, lo_open=True),
+    "data.on_bad_image": BAD_IMAGE,
+}
+_TRAIN_COMMON = {
+    "train.epochs": integer(1), "train.seed": integer(0), "train.device": device(), "train.amp": AMP,
+    "train.channels_last": one_of("auto", True, False), "train.output": text(),
+    "train.checkpoint_every": integer(1), "train.log_every": integer(1), "train.progress": boolean(),
+    "train.deterministic": boolean(),
+}
+
+PRETRAIN = {
+    "model.depth": one_of(*DEPTHS), "model.last_stride": one_of(1, 2), "model.ibn": boolean(),
+    "model.dim": integer(1), "model.hidden_dim": integer(1), "model.patch_dim": integer(1),
+    "model.queue_size": integer(1), "model.momentum": prob(), "model.temperature": POSITIVE,
+    "model.symmetric": boolean(), "model.gc": one_of("bank_kl", "cosine", "off"),
+    "model.gc_tau_student": optional(POSITIVE), "model.gc_tau_teacher": optional(POSITIVE),
+    "model.lambda_gc": NONNEG, "model.ic": one_of("aligned", "unaligned", "off"),
+    "model.ic_negatives": one_of("image", "batch"), "model.ic_temperature": optional(POSITIVE),
+    "model.lambda_ic": NONNEG, "model.stripes": integer(1), "model.roi_samples": integer(1),
+    "model.loss_impl": one_of("fused", "reference"), "model.shuffle_bn": boolean(),
+    **_DATA_COMMON,
+    "data.batch_size": integer(1), "data.crop_scale_min": real(0.0, 1.0, lo_open=True),
+    "data.grayscale_p": prob(), "data.blur_p": prob(), "data.blur_sigma": pair(0.0, None),
+    "optim.lr": POSITIVE, "optim.momentum": real(0.0, 1.0, hi_open=True), "optim.weight_decay": NONNEG,
+    "optim.warmup_steps": integer(0), "optim.warmup_epochs": NONNEG, "optim.min_lr": NONNEG,
+    "optim.grad_clip": optional(POSITIVE),
+    **_TRAIN_COMMON,
+    "train.steps": optional(integer(1)), "train.compile": boolean(),
+}
+
+FINETUNE_DATASETS = ("market1501", "cuhk03-np", "msmt17", "personx", "market-style", "synth")
+FINETUNE = {
+    "init": optional(text()),
+    "model.arch": one_of("bot", "mgn"), "model.depth": one_of(*DEPTHS), "model.last_stride": one_of(1, 2),
+    "model.ibn": boolean(), "model.neck": boolean(), "model.pooling": one_of("avg", "max", "gem"),
+    "model.gem_p": POSITIVE, "model.test_feature": one_of("bn", "pre"), "model.mgn_dim": integer(1),
+    **_DATA_COMMON,
+    "data.dataset": one_of(*FINETUNE_DATASETS), "data.p": integer(2), "data.k": integer(2),
+    "data.pad": integer(0), "data.eval_batch_size": integer(1), "data.flip_test": boolean(),
+    "loss.id_weight": NONNEG, "loss.label_smoothing": real(0.0, 1.0, hi_open=True),
+    "loss.triplet_weight": NONNEG, "loss.margin": optional(real(0.0, lo_open=True)),
+    "optim.name": one_of("adam", "sgd"), "optim.lr": POSITIVE, "optim.weight_decay": NONNEG,
+    "optim.momentum": real(0.0, 1.0, hi_open=True), "optim.warmup_epochs": NONNEG,
+    "optim.warmup_factor": real(0.0, 1.0, lo_open=True), "optim.milestones": increasing_ints(1),
+    "optim.gamma": POSITIVE, "optim.grad_clip": optional(POSITIVE),
+    **_TRAIN_COMMON,
+    "train.max_steps_per_epoch": optional(integer(1)),
+    "eval.every": integer(0), "eval.rerank": boolean(), "eval.metric": one_of("cosine", "euclidean"),
+    "eval.k1": integer(1), "eval.k2": integer(1), "eval.lambda_value": prob(),
+    "eval.ranklist_queries": integer(0), "eval.ranklist_top": integer(1),
+}
+
+SPECS = {"pretrain": PRETRAIN, "finetune": FINETUNE}
+
+
+# ------------------------------------------------------------------------------ checks between keys
+def layer4_rows(height: int, last_stride: int) -> int:
+    """Rows of the ResNet layer-4 map for an input ``height`` (stem /4, layers 2-3 /2 each, layer 4
+    /last_stride; every stride-2 stage rounds up)."""
+    h = height
+    for _ in range(4 + (last_stride == 2)):
+        h = (h + 1) // 2
+    return h
+
+
+def _where(origins: Mapping, *keys) -> str:
+    return ", ".join(f"{k} from {origins[k]}" for k in keys)
+
+
+def check_relations(task: str, v: Mapping, origins: Mapping) -> None:
+    if task == "pretrain":
+        rows = layer4_rows(v["data.height"], v["model.last_stride"])
+        if v["model.ic"] != "off" and v["model.stripes"] > rows:
+            raise ConfigError(
+                f"model.stripes={v['model.stripes']} does not fit the layer-4 feature map, which has {rows} rows "
+                f"at data.height={v['data.height']} and model.last_stride={v['model.last_stride']} "
+                f"({_where(origins, 'model.stripes', 'data.height', 'model.last_stride')}): use at most {rows} "
+                "stripes, a larger data.height, model.last_stride=1, or model.ic=off")
+        if v["optim.min_lr"] > v["optim.lr"]:
+            raise ConfigError(f"optim.min_lr={v['optim.min_lr']!r} is above optim.lr={v['optim.lr']!r} "
+                              f"({_where(origins, 'optim.min_lr', 'optim.lr')}): the cosine schedule decays "
+                              "from optim.lr to optim.min_lr")

@@ -1,0 +1,314 @@
+"""The one training loop of upreid: pre-training and fine-tuning are two tasks on it.
+
+The :class:`Trainer` owns what every run needs: the device and the process group, AMP and the
+gradient scaler, DDP, the stop signal (SIGTERM/SIGINT become a checkpoint at the next step boundary),
+the non-finite loss check, checkpoint and exact resume (weights, optimizer, scaler, RNG states, data
+position), metrics (``metrics.jsonl``, TensorBoard) and the progress bar. A task
+(:class:`upreid.engine.tasks.Task`) brings the model, the data stream, the loss and the learning rate
+of a step; :class:`upreid.engine.hooks.Hook` objects add the rest (evaluation, results files).
+
+The run's position is one integer, the global step; a task maps it to (epoch, batch) through its
+stream, so a run resumed at step s sees the batches the uninterrupted run saw after step s.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+
+import torch
+from torch import nn
+
+from upreid.engine import checkpoint as ckpt_io
+from upreid.engine.config import ConfigError, dump_config
+from upreid.engine.logging_utils import MetricsWriter
+from upreid.engine.resume import check_resume
+from upreid.utils import distributed as dist
+
+log = logging.getLogger("upreid.trainer")
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
+class OutputError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def resolve_device(spec: str) -> torch.device:
+    """``train.device`` -> this process's device (``cuda`` means ``cuda:LOCAL_RANK`` under torchrun)."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.device={spec!r} but CUDA is not available here; use train.device=cpu "
+                          "or auto")
+    index = int(spec.split(":")[1]) if ":" in spec else dist.local_rank()
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={spec!r}: this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s) (0..{torch.cuda.device_count() - 1})")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    return device
+
+
+def check_output(path: str) -> None:
+    """Refuse an output folder that cannot be created, before any work (nothing is created here)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe == os.path.abspath(path) and not os.path.isdir(probe):
+        raise OutputError(f"train.output={path!r} is a file, not a folder")
+    if not os.path.isdir(probe):
+        raise OutputError(f"train.output={path!r} cannot be created: {probe!r} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"train.output={path!r} cannot be created or written: no write permission in {probe!r}")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list:
+    """Weight decay on weights, none on BN parameters and biases (the usual practice for 1-d tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the current step and returns.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers (the caller stops us otherwise)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    """Runs ``task`` under ``cfg`` (see the module docstring). ``resume``: None, ``"auto"`` (the
+    checkpoint in ``train.output``) or a checkpoint path; ``overwrite`` starts over in a folder that
+    holds a run; ``on_step(step, out)`` is called after every step (tests)."""
+
+    def __init__(self, task, cfg, resume: str | None = None, overwrite: bool = False, on_step=None):
+        self.task, self.cfg, self.on_step = task, cfg, on_step
+        self.resume, self.overwrite = resume, overwrite
+        t = cfg["train"]
+        self.out_dir = t["output"]
+        self.ckpt_path = os.path.join(self.out_dir, CHECKPOINT_NAME)
+        self.hooks: list = []
+        self.step, self.total, self.interrupted = 0, 0, False
+        self.metrics: dict = {}
+        self.last_saved = -1
+
+    # -------------------------------------------------------------------- setup
+    def _load_resume_state(self) -> dict | None:
+        if self.resume:
+            path = self.ckpt_path if self.resume == "auto" else self.resume
+            state = ckpt_io.load(path, expect=self.task.format)
+            check_resume(self.task.name, state, self.cfg, path)
+            threads = state.get("threads")
+            if threads is not None and threads != torch.get_num_threads():
+                log.warning("the checkpoint was written with %d CPU threads, this run has %d: the resumed run "
+                            "is exact only at the same thread count (set OMP_NUM_THREADS=%d)", threads,
+                            torch.get_num_threads(), threads)
+            self.resume = path
+            return state
+        if os.path.exists(self.ckpt_path) and not self.overwrite:
+            raise RunExistsError(f"{self.ckpt_path!r} exists: pass --resume to continue that run, --overwrite "
+                                 "to start over in the same folder, or another train.output")
+        return None
+
+    def _setup(self) -> dict | None:
+        t = self.cfg["train"]
+        check_output(self.out_dir)
+        self.device = resolve_device(t["device"])
+        self.rank, self.world = dist.setup(self.device)
+        self.is_main = self.rank == 0
+        state = self._load_resume_state()        # a bad checkpoint fails before anything is written
+        self.start_step = int(state["step"]) if state else 0
+
+        ckpt_io.seed_everything(t["seed"])       # the same initial weights on every rank
+        self.task.setup(self, state)             # model, data (from start_step), total steps, hooks
+        self.amp = t["amp"] if t["amp"] != "auto" else ("bf16" if self.device.type == "cuda" else "off")
+        cl = t["channels_last"] if t["channels_last"] != "auto" else self.device.type == "cuda"
+        self.memory_format = torch.channels_last if cl else torch.contiguous_format
+        self.model = self.task.model.to(self.device, memory_format=self.memory_format)
+        if t["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.optimizer = self.task.optimizer(self.model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.amp == "fp16"))
+        if state:
+            self._restore(state)
+        else:
+            ckpt_io.seed_everything(t["seed"] * 1000 + self.rank)   # rank-specific streams from here on
+        self.net = self.model
+        if self.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                **self.task.ddp_options())
+        self.step = self.start_step
+        self.last_saved = self.start_step if state else -1
+        return state
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, hyper in zip(self.optimizer.param_groups, fresh):
+            group.update(hyper)                  # the config's hyper-parameters apply (changes were listed)
+        self.scaler.load_state_dict(state["scaler"])
+        self.task.load_state(state)
+        rngs = state.get("rng") or []
+        if len(rngs) == self.world:
+            ckpt_io.set_rng_state(rngs[self.rank])
+        else:
+            log.warning("checkpoint was written by %d ranks, this run has %d: RNG states reseeded "
+                        "(the data order and augmentations still follow the step)", len(rngs), self.world)
+            ckpt_io.seed_everything(self.cfg["train"]["seed"] * 1000 + self.rank + self.start_step)
+        if self.is_main:
+            log.info("resumed from %s at step %d/%d", self.resume, self.start_step, self.total)
+
+    def _start_files(self) -> None:
+        if not self.is_main:
+            return
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"train.output={self.out_dir!r} cannot be created: {e.strerror or e}") from None
+        dump_config(self.cfg, os.path.join(self.out_dir, "config.yaml"))
+
+    # -------------------------------------------------------------------- checkpoint
+    def save(self) -> None:
+        rng = dist.gather_objects(ckpt_io.rng_state())
+        if self.is_main:
+            epoch, batch = self.task.position(self.step)
+            ckpt_io.save_atomic({
+                "format": self.task.format, "version": ckpt_io.VERSION, "step": self.step, "epoch": epoch,
+                "batch": batch, "config": self.cfg.to_dict(), "world_size": self.world,
+                "threads": torch.get_num_threads(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
+                **self.task.state()}, self.ckpt_path, keep_previous=True)
+        dist.barrier()
+        self.last_saved = self.step
+
+    def _non_finite(self, out: dict) -> NonFiniteLossError:
+        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.items() if k.startswith("loss"))
+        kept = (f"the last good checkpoint {self.ckpt_path!r} (step {self.last_saved}) is kept"
+                if self.last_saved >= 0 else "no checkpoint was written yet")
+        return NonFiniteLossError(f"non-finite loss at step {self.step + 1} ({terms}); stopping. {kept}. "
+                                  f"{self.task.non_finite_advice}; resume with --resume.")
+
+    # -------------------------------------------------------------------- the loop
+    def _step(self, batch) -> dict:
+        lr = self.task.lr(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+                    if self.amp != "off" else contextlib.nullcontext())
+        with autocast:
+            out = self.task.forward(self.net, batch)
+        loss = out["loss"]
+        if dist.any_rank(not bool(torch.isfinite(loss.detach())), self.device):
+            raise self._non_finite(out)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        clip = self.cfg["optim"]["grad_clip"]
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        out["lr"] = lr
+        return out
+
+    def _call(self, name: str, *args) -> None:
+        for h in self.hooks:
+            getattr(h, name)(self, *args)
+
+    def run(self) -> dict:
+        state = self._setup()
+        t = self.cfg["train"]
+        every, unit = t["checkpoint_every"], self.task.checkpoint_unit
+        self._start_files()
+        self.writer = MetricsWriter(self.out_dir, enabled=self.is_main, keep_until=self.start_step if state else 0)
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=self.total, initial=self.step, disable=not (self.is_main and t["progress"]),
+                        desc=self.task.name, unit="step", dynamic_ncols=True)
+        stream = iter(self.task.stream)
+        tick, tick_step, data_time = time.perf_counter(), self.step, 0.0
+        try:
+            with StopFlag() as stop:
+                self._call("before_train")
+                while self.step < self.total:
+                    t0 = time.perf_counter()
+                    epoch, index, batch = next(stream)
+                    batch = self.task.to_device(batch, self.device, self.memory_format)
+                    data_time += time.perf_counter() - t0
+                    out = self._step(batch)
+                    self.bar.update(1)
+                    epoch_end = index + 1 == self.task.steps_in_epoch(epoch)
+                    if (self.step % t["log_every"] == 0 or self.step == self.total or epoch_end
+                            or self.step == self.start_step + 1):
+                        now = time.perf_counter()
+                        span = max(now - tick, 1e-9)
+                        self.metrics = {**self.task.metrics(out, batch), "lr": out["lr"],
+                                        "epoch": epoch + (index + 1) / self.task.steps_in_epoch(epoch),
+                                        "samples_per_s": (self.step - tick_step) * self.task.batch_size * self.world / span,
+                                        "data_frac": data_time / span}
+                        self.writer.write(self.step, self.metrics)
+                        self.bar.set_postfix(self.task.postfix(self.metrics), refresh=False)
+                        tick, tick_step, data_time = now, self.step, 0.0
+                    if self.on_step is not None:
+                        self.on_step(self.step, out)
+                    self._call("after_step")
+                    if epoch_end:
+                        self._call("after_epoch", epoch + 1)
+                    if self.step < self.total and (self.step % every == 0 if unit == "step"
+                                                   else epoch_end and (epoch + 1) % every == 0):
+                        self.save()
+                    if dist.any_rank(stop.signal is not None, self.device) and self.step < self.total:
+                        if self.last_saved != self.step:
+                            self.save()
+                        self.interrupted = True
+                        if self.is_main:
+                            log.warning("interrupted (signal) at step %d/%d; checkpoint %s written; continue "
+                                        "with --resume", self.step, self.total, self.ckpt_path)
+                        break
+                if not self.interrupted:
+                    if self.last_saved != self.step:
+                        self.save()
+                    self._call("after_train")
+        finally:
+            self.bar.close()
+            self.writer.close()
+            del stream
+        return {"step": self.step, "total": self.total, "epoch": self.task.position(self.step)[0],
+                "interrupted": self.interrupted, "checkpoint": self.ckpt_path, "metrics": self.metrics,
+                "rank": self.rank, "world": self.world, "output": self.out_dir, **self.task.summary()}
+
