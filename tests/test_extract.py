@@ -130,3 +130,22 @@ def test_exported_backbone_features_are_the_pooled_trunk_on_lup_normalised_image
         trunk.eval()
         want = (trunk(images).mean((2, 3)) + trunk(images.flip(3)).mean((2, 3))) / 2     # [5, 512]
     np.testing.assert_allclose(np.load(out)["features"], want.numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dali_and_fallback_pipelines_give_the_same_features(tmp_path, caplog):
+    pytest.importorskip("nvidia.dali")
+    from upreid.data.testing import write_tiny
+    write_tiny(str(tmp_path / "img"), n=6, ids=2, size=(64, 32))
+    torch.save(ResNet(18).state_dict(), tmp_path / "tv.pth")
+    feats = {}
+    for backend in ("torch", "dali"):        # in-process torch loading first: no fork after DALI's threads
+        out = str(tmp_path / f"{backend}.npz")
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            extract_to_npz(str(tmp_path / "tv.pth"), out, images=str(tmp_path / "img"), height=64, width=32,
+                           backend=backend, workers=0 if backend == "torch" else 1, flip=True, progress=False)
+        assert f"rank 0/1, {backend}): 6 samples" in caplog.text       # the loader's epoch summary
+        feats[backend] = np.load(out)["features"]
+    assert feats["torch"].shape == (6, 512)
+    np.testing.assert_allclose(feats["dali"], feats["torch"], atol=1e-4)
