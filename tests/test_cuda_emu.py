@@ -24,6 +24,7 @@ DEVICES = {"sm90": dict(major=9, sms=132), "sm90-1sm": dict(major=9, sms=1), "sm
 
 
 def configure(lib: str, dev: str):
+    """The emulated device `dev`, fp32 at "highest" precision (PyTorch's default)."""
     e = emu.load(lib)
     e.configure(**DEVICES[dev])
     return e
@@ -146,10 +147,85 @@ def test_info_nce_policies_and_splits_are_the_ones_asked_for():
         return found[0]
 
     many, one, simt = tiles("sm90"), tiles("sm90-1sm"), tiles("sm75")
-    assert "TcPolicy<__half>" in many and "TcPolicy<__half>" in one, (many, one)
+    assert "TcPolicy<__half, __half>" in many and "TcPolicy<__half, __half>" in one, (many, one)
     assert "SimtPolicy<__half, float>" in simt, simt
     splits = lambda s: int(s.split("grid=")[1].split(",")[1])  # noqa: E731
     assert splits(one) < splits(many), (one, many)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["plain", "train"])
+@pytest.mark.parametrize("g", [0, 1, 4], ids=["all-keys", "moco", "groups"])
+def test_info_nce_only_the_gradients_asked_for(g, train):
+    """need_grad_keys = false skips the keys' gradient (in all-keys mode the nce_dk_tiles pass is
+    not launched at all) and leaves grad_query exact; need_grad_query = false likewise."""
+    e = configure("info_nce", "sm90")
+    q, keys, bank, pos = nce_inputs(40, 40, 100, 24, torch.float64)
+    gl, gls = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    ref = nce_exact(q, keys, bank, pos, 0.2, g, gl, gls)
+    _, lse, bm = eo.info_nce(q, keys, pos, bank, 0.2, g, train=train)
+    gq, gk = eo.info_nce_backward(gl, gls, q, keys, pos, bank, lse, 0.2, g, bank_mean=bm, need_k=False)
+    assert gk is None and max_err(gq, ref[2]) < 1e-9
+    assert not any("nce_dk_tiles" in s for s in e.launches()), e.launches()
+    gq, gk = eo.info_nce_backward(gl, gls, q, keys, pos, bank, lse, 0.2, g, bank_mean=bm, need_q=False)
+    assert gq is None and max_err(gk, ref[3]) < 1e-9
+    assert not any("nce_dq_tiles" in s for s in e.launches()), e.launches()
+    assert any("nce_dk_tiles" in s for s in e.launches()) == (g == 0)
+
+
+def test_info_nce_dispatch_follows_the_compiled_architecture():
+    """An sm_90 device running code built for sm_75 must not take the tensor-core kernels (they are
+    compiled out there and would trap)."""
+    e = configure("info_nce", "sm90")
+    e.configure(major=9, sms=8, binary_arch=75)
+    q, keys, bank, pos = nce_inputs(20, 20, 70, 16, torch.float64)
+    loss, lse, _ = eo.info_nce(q.bfloat16(), keys.bfloat16(), pos, bank.bfloat16(), 0.1, 0)
+    tiles = [s for s in e.launches() if "nce_fwd_tiles" in s]
+    assert tiles and "SimtPolicy<__nv_bfloat16, float>" in tiles[0], e.launches()
+    ref = reference.info_nce(q, keys, pos, bank, 0.1, 0)[0]
+    assert max_err(loss, ref) < 0.1
+
+
+@pytest.mark.parametrize("mode", ["highest", "high", "medium"])
+@pytest.mark.parametrize("train", [False, True], ids=["plain", "train"])
+def test_info_nce_fp32_matmul_precision(mode, train):
+    """torch.get_float32_matmul_precision() for fp32 inputs: "highest" and "high" keep fp32 FMAs
+    (CUDA cores, fp32 accuracy); "medium" rounds the operands to bf16 for the tensor cores and is
+    as accurate as plain PyTorch in bf16 (DESIGN's rule against the bf16 baseline)."""
+    e = configure("info_nce", "sm90")
+    e.set_fp32_precision(mode)
+    m, n, k, d, g = 65, 63, 130, 40, 0
+    q, keys, bank, pos = nce_inputs(m, n, k, d, torch.float32)
+    gl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    got = run_nce(q, keys, bank, pos, 0.1, g, gl, gls, torch.float32, train)
+    ref = nce_exact(q, keys, bank, pos, 0.1, g, gl, gls)
+    tiles = [s for s in e.launches() if "_tiles" in s]
+    policy = "TcPolicy<__nv_bfloat16, float>" if mode == "medium" else "SimtPolicy<float, float>"
+    assert tiles and all(policy in s for s in tiles), tiles
+    base_dtype = torch.bfloat16 if mode == "medium" else torch.float32
+    base = nce_baseline(q, keys, bank, pos, 0.1, g, gl, gls, base_dtype)
+    for name, a, b, c, scale in zip(("loss", "lse", "grad_query", "grad_keys"), got, ref, base, (10, 10, 1, 1)):
+        assert a.dtype == (torch.float32 if name in ("loss", "lse") else torch.float32)
+        assert_tolerance(a, b, c, default_atol(base_dtype, scale), f"{name} {mode}")
+
+
+@pytest.mark.parametrize("mode", ["highest", "medium"])
+def test_bank_kl_fp32_matmul_precision(mode):
+    e = configure("bank_kl", "sm90")
+    e.set_fp32_precision(mode)
+    torch.manual_seed(3)
+    s, te, bank = feats(40, 32, dtype=torch.float64), feats(40, 32, dtype=torch.float64), feats(150, 32, dtype=torch.float64)
+    gkl, gls = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    got = run_bkl(s, te, bank, 0.1, 0.05, gkl, gls, torch.float32)
+    ref = bkl_exact(s, te, bank, 0.1, 0.05, gkl, gls)
+    policy = "TcPolicy<__nv_bfloat16, float>" if mode == "medium" else "SimtPolicy<float, float>"
+    tiles = [x for x in e.launches() if "_tiles" in x]
+    assert tiles and all(policy in x for x in tiles), tiles
+    base_dtype = torch.bfloat16 if mode == "medium" else torch.float32
+    sd = s.to(base_dtype).clone().requires_grad_()
+    kl, ls, lt = reference.bank_kl(sd, te.to(base_dtype), bank.to(base_dtype), 0.1, 0.05)
+    (kl.double() * gkl + ls.double() * gls).sum().backward()
+    for name, a, b, c, scale in zip(("kl", "lse_s", "lse_t", "grad"), got, ref, (kl, ls, lt, sd.grad), (1, 10, 10, 1)):
+        assert_tolerance(a, b, c, default_atol(base_dtype, scale), f"{name} {mode}")
 
 
 def test_info_nce_extreme_temperatures_and_large_logits():

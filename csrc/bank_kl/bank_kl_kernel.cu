@@ -222,7 +222,7 @@ BklTileArgs<typename Pol::Acc> tile_args(const BankKlParams& p) {
   a.M = p.M;
   a.K = p.K;
   a.D = p.D;
-  a.vec = vec_ok(p.D, sizeof(typename Pol::T), {p.student, p.teacher, p.bank});
+  a.vec = vec_ok(p.D, sizeof(typename Pol::G), {p.student, p.teacher, p.bank});
   a.ntiles = ceil_div(p.K, Pol::BN);
   a.ss = Acc(1.0 / p.tau_student);
   a.st = Acc(1.0 / p.tau_teacher);
@@ -279,7 +279,7 @@ cudaError_t entry(const BankKlParams& p, DType dtype, cudaStream_t stream, size_
   DeviceInfo dev;
   cudaError_t e = device_info(&dev);
   if (e != cudaSuccess) return e;
-  return dispatch_policy(dtype, dev, [&](auto pol) {
+  return dispatch_policy(dtype, dev, p.fp32_precision, [&](auto pol) {
     return impl<decltype(pol), kBwd>(p, dev, stream, bytes);
   });
 }

@@ -20,6 +20,7 @@ struct BankKlParams {
   const void* bank = nullptr;     // [K, D], K > 0 when M > 0
   int64_t M = 0, K = 0, D = 0;
   double tau_student = 1.0, tau_teacher = 1.0;
+  int fp32_precision = 0;         // Fp32Precision (common/precision.h), fp32 inputs only
 
   // forward outputs (accumulation type)
   void* kl = nullptr;             // [M]

@@ -35,10 +35,13 @@
 #pragma once
 
 #include "common/cuda_utils.cuh"
+#include "common/precision.h"
 
 #ifdef __CUDACC__
 
 #include <mma.h>
+
+#include <type_traits>
 
 #include <cstring>
 #include <initializer_list>
@@ -67,9 +70,10 @@ __device__ __forceinline__ const T* row_ptr(const RowSrc& s, int64_t g, int64_t 
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core policy (sm_80+: bf16 WMMA needs it; fp16 uses the same path for simplicity).
-template <class T_>
+template <class T_, class G_ = T_>
 struct TcPolicy {
-  using T = T_;
+  using T = T_;   // operands in shared memory and on the tensor cores
+  using G = G_;   // the inputs in global memory: T, or float rounded to T on load ("medium")
   using Acc = float;
   using WT = T_;  // W is rounded to the input type to feed the second product
   static constexpr bool kTensorCore = true;
@@ -180,6 +184,7 @@ struct TcPolicy {
 template <class T_, class Acc_>
 struct SimtPolicy {
   using T = T_;
+  using G = T_;
   using Acc = Acc_;
   using WT = Acc_;  // W overwrites the S scratch in place
   static constexpr bool kTensorCore = false;
@@ -294,8 +299,17 @@ template <class Pol, int ROWS>
 __device__ __forceinline__ void load_rows(typename Pol::T* s, const RowSrc& src, int64_t r0,
                                           int64_t D, int64_t d0, bool vec, int tid) {
   using T = typename Pol::T;
+  using G = typename Pol::G;
   constexpr int DC = Pol::DC, LDX = Pol::LDX;
-  if (vec) {
+  if constexpr (!std::is_same<G, T>::value) {
+    // fp32 inputs rounded to the tensor-core type as they are staged
+    for (int idx = tid; idx < ROWS * DC; idx += kThreads) {
+      const int r = idx / DC, c = idx % DC;
+      const int64_t d = d0 + c;
+      const G* p = row_ptr<G>(src, r0 + r, D);
+      s[r * LDX + c] = convert<T>(p != nullptr && d < D ? to_acc<float>(p[d]) : 0.f);
+    }
+  } else if (vec) {
     constexpr int V = 16 / int(sizeof(T));
     constexpr int VPR = DC / V;
     for (int idx = tid; idx < ROWS * VPR; idx += kThreads) {
@@ -485,6 +499,7 @@ namespace cuda {
 struct DeviceInfo {
   int sms = 1;
   int major = 0;
+  int arch = 0;  // the architecture this binary's code for the device was built for (e.g. 75, 90)
 };
 
 inline cudaError_t device_info(DeviceInfo* info) {
@@ -493,7 +508,15 @@ inline cudaError_t device_info(DeviceInfo* info) {
   if (e != cudaSuccess) return e;
   e = cudaDeviceGetAttribute(&info->sms, cudaDevAttrMultiProcessorCount, dev);
   if (e != cudaSuccess) return e;
-  return cudaDeviceGetAttribute(&info->major, cudaDevAttrComputeCapabilityMajor, dev);
+  e = cudaDeviceGetAttribute(&info->major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e != cudaSuccess) return e;
+  // What the device runs is what was compiled for it, not what it could run: a build without
+  // sm_80+ code (or whose PTX is older, JIT-compiled) has the tensor-core kernels guarded out.
+  cudaFuncAttributes fa;
+  e = cudaFuncGetAttributes(&fa, reduce_splits_kernel<float>);
+  if (e != cudaSuccess) return e;
+  info->arch = fa.ptxVersion < fa.binaryVersion ? fa.ptxVersion : fa.binaryVersion;
+  return cudaSuccess;
 }
 
 // Opts the kernel in to `smem` bytes of dynamic shared memory (above the 48 KB default) and reports
@@ -531,16 +554,19 @@ inline cudaError_t launch_reduce_splits(const Acc* ws, int nsplit, int64_t n, Ac
   return cudaGetLastError();
 }
 
-// Calls f(Policy{}) with the tile policy for a dtype: tensor cores for fp16/bf16 on sm_80+.
+// Calls f(Policy{}) with the tile policy for a dtype: tensor cores for fp16/bf16 on sm_80+ devices
+// running sm_80+ code; fp32 by `fp32_precision` (precision.h): "medium" rounds the operands to bf16
+// for the tensor cores (fp32 accumulation), "highest" and "high" keep fp32 FMAs on the CUDA cores.
 template <class F>
-inline cudaError_t dispatch_policy(DType dt, const DeviceInfo& dev, F&& f) {
-  const bool tc = dev.major >= 8;
+inline cudaError_t dispatch_policy(DType dt, const DeviceInfo& dev, int fp32_precision, F&& f) {
+  const bool tc = dev.major >= 8 && dev.arch >= 80;
   switch (dt) {
     case DType::kF16:
       return tc ? f(TcPolicy<__half>{}) : f(SimtPolicy<__half, float>{});
     case DType::kBF16:
       return tc ? f(TcPolicy<__nv_bfloat16>{}) : f(SimtPolicy<__nv_bfloat16, float>{});
     case DType::kF32:
+      if (tc && fp32_precision == int(Fp32Precision::kMedium)) return f(TcPolicy<__nv_bfloat16, float>{});
       return f(SimtPolicy<float, float>{});
     case DType::kF64:
       return f(SimtPolicy<double, double>{});

@@ -407,14 +407,18 @@ __global__ void __launch_bounds__(kRowWarps * 32) nce_bwd_finalize(NceRowArgs<Ac
   const T* keys = static_cast<const T*>(a.keys);
   const int64_t p = a.pos[i];
   const Acc glr = a.gl[i], coef = glr + a.gls[i], L = a.lse_in[i];
-  Acc* gq = a.gq + i * D;
+  // gq / gk are null when that gradient is not needed (warp-uniform branches)
+  Acc* gq = a.gq != nullptr ? a.gq + i * D : nullptr;
+  Acc* gk = a.all_keys ? nullptr : a.gk;  // all-keys grad_keys comes from nce_dk_tiles
   const T* kp = keys + p * D;
   for (int64_t d = lane; d < D; d += 32) {
-    Acc s = Acc(0);
-    for (int k = 0; k < a.nsplit; ++k) s += a.ws[(int64_t(k) * a.M + i) * D + d];
-    if (a.bank_mean_in != nullptr) s += coef * a.bank_mean_in[i * D + d];  // the bank's part
-    gq[d] = s - glr * to_acc<Acc>(kp[d]);
-    if (!a.all_keys) atomicAdd(a.gk + p * D + d, -glr * to_acc<Acc>(q[d]) * a.scale);
+    if (gq != nullptr) {
+      Acc s = Acc(0);
+      for (int k = 0; k < a.nsplit; ++k) s += a.ws[(int64_t(k) * a.M + i) * D + d];
+      if (a.bank_mean_in != nullptr) s += coef * a.bank_mean_in[i * D + d];  // the bank's part
+      gq[d] = s - glr * to_acc<Acc>(kp[d]);
+    }
+    if (gk != nullptr) atomicAdd(gk + p * D + d, -glr * to_acc<Acc>(q[d]) * a.scale);
   }
   if (!a.all_keys) {
     const int64_t j0 = p / a.g * a.g;
@@ -422,12 +426,13 @@ __global__ void __launch_bounds__(kRowWarps * 32) nce_bwd_finalize(NceRowArgs<Ac
       const T* kj = keys + j * D;
       const Acc w = coef * acc_exp_precise(warp_dot<Acc>(q, kj, D, lane) * a.scale - L);
       for (int64_t d = lane; d < D; d += 32) {
-        gq[d] += w * to_acc<Acc>(kj[d]);
-        atomicAdd(a.gk + j * D + d, w * to_acc<Acc>(q[d]) * a.scale);
+        if (gq != nullptr) gq[d] += w * to_acc<Acc>(kj[d]);
+        if (gk != nullptr) atomicAdd(gk + j * D + d, w * to_acc<Acc>(q[d]) * a.scale);
       }
     }
   }
-  for (int64_t d = lane; d < D; d += 32) gq[d] *= a.scale;
+  if (gq != nullptr)
+    for (int64_t d = lane; d < D; d += 32) gq[d] *= a.scale;
 }
 
 // ---- launchers -----------------------------------------------------------------------------------
@@ -454,7 +459,7 @@ NceRowArgs<typename Pol::Acc> row_args(const InfoNceParams& p) {
 template <class Pol>
 cudaError_t forward_impl(const InfoNceParams& p, bool train, const DeviceInfo& dev,
                          cudaStream_t stream, size_t* bytes) {
-  using T = typename Pol::T;
+  using T = typename Pol::G;  // the inputs' element type in global memory
   using Acc = typename Pol::Acc;
   const bool all_keys = all_keys_mode(p);
   const int64_t n_keys_cols = all_keys ? p.N : 0;
@@ -527,7 +532,7 @@ cudaError_t forward_impl(const InfoNceParams& p, bool train, const DeviceInfo& d
 
 template <class Pol>
 cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStream_t stream, size_t* bytes) {
-  using T = typename Pol::T;
+  using T = typename Pol::G;  // the inputs' element type in global memory
   using Acc = typename Pol::Acc;
   const bool all_keys = all_keys_mode(p);
   const int64_t n_keys_cols = all_keys ? p.N : 0;
@@ -537,15 +542,16 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
   const int64_t ntiles_k = all_keys ? ceil_div(p.M, Pol::BN) : 0;
   const int64_t blocks_k = ceil_div(p.N, kBM);
   constexpr size_t smem = SmemLayout<Pol, 1, true>::bytes;
+  const bool want_q = p.need_grad_query, want_k = p.need_grad_keys;
   int ns_q = 0, ns_k = 0;
   if (p.M > 0 && p.D > 0) {
-    if (ntiles_q > 0) {
+    if (ntiles_q > 0 && want_q) {
       int bpsm = 1;
       cudaError_t e = prepare_kernel(nce_dq_tiles<Pol>, smem, &bpsm);
       if (e != cudaSuccess) return e;
       ns_q = choose_splits(blocks_q, ntiles_q, dev, bpsm);
     }
-    if (ntiles_k > 0 && p.N > 0) {
+    if (ntiles_k > 0 && p.N > 0 && want_k) {
       int bpsm = 1;
       cudaError_t e = prepare_kernel(nce_dk_tiles<Pol>, smem, &bpsm);
       if (e != cudaSuccess) return e;
@@ -561,6 +567,7 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
   }
   if (p.M <= 0 || p.D <= 0) return cudaSuccess;
   if (p.workspace_bytes < need || p.workspace == nullptr) return cudaErrorInvalidValue;
+  if ((want_q && p.grad_query == nullptr) || (want_k && p.grad_keys == nullptr)) return cudaErrorInvalidValue;
   unsigned char* base = static_cast<unsigned char*>(p.workspace);
   Acc* ws_q = reinterpret_cast<Acc*>(base);
   Acc* ws_k = reinterpret_cast<Acc*>(base + bytes_q);
@@ -617,14 +624,15 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
     e = launch_reduce_splits<Acc>(ws_k, ns_k, p.N * p.D, scale, static_cast<Acc*>(p.grad_keys), stream);
     if (e != cudaSuccess) return e;
   }
+  if (!want_q && (all_keys || !want_k)) return cudaSuccess;  // nothing left for the row pass
   NceRowArgs<Acc> r = row_args<Pol>(p);
   r.ws = ws_q;
   r.nsplit = ns_q;
   r.gl = gl;
   r.gls = gls;
   r.lse_in = lse;
-  r.gq = static_cast<Acc*>(p.grad_query);
-  r.gk = static_cast<Acc*>(p.grad_keys);
+  r.gq = want_q ? static_cast<Acc*>(p.grad_query) : nullptr;
+  r.gk = want_k ? static_cast<Acc*>(p.grad_keys) : nullptr;
   r.bank_mean_in = static_cast<const Acc*>(p.bank_mean_in);
   launch(nce_bwd_finalize<T, Acc>, unsigned(ceil_div(p.M, kRowWarps)), kRowWarps * 32, 0, stream, r);
   return cudaGetLastError();
@@ -637,18 +645,18 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
 namespace {
 
 template <class F>
-cudaError_t with_policy(DType dtype, F&& f) {
+cudaError_t with_policy(DType dtype, int fp32_precision, F&& f) {
   DeviceInfo dev;
   cudaError_t e = device_info(&dev);
   if (e != cudaSuccess) return e;
-  return dispatch_policy(dtype, dev, [&](auto pol) { return f(pol, dev); });
+  return dispatch_policy(dtype, dev, fp32_precision, [&](auto pol) { return f(pol, dev); });
 }
 
 // Plain forward (train = false) or the training variant (also bank_mean).
 cudaError_t forward_any(const InfoNceParams& p, bool train, DType dtype, cudaStream_t stream, size_t* bytes) {
   if (bytes != nullptr) *bytes = 0;
   if (p.M <= 0) return cudaSuccess;
-  return with_policy(dtype, [&](auto pol, const DeviceInfo& dev) {
+  return with_policy(dtype, p.fp32_precision, [&](auto pol, const DeviceInfo& dev) {
     return forward_impl<decltype(pol)>(p, train, dev, stream, bytes);
   });
 }
@@ -657,7 +665,7 @@ cudaError_t forward_any(const InfoNceParams& p, bool train, DType dtype, cudaStr
 cudaError_t backward_any(const InfoNceParams& p, DType dtype, cudaStream_t stream, size_t* bytes) {
   if (bytes != nullptr) *bytes = 0;
   if (p.M <= 0 || p.D <= 0) return cudaSuccess;
-  return with_policy(dtype, [&](auto pol, const DeviceInfo& dev) {
+  return with_policy(dtype, p.fp32_precision, [&](auto pol, const DeviceInfo& dev) {
     return backward_impl<decltype(pol)>(p, dev, stream, bytes);
   });
 }

@@ -23,6 +23,7 @@ struct InfoNceParams {
   int64_t M = 0, N = 0, K = 0, D = 0;
   int64_t group_size = 0;            // 0: all keys; g >= 1: keys j with j / g == positive[i] / g
   double temperature = 1.0;
+  int fp32_precision = 0;            // Fp32Precision (common/precision.h), fp32 inputs only
 
   // forward outputs (accumulation type)
   void* loss = nullptr;              // [M]
@@ -39,6 +40,10 @@ struct InfoNceParams {
   // backward outputs (accumulation type); grad_keys must be zero-filled by the caller
   void* grad_query = nullptr;        // [M, D]
   void* grad_keys = nullptr;         // [N, D]
+  // only the gradients asked for: a false flag skips that output's work (the pointer may be null);
+  // in all-keys mode grad_keys is a whole second tile pass, skipped when the keys need no gradient
+  bool need_grad_query = true;
+  bool need_grad_keys = true;
 
   // scratch from *_workspace(); must stay alive until the launched kernels have run
   void* workspace = nullptr;

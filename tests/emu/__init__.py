@@ -138,6 +138,12 @@ class Emu:
         """The emulated device (default: an H100-class sm_90 part with 132 SMs)."""
         self.lib.emu_configure(major, minor, sms, smem_optin,
                                binary_arch if binary_arch is not None else 10 * major + minor)
+        if hasattr(self.lib, "emu_set_fp32_precision"):
+            self.set_fp32_precision("highest")
+
+    def set_fp32_precision(self, mode: str) -> None:
+        """What the glue passes for torch.get_float32_matmul_precision(): highest, high, medium."""
+        self.lib.emu_set_fp32_precision({"highest": 0, "high": 1, "medium": 2}[mode])
 
     def _log(self, fn) -> str:
         f = getattr(self.lib, fn)

@@ -52,14 +52,15 @@ def info_nce(q, keys, pos, bank, t, g, train=False, emu=None):
     if m > 0:
         rc = emu.lib.emu_info_nce(1 if train else 0, _DT[q.dtype], _p(q), _p(keys), _p(pos), _p(bank),
                                   _I64(m), _I64(keys.shape[0]), _I64(bank.shape[0]), _I64(d), _I64(g),
-                                  _DBL(t), _p(loss), _p(lse), _p(bm), None, None, None, None, None, None)
+                                  _DBL(t), _p(loss), _p(lse), _p(bm), None, None, None, None, None, None, 1, 1)
         _check(emu, rc, "info_nce forward")
     return loss, lse, bm
 
 
-def info_nce_backward(grad_loss, grad_lse, q, keys, pos, bank, lse, t, g, bank_mean=None, emu=None):
-    """Backward: (grad_query, grad_keys) in the inputs' dtypes. With bank_mean (the training
-    variant) the bank is not read."""
+def info_nce_backward(grad_loss, grad_lse, q, keys, pos, bank, lse, t, g, bank_mean=None, emu=None,
+                      need_q=True, need_k=True):
+    """Backward: (grad_query, grad_keys) in the inputs' dtypes; a gradient not asked for is None
+    (its kernel output pointer is null). With bank_mean (the training variant) the bank is not read."""
     emu = emu or load("info_nce")
     emu.clear()
     m, d = q.shape
@@ -71,13 +72,14 @@ def info_nce_backward(grad_loss, grad_lse, q, keys, pos, bank, lse, t, g, bank_m
     bank = torch.empty(0, d, dtype=q.dtype) if (bank is None or train) else bank.contiguous()
     gl, gls, lse = (x.to(acc).contiguous() for x in (grad_loss, grad_lse, lse))
     bm = bank_mean.to(acc).contiguous() if train else None
-    gq = torch.empty(m, d, dtype=acc)
-    gk = torch.zeros(keys.shape[0], d, dtype=acc)
+    gq = torch.empty(m, d, dtype=acc) if need_q else None
+    gk = torch.zeros(keys.shape[0], d, dtype=acc) if need_k else None
     rc = emu.lib.emu_info_nce(3 if train else 2, _DT[q.dtype], _p(q), _p(keys), _p(pos), _p(bank),
                               _I64(m), _I64(keys.shape[0]), _I64(bank.shape[0]), _I64(d), _I64(g), _DBL(t),
-                              None, None, None, _p(gl), _p(gls), _p(lse), _p(bm), _p(gq), _p(gk))
+                              None, None, None, _p(gl), _p(gls), _p(lse), _p(bm), _p(gq), _p(gk),
+                              int(need_q), int(need_k))
     _check(emu, rc, "info_nce backward")
-    return gq.to(q.dtype), gk.to(keys.dtype)
+    return (gq.to(q.dtype) if need_q else None), (gk.to(keys.dtype) if need_k else None)
 
 
 def bank_kl(s, te, bank, ts, tt, emu=None):

@@ -2,7 +2,7 @@
 // backward where there is one) with one OS thread per CUDA thread under ThreadSanitizer, and prints
 // the emulator's error log. TSan writes its reports to stderr. Arguments are key=value pairs:
 //   common:   cc=9 sms=2 seed=1 smem=OFFSET:SIZE,... (static __shared__ variables to poison)
-//   info_nce: M N K D g t dtype=f32|f16|bf16|f64 train=0|1
+//   info_nce: M N K D g t dtype=f32|f16|bf16|f64 train=0|1 need_q=0|1 need_k=0|1
 //   bank_kl:  M K D ts tt dtype
 //   rank:     Q G max_rank ids cams dtype
 //   rerank:   N Q D k1 k2 dense=0|1 dtype=f32|f64
@@ -23,7 +23,7 @@ void emu_register_static_smem(const uint64_t* offsets, const uint64_t* sizes, in
 size_t emu_error_log(char* buf, size_t cap);
 int emu_info_nce(int, int, const void*, const void*, const int64_t*, const void*, int64_t, int64_t, int64_t,
                  int64_t, int64_t, double, void*, void*, void*, const void*, const void*, const void*,
-                 const void*, void*, void*);
+                 const void*, void*, void*, int, int);
 int emu_bank_kl(int, int, const void*, const void*, const void*, int64_t, int64_t, int64_t, double, double,
                 void*, void*, void*, const void*, const void*, const void*, const void*, void*);
 int emu_rank_metrics(int, const void*, int64_t, int64_t, int64_t, const int64_t*, const int64_t*,
@@ -99,6 +99,7 @@ int run_info_nce() {
   const int64_t M = inum("M", 8), N = inum("N", 8), K = inum("K", 40), D = inum("D", 20), g = inum("g", 0);
   const double t = num("t", 0.1);
   const bool train = inum("train", 0) != 0;
+  const int need_q = int(inum("need_q", 1)), need_k = int(inum("need_k", 1));
   auto q = feats(M, D, dt), k = feats(N, D, dt), b = feats(K, D, dt);
   std::vector<int64_t> pos(static_cast<size_t>(M));
   for (int64_t i = 0; i < M; ++i) pos[size_t(i)] = int64_t(g_rng() % uint64_t(N));
@@ -106,13 +107,13 @@ int run_info_nce() {
   std::vector<unsigned char> loss(size_t(M) * as), lse(size_t(M) * as), bm(size_t(M * D) * as + 8);
   int e = emu_info_nce(train ? 1 : 0, dt, q.data(), k.data(), pos.data(), b.data(), M, N, K, D, g, t, loss.data(),
                        lse.data(), train ? bm.data() : nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                       nullptr);
+                       nullptr, 1, 1);
   if (e != 0) return e;
   auto gl = acc_vec(M, dt, -1, 1), gls = acc_vec(M, dt, -1, 1);
   std::vector<unsigned char> gq(size_t(M * D) * as + 8), gk(size_t(N * D) * as + 8, 0);
   return emu_info_nce(train ? 3 : 2, dt, q.data(), k.data(), pos.data(), b.data(), M, N, K, D, g, t, nullptr,
-                      nullptr, nullptr, gl.data(), gls.data(), lse.data(), train ? bm.data() : nullptr, gq.data(),
-                      gk.data());
+                      nullptr, nullptr, gl.data(), gls.data(), lse.data(), train ? bm.data() : nullptr,
+                      need_q ? gq.data() : nullptr, need_k ? gk.data() : nullptr, need_q, need_k);
 }
 
 int run_bank_kl() {

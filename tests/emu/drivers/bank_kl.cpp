@@ -19,6 +19,7 @@ extern "C" int emu_bank_kl(int backward, int dtype, const void* student, const v
   p.D = D;
   p.tau_student = tau_s;
   p.tau_teacher = tau_t;
+  p.fp32_precision = upreid_emu_driver::g_fp32_precision;
   p.kl = kl;
   p.lse_student = lse_s;
   p.lse_teacher = lse_t;

@@ -20,4 +20,11 @@ struct Buffer {
   void* get() const { return p.get(); }
 };
 
+// torch.get_float32_matmul_precision() as the glue would pass it (Fp32Precision: 0 highest,
+// 1 high, 2 medium); set by the harness.
+inline int g_fp32_precision = 0;
+
 }  // namespace upreid_emu_driver
+
+// Defined here, in the one driver file each emulation library has.
+extern "C" void emu_set_fp32_precision(int v) { upreid_emu_driver::g_fp32_precision = v; }

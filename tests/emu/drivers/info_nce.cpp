@@ -11,7 +11,7 @@ extern "C" int emu_info_nce(int kind, int dtype, const void* query, const void* 
                             int64_t D, int64_t group_size, double temperature, void* loss, void* lse,
                             void* bank_mean, const void* grad_loss, const void* grad_lse,
                             const void* lse_in, const void* bank_mean_in, void* grad_query,
-                            void* grad_keys) {
+                            void* grad_keys, int need_grad_query, int need_grad_keys) {
   // kind: 0 forward, 1 training forward (bank_mean), 2 backward, 3 training backward (bank_mean_in)
   InfoNceParams p;
   p.query = query;
@@ -24,6 +24,7 @@ extern "C" int emu_info_nce(int kind, int dtype, const void* query, const void* 
   p.D = D;
   p.group_size = group_size;
   p.temperature = temperature;
+  p.fp32_precision = upreid_emu_driver::g_fp32_precision;
   p.loss = loss;
   p.lse = lse;
   p.bank_mean = bank_mean;
@@ -33,6 +34,8 @@ extern "C" int emu_info_nce(int kind, int dtype, const void* query, const void* 
   p.bank_mean_in = bank_mean_in;
   p.grad_query = grad_query;
   p.grad_keys = grad_keys;
+  p.need_grad_query = need_grad_query != 0;
+  p.need_grad_keys = need_grad_keys != 0;
   const DType dt = static_cast<DType>(dtype);
   size_t bytes = 0;
   cudaError_t e = kind == 0   ? info_nce_forward_workspace(p, dt, &bytes)
