@@ -16,7 +16,7 @@ from helpers import assert_tolerance, default_atol, feats, max_err
 from upreid.ops import reference
 
 why = emu.available()
-pytestmark = [pytest.mark.cuda_emu, pytest.mark.skipif(why is not None, reason=why or "")]
+pytestmark = [pytest.mark.cuda_emu, pytest.mark.slow, pytest.mark.skipif(why is not None, reason=why or "")]
 
 # Emulated devices: sm_90 with 132 SMs (tensor-core policy for fp16/bf16, many column splits), the
 # same with one SM (a single split), and sm_75 (CUDA-core policy for fp16/bf16).

@@ -21,7 +21,7 @@ from helpers import feats, max_err
 from upreid.ops import reference
 
 why = emu.available()
-pytestmark = [pytest.mark.cuda_emu, pytest.mark.skipif(why is not None, reason=why or "")]
+pytestmark = [pytest.mark.cuda_emu, pytest.mark.slow, pytest.mark.skipif(why is not None, reason=why or "")]
 
 
 def selftest(case, threads=64, grid=(1, 1), smem=0, optin=0, out=None, a=None, b=None, c=None):
