@@ -3,7 +3,6 @@ through :func:`upreid.evaluation.evaluate` (with and without re-ranking), the ra
 :class:`EvalHook`, which runs them from the trainer and writes ``results.json``."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -13,38 +12,18 @@ import torch
 from upreid.engine.ranklist import draw_ranklist, rank_lists
 from upreid.engine.task import Hook
 from upreid.evaluation import evaluate, pairwise_distance
+from upreid.evaluation.extract import features_from_loader
 from upreid.evaluation.plots import write_plots
 from upreid.utils import distributed as dist
 
 log = logging.getLogger("upreid.finetune")
 
 
-@torch.no_grad()
 def extract(model, records, cfg: dict, device: torch.device, amp: str, desc: str = "features") -> tuple:
     """Features ``[N, D]`` (fp32, CPU) of ``records`` in order, with their pids and camids."""
-    from tqdm.auto import tqdm
-
     from upreid.data.loader import loader_from_config
     loader = loader_from_config("eval", records, cfg["data"], device=device.type)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp != "off" else contextlib.nullcontext())
-    was_training = model.training
-    model.eval()
-    feats, pids, camids, index = [], [], [], []
-    try:
-        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not cfg["train"]["progress"]):
-            with autocast:
-                f = model(batch["images"].to(device)).float()
-                if "images_flipped" in batch:
-                    f = (f + model(batch["images_flipped"].to(device)).float()) / 2
-            feats.append(f.cpu())
-            pids.append(batch["pids"].cpu())
-            camids.append(batch["camids"].cpu())
-            index.append(batch["index"].cpu())
-    finally:
-        model.train(was_training)
-    order = torch.argsort(torch.cat(index))
-    return torch.cat(feats)[order], torch.cat(pids)[order], torch.cat(camids)[order]
+    return features_from_loader(model, loader, device=device, amp=amp, progress=cfg["train"]["progress"], desc=desc)
 
 
 def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, rerank: bool,

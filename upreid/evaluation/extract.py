@@ -24,20 +24,28 @@ log = logging.getLogger("upreid.evaluation")
 SPLITS = ("query+gallery", "query", "gallery", "train")
 
 
-@torch.no_grad()
 def extract_features(model, records, *, height: int, width: int, mean, std, batch_size: int = 128,
                      flip: bool = False, backend: str = "auto", device="cpu", amp: str = "off",
                      workers: int = 2, progress: bool = True, desc: str = "features") -> tuple:
     """Features ``[N, D]`` (fp32, CPU) of ``records`` in their order, with their pids and camids
     (int64 tensors). ``flip``: average with the features of the mirrored images. ``amp``: 'off',
     'bf16' or 'fp16' autocast."""
-    from tqdm.auto import tqdm
-
     from upreid.data.loader import build_loader
     device = torch.device(device)
     aug = {"height": height, "width": width, "flip_test": flip, "mean": list(mean), "std": list(std)}
     loader = build_loader("eval", records, batch_size=batch_size, backend=backend, device=device.type, aug=aug,
                           workers=workers)
+    return features_from_loader(model, loader, device=device, amp=amp, progress=progress, desc=desc)
+
+
+@torch.no_grad()
+def features_from_loader(model, loader, *, device, amp: str = "off", progress: bool = True,
+                         desc: str = "features") -> tuple:
+    """The features of an evaluation loader's images, back in record order (the loader's
+    ``index``), averaged with the mirrored images' where the batches carry them."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp != "off" else contextlib.nullcontext())
     was_training = model.training
