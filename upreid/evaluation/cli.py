@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
+import zipfile
 
 import numpy as np
 
@@ -24,22 +26,98 @@ SCHEMES = (
 )
 
 
+class FeaturesError(ValueError):
+    """A features file that cannot be evaluated; the message names the file and the problem."""
+
+
 def load_features(path: str) -> dict:
-    """The six evaluation arrays of a features ``.npz`` (see the module docstring)."""
-    with np.load(path, allow_pickle=False) as z:
+    """The six evaluation arrays of a features ``.npz`` (see the module docstring), checked: floating
+    ``[n, D]`` features with one D, integer 1-D identities and cameras of matching lengths, and a
+    ``num_query`` in [1, N - 1] for the single-array scheme."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+        raise FeaturesError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise FeaturesError(f"{path}: holds a single array, not an .npz archive of named arrays")
+    with z:
         keys = set(z.files)
-        for scheme in SCHEMES:
-            if set(scheme) <= keys:
-                names = ("query_features", "gallery_features", "q_pids", "g_pids", "q_camids",
-                         "g_camids")
-                return {n: z[k] for n, k in zip(names, scheme)}
-        if {"features", "pids", "camids", "num_query"} <= keys:
-            nq = int(z["num_query"])
-            f, p, c = z["features"], z["pids"], z["camids"]
-            return {"query_features": f[:nq], "gallery_features": f[nq:], "q_pids": p[:nq],
-                    "g_pids": p[nq:], "q_camids": c[:nq], "g_camids": c[nq:]}
+        try:
+            data = _select(z, keys, path)
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+            if isinstance(exc, FeaturesError):
+                raise
+            raise FeaturesError(f"{path}: an array cannot be read, the file may be truncated "
+                                f"({type(exc).__name__}: {exc})") from None
+    _check_arrays(data, path)
+    return data
+
+
+def _select(z, keys: set, path: str) -> dict:
+    for scheme in SCHEMES:
+        if set(scheme) <= keys:
+            names = ("query_features", "gallery_features", "q_pids", "g_pids", "q_camids", "g_camids")
+            return {n: z[k] for n, k in zip(names, scheme)}
+    if {"features", "pids", "camids", "num_query"} <= keys:
+        f, p, c, nq = z["features"], z["pids"], z["camids"], z["num_query"]
+        if nq.ndim != 0 or not np.issubdtype(nq.dtype, np.integer):
+            raise FeaturesError(f"{path}: 'num_query' must be one integer, got {nq.dtype} of shape {nq.shape}")
+        if not len(f) == len(p) == len(c):
+            raise FeaturesError(f"{path}: {len(f)} features, {len(p)} pids and {len(c)} camids; one of "
+                                "each per row was expected")
+        nq = int(nq)
+        if not 1 <= nq < len(f):
+            raise FeaturesError(f"{path}: 'num_query' must be in [1, {len(f) - 1}] (queries first, then at "
+                                f"least one gallery item among the {len(f)} rows), got {nq}")
+        return {"query_features": f[:nq], "gallery_features": f[nq:], "q_pids": p[:nq],
+                "g_pids": p[nq:], "q_camids": c[:nq], "g_camids": c[nq:]}
     expected = "; ".join(", ".join(s) for s in SCHEMES) + "; features, pids, camids, num_query"
-    raise KeyError(f"{path}: found arrays {sorted(keys)}, expected one of: {expected}")
+    raise FeaturesError(f"{path}: found arrays {sorted(keys)}, expected one of: {expected}")
+
+
+def _check_arrays(d: dict, path: str) -> None:
+    for side in ("query", "gallery"):
+        f = d[f"{side}_features"]
+        if f.ndim != 2 or not np.issubdtype(f.dtype, np.floating):
+            raise FeaturesError(f"{path}: {side} features must be a 2-D floating array [n, D], got "
+                                f"{f.dtype} of shape {f.shape}")
+        if len(f) == 0:
+            raise FeaturesError(f"{path}: no {side} features (0 rows)")
+        for what in ("pids", "camids"):
+            v = d[f"{side[0]}_{what}"]
+            if v.ndim != 1 or not np.issubdtype(v.dtype, np.integer):
+                raise FeaturesError(f"{path}: {side} {what} must be a 1-D integer array, got {v.dtype} of "
+                                    f"shape {v.shape}")
+            if len(v) != len(f):
+                raise FeaturesError(f"{path}: {len(v)} {side} {what} for {len(f)} {side} features")
+    if d["query_features"].shape[1] != d["gallery_features"].shape[1]:
+        raise FeaturesError(f"{path}: query features have D = {d['query_features'].shape[1]}, gallery features "
+                            f"D = {d['gallery_features'].shape[1]}")
+
+
+def _check_outputs(args: argparse.Namespace) -> str | None:
+    """The problem with --device or --json, found before any work, or None."""
+    import torch
+
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        return f"--device {args.device!r} is not a device; use cpu or cuda[:i]"
+    if dev.type not in ("cpu", "cuda"):
+        return f"--device {args.device!r}: only cpu and cuda are supported"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {args.device!r}: no CUDA device is available here (torch {torch.__version__})"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {args.device!r}: there are {torch.cuda.device_count()} CUDA devices"
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json)) or "."
+        if os.path.isdir(args.json):
+            return f"--json {args.json!r} is a folder; give a file name"
+        if not os.path.isdir(folder):
+            return f"--json {args.json!r}: the folder {folder!r} does not exist"
+        if not os.access(folder, os.W_OK):
+            return f"--json {args.json!r}: the folder {folder!r} is not writable"
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -47,9 +125,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from upreid.evaluation import evaluate, format_table
 
+    problem = _check_outputs(args)
+    if problem:
+        print(f"upreid evaluate: {problem}", file=sys.stderr)
+        return 2
     try:
         data = load_features(args.features)
-    except (OSError, KeyError, ValueError) as exc:
+    except FeaturesError as exc:
         print(f"upreid evaluate: {exc}", file=sys.stderr)
         return 2
     data = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.items()}

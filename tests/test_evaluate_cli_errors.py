@@ -1,0 +1,83 @@
+"""`upreid evaluate` refuses malformed inputs and bad options with a message naming the problem,
+before any work, and without a traceback."""
+import numpy as np
+import pytest
+
+from upreid.evaluation.cli import main
+
+
+def good(path, **over):
+    rng = np.random.default_rng(0)
+    arrays = dict(features=rng.standard_normal((12, 4)).astype(np.float32), pids=np.arange(12) % 3,
+                  camids=np.arange(12) % 2, num_query=np.int64(4))
+    arrays.update(over)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def run(capsys, *argv):
+    rc = main(["evaluate", *map(str, argv), "--no-progress"])
+    return rc, capsys.readouterr().err
+
+
+def test_good_file_still_evaluates(tmp_path, capsys):
+    rc, err = run(capsys, good(tmp_path / "f.npz"))
+    assert rc == 0 and err == ""
+
+
+@pytest.mark.parametrize("num_query,message", [(-3, "got -3"), (0, "got 0"), (12, "got 12")])
+def test_num_query_out_of_range(tmp_path, capsys, num_query, message):
+    rc, err = run(capsys, good(tmp_path / "f.npz", num_query=np.int64(num_query)))
+    assert rc == 2 and "'num_query' must be in [1, 11]" in err and message in err
+
+
+def test_truncated_empty_and_non_npz_files_are_named(tmp_path, capsys):
+    full = good(tmp_path / "full.npz")
+    data = open(full, "rb").read()
+    cases = {"truncated.npz": data[: len(data) // 2], "empty.npz": b"", "text.npz": b"query,gallery\n1,2\n"}
+    for name, content in cases.items():
+        p = tmp_path / name
+        p.write_bytes(content)
+        rc, err = run(capsys, p)
+        assert rc == 2 and str(p) in err and ("not a readable .npz" in err or "truncated" in err), (name, err)
+        assert "Traceback" not in err
+    single = tmp_path / "single.npy"
+    np.save(single, np.zeros(3))
+    rc, err = run(capsys, single)
+    assert rc == 2 and "single array, not an .npz" in err
+
+
+@pytest.mark.parametrize("over,message", [
+    (dict(features=np.array(["a"] * 12)), "2-D floating array"),
+    (dict(pids=np.arange(12) * 1.5), "pids must be a 1-D integer array"),
+    (dict(camids=np.arange(11)), "12 features, 12 pids and 11 camids"),
+    (dict(num_query=np.array([4, 5])), "'num_query' must be one integer"),
+])
+def test_wrong_dtypes_and_shapes(tmp_path, capsys, over, message):
+    rc, err = run(capsys, good(tmp_path / "f.npz", **over))
+    assert rc == 2 and message in err, err
+
+
+def test_missing_arrays_list_the_schemes(tmp_path, capsys):
+    p = tmp_path / "f.npz"
+    np.savez(p, feats=np.zeros((3, 2)))
+    rc, err = run(capsys, p)
+    assert rc == 2 and "found arrays ['feats']" in err and "query_features" in err
+
+
+@pytest.mark.parametrize("device,message", [("gpu", "is not a device"), ("cuda:0", "no CUDA device"),
+                                            ("meta", "only cpu and cuda")])
+def test_bad_device(tmp_path, capsys, device, message):
+    import torch
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    rc, err = run(capsys, good(tmp_path / "f.npz"), "--device", device)
+    assert rc == 2 and message in err, err
+
+
+def test_bad_json_destination_is_refused_before_work(tmp_path, capsys):
+    f = good(tmp_path / "f.npz")
+    rc, err = run(capsys, f, "--json", tmp_path / "missing" / "r.json")
+    assert rc == 2 and "does not exist" in err
+    rc, err = run(capsys, f, "--json", tmp_path)
+    assert rc == 2 and "is a folder" in err
