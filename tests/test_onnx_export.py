@@ -25,7 +25,7 @@ def finetune_checkpoint(path, *overrides):
             if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-    ckpt_io.save_atomic({"format": "upreid-finetune", "version": ckpt_io.VERSION, "step": 3, "config": cfg,
+    ckpt_io.save_atomic({"format": "upreid-finetune", "version": ckpt_io.VERSION, "step": 3, "config": cfg.to_dict(),
                          "num_classes": 7, "model": model.state_dict()}, path)
     return model.eval(), cfg
 

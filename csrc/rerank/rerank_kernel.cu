@@ -201,6 +201,9 @@ __device__ __forceinline__ void insert(NbSmem<T>& s, int r, int* li, T* ld, int 
     const bool lt = t < n && before(ld[t], li[t], cd, cj);
     pos += __popc(__ballot_sync(kFull, lt));
   }
+  // The reads above happen before any lane writes the list below (a ballot orders no memory; without
+  // this, lane 0's store at `pos` could race a read of that slot when nothing moves).
+  __syncwarp();
   const int last = min(n, K - 1) - 1;  // entries pos..last move one place down
   for (int base = last; base >= pos; base -= 32) {
     const int t = base - lane;
