@@ -38,7 +38,7 @@ def test_onnx_round_trip_matches_pytorch_with_dynamic_batch(tmp_path, capsys):
     assert "onnxruntime matches PyTorch" in capsys.readouterr().out
     d = cfg["data"]
     meta = read_metadata(out)
-    assert meta == {"height": d["height"], "width": d["width"], "mean": d["mean"], "std": d["std"],
+    assert meta == {"height": d["height"], "width": d["width"], "mean": list(d["mean"]), "std": list(d["std"]),
                     "feat_dim": 512, "source_format": "upreid-finetune"}
     import onnxruntime as ort
     sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
