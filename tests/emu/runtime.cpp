@@ -345,18 +345,22 @@ void complete_locked(Block& b, Warp& w, unsigned m) {
   }
   if (op == Op::kMma) {
     float A[256], B[256], C[256];
+    int lane_of[256], slot_of[256];
     for (int l = 0; l < 32; ++l)
       for (int i = 0; i < 8; ++i) {
-        A[l + 32 * i] = w.mma_in[l][i];
-        B[l + 32 * i] = w.mma_in[l][8 + i];
-        C[l + 32 * i] = w.mma_in[l][16 + i];
+        const int e = frag_elem(l, i);
+        lane_of[e] = l;
+        slot_of[e] = i;
+        A[e] = w.mma_in[l][i];
+        B[e] = w.mma_in[l][8 + i];
+        C[e] = w.mma_in[l][16 + i];
       }
     for (int r = 0; r < 16; ++r)
       for (int n = 0; n < 16; ++n) {
         float acc = C[r * 16 + n];
         for (int k = 0; k < 16; ++k) acc = std::fma(A[r * 16 + k], B[k * 16 + n], acc);
         const int e = r * 16 + n;
-        w.mma_out[e & 31][e >> 5] = acc;
+        w.mma_out[lane_of[e]][slot_of[e]] = acc;
       }
   }
   unsigned pb = 0;

@@ -1,8 +1,8 @@
 // Emulation stand-in for the WMMA API (nvcuda::wmma), 16x16x16 shapes with fp16/bf16 operands and
 // fp32 accumulators: see upreid_emu.h.
 //
-// As on the hardware, a fragment is spread over the 32 lanes of a warp: lane l holds elements
-// e = l + 32 i (i < 8) of the row-major logical 16 x 16 tile. load_matrix_sync and
+// As on the hardware, a fragment is spread over the 32 lanes of a warp: lane l holds 8 elements of
+// the logical 16 x 16 tile, in the hardware's register layout (upreid_emu::frag_elem). load_matrix_sync and
 // store_matrix_sync read and write only the calling lane's elements, so one lane reading what
 // another lane stored without a __syncwarp between them is a data race (race mode reports it).
 // mma_sync is a warp collective: the product is formed once from the lanes' parts with exact
@@ -35,7 +35,7 @@ inline float to_f(__half v) { return __half2float(v); }
 inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 // Logical (r, c) of this lane's element i, and its offset in memory for the operand's layout.
 inline void rc(int i, int* r, int* c) {
-  const int e = lane() + 32 * i;
+  const int e = ::upreid_emu::frag_elem(lane(), i);
   *r = e >> 4;
   *c = e & 15;
 }

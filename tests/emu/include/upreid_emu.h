@@ -152,9 +152,18 @@ void syncwarp(const char* file, int line, unsigned mask = 0xffffffffu);
 enum class Op : int { kShfl = 1, kShflXor, kShflUp, kShflDown, kBallot, kAny, kAll, kMma };
 // Every lane of `mask` deposits `value`; returns what the op gives this lane (bit pattern).
 uint64_t warp_op(const char* file, int line, Op op, unsigned mask, uint64_t value, int arg, int width);
-// WMMA 16x16x16: each lane passes its 8 elements of a, b, c (element e = lane + 32 i of the row-major
-// logical tiles A[16 x 16], B[16 x 16], C[16 x 16]) and receives its 8 elements of D = A B + C.
+// WMMA 16x16x16: each lane passes its 8 elements of a, b, c (frag_elem below: which elements of
+// the row-major logical tiles A, B, C) and receives its 8 elements of D = A B + C.
 void warp_mma(const char* file, int line, const float* a, const float* b, const float* c, float* d);
+// Which element of a 16 x 16 fragment lane `lane` holds as its i-th (i < 8): row-major index
+// r * 16 + c, in the register layout of the hardware's 16x16 mma fragments (lane / 4 picks the row
+// pair, lane % 4 the column pair), not a simple stride, so code that reads back its own stores
+// with another mapping has to synchronise the warp.
+inline int frag_elem(int lane, int i) {
+  const int r = (lane >> 2) + 8 * ((i >> 1) & 1);
+  const int c = (lane & 3) * 2 + (i & 1) + 8 * (i >> 2);
+  return r * 16 + c;
+}
 [[noreturn]] void trap(const char* file, int line);
 
 template <class T>
