@@ -34,7 +34,7 @@ def test_metrics_writer_scalars_at_their_steps(tmp_path):
 @pytest.mark.slow
 def test_short_pretraining_run_writes_its_scalars(tmp_path):
     write_tiny(str(tmp_path / "img"), n=16, ids=4, size=(64, 32))
-    cfg = load_config(os.path.join(ROOT, "configs", "pretrain", "tiny_cpu.yaml"),
+    cfg = load_config("pretrain", os.path.join(ROOT, "configs", "pretrain", "tiny_cpu.yaml"),
                       [f"data.root={tmp_path}/img", f"train.output={tmp_path}/run", "train.steps=3",
                        "train.log_every=2", "train.progress=false", "data.backend=torch", "model.queue_size=16",
                        "data.batch_size=4"])

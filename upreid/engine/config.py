@@ -168,6 +168,8 @@ def suggest(key: str, known: Iterable[str]) -> str:
 def load_config(task: str, path: str | None = None, overrides: Iterable[str] = ()) -> Config:
     """``task``'s config: its base.yaml <- ``path`` (and its ``_base_`` chain) <- ``key=value``
     overrides, every value checked (:mod:`upreid.engine.schema`); a frozen :class:`Config`."""
+    if task not in SPECS:
+        raise ConfigError(f"unknown task {task!r}; expected one of {sorted(SPECS)}")
     spec = SPECS[task]
     items = _read(base_file(task))
     if path:
