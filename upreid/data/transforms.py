@@ -3,9 +3,12 @@
 Each function takes the decoded PIL image and a ``numpy.random.Generator`` and returns the sample
 dict the loaders collate; the random draws follow :mod:`upreid.data.augment`, so the DALI pipelines
 produce the same distributions. Geometry uses Pillow's bilinear resampling with a float source
-box (antialiased when shrinking), which matches DALI's ``resize`` with a relative ROI.
+box (antialiased when shrinking) on an edge-padded image, which matches DALI's ``resize`` with a
+relative ROI, borders included (see :func:`resize`).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -58,9 +61,26 @@ def _erase(t: torch.Tensor, u: np.ndarray, area, ratio):
 
 
 def resize(img, height: int, width: int, box=None):
+    """Bilinear resize of ``box`` (x0, y0, x1, y1 in pixels, float; the whole image by default) to
+    ``height`` x ``width``, antialiased when shrinking (the triangle filter widens with the scale).
+
+    DALI's ``resize`` and Pillow use the same triangle filter but differ at the image border: DALI
+    repeats the edge pixels, Pillow drops the taps that fall outside and renormalises the rest. When
+    shrinking, the filter spans several pixels, so the border rows and columns differed by up to
+    ~15 grey levels. Padding the image with copies of its edge pixels (at least the filter's reach)
+    before Pillow's resize gives DALI's border rule, and the two agree to rounding in both
+    directions (``tests/test_data_dali.py``)."""
     from PIL import Image
 
-    return img.resize((width, height), Image.BILINEAR, box=box)
+    w_in, h_in = img.size
+    x0, y0, x1, y1 = box if box is not None else (0.0, 0.0, float(w_in), float(h_in))
+    # Pillow's taps reach max(scale, 1) pixels beyond an output pixel's centre; one more for rounding
+    py = int(math.ceil(max((y1 - y0) / height, 1.0))) + 1
+    px = int(math.ceil(max((x1 - x0) / width, 1.0))) + 1
+    arr = np.asarray(img)
+    pad = ((py, py), (px, px)) + ((0, 0),) * (arr.ndim - 2)
+    padded = Image.fromarray(np.pad(arr, pad, mode="edge"))
+    return padded.resize((width, height), Image.BILINEAR, box=(x0 + px, y0 + py, x1 + px, y1 + py))
 
 
 def pretrain_view(img, rng: np.random.Generator, aug: PretrainAug) -> dict:
