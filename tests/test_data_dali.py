@@ -256,3 +256,63 @@ def test_odd_but_valid_files_agree_with_torch(recs, tmp_path):
         t = one("eval", [rec], "torch", aug={"height": 64, "width": 32}, workers=0)
         d = (px(a["images"]) - px(t["images"])).abs()
         assert d.mean() < 1.0, (list(files)[i], d.mean())
+
+
+def test_undecodable_files_found_named_and_skipped(recs, tmp_path):
+    """Files that pass the structural check but fail inside DALI's decoder (which invalidates the
+    pipeline): the loader decodes the failed batch's files one by one, names the culprit, and with
+    on_bad_image='skip' skips and counts it, rebuilds the pipeline and finishes the epoch."""
+    from upreid.data.imageio import read_bytes
+    from upreid.data.testing import undecodable_files
+    files = undecodable_files(str(tmp_path), recs[0].path)
+    for kind, path in files.items():
+        read_bytes(path)                                         # passes the structural check
+        with pytest.raises(BadImageError, match=path.replace(".", r"\.")) as info:
+            list(build_loader("eval", [recs[1], Record(path, 0, 0), recs[2]], batch_size=3, backend="dali",
+                              device="cpu"))
+        assert "decoder" in str(info.value), kind
+        with pytest.raises(BadImageError, match=path.replace(".", r"\.")):   # the fallback names it too
+            list(build_loader("eval", [Record(path, 0, 0)], batch_size=1, backend="torch", device="cpu",
+                              workers=0))
+    bad = list(files.values())
+    records = recs[:5] + [Record(bad[0], 0, 0)] + recs[5:9] + [Record(bad[1], 0, 0)] + recs[9:12]
+    L = build_loader("eval", records, batch_size=3, backend="dali", device="cpu", on_bad_image="skip")
+    rebuilds = []
+    for epoch in range(2):                                       # the second epoch skips them up front
+        batches = list(L)
+        rebuilds.append(L.rebuilds)
+        idx = torch.cat([b["index"] for b in batches]).tolist()
+        assert idx == [0, 1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13], (epoch, idx)   # every good image, in order
+        assert L.summary["skipped"] == 2 and sorted(L.summary["skipped_paths"]) == sorted(bad)
+        ref = one("eval", [records[i] for i in idx], "torch", workers=0)
+        assert (px(torch.cat([b["images"] for b in batches])) - px(ref["images"])).abs().max() <= 1.01
+    assert rebuilds == [2, 2]            # one rebuild per failing batch; once found, a file never reaches DALI
+    # pre-training with the LUP views: the epoch goes on as well
+    P = build_loader("pretrain", records, batch_size=4, backend="dali", device="cpu", on_bad_image="skip")
+    idx = sorted(torch.cat([b["index"] for b in P]).tolist())
+    assert 5 not in idx and 10 not in idx and P.summary["skipped"] + P.summary["not_drawn"] + len(idx) == 14
+    assert set(P.summary["skipped_paths"]) <= set(bad) and P.summary["skipped"] >= 1
+
+
+def test_dali_failure_not_caused_by_a_file_is_raised_with_the_batch(recs, monkeypatch):
+    """A pipeline failure that no single file reproduces is not blamed on a file: it is raised with
+    the batch's paths and DALI's reason."""
+    from upreid.data import dali_pipeline
+    L = build_loader("eval", recs[:4], batch_size=2, backend="dali", device="cpu", on_bad_image="skip")
+    real = dali_pipeline.DaliLoader._build
+
+    def failing_build(self):
+        real(self)
+        it = self._iter
+
+        class Failing:
+            def __next__(self):
+                raise RuntimeError("Critical error in pipeline:\nencountered:\n\nInjected failure :\n"
+                                   "Current pipeline object is no longer valid.")
+
+            def reset(self):
+                it.reset()
+        self._iter = Failing()
+    monkeypatch.setattr(dali_pipeline.DaliLoader, "_build", failing_build)
+    with pytest.raises(RuntimeError, match="each decode alone.*Injected failure"):
+        list(L)

@@ -3,7 +3,10 @@
 
 Samples enter through an ``external_source`` fed by the same samplers as the torch fallback (so P x K
 batches, sharding and ordered evaluation are identical); the bytes are checked cheaply before DALI
-sees them so that a bad file is named (or skipped) instead of failing a batch. Random parameters
+sees them so that a bad file is named (or skipped) instead of failing a batch. A file that passes
+those checks but fails inside DALI's decoder invalidates the pipeline: the loader then finds it by
+decoding the pending batches' files one by one, names it, and (``on_bad_image='skip'``) skips and
+counts it, rebuilds the pipeline and goes on with the epoch. Random parameters
 follow :mod:`upreid.data.augment` with DALI's random operators: crop boxes and erasing rectangles are
 computed with DALI arithmetic and returned as outputs, grayscale is ``hsv(saturation=0)`` (DALI has
 no grayscale operator), and coin flips are cast before arithmetic (``coin_flip`` has no float type).
@@ -12,6 +15,7 @@ pay for them. Tensors reach torch through the DALI PyTorch plugin.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from typing import Iterator, List
@@ -45,17 +49,27 @@ class _Source:
     """Batch callable for ``external_source(batch_info=True)``: one epoch of (encoded bytes, index,
     pid, camid) batches; raising StopIteration ends DALI's epoch. The epoch's batches are taken from
     the sampler when DALI asks for iteration 0, i.e. after the iterator's reset, so ``set_epoch``
-    called between epochs is honoured."""
+    called between epochs is honoured. ``fed`` holds the record indices of every batch handed to DALI
+    since iteration 0 (what to probe when the pipeline fails); after a rebuild mid-epoch, ``resume``
+    is fed from iteration 0 instead of a new epoch. Files DALI's decoder failed on (``undecodable``,
+    path -> reason) are skipped or named like the files the structural check refuses."""
 
     def __init__(self, loader: "DaliLoader"):
         self.loader = loader
         self.skipped: List[str] = []
         self.batches = iter(())
+        self.fed: List[List[int]] = []
+        self.resume = None
+        self.undecodable: dict = {}
 
     def __call__(self, info):
         if info.iteration == 0:
-            self.batches = iter(self.loader.sampler.batches(self.loader.epoch))
-            self.skipped = []
+            if self.resume is not None:           # a pipeline rebuilt mid-epoch goes on where it failed
+                self.batches, self.resume = self.resume, None
+            else:
+                self.batches = iter(self.loader.sampler.batches(self.loader.epoch))
+                self.skipped = []
+            self.fed = []
         recs = self.loader.records
         skip = self.loader.on_bad_image == "skip"
         while True:
@@ -63,6 +77,9 @@ class _Source:
             enc, keep = [], []
             for i in idx:
                 try:
+                    reason = self.undecodable.get(recs[i].path)
+                    if reason is not None:
+                        raise BadImageError(recs[i].path, reason)
                     enc.append(read_bytes(recs[i].path))
                     keep.append(i)
                 except BadImageError:
@@ -71,11 +88,48 @@ class _Source:
                     self.skipped.append(recs[i].path)
             if keep:
                 break
+        self.fed.append(keep)
         out = (enc, [np.array(i, np.int64) for i in keep])
         if self.loader.kind == "pretrain":        # labels are not used: do not ship them
             return out
         return out + ([np.array(recs[i].pid, np.int64) for i in keep],
                       [np.array(recs[i].camid, np.int64) for i in keep])
+
+
+def _dali_reason(err: BaseException) -> str:
+    """The line of a DALI error that says what failed (its message starts with a traceback)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+    keep = [ln for ln in after if "no longer valid" not in ln] or lines[-1:]
+    return keep[0].rstrip(" :") if keep else type(err).__name__
+
+
+def find_undecodable(paths: List[str], device: str = "cpu", device_id=None) -> dict:
+    """Decode each file alone with DALI's image decoder; ``{path: reason}`` of those that fail. A
+    failure invalidates a DALI pipeline, so the probe pipeline is rebuilt after each one."""
+    dali, fn, types, _ = import_dali()
+    gpu = device == "gpu"
+
+    @dali.pipeline_def(batch_size=1, num_threads=1, device_id=device_id if gpu else None,
+                       prefetch_queue_depth=1, exec_pipelined=False, exec_async=False)
+    def probe():
+        enc = fn.external_source(name="enc", dtype=types.UINT8)
+        return fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+    bad, pipe = {}, None
+    for path in paths:
+        if pipe is None:
+            pipe = probe()
+            pipe.build()
+        try:
+            pipe.feed_input("enc", [read_bytes(path)])
+            pipe.run()
+        except BadImageError as e:
+            bad[path] = e.reason
+        except Exception as e:                    # DALI's decoder failed: this pipeline is spent
+            bad[path] = f"passes the header checks but DALI's image decoder fails on it ({_dali_reason(e)})"
+            pipe = None
+    return bad
 
 
 def _uniform(fn, types):
@@ -212,28 +266,66 @@ class DaliLoader(BaseLoader):
             self.output_map.insert(1, "images_flipped")
         self._source = _Source(self)
         self._iter = None
+        self.rebuilds = 0
 
     def _build(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        dev_id = self.device.index if self.device.index is not None else (
-            torch.cuda.current_device() if self.dali_device == "gpu" else None)
+        dev_id = self._device_id()
+        # a pipeline rebuilt after a decoder failure gets its own random stream (not the epoch's start again)
+        seed = (self.seed * 7919 + self.rank + 104729 * self.rebuilds) % (2 ** 31)
         self.pipe = build_pipeline(self.kind, self._source, self.aug, batch_size=self.batch_size,
-                                   device=self.dali_device, threads=self.threads,
-                                   seed=(self.seed * 7919 + self.rank) % (2 ** 31), prefetch=self.prefetch,
-                                   device_id=dev_id)
+                                   device=self.dali_device, threads=self.threads, seed=seed,
+                                   prefetch=self.prefetch, device_id=dev_id)
         note_dali_pipeline_built()
         self.pipe.build()
         self._iter = DALIGenericIterator(self.pipe, self.output_map, last_batch_policy=LastBatchPolicy.PARTIAL,
                                          auto_reset=False, prepare_first_batch=False)
+
+    def _device_id(self):
+        if self.dali_device != "gpu":
+            return None
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def _recover(self, pending: List[List[int]], err: BaseException) -> None:
+        """DALI failed inside the pipeline (which is then unusable) on one of the ``pending`` batches
+        (fed, not delivered): find the files its decoder fails on, one by one, and name them; with
+        on_bad_image='skip', rebuild the pipeline and go on with the epoch from the failed batch."""
+        self._iter, self.pipe = None, None
+        paths = [self.records[i].path for b in pending for i in b]
+        bad = find_undecodable(paths, self.dali_device, self._device_id())
+        if not bad:
+            raise RuntimeError(f"DALI failed on a batch whose {len(paths)} files each decode alone "
+                               f"(e.g. {paths[:3]}): {_dali_reason(err)}") from err
+        log.warning("DALI's decoder fails on %d file(s): %s", len(bad), sorted(bad)[:3])
+        self._source.undecodable.update(bad)
+        if self.on_bad_image != "skip":
+            path = next(p for p in paths if p in bad)
+            raise BadImageError(path, bad[path]) from None
+        # the pending batches again (the source now skips and counts the bad files), then the rest
+        self._source.resume = itertools.chain(pending, self._source.batches)
+        self.rebuilds += 1
+        self._build()
 
     def __iter__(self) -> Iterator[dict]:
         if self._iter is None:
             self._build()
         else:
             self._iter.reset()
-        samples, n_batches = 0, 0
-        for out in self._iter:
+        samples, n_batches, delivered = 0, 0, 0       # delivered: by this pipeline since its iteration 0
+        while True:
+            try:
+                out = next(self._iter)
+            except StopIteration:
+                break
+            except BadImageError:
+                self._iter = None                     # the next epoch starts on a fresh pipeline
+                raise
+            except Exception as e:                    # a DALI failure: this pipeline is no longer valid
+                self._recover(self._source.fed[delivered:], e)
+                delivered = 0
+                continue
+            delivered += 1
             batch = {k: v.to(self.device, non_blocking=True) for k, v in out[0].items()}
             samples += len(batch["index"])
             n_batches += 1

@@ -72,6 +72,37 @@ def malformed_files(root: str, jpeg: str, png_size=(16, 8)) -> dict:
     return out
 
 
+def undecodable_files(root: str, jpeg: str, png_size=(16, 8)) -> dict:
+    """Files that pass the structural check (signature, frame, scan, end marker; IHDR, IEND) but fail
+    inside the decoders: a JPEG whose Huffman table counts more than 256 codes, and a PNG whose image
+    data is not a valid zlib stream (its chunk CRC recomputed, so only the decompression fails).
+    Returns {kind: path}. ``jpeg``: a good JPEG (baseline, with a DHT segment)."""
+    import struct
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    data = bytearray(open(jpeg, "rb").read())
+    dht = data.index(b"\xff\xc4")
+    data[dht + 5:dht + 21] = bytes([255] * 16)          # 16 code-length counts of 255 each: bogus
+    png = os.path.join(root, "good_for_idat.png")
+    Image.fromarray(np.zeros((*png_size, 3), np.uint8)).save(png)
+    raw = open(png, "rb").read()
+    os.remove(png)
+    i = raw.index(b"IDAT")
+    n = int.from_bytes(raw[i - 4:i], "big")
+    idat = b"\x78\x9c" + b"\xff" * max(n - 2, 8)       # a zlib header, then an invalid deflate block
+    bad_png = (raw[:i - 4] + struct.pack(">I", len(idat)) + b"IDAT" + idat
+               + struct.pack(">I", zlib.crc32(b"IDAT" + idat)) + raw[i + 4 + n + 4:])
+    out = {"bogus_huffman_jpeg": os.path.join(root, "bogus_huffman.jpg"),
+           "bad_zlib_png": os.path.join(root, "bad_zlib.png")}
+    for kind, payload in (("bogus_huffman_jpeg", bytes(data)), ("bad_zlib_png", bad_png)):
+        with open(out[kind], "wb") as f:
+            f.write(payload)
+    return out
+
+
 def odd_but_valid_files(root: str, jpeg: str) -> dict:
     """Valid images that decoders treat differently unless care is taken: a JPEG with bytes after its
     end marker, a JPEG with EXIF orientation 6 (rotate 90 degrees), a 16-bit grey PNG (mid grey)."""
