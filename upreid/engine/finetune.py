@@ -23,7 +23,7 @@ from upreid.engine.finetune_eval import EvalHook
 from upreid.engine.init_weights import FINETUNE_FORMAT, load_trunk
 from upreid.engine.task import Task
 from upreid.engine.trainer import Trainer, param_groups
-from upreid.models.reid import batch_hard_triplet, build_reid_model, cross_entropy_ls
+from upreid.models.reid import batch_hard_triplet, cross_entropy_ls, reid_model_from_config
 
 
 def lr_factor(epoch: float, warmup: float, warmup_factor: float, milestones, gamma: float) -> float:
@@ -34,10 +34,7 @@ def lr_factor(epoch: float, warmup: float, warmup_factor: float, milestones, gam
 
 
 def build_model(cfg, num_classes: int) -> nn.Module:
-    m = cfg["model"]
-    return build_reid_model(m["arch"], num_classes, depth=m["depth"], last_stride=m["last_stride"], ibn=m["ibn"],
-                            neck=m["neck"], pooling=m["pooling"], gem_p=m["gem_p"],
-                            test_feature=m["test_feature"], **({"dim": m["mgn_dim"]} if m["arch"] == "mgn" else {}))
+    return reid_model_from_config(cfg["model"], num_classes)
 
 
 def initialise(model: nn.Module, init) -> dict:

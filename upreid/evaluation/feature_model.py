@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from upreid.data.augment import LUP_MEAN, LUP_STD
-from upreid.models.reid import _pool, make_pool
+from upreid.models.reid import _pool, make_pool, reid_model_from_config
 
 log = logging.getLogger("upreid.evaluation")
 
@@ -52,10 +52,9 @@ def load_feature_model(path: str, last_stride: int = 1, pooling: str = "avg") ->
 
     fmt, _, meta = read_trunk_state(path)
     if fmt == FINETUNE_FORMAT:
-        from upreid.engine.finetune import build_model
         obj = ckpt_io.load(path, expect=FINETUNE_FORMAT)
         cfg = obj["config"]
-        model = build_model(cfg, int(obj["num_classes"]))
+        model = reid_model_from_config(cfg["model"], int(obj["num_classes"]))
         model.load_state_dict(obj["model"])
         d, m = cfg["data"], cfg["model"]
         info = {"format": FINETUNE_FORMAT, "arch": {k: m[k] for k in ("arch", "depth", "ibn", "last_stride")},

@@ -171,6 +171,16 @@ def build_reid_model(arch: str, num_classes: int, **kw) -> nn.Module:
     raise ValueError(f"model.arch must be 'bot' or 'mgn', got {arch!r}")
 
 
+def reid_model_from_config(model_cfg, num_classes: int) -> nn.Module:
+    """The fine-tuning model of a config's ``model`` section (what training builds and what a
+    fine-tuning checkpoint is loaded into)."""
+    m = model_cfg
+    extra = {"dim": m["mgn_dim"]} if m["arch"] == "mgn" else {}
+    return build_reid_model(m["arch"], num_classes, depth=m["depth"], last_stride=m["last_stride"], ibn=m["ibn"],
+                            neck=m["neck"], pooling=m["pooling"], gem_p=m["gem_p"],
+                            test_feature=m["test_feature"], **extra)
+
+
 # ------------------------------------------------------------------------------------------- losses
 def cross_entropy_ls(logits: Tensor, target: Tensor, epsilon: float = 0.1) -> Tensor:
     """Label-smoothed cross entropy (BoT: epsilon 0.1), computed in fp32."""

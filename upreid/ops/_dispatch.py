@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from upreid.ops import _lib
+import upreid.ops._lib as _lib
 
 FUSED, REFERENCE, VIA_CPU = "fused", "reference", "via_cpu"
 LOWER, FP32, KEEP = "lower", "fp32", "keep"

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from upreid.ops import _checks, _dispatch, _lib, reference
+import upreid.ops._checks as _checks
+import upreid.ops._dispatch as _dispatch
+import upreid.ops._lib as _lib
+import upreid.ops.reference as reference
 
 
 def info_nce(

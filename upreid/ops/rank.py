@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from upreid.ops import _dispatch, _lib
-from upreid.ops import reference_eval as reference
+import upreid.ops._dispatch as _dispatch
+import upreid.ops._lib as _lib
+import upreid.ops.reference_eval as reference
 
 
 def rank_metrics(

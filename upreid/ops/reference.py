@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from upreid.ops import _checks
+import upreid.ops._checks as _checks
 
 
 def _out_dtype(t: Tensor) -> torch.dtype:
