@@ -89,3 +89,57 @@ def finetune_cfg():
         return load_config("finetune", FINETUNE_TINY, [f"data.root={root}", f"train.output={out}",
                                                        *FINETUNE_FAST, *extra])
     return make
+
+
+# ------------------------------------------------------------------ model fixtures
+class TinyTrunk(torch.nn.Module):
+    """A stand-in for the ResNet trunk in model tests, as MoCo's builder takes its encoder:
+    two strided conv + BN + ReLU stages, ``[B, 3, H, W] -> [B, out_channels, H/4, W/4]``."""
+
+    def __init__(self, out_channels: int = 16):
+        super().__init__()
+        nn = torch.nn
+        self.out_channels = out_channels
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, out_channels, 3, 2, 1, bias=False), nn.BatchNorm2d(out_channels),
+                                  nn.ReLU())
+
+    def forward(self, x):
+        return self.body(x)                                   # [B, C, H/4, W/4]
+
+
+@pytest.fixture
+def tiny_trunk():
+    """``tiny_trunk(out_channels=16)``: a fresh :class:`TinyTrunk` (a few thousand weights)."""
+    return TinyTrunk
+
+
+@pytest.fixture
+def tiny_resnet():
+    """``tiny_resnet(**kw)``: a ResNet-18 of width 8 (every layer, 1/8 of the channels), for models that
+    need the ResNet structure itself (MGN copies layer3/layer4)."""
+    from upreid.models import ResNet
+
+    def make(**kw):
+        kw.setdefault("width", 8)
+        return ResNet(18, **kw)
+    return make
+
+
+def make_upreid_batch(b=4, h=64, w=32, seed=0):
+    """A pre-training batch (original, two views, their crop boxes and flips) of random pixels."""
+    g = torch.Generator().manual_seed(seed)
+    boxes = []
+    for _ in range(2):
+        y0, x0 = torch.rand(b, generator=g) * 0.4, torch.rand(b, generator=g) * 0.3
+        boxes.append(torch.stack([y0, x0, y0 + 0.5 + torch.rand(b, generator=g) * 0.1,
+                                  x0 + 0.6 + torch.rand(b, generator=g) * 0.1], 1))
+    return {"original": torch.randn(b, 3, h, w, generator=g), "view1": torch.randn(b, 3, h, w, generator=g),
+            "view2": torch.randn(b, 3, h, w, generator=g), "box1": boxes[0], "box2": boxes[1],
+            "flip1": (torch.rand(b, generator=g) < 0.5).float(), "flip2": torch.zeros(b)}
+
+
+@pytest.fixture
+def upreid_batch():
+    """``upreid_batch(b=4, h=64, w=32, seed=0)``: see :func:`make_upreid_batch`."""
+    return make_upreid_batch

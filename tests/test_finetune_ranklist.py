@@ -59,14 +59,20 @@ def test_batch_hard_triplet_known_values():
     assert batch_hard_triplet(feats, pids, None) == pytest.approx(float(soft), abs=1e-5)
 
 
-def test_models_train_and_eval_outputs():
+def test_models_train_and_eval_outputs(tiny_resnet, tiny_trunk):
+    """BoT and MGN on injected narrow trunks (the ResNet structure at 1/8 of the channels)."""
     x = torch.randn(4, 3, 64, 32)
-    bot = BoT(num_classes=7, depth=18)
+    bot = BoT(num_classes=7, trunk=tiny_resnet())
     out = bot(x)
-    assert out["logits"][0].shape == (4, 7) and out["triplet"][0].shape == (4, 512)
+    assert out["logits"][0].shape == (4, 7) and out["triplet"][0].shape == (4, 64)
     assert not bot.neck.bn.bias.requires_grad          # BNNeck: no shift
-    assert bot.eval()(x).shape == (4, 512)
-    mgn = MGN(num_classes=7, depth=18, dim=16)
+    assert bot.eval()(x).shape == (4, 64)
+    assert BoT(num_classes=3, trunk=tiny_trunk(out_channels=12)).eval()(x).shape == (4, 12)
+    with pytest.raises(TypeError, match="must be a ResNet"):
+        MGN(num_classes=7, trunk=tiny_trunk())
+    with pytest.raises(ValueError, match="last_stride=1"):
+        MGN(num_classes=7, trunk=tiny_resnet(last_stride=2))
+    mgn = MGN(num_classes=7, dim=16, trunk=tiny_resnet(last_stride=1))
     out = mgn(x)
     assert len(out["logits"]) == 8 and len(out["triplet"]) == 3 and out["logits"][7].shape == (4, 7)
     assert mgn.eval()(x).shape == (4, 8 * 16)

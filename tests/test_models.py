@@ -8,19 +8,20 @@ import torch
 from upreid.models import ResNet, UPReID, load_torchvision_weights, roi_pool, stripe_boxes, view_stripes_on_original
 
 H, W, B = 64, 32, 4
-SMALL = dict(depth=18, last_stride=1, hidden_dim=64, dim=32, patch_dim=32, queue_size=24, stripes=4)
+# the UP-ReID module on an injected tiny trunk (conftest's tiny_trunk): heads, queue and losses as in
+# training, at a fraction of a ResNet's cost
+SMALL = dict(hidden_dim=64, dim=32, patch_dim=32, queue_size=24, stripes=4)
 
 
-def make_batch(b=B, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    boxes = []
-    for _ in range(2):
-        y0, x0 = torch.rand(b, generator=g) * 0.4, torch.rand(b, generator=g) * 0.3
-        boxes.append(torch.stack([y0, x0, y0 + 0.5 + torch.rand(b, generator=g) * 0.1,
-                                  x0 + 0.6 + torch.rand(b, generator=g) * 0.1], 1))
-    return {"original": torch.randn(b, 3, H, W, generator=g), "view1": torch.randn(b, 3, H, W, generator=g),
-            "view2": torch.randn(b, 3, H, W, generator=g), "box1": boxes[0], "box2": boxes[1],
-            "flip1": (torch.rand(b, generator=g) < 0.5).float(), "flip2": torch.zeros(b)}
+@pytest.fixture
+def small(tiny_trunk):
+    """``small(**switches)``: an UP-ReID module on a fresh tiny trunk."""
+    return lambda **kw: UPReID(**SMALL, **kw, trunk=tiny_trunk())
+
+
+@pytest.fixture
+def make_batch(upreid_batch):
+    return lambda b=B, seed=0: upreid_batch(b, H, W, seed)
 
 
 # ---------------------------------------------------------------------------------------- ResNet
@@ -95,9 +96,9 @@ def _run(model, batch):
     dict(),                                                        # bank_kl + aligned, image negatives
     dict(symmetric=True, gc="cosine", ic="unaligned", ic_negatives="batch"),
 ])
-def test_fused_and_reference_agree_on_model(switches):
+def test_fused_and_reference_agree_on_model(switches, small, make_batch):
     torch.manual_seed(1)
-    fused = UPReID(**SMALL, **switches, loss_impl="fused")
+    fused = small(**switches, loss_impl="fused")
     ref = copy.deepcopy(fused)
     ref.set_loss_impl("reference")
     batch = make_batch()
@@ -114,14 +115,14 @@ def test_fused_and_reference_agree_on_model(switches):
     assert all(float(v) > 0 for k, v in out_f.items() if k.startswith("loss"))
 
 
-def test_switches_change_the_terms():
+def test_switches_change_the_terms(small, make_batch):
     torch.manual_seed(2)
-    base = UPReID(**SMALL)
+    base = small()
     batch = make_batch()
     outs = {}
     for name, kw in {"full": {}, "gc_off": dict(gc="off"), "ic_off": dict(ic="off"),
                      "unaligned": dict(ic="unaligned"), "lambda0": dict(lambda_gc=0.0, lambda_ic=0.0)}.items():
-        m = UPReID(**SMALL, **kw)
+        m = small(**kw)
         m.load_state_dict(base.state_dict(), strict=False)
         outs[name] = {k: v.detach() for k, v in m(batch).items()}
     assert "loss_gc" not in outs["gc_off"] and "loss_ic" not in outs["ic_off"]
@@ -129,14 +130,14 @@ def test_switches_change_the_terms():
     assert not torch.allclose(outs["full"]["loss_ic"], outs["unaligned"]["loss_ic"])  # the boxes matter
     torch.testing.assert_close(outs["full"]["loss_cl"], outs["gc_off"]["loss_cl"])
     with pytest.raises(KeyError, match="box1"):
-        UPReID(**SMALL)({k: v for k, v in batch.items() if not k.startswith("box")})
+        small()({k: v for k, v in batch.items() if not k.startswith("box")})
     with pytest.raises(ValueError, match="gc must be one of"):
-        UPReID(**SMALL, gc="kl")
+        small(gc="kl")
 
 
-def test_queue_fifo_and_momentum_update():
+def test_queue_fifo_and_momentum_update(small, make_batch):
     torch.manual_seed(3)
-    m = UPReID(**SMALL, momentum=0.9)
+    m = small(momentum=0.9)
     with torch.no_grad():
         for p in m.encoder_q.parameters():
             p.add_(1.0)
@@ -156,3 +157,36 @@ def test_queue_fifo_and_momentum_update():
     assert int(m.queue_ptr) == (12 + B) % 24 and not torch.equal(m.queue[12:12 + B], q0[12:12 + B])
     torch.testing.assert_close(m.queue[12 + B:], q0[12 + B:])
     assert 0 <= float(out["bank_entropy"]) <= torch.log(torch.tensor(24.0)) + 1e-4
+
+
+def test_injected_trunk_and_the_config_path(tiny_trunk, make_batch):
+    """An injected trunk is f_q's (f_k gets a copy), its out_channels sizes the heads, and its weights
+    are the exported backbone; without one, the config's depth/last_stride/ibn build a ResNet."""
+    trunk = tiny_trunk(out_channels=12)
+    m = UPReID(**SMALL, trunk=trunk)
+    assert m.encoder_q.trunk is trunk and m.encoder_k.trunk is not trunk
+    assert m.encoder_q.head.fc1.in_features == 12 and m.encoder_q.patch_head.fc1.in_features == 12
+    assert set(m.backbone_state_dict()) == set(trunk.state_dict())
+    assert all(not p.requires_grad for p in m.encoder_k.parameters())
+    out = m(make_batch())
+    out["loss"].backward()
+    assert trunk.body[0].weight.grad is not None and torch.isfinite(out["loss"])
+    cfg = dict(SMALL, depth=18, last_stride=1, ibn=False)
+    built = UPReID.from_config(cfg)
+    assert isinstance(built.encoder_q.trunk, ResNet) and built.encoder_q.trunk.depth == 18
+    assert built.encoder_q.trunk.last_stride == 1 and built.encoder_q.trunk.out_channels == 512
+    assert UPReID.from_config(cfg, trunk=tiny_trunk()).encoder_q.trunk.out_channels == 16
+    with pytest.raises(ValueError, match="out_channels"):
+        UPReID(**SMALL, trunk=torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()))
+    with pytest.raises(TypeError, match="nn.Module"):
+        UPReID(**SMALL, trunk="resnet18")
+
+
+def test_narrow_resnet_has_the_structure_of_the_full_one(tiny_resnet):
+    narrow, full = tiny_resnet(), ResNet(18)
+    assert [k for k in narrow.state_dict()] == [k for k in full.state_dict()]
+    assert narrow.out_channels == 64 and narrow(torch.randn(1, 3, H, W)).shape == (1, 64, 2, 1)
+    with pytest.raises(ValueError, match="width must be"):
+        ResNet(18, width=3)
+    with pytest.raises(ValueError, match="not in a depth-18|shape mismatch"):
+        load_torchvision_weights(narrow, full.state_dict())

@@ -117,16 +117,15 @@ def test_autocast_under_torch_compile():
     assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
 
 
-def test_upreid_training_step_under_bf16_autocast():
+def test_upreid_training_step_under_bf16_autocast(tiny_trunk, upreid_batch):
     """The pre-training step of `upreid pretrain train.amp=bf16` (all three fused losses, an fp32
     queue): forward and backward run, every loss term is finite and the head gets a gradient."""
-    from test_models import SMALL, make_batch
     from upreid.models import UPReID
 
     torch.manual_seed(0)
-    model = UPReID(**SMALL)
+    model = UPReID(hidden_dim=64, dim=32, patch_dim=32, queue_size=24, stripes=4, trunk=tiny_trunk())
     with torch.autocast(**BF16):
-        out = model(make_batch())
+        out = model(upreid_batch())
     out["loss"].backward()
     assert all(torch.isfinite(out[k]) for k in ("loss", "loss_cl", "loss_gc", "loss_ic"))
     grads = [p.grad for p in model.encoder_q.head.parameters()]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from upreid.models.resnet import BasicBlock, ResNet
+from upreid.models.resnet import BasicBlock, ResNet, check_trunk
 
 
 class GeM(nn.Module):
@@ -70,10 +70,12 @@ class BoT(nn.Module):
     The retrieval feature is f_i (``test_feature="bn"``, BoT's choice) or f_t (``"pre"``)."""
 
     def __init__(self, num_classes: int, depth: int = 50, last_stride: int = 1, ibn: bool = False,
-                 neck: bool = True, pooling: str = "avg", gem_p: float = 3.0, test_feature: str = "bn"):
+                 neck: bool = True, pooling: str = "avg", gem_p: float = 3.0, test_feature: str = "bn",
+                 trunk: nn.Module | None = None):
         super().__init__()
-        self.trunk = ResNet(depth, last_stride=last_stride, ibn=ibn)
-        dim = self.trunk.out_channels
+        # an injected trunk: any [B, 3, H, W] -> [B, C, h, w] module with out_channels = C
+        self.trunk = ResNet(depth, last_stride=last_stride, ibn=ibn) if trunk is None else trunk
+        dim = check_trunk(self.trunk, "BoT")
         self.pool = make_pool(pooling, gem_p)
         self.neck = BNNeck(dim) if neck else nn.Identity()
         self.classifier = _classifier(dim, num_classes)
@@ -121,9 +123,15 @@ class MGN(nn.Module):
     globals; the retrieval feature is the 8 reduced features concatenated (``8 * dim``)."""
 
     def __init__(self, num_classes: int, depth: int = 50, ibn: bool = False, dim: int = 256,
-                 pooling: str = "gem", gem_p: float = 3.0, **_unused):
+                 pooling: str = "gem", gem_p: float = 3.0, trunk: ResNet | None = None, **_unused):
         super().__init__()
-        self.trunk = ResNet(depth, last_stride=1, ibn=ibn)         # holds the initialised weights
+        if trunk is not None and not isinstance(trunk, ResNet):
+            raise TypeError(f"MGN: an injected trunk must be a ResNet (MGN copies its layer3 and layer4 into "
+                            f"three branches), got {type(trunk).__name__}; e.g. ResNet(18, last_stride=1, width=8)")
+        if trunk is not None and trunk.last_stride != 1:
+            raise ValueError("MGN: an injected ResNet trunk must have last_stride=1 (branches p2 and p3 keep "
+                             f"layer 4 at stride 1), got {trunk.last_stride}")
+        self.trunk = ResNet(depth, last_stride=1, ibn=ibn) if trunk is None else trunk   # the initialised weights
         c = self.trunk.out_channels
         t = self.trunk
         self.p1 = nn.Sequential(copy.deepcopy(t.layer3[1:]), _layer_with_stride(t.layer4, 2))
@@ -171,14 +179,14 @@ def build_reid_model(arch: str, num_classes: int, **kw) -> nn.Module:
     raise ValueError(f"model.arch must be 'bot' or 'mgn', got {arch!r}")
 
 
-def reid_model_from_config(model_cfg, num_classes: int) -> nn.Module:
+def reid_model_from_config(model_cfg, num_classes: int, trunk: nn.Module | None = None) -> nn.Module:
     """The fine-tuning model of a config's ``model`` section (what training builds and what a
-    fine-tuning checkpoint is loaded into)."""
+    fine-tuning checkpoint is loaded into); ``trunk`` replaces the ResNet it describes."""
     m = model_cfg
     extra = {"dim": m["mgn_dim"]} if m["arch"] == "mgn" else {}
     return build_reid_model(m["arch"], num_classes, depth=m["depth"], last_stride=m["last_stride"], ibn=m["ibn"],
                             neck=m["neck"], pooling=m["pooling"], gem_p=m["gem_p"],
-                            test_feature=m["test_feature"], **extra)
+                            test_feature=m["test_feature"], trunk=trunk, **extra)
 
 
 # ------------------------------------------------------------------------------------------- losses

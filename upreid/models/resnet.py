@@ -86,28 +86,32 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """ResNet trunk: ``forward(x [B, 3, H, W]) -> [B, C, H/32, W/32]`` (``H/16`` with last_stride 1),
-    ``C = out_channels`` (512 for depth 18/34, 2048 for 50/101)."""
+    ``C = out_channels`` (512 for depth 18/34, 2048 for 50/101). ``width`` is the stem's channel count
+    (64 in every published ResNet; the layers have 1, 2, 4 and 8 times as many): a narrow ResNet of the
+    same structure is a fast stand-in in tests."""
 
     def __init__(self, depth: int = 50, last_stride: int = 2, ibn: bool = False,
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False, width: int = 64):
         super().__init__()
         if depth not in ARCHS:
             raise ValueError(f"ResNet: depth must be one of {sorted(ARCHS)}, got {depth}")
         if last_stride not in (1, 2):
             raise ValueError(f"ResNet: last_stride must be 1 or 2, got {last_stride}")
+        if not isinstance(width, int) or isinstance(width, bool) or width < 2 or width % 2:
+            raise ValueError(f"ResNet: width must be an even integer >= 2, got {width!r}")
         kind, layers = ARCHS[depth]
         block: Type[Union[BasicBlock, Bottleneck]] = BasicBlock if kind == "basic" else Bottleneck
-        self.depth, self.last_stride, self.ibn = depth, last_stride, ibn
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.depth, self.last_stride, self.ibn, self.width = depth, last_stride, ibn, width
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(block, 64, layers[0], 1, ibn)
-        self.layer2 = self._make_layer(block, 128, layers[1], 2, ibn)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2, ibn)
-        self.layer4 = self._make_layer(block, 512, layers[3], last_stride, False)  # IBN-a: not in layer 4
-        self.out_channels = 512 * block.expansion
+        self.layer1 = self._make_layer(block, width, layers[0], 1, ibn)
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], 2, ibn)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], 2, ibn)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], last_stride, False)  # IBN-a: not in layer 4
+        self.out_channels = 8 * width * block.expansion
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -129,7 +133,7 @@ class ResNet(nn.Module):
                 nn.BatchNorm2d(planes * block.expansion),
             )
         # IBN-a (as released): Bottleneck of 512 planes keeps plain BN; BasicBlock uses IBN throughout 1-3.
-        use_ibn = ibn and not (block is Bottleneck and planes == 512)
+        use_ibn = ibn and not (block is Bottleneck and planes == 8 * self.width)
         layers = [block(self.inplanes, planes, stride, downsample, use_ibn)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, 1, None, use_ibn) for _ in range(1, blocks)]
@@ -141,6 +145,18 @@ class ResNet(nn.Module):
         x = self.layer2(x)                                      # [B, 128|512, H/8, W/8]
         x = self.layer3(x)                                      # [B, 256|1024, H/16, W/16]
         return self.layer4(x)                                   # [B, C, H/32 | H/16, ...]
+
+
+def check_trunk(trunk: nn.Module, owner: str) -> int:
+    """The channel count C of an injected trunk (a module mapping [B, 3, H, W] to a feature map
+    [B, C, h, w] that names C in ``out_channels``, as :class:`ResNet` does)."""
+    if not isinstance(trunk, nn.Module):
+        raise TypeError(f"{owner}: trunk must be an nn.Module, got {type(trunk).__name__}")
+    c = getattr(trunk, "out_channels", None)
+    if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+        raise ValueError(f"{owner}: the trunk ({type(trunk).__name__}) must set out_channels, the channel "
+                         f"count of its [B, C, h, w] output, to a positive int; got {c!r}")
+    return c
 
 
 def resnet(depth: int = 50, **kwargs) -> ResNet:

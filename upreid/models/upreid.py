@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from upreid.losses import BankKL, MoCoLoss, PatchInfoNCE
 from upreid.utils.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, world_size
 from upreid.models.heads import MLPHead, roi_pool, stripe_boxes, view_stripes_on_original
-from upreid.models.resnet import ResNet
+from upreid.models.resnet import ResNet, check_trunk
 
 GC_MODES = ("bank_kl", "cosine", "off")
 IC_MODES = ("aligned", "unaligned", "off")
@@ -31,13 +31,12 @@ BATCH_KEYS = ("original", "view1", "view2", "box1", "box2", "flip1", "flip2")
 
 
 class Encoder(nn.Module):
-    """ResNet trunk + global head (+ patch head when the patch contrast is on)."""
+    """Trunk (a ResNet unless injected) + global head (+ patch head when the patch contrast is on)."""
 
-    def __init__(self, depth: int, last_stride: int, ibn: bool, hidden_dim: int, dim: int,
-                 patch_dim: int | None):
+    def __init__(self, trunk: nn.Module, hidden_dim: int, dim: int, patch_dim: int | None):
         super().__init__()
-        self.trunk = ResNet(depth, last_stride=last_stride, ibn=ibn)
-        c = self.trunk.out_channels
+        c = check_trunk(trunk, "UPReID")
+        self.trunk = trunk
         self.head = MLPHead(c, hidden_dim, dim)
         self.patch_head = MLPHead(c, hidden_dim, patch_dim) if patch_dim else None
 
@@ -48,6 +47,10 @@ class Encoder(nn.Module):
 
 
 class UPReID(nn.Module):
+    """The pre-training module. ``trunk`` is the feature extractor of f_q (f_k is its copy): any module
+    mapping ``[B, 3, H, W]`` to ``[B, C, h, w]`` with ``out_channels = C``, as MoCo's builder takes its
+    encoder. Without one, ``depth``, ``last_stride`` and ``ibn`` build a ResNet (the config path)."""
+
     def __init__(self, depth: int = 50, last_stride: int = 2, ibn: bool = False, dim: int = 128,
                  hidden_dim: int = 2048, patch_dim: int = 128, queue_size: int = 65536,
                  momentum: float = 0.999, temperature: float = 0.1, symmetric: bool = False,
@@ -55,7 +58,7 @@ class UPReID(nn.Module):
                  gc_tau_teacher: float | None = None, lambda_gc: float = 1.0, ic: str = "aligned",
                  ic_negatives: str = "image", ic_temperature: float | None = None,
                  lambda_ic: float = 1.0, stripes: int = 4, roi_samples: int = 2,
-                 loss_impl: str = "fused", shuffle_bn: bool = True):
+                 loss_impl: str = "fused", shuffle_bn: bool = True, trunk: nn.Module | None = None):
         super().__init__()
         if gc not in GC_MODES:
             raise ValueError(f"UPReID: gc must be one of {GC_MODES}, got {gc!r}")
@@ -69,7 +72,9 @@ class UPReID(nn.Module):
         self.lambda_gc, self.lambda_ic, self.stripes = lambda_gc, lambda_ic, stripes
         self.roi_samples, self.shuffle_bn, self.temperature = roi_samples, shuffle_bn, temperature
 
-        self.encoder_q = Encoder(depth, last_stride, ibn, hidden_dim, dim, patch_dim if ic != "off" else None)
+        if trunk is None:
+            trunk = ResNet(depth, last_stride=last_stride, ibn=ibn)
+        self.encoder_q = Encoder(trunk, hidden_dim, dim, patch_dim if ic != "off" else None)
         self.encoder_k = copy.deepcopy(self.encoder_q)          # f_k: EMA of f_q, never gets a gradient
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
@@ -83,8 +88,9 @@ class UPReID(nn.Module):
         self.loss_ic = PatchInfoNCE(ic_temperature or temperature, negatives=ic_negatives, impl=loss_impl)
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "UPReID":
-        return cls(**cfg)
+    def from_config(cls, cfg: dict, trunk: nn.Module | None = None) -> "UPReID":
+        """From a config's ``model`` section; ``trunk`` replaces the ResNet it describes."""
+        return cls(**cfg, trunk=trunk)
 
     def set_loss_impl(self, impl: str) -> None:
         for loss in (self.loss_cl, self.loss_gc, self.loss_ic):
