@@ -111,7 +111,7 @@ def find_undecodable(paths: List[str], device: str = "cpu", device_id=None) -> d
     gpu = device == "gpu"
 
     @dali.pipeline_def(batch_size=1, num_threads=1, device_id=device_id if gpu else None,
-                       prefetch_queue_depth=1, exec_pipelined=False, exec_async=False)
+                       prefetch_queue_depth=1)
     def probe():
         enc = fn.external_source(name="enc", dtype=types.UINT8)
         return fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
