@@ -122,6 +122,9 @@ def test_flipped_tensor_bytes_are_refused_everywhere(trained, images, cfg_for, t
         load_trunk(ResNet(18, last_stride=1), str(run / "checkpoint.pt"))
 
 
+# end-to-end (three runs, about 15 s on 2 cores); the digest check on load stays in the fast tier
+# (test_flipped_tensor_bytes_are_refused_everywhere)
+@pytest.mark.slow
 def test_last_good_checkpoint_survives(images, cfg_for, tmp_path):
     run = tmp_path / "run"
     pretrain(cfg_for(images, str(run), "train.steps=2", "train.checkpoint_every=1"))
@@ -145,6 +148,9 @@ def test_existing_run_is_not_overwritten(trained, images, cfg_for):
     assert digest(os.path.join(out, "checkpoint.pt")) == before
 
 
+# end-to-end (two runs); a new run's metrics.jsonl, one line a step, is checked in the fast tier by
+# test_run_outputs_and_export
+@pytest.mark.slow
 def test_overwrite_starts_a_fresh_metrics_log(images, cfg_for, tmp_path):
     run = str(tmp_path / "run")
     pretrain(cfg_for(images, run, "train.steps=2"))

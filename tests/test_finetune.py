@@ -93,6 +93,8 @@ def test_resume_after_sigterm_is_exact(synth_root, tmp_path, finetune_cfg):
         finetune(finetune_cfg(synth_root, str(tmp_path / "split"), *extra, "data.p=2"), resume="auto")
 
 
+# end-to-end (two fine-tuning runs); the loaders' skipping is tested in both backends, the setting in test_config
+@pytest.mark.slow
 def test_bad_images_skipped_when_asked(synth_root, tmp_path, finetune_cfg):
     """data.on_bad_image reaches the loaders of both training and evaluation."""
     import shutil
