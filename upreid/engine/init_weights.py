@@ -35,7 +35,9 @@ def infer_arch(state: dict) -> dict:
     kind = "bottleneck" if any(k.endswith("conv3.weight") for k in state) else "basic"
     depth = next((d for d, (kd, layers) in ARCHS.items() if kd == kind and tuple(blocks) == layers), None)
     ibn = any(".bn1.IN." in k for k in state)
-    return {"depth": depth, "ibn": ibn, "blocks": blocks, "kind": kind}
+    stem = state.get("conv1.weight")
+    width = int(stem.shape[0]) if stem is not None and hasattr(stem, "shape") else None
+    return {"depth": depth, "ibn": ibn, "width": width, "blocks": blocks, "kind": kind}
 
 
 def _strip(state: dict, prefix: str) -> dict:
@@ -49,13 +51,15 @@ def read_trunk_state(path: str) -> tuple[str, dict, dict]:
     if fmt == PRETRAIN_FORMAT:
         m = obj.get("config", {}).get("model", {})
         return fmt, _strip(obj["model"], "encoder_q.trunk."), {
-            "arch": {"depth": m.get("depth"), "ibn": m.get("ibn"), "last_stride": m.get("last_stride")},
+            "arch": {"depth": m.get("depth"), "ibn": m.get("ibn"), "width": m.get("width", 64),
+                     "last_stride": m.get("last_stride")},
             "step": obj.get("step")}
     if fmt == BACKBONE_FORMAT:
-        return fmt, dict(obj["state_dict"]), {"arch": dict(obj["arch"]), "step": obj.get("step")}
+        return fmt, dict(obj["state_dict"]), {"arch": {"width": 64, **obj["arch"]}, "step": obj.get("step")}
     if fmt == FINETUNE_FORMAT:
         m = obj["config"]["model"]
-        return fmt, _strip(obj["model"], "trunk."), {"arch": {"depth": m["depth"], "ibn": m["ibn"]},
+        return fmt, _strip(obj["model"], "trunk."), {"arch": {"depth": m["depth"], "ibn": m["ibn"],
+                                                                "width": m.get("width", 64)},
                                                        "step": obj.get("step")}
     if fmt is not None:
         raise CheckpointError(f"init {path!r}: unsupported checkpoint format {fmt!r}")
@@ -71,7 +75,7 @@ def load_trunk(trunk: ResNet, path: str) -> dict:
     step). Raises :class:`CheckpointError` for another architecture."""
     fmt, state, info = read_trunk_state(path)
     arch = info["arch"]
-    want = {"depth": trunk.depth, "ibn": trunk.ibn}
+    want = {"depth": trunk.depth, "ibn": trunk.ibn, "width": getattr(trunk, "width", 64)}
     if arch.get("depth") is None:
         raise CheckpointError(f"init {path!r} ({fmt}): not a ResNet 18/34/50/101 trunk "
                               f"(blocks per layer {arch.get('blocks')}, {arch.get('kind')} blocks)")
@@ -90,7 +94,7 @@ def load_trunk(trunk: ResNet, path: str) -> dict:
     if loaded == 0:
         raise CheckpointError(f"init {path!r} ({fmt}): none of its keys belongs to the trunk")
     report = {"path": path, "format": fmt, "loaded": loaded, "missing": missing, "unexpected": unexpected,
-              "arch": {k: v for k, v in arch.items() if k in ("depth", "ibn", "last_stride")},
+              "arch": {k: v for k, v in arch.items() if k in ("depth", "width", "ibn", "last_stride")},
               "step": info.get("step")}
     log.info("init from %s (%s): %d tensors loaded, %d missing, %d unexpected", path, fmt, loaded,
              len(missing), len(unexpected))

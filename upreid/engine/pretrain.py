@@ -108,7 +108,7 @@ def export_backbone(ckpt_path: str, out_path: str, overwrite: bool = False) -> d
     if not trunk:
         raise ckpt_io.CheckpointError(f"checkpoint {ckpt_path!r} holds no query trunk ({prefix}*)")
     m = state["config"]["model"]
-    arch = {"depth": m["depth"], "last_stride": m["last_stride"], "ibn": m["ibn"]}
+    arch = {"depth": m["depth"], "width": m.get("width", 64), "last_stride": m["last_stride"], "ibn": m["ibn"]}
     ckpt_io.save_atomic({"format": ckpt_io.BACKBONE_FORMAT, "version": ckpt_io.VERSION, "arch": arch,
                          "step": state["step"], "state_dict": trunk}, out_path)
     return {"arch": arch, "tensors": len(trunk), "step": state["step"]}
@@ -120,6 +120,6 @@ def load_backbone(path: str, **overrides):
     from upreid.models import ResNet
     obj = ckpt_io.load(path, expect=ckpt_io.BACKBONE_FORMAT)
     arch = {**obj["arch"], **overrides}
-    net = ResNet(arch["depth"], last_stride=arch["last_stride"], ibn=arch["ibn"])
+    net = ResNet(arch["depth"], last_stride=arch["last_stride"], ibn=arch["ibn"], width=arch.get("width", 64))
     net.load_state_dict(obj["state_dict"])
     return net

@@ -16,9 +16,9 @@ log = logging.getLogger("upreid.trainer")
 
 # Keys whose change makes the checkpoint another model.
 MODEL = {
-    "pretrain": ("model.depth", "model.last_stride", "model.ibn", "model.dim", "model.hidden_dim",
+    "pretrain": ("model.depth", "model.width", "model.last_stride", "model.ibn", "model.dim", "model.hidden_dim",
                  "model.patch_dim", "model.queue_size"),
-    "finetune": ("model.arch", "model.depth", "model.ibn", "model.neck", "model.mgn_dim"),
+    "finetune": ("model.arch", "model.depth", "model.width", "model.ibn", "model.neck", "model.mgn_dim"),
 }
 # Keys whose change makes the resumed run see other data than the interrupted one would have: every
 # data.* key but these, the seed, and fine-tuning's init.

@@ -184,7 +184,7 @@ _TRAIN_COMMON = {
 }
 
 PRETRAIN = {
-    "model.depth": one_of(*DEPTHS), "model.last_stride": one_of(1, 2), "model.ibn": boolean(),
+    "model.depth": one_of(*DEPTHS), "model.width": integer(2), "model.last_stride": one_of(1, 2), "model.ibn": boolean(),
     "model.dim": integer(1), "model.hidden_dim": integer(1), "model.patch_dim": integer(1),
     "model.queue_size": integer(1), "model.momentum": prob(), "model.temperature": POSITIVE,
     "model.symmetric": boolean(), "model.gc": one_of("bank_kl", "cosine", "off"),
@@ -206,7 +206,7 @@ PRETRAIN = {
 FINETUNE_DATASETS = ("market1501", "cuhk03-np", "msmt17", "personx", "market-style", "synth")
 FINETUNE = {
     "init": optional(text()),
-    "model.arch": one_of("bot", "mgn"), "model.depth": one_of(*DEPTHS), "model.last_stride": one_of(1, 2),
+    "model.arch": one_of("bot", "mgn"), "model.depth": one_of(*DEPTHS), "model.width": integer(2), "model.last_stride": one_of(1, 2),
     "model.ibn": boolean(), "model.neck": boolean(), "model.pooling": one_of("avg", "max", "gem"),
     "model.gem_p": POSITIVE, "model.test_feature": one_of("bn", "pre"), "model.mgn_dim": integer(1),
     **_DATA_COMMON,
@@ -243,6 +243,9 @@ def _where(origins: Mapping, *keys) -> str:
 
 
 def check_relations(task: str, v: Mapping, origins: Mapping) -> None:
+    if v["model.width"] % 2:
+        raise ConfigError(f"model.width={v['model.width']!r} ({_where(origins, 'model.width')}) must be even "
+                          "(IBN-a splits the channels in halves); 64 is the published ResNet")
     if task == "pretrain":
         rows = layer4_rows(v["data.height"], v["model.last_stride"])
         if v["model.ic"] != "off" and v["model.stripes"] > rows:

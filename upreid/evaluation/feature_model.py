@@ -57,7 +57,8 @@ def load_feature_model(path: str, last_stride: int = 1, pooling: str = "avg") ->
         model = reid_model_from_config(cfg["model"], int(obj["num_classes"]))
         model.load_state_dict(obj["model"])
         d, m = cfg["data"], cfg["model"]
-        info = {"format": FINETUNE_FORMAT, "arch": {k: m[k] for k in ("arch", "depth", "ibn", "last_stride")},
+        info = {"format": FINETUNE_FORMAT, "arch": {**{k: m[k] for k in ("arch", "depth", "ibn", "last_stride")},
+                                                     "width": m.get("width", 64)},
                 "height": d["height"], "width": d["width"], "mean": tuple(d["mean"]), "std": tuple(d["std"]),
                 "flip_test": bool(d["flip_test"]), "step": obj.get("step"), "dataset": d["dataset"],
                 "root": d["root"]}
@@ -66,14 +67,15 @@ def load_feature_model(path: str, last_stride: int = 1, pooling: str = "avg") ->
         if arch.get("depth") is None:
             raise ckpt_io.CheckpointError(f"checkpoint {path!r} ({fmt}): not a ResNet 18/34/50/101 trunk "
                                           f"(blocks per layer {arch.get('blocks')})")
-        trunk = ResNet(arch["depth"], last_stride=last_stride, ibn=bool(arch["ibn"]))
+        trunk = ResNet(arch["depth"], last_stride=last_stride, ibn=bool(arch["ibn"]), width=arch.get("width") or 64)
         report = load_trunk(trunk, path)
         if report["missing"]:
             raise ckpt_io.CheckpointError(f"checkpoint {path!r} ({fmt}) lacks trunk weights, e.g. "
                                           f"{report['missing'][:5]}; features would be random")
         model = TrunkFeatures(trunk, pooling)
         mean, std = FORMAT_NORMALISATION.get(fmt, (LUP_MEAN, LUP_STD))
-        info = {"format": fmt, "arch": {"depth": arch["depth"], "ibn": bool(arch["ibn"]), "last_stride": last_stride,
+        info = {"format": fmt, "arch": {"depth": arch["depth"], "width": arch.get("width") or 64,
+                                        "ibn": bool(arch["ibn"]), "last_stride": last_stride,
                                         "pooling": pooling},
                 "height": 256, "width": 128, "mean": tuple(mean), "std": tuple(std), "flip_test": False,
                 "step": meta.get("step")}

@@ -71,10 +71,10 @@ class BoT(nn.Module):
 
     def __init__(self, num_classes: int, depth: int = 50, last_stride: int = 1, ibn: bool = False,
                  neck: bool = True, pooling: str = "avg", gem_p: float = 3.0, test_feature: str = "bn",
-                 trunk: nn.Module | None = None):
+                 trunk: nn.Module | None = None, width: int = 64):
         super().__init__()
         # an injected trunk: any [B, 3, H, W] -> [B, C, h, w] module with out_channels = C
-        self.trunk = ResNet(depth, last_stride=last_stride, ibn=ibn) if trunk is None else trunk
+        self.trunk = ResNet(depth, last_stride=last_stride, ibn=ibn, width=width) if trunk is None else trunk
         dim = check_trunk(self.trunk, "BoT")
         self.pool = make_pool(pooling, gem_p)
         self.neck = BNNeck(dim) if neck else nn.Identity()
@@ -123,7 +123,8 @@ class MGN(nn.Module):
     globals; the retrieval feature is the 8 reduced features concatenated (``8 * dim``)."""
 
     def __init__(self, num_classes: int, depth: int = 50, ibn: bool = False, dim: int = 256,
-                 pooling: str = "gem", gem_p: float = 3.0, trunk: ResNet | None = None, **_unused):
+                 pooling: str = "gem", gem_p: float = 3.0, trunk: ResNet | None = None, width: int = 64,
+                 **_unused):
         super().__init__()
         if trunk is not None and not isinstance(trunk, ResNet):
             raise TypeError(f"MGN: an injected trunk must be a ResNet (MGN copies its layer3 and layer4 into "
@@ -131,7 +132,7 @@ class MGN(nn.Module):
         if trunk is not None and trunk.last_stride != 1:
             raise ValueError("MGN: an injected ResNet trunk must have last_stride=1 (branches p2 and p3 keep "
                              f"layer 4 at stride 1), got {trunk.last_stride}")
-        self.trunk = ResNet(depth, last_stride=1, ibn=ibn) if trunk is None else trunk   # the initialised weights
+        self.trunk = ResNet(depth, last_stride=1, ibn=ibn, width=width) if trunk is None else trunk   # the initialised weights
         c = self.trunk.out_channels
         t = self.trunk
         self.p1 = nn.Sequential(copy.deepcopy(t.layer3[1:]), _layer_with_stride(t.layer4, 2))
@@ -184,7 +185,8 @@ def reid_model_from_config(model_cfg, num_classes: int, trunk: nn.Module | None 
     fine-tuning checkpoint is loaded into); ``trunk`` replaces the ResNet it describes."""
     m = model_cfg
     extra = {"dim": m["mgn_dim"]} if m["arch"] == "mgn" else {}
-    return build_reid_model(m["arch"], num_classes, depth=m["depth"], last_stride=m["last_stride"], ibn=m["ibn"],
+    return build_reid_model(m["arch"], num_classes, depth=m["depth"], width=m.get("width", 64),
+                            last_stride=m["last_stride"], ibn=m["ibn"],
                             neck=m["neck"], pooling=m["pooling"], gem_p=m["gem_p"],
                             test_feature=m["test_feature"], trunk=trunk, **extra)
 

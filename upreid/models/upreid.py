@@ -51,7 +51,7 @@ class UPReID(nn.Module):
     mapping ``[B, 3, H, W]`` to ``[B, C, h, w]`` with ``out_channels = C``, as MoCo's builder takes its
     encoder. Without one, ``depth``, ``last_stride`` and ``ibn`` build a ResNet (the config path)."""
 
-    def __init__(self, depth: int = 50, last_stride: int = 2, ibn: bool = False, dim: int = 128,
+    def __init__(self, depth: int = 50, last_stride: int = 2, ibn: bool = False, width: int = 64, dim: int = 128,
                  hidden_dim: int = 2048, patch_dim: int = 128, queue_size: int = 65536,
                  momentum: float = 0.999, temperature: float = 0.1, symmetric: bool = False,
                  gc: str = "bank_kl", gc_tau_student: float | None = None,
@@ -73,7 +73,7 @@ class UPReID(nn.Module):
         self.roi_samples, self.shuffle_bn, self.temperature = roi_samples, shuffle_bn, temperature
 
         if trunk is None:
-            trunk = ResNet(depth, last_stride=last_stride, ibn=ibn)
+            trunk = ResNet(depth, last_stride=last_stride, ibn=ibn, width=width)
         self.encoder_q = Encoder(trunk, hidden_dim, dim, patch_dim if ic != "off" else None)
         self.encoder_k = copy.deepcopy(self.encoder_q)          # f_k: EMA of f_q, never gets a gradient
         for p in self.encoder_k.parameters():
