@@ -1,11 +1,14 @@
 """``upreid demo``: the whole system in minutes on a machine with no dataset and no GPU.
 
 1. render the synthetic person dataset (``upreid synth``),
-2. pre-train UP-ReID on its unlabeled images (CPU: ResNet-18 at 64 x 32, a few dozen steps; GPU:
-   ResNet-50 at 256 x 128, the real recipe for a short schedule),
-3. export the pre-trained trunk,
-4. fine-tune it (BoT) and a random-initialised twin with the same settings and seed,
-5. evaluate both with and without re-ranking and print the table.
+2. score what needs no network: nearest neighbour on raw pixels and on colour histograms, and a
+   linear metric (LDA) learned on the raw pixels of the training split,
+3. pre-train UP-ReID on its unlabeled images (CPU: a narrow ResNet-18 at 64 x 32; GPU: ResNet-50 at
+   256 x 128, the real recipe for a short schedule),
+4. export the pre-trained trunk,
+5. fine-tune it (BoT) and a random-initialised twin with the same settings and seed,
+6. evaluate all of them with and without re-ranking (k1, k2 chosen for the split's images per
+   identity) and print the table; draw the training curves.
 
 Everything goes under one output folder (``--out``, default ``upreid_demo``), named at the end.
 """
@@ -30,44 +33,59 @@ class DemoScale:
     image_height: int = 64        # rendered size
     image_width: int = 32
     pretrain_depth: int = 18
+    width: int = 64               # ResNet stem channels (64: the published ResNet)
     pretrain_height: int = 64
     pretrain_width: int = 32
     pretrain_batch: int = 32
     pretrain_steps: int = 48
+    pretrain_lr: float = 0.05
     queue_size: int = 512
     finetune_epochs: int = 8
     finetune_p: int = 8
     finetune_k: int = 4
+    finetune_lr: float = 3.5e-4
     device: str = "cpu"
 
 
 CPU = DemoScale()
 GPU = DemoScale(ids=200, cameras=6, unlabeled=4000, image_height=128, image_width=64, pretrain_depth=50,
                 pretrain_height=256, pretrain_width=128, pretrain_batch=128, pretrain_steps=300,
-                queue_size=4096, finetune_epochs=30, finetune_p=16, finetune_k=4, device="cuda")
-TINY = DemoScale(ids=24, cameras=3, unlabeled=64, pretrain_batch=16, pretrain_steps=4, queue_size=64,
+                pretrain_lr=0.3, queue_size=4096, finetune_epochs=30, finetune_p=16, finetune_k=4,
+                device="cuda")
+TINY = DemoScale(ids=24, cameras=3, unlabeled=64, width=16, pretrain_batch=16, pretrain_steps=4, queue_size=64,
                  finetune_epochs=2, finetune_p=4, finetune_k=4)   # tests: seconds, not results
+
+
+def synth_config(s: DemoScale, seed: int = 0):
+    from upreid.data.synthetic import SynthConfig
+    return SynthConfig(ids=s.ids, cameras=s.cameras, unlabeled=s.unlabeled, height=s.image_height,
+                       width=s.image_width, distractors=s.ids // 2, junk=s.ids // 10, seed=seed)
 
 
 def pretrain_overrides(s: DemoScale, root: str, out: str, seed: int = 0) -> list:
     common = [f"data.root={root}", f"train.output={out}", f"train.steps={s.pretrain_steps}", f"train.seed={seed}",
               f"data.batch_size={s.pretrain_batch}", f"model.queue_size={s.queue_size}",
-              f"train.device={s.device}", f"train.checkpoint_every={max(1, s.pretrain_steps)}"]
+              f"train.device={s.device}", f"train.checkpoint_every={max(1, s.pretrain_steps)}",
+              f"model.width={s.width}", f"optim.lr={s.pretrain_lr}"]
     if s.device == "cuda":   # the UP-ReID R50 recipe, shorter
-        return common + ["model.depth=50", "optim.lr=0.3", "data.workers=8", f"optim.warmup_steps={s.pretrain_steps // 10}"]
+        return common + ["model.depth=50", "data.workers=8", f"optim.warmup_steps={s.pretrain_steps // 10}"]
     return common + [f"model.depth={s.pretrain_depth}", "model.last_stride=1", "model.hidden_dim=256",
                      "model.momentum=0.99", f"data.height={s.pretrain_height}", f"data.width={s.pretrain_width}",
-                     "data.workers=0", "optim.lr=0.05", "optim.warmup_steps=4", "train.log_every=5"]
+                     "data.workers=0", f"optim.warmup_steps={max(1, s.pretrain_steps // 12)}", "train.log_every=5"]
 
 
-def finetune_overrides(s: DemoScale, root: str, out: str, init: str | None, seed: int = 0) -> list:
+def finetune_overrides(s: DemoScale, root: str, out: str, init: str | None, seed: int = 0,
+                       rerank: dict | None = None) -> list:
     h, w = (s.pretrain_height, s.pretrain_width)
     o = [f"data.root={root}", "data.dataset=synth", f"train.output={out}", f"init={init or 'random'}",
-         f"model.depth={s.pretrain_depth}", f"data.height={h}", f"data.width={w}", f"data.p={s.finetune_p}",
-         f"data.k={s.finetune_k}", f"train.epochs={s.finetune_epochs}", f"train.seed={seed}",
-         f"train.device={s.device}", f"optim.warmup_epochs={max(1, s.finetune_epochs // 8)}",
+         f"model.depth={s.pretrain_depth}", f"model.width={s.width}", f"data.height={h}", f"data.width={w}",
+         f"data.p={s.finetune_p}", f"data.k={s.finetune_k}", f"train.epochs={s.finetune_epochs}",
+         f"train.seed={seed}", f"train.device={s.device}", f"optim.lr={s.finetune_lr}",
+         f"optim.warmup_epochs={max(1, s.finetune_epochs // 8)}",
          f"optim.milestones=[{max(1, int(s.finetune_epochs * 0.75))}]", "eval.every=0",
          f"train.checkpoint_every={s.finetune_epochs}", "eval.ranklist_queries=8"]
+    if rerank:
+        o += [f"eval.k1={rerank['k1']}", f"eval.k2={rerank['k2']}", f"eval.lambda_value={rerank['lambda_value']}"]
     if s.device == "cpu":
         o += ["data.workers=0", "data.pad=4", "train.log_every=5"]
     else:
@@ -75,24 +93,49 @@ def finetune_overrides(s: DemoScale, root: str, out: str, init: str | None, seed
     return o
 
 
+ROW_NAMES = {"pixels": "raw-pixel NN", "histogram": "colour-hist NN", "lda": "LDA on pixels",
+             "random": "random init", "upreid": "UP-ReID init"}
+
+
 def _table(rows: dict) -> str:
+    """One line per (method, re-ranking) in ``rows`` ({key of ROW_NAMES: {"plain": .., "rerank": ..}})."""
     keys = ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP")
-    head = f"{'initialisation':<18} {'re-rank':<8} " + " ".join(f"{k:>7}" for k in keys)
+    head = f"{'method':<16} {'re-rank':<8} " + " ".join(f"{k:>7}" for k in keys)
     lines = [head, "-" * len(head)]
     for name, res in rows.items():
         for mode in ("plain", "rerank"):
             if mode in res:
-                lines.append(f"{name:<18} {('yes' if mode == 'rerank' else 'no'):<8} "
+                lines.append(f"{ROW_NAMES.get(name, name):<16} {('yes' if mode == 'rerank' else 'no'):<8} "
                              + " ".join(f"{100 * res[mode][k]:7.2f}" for k in keys))
     return "\n".join(lines)
 
 
+def _curves(out: str) -> str | None:
+    """``curves.png``: the pre-training losses and both fine-tunings' loss and accuracy, per step."""
+    from upreid.evaluation.plots import plot_curves
+    try:
+        a = plot_curves(os.path.join(out, "curves_pretrain.png"), {"UP-ReID": os.path.join(out, "pretrain", "metrics.jsonl")},
+                        {"loss": "pre-training loss", "loss_cl": "instance contrast", "loss_gc": "global consistency",
+                         "loss_ic": "patch contrast"}, title="UP-ReID pre-training")
+        runs = {ROW_NAMES[k]: os.path.join(out, f"finetune_{k}", "metrics.jsonl") for k in ("upreid", "random")}
+        b = plot_curves(os.path.join(out, "curves_finetune.png"), runs,
+                        {"loss": "fine-tuning loss", "loss_id": "ID loss", "acc": "training accuracy"},
+                        title="fine-tuning (BoT)")
+        return f"{a}, {b}"
+    except ImportError as e:        # matplotlib missing: the table still stands
+        log.warning("%s; no curves drawn", e)
+        return None
+
+
 def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite: bool = False,
-             progress: bool = True) -> dict:
-    from upreid.data.synthetic import SynthConfig, generate
+             progress: bool = True, seed: int = 0) -> dict:
+    from upreid.data.datasets import synth
+    from upreid.data.synthetic import generate
     from upreid.engine.config import load_config
     from upreid.engine.finetune import finetune
     from upreid.engine.pretrain import export_backbone, pretrain
+    from upreid.evaluation.baselines import pixel_baselines
+    from upreid.evaluation.rerank_settings import rerank_settings
 
     if scale is None:
         scale = GPU if torch.cuda.is_available() else CPU
@@ -105,46 +148,54 @@ def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite
 
     data = os.path.join(out, "data")
     t = time.perf_counter()
-    log.info("[1/5] rendering the synthetic dataset (%d ids, %d unlabeled images) into %s", scale.ids,
+    log.info("[1/6] rendering the synthetic dataset (%d ids, %d unlabeled images) into %s", scale.ids,
              scale.unlabeled, data)
-    generate(data, SynthConfig(ids=scale.ids, cameras=scale.cameras, unlabeled=scale.unlabeled,
-                               height=scale.image_height, width=scale.image_width,
-                               distractors=scale.ids // 2, junk=scale.ids // 10),
-             workers=max(1, min(8, os.cpu_count() or 1)), progress=progress)
+    generate(data, synth_config(scale), workers=max(1, min(8, os.cpu_count() or 1)), progress=progress)
     times["synth"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log.info("[2/5] pre-training UP-ReID (%d steps, ResNet-%d at %dx%d, %s)", scale.pretrain_steps,
-             scale.pretrain_depth if scale.device == "cpu" else 50, scale.pretrain_height, scale.pretrain_width,
-             scale.device)
+    ds = synth(data)
+    rr = rerank_settings([r.pid for r in ds.query], [r.pid for r in ds.gallery])
+    log.info("[2/6] pixel baselines; re-ranking with k1=%d, k2=%d (%.1f images per query identity)",
+             rr["k1"], rr["k2"], rr["images_per_identity"])
+    rows = pixel_baselines(ds, scale.pretrain_height, scale.pretrain_width,
+                           rerank={k: rr[k] for k in ("k1", "k2", "lambda_value")})
+    times["baselines"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log.info("[3/6] pre-training UP-ReID (%d steps, ResNet-%d/%d at %dx%d, %s)", scale.pretrain_steps,
+             scale.pretrain_depth if scale.device == "cpu" else 50, scale.width, scale.pretrain_height,
+             scale.pretrain_width, scale.device)
     pcfg = load_config("pretrain", None, pretrain_overrides(scale, os.path.join(data, "unlabeled"),
-                                                os.path.join(out, "pretrain")) + prog)
+                                                            os.path.join(out, "pretrain"), seed) + prog)
     pre = pretrain(pcfg, overwrite=True)
     times["pretrain"] = time.perf_counter() - t
 
     backbone = os.path.join(out, "pretrain", "backbone.pt")
-    log.info("[3/5] exporting the pre-trained trunk to %s", backbone)
+    log.info("[4/6] exporting the pre-trained trunk to %s", backbone)
     export_backbone(pre["checkpoint"], backbone, overwrite=True)
 
-    results = {}
-    for i, (name, init) in enumerate((("UP-ReID", backbone), ("random", None))):
+    for i, (key, init) in enumerate((("upreid", backbone), ("random", None))):
         t = time.perf_counter()
-        log.info("[%d/5] fine-tuning (BoT) from %s init", 4 + i, name)
-        fcfg = load_config("finetune", None, finetune_overrides(scale, data, os.path.join(
-            out, "finetune_" + ("upreid" if init else "random")), init) + prog)
-        summary = finetune(fcfg, overwrite=True)
-        results[name] = summary["results"]
-        times["finetune_" + ("upreid" if init else "random")] = time.perf_counter() - t
+        log.info("[%d/6] fine-tuning (BoT) from %s", 5 + i, ROW_NAMES[key])
+        fcfg = load_config("finetune", None, finetune_overrides(scale, data, os.path.join(out, f"finetune_{key}"),
+                                                                init, seed, rerank=rr) + prog)
+        rows[key] = finetune(fcfg, overwrite=True)["results"]
+        times[f"finetune_{key}"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
+    rows = {k: rows[k] for k in ("pixels", "histogram", "lda", "random", "upreid")}
+    curves = _curves(out)
 
-    table = _table(results)
-    payload = {"scale": dataclasses.asdict(scale), "results": results, "seconds": times,
+    table = _table(rows)
+    payload = {"scale": dataclasses.asdict(scale), "seed": seed, "rerank": rr, "results": rows, "seconds": times,
                "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
-    with open(os.path.join(out, "summary.json"), "w") as f:
+    tmp = os.path.join(out, "summary.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(payload, f, indent=2)
+    os.replace(tmp, os.path.join(out, "summary.json"))
     with open(os.path.join(out, "summary.txt"), "w") as f:
         f.write(table + "\n")
-    return {"out": out, "table": table, "results": results, "seconds": times}
+    return {"out": out, "table": table, "results": rows, "seconds": times, "rerank": rr, "curves": curves}
 
 
 def run_demo_cli(args) -> int:
@@ -155,11 +206,13 @@ def run_demo_cli(args) -> int:
         import sys
         print(f"error: {e}", file=sys.stderr)
         return 1
-    s = res["seconds"]
+    s, rr = res["seconds"], res["rerank"]
     print()
     print(res["table"])
-    print(f"\ntime: {s['total']:.0f} s (synth {s['synth']:.0f}, pretrain {s['pretrain']:.0f}, fine-tune "
-          f"{s['finetune_upreid']:.0f} + {s['finetune_random']:.0f}); rank lists in "
-          f"finetune_*/ranklist.png")
+    print(f"\nre-ranking: k1={rr['k1']}, k2={rr['k2']}, lambda={rr['lambda_value']} "
+          f"({rr['images_per_identity']:.1f} images per query identity in query + gallery)")
+    print(f"time: {s['total']:.0f} s (synth {s['synth']:.0f}, baselines {s['baselines']:.0f}, pretrain "
+          f"{s['pretrain']:.0f}, fine-tune {s['finetune_upreid']:.0f} + {s['finetune_random']:.0f}); rank lists in "
+          "finetune_*/ranklist.png, training curves in curves_*.png")
     print(f"everything is in {res['out']}")
     return 0

@@ -84,3 +84,41 @@ def write_plots(folder: str, results: dict, title: str | None = None, required: 
     if any("distances" in r for r in results.values()):
         paths.append(plot_distances(os.path.join(folder, DISTANCES_NAME), results, title))
     return paths
+
+
+def read_metrics(path: str) -> list:
+    """The rows of a ``metrics.jsonl`` (training steps and evaluations), in file order; a missing file
+    or an unparsable line is an error naming the file and the line."""
+    import json
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+    return rows
+
+
+def plot_curves(path: str, runs: dict, keys: dict, title: str | None = None) -> str:
+    """Training curves: one panel per ``keys`` entry ({metric key: panel title}), one line per run
+    ({label: metrics.jsonl path}), against the step. Rows without the key (evaluations) are skipped."""
+    data = {label: read_metrics(p) for label, p in runs.items()}
+    fig = _figure(4.2 * len(keys), 3.4)
+    for i, (key, name) in enumerate(keys.items()):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        for label, rows in data.items():
+            pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
+            if pts:
+                ax.plot(*zip(*pts), label=label, linewidth=1.2)
+        ax.set_xlabel("step")
+        ax.set_title(name, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
