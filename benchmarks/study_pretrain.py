@@ -6,6 +6,8 @@ Variants (pre-training objective, then the same BoT fine-tuning):
   moco+gc       + global consistency (bank_kl)
   moco+ic       + intrinsic patch contrast (aligned)
   upreid        full UP-ReID (gc + ic)
+  moco+gc-sharp / upreid-sharp   the same with a sharper teacher in the global consistency
+                (gc_tau_teacher = tau / 2, the usual choice in distillation)
 
 Each variant runs with several seeds (pre-training and fine-tuning seed; the dataset is fixed).
 The scales are the demo's (``upreid.engine.demo``): ``cpu`` (ResNet-18 at 64 x 32), ``gpu`` (ResNet-50 at
@@ -40,13 +42,16 @@ VARIANTS = {
     "moco+gc": ["model.gc=bank_kl", "model.ic=off"],
     "moco+ic": ["model.gc=off", "model.ic=aligned"],
     "upreid": ["model.gc=bank_kl", "model.ic=aligned"],
+    "moco+gc-sharp": ["model.gc=bank_kl", "model.ic=off", "model.gc_tau_teacher=0.05"],
+    "upreid-sharp": ["model.gc=bank_kl", "model.ic=aligned", "model.gc_tau_teacher=0.05"],
 }
+DEFAULT_VARIANTS = ["random", "moco", "moco+gc", "moco+ic", "upreid"]
 CSV = Path(__file__).resolve().parent / "results" / "study_pretrain.csv"
 FIELDS = ["timestamp", "commit", "device", "torch", "threads", "scale", "variant", "seed", "mAP", "Rank-1",
           "mAP_rerank", "Rank-1_rerank", "pretrain_s", "finetune_s", "pretrain_steps", "finetune_steps"]
 
 
-def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool) -> dict:
+def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool, rerank: dict) -> dict:
     from upreid.engine.config import load_config
     from upreid.engine.demo import finetune_overrides, pretrain_overrides
     from upreid.engine.finetune import finetune
@@ -64,8 +69,8 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool
         export_backbone(pre["checkpoint"], init, overwrite=True)
         pre_s = time.perf_counter() - t
     t = time.perf_counter()
-    fcfg = load_config("finetune", None, finetune_overrides(scale, data, os.path.join(run, "finetune"), init, seed)
-                                + ["eval.ranklist_queries=0"] + prog)
+    fcfg = load_config("finetune", None, finetune_overrides(scale, data, os.path.join(run, "finetune"), init, seed,
+                                                            rerank=rerank) + ["eval.ranklist_queries=0"] + prog)
     s = finetune(fcfg, overwrite=True)
     r = s["results"]
     return {"scale": None, "variant": variant, "seed": seed, "mAP": r["plain"]["mAP"], "Rank-1": r["plain"]["Rank-1"],
@@ -74,43 +79,102 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool
             "pretrain_steps": scale.pretrain_steps if init else 0, "finetune_steps": s["step"]}
 
 
+KEYS = ("mAP", "Rank-1", "mAP_rerank", "Rank-1_rerank")
+
+
+def _values(rows: list, variant: str, key: str) -> list:
+    return [100 * r[key] for r in sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])]
+
+
 def table(rows: list) -> str:
-    keys = ("mAP", "Rank-1", "mAP_rerank", "Rank-1_rerank")
-    out = ["| initialisation | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    """Mean ± sample std (raw values) per variant."""
+    out = ["| initialisation | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
     for v in VARIANTS:
-        rs = sorted((r for r in rows if r["variant"] == v), key=lambda r: r["seed"])
-        if not rs:
+        if not any(r["variant"] == v for r in rows):
             continue
         cells = []
-        for k in keys:
-            vals = [100 * r[k] for r in rs]
+        for k in KEYS:
+            vals = _values(rows, v, k)
             sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
             cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f} ({', '.join(f'{x:.2f}' for x in vals)})")
-        out.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + " |")
+        out.append(f"| {v} | {len(_values(rows, v, 'mAP'))} | " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def differences(rows: list, pairs=None) -> str:
+    """Each variant against random init and MoCo, and each regulariser against what it is added to: the
+    difference of means, its standard error sqrt(s1^2/n1 + s2^2/n2), and whether it exceeds 2 SE."""
+    present = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    if pairs is None:
+        pairs = [(v, "random") for v in present if v != "random"]
+        pairs += [(a, b) for a, b in (("moco+gc", "moco"), ("moco+ic", "moco"), ("upreid", "moco"),
+                                      ("upreid", "moco+ic"), ("upreid", "moco+gc"), ("moco+gc-sharp", "moco+gc"),
+                                      ("upreid-sharp", "upreid"), ("moco+gc-sharp", "moco"))]
+    out = ["| comparison | metric | difference | 2 SE | exceeds 2 SE |", "|---|---|---|---|---|"]
+    for a, b in pairs:
+        if a not in present or b not in present:
+            continue
+        for k in ("mAP", "Rank-1"):
+            x, y = _values(rows, a, k), _values(rows, b, k)
+            if len(x) < 2 or len(y) < 2:
+                continue
+            d = statistics.mean(x) - statistics.mean(y)
+            se = (statistics.variance(x) / len(x) + statistics.variance(y) / len(y)) ** 0.5
+            out.append(f"| {a} - {b} | {k} | {d:+.2f} | {2 * se:.2f} | {'yes' if abs(d) > 2 * se else 'no'} |")
+    return "\n".join(out)
+
+
+def plot(rows: list, path: str, title: str) -> str:
+    """Bar chart: mean mAP and Rank-1 per variant, error bars one sample std, the seeds as dots."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    present = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    fig = Figure(figsize=(1.5 + 1.3 * len(present), 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    w = 0.38
+    for j, (k, colour) in enumerate((("mAP", "tab:blue"), ("Rank-1", "tab:orange"))):
+        for i, v in enumerate(present):
+            vals = _values(rows, v, k)
+            m = statistics.mean(vals)
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            x = i + (j - 0.5) * w
+            ax.bar(x, m, w * 0.95, yerr=sd, capsize=3, color=colour, alpha=0.8, label=k if i == 0 else None)
+            ax.plot([x] * len(vals), vals, "k.", markersize=3)
+    ax.set_xticks(range(len(present)))
+    ax.set_xticklabels(present, rotation=20, fontsize=8)
+    ax.set_ylabel("% (fine-tuned, no re-ranking)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=("cpu", "gpu", "tiny"), default="cpu")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
     ap.add_argument("--work", default="runs/study_pretrain", help="folder of the runs (resumable)")
     ap.add_argument("--csv", default=str(CSV), help="CSV the per-run rows are appended to ('' = none)")
     ap.add_argument("--progress", action="store_true", help="progress bars of every run")
+    ap.add_argument("--plot", default=None, help="bar chart PNG of the study (default: --work/study.png)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from upreid.data.synthetic import SynthConfig, generate
+    from upreid.data.datasets import synth
+    from upreid.data.synthetic import generate
     from upreid.engine import demo
+    from upreid.evaluation.rerank_settings import rerank_settings
     scale = {"cpu": demo.CPU, "gpu": demo.GPU, "tiny": demo.TINY}[args.scale]
     os.makedirs(args.work, exist_ok=True)
     data = os.path.join(args.work, "data")
     if not os.path.exists(os.path.join(data, "meta.json")):
-        generate(data, SynthConfig(ids=scale.ids, cameras=scale.cameras, unlabeled=scale.unlabeled,
-                                   height=scale.image_height, width=scale.image_width,
-                                   distractors=scale.ids // 2, junk=scale.ids // 10),
-                 workers=max(1, min(8, os.cpu_count() or 1)), progress=args.progress)
+        generate(data, demo.synth_config(scale), workers=max(1, min(8, os.cpu_count() or 1)), progress=args.progress)
+    ds = synth(data)
+    rerank = rerank_settings([r.pid for r in ds.query], [r.pid for r in ds.gallery])
     done_path = os.path.join(args.work, "runs.jsonl")
     done = [json.loads(x) for x in open(done_path)] if os.path.exists(done_path) else []
     env = env_fields(scale.device)
@@ -120,7 +184,7 @@ def main(argv=None) -> int:
             if any(r["variant"] == variant and r["seed"] == seed for r in done):
                 continue
             t = time.perf_counter()
-            row = run_one(scale, variant, seed, data, args.work, args.progress)
+            row = run_one(scale, variant, seed, data, args.work, args.progress, rerank)
             row["scale"] = scale_name
             done.append(row)
             with open(done_path, "a") as f:
@@ -135,10 +199,16 @@ def main(argv=None) -> int:
             print(f"{variant:8s} seed {seed}: mAP {100 * row['mAP']:.2f}, Rank-1 {100 * row['Rank-1']:.2f} "
                   f"(re-rank {100 * row['mAP_rerank']:.2f}) in {time.perf_counter() - t:.0f} s", flush=True)
     rows = [r for r in done if r["variant"] in args.variants and r["seed"] in args.seeds]
-    text = table(rows)
+    text = table(rows) + "\n\n" + differences(rows)
     with open(os.path.join(args.work, "table.md"), "w") as f:
         f.write(text + "\n")
     print(text)
+    try:
+        print("chart:", plot(rows, args.plot or os.path.join(args.work, "study.png"),
+                             f"pre-training study, {args.scale} scale, {len(args.seeds)} seeds (bars: mean, "
+                             "error bars: 1 std, dots: seeds)"))
+    except ImportError:
+        print("matplotlib missing: no chart")
     return 0
 
 

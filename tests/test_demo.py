@@ -15,15 +15,29 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert main(["demo", "--tiny", "--out", out, "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert f"everything is in {out}" in text
-    rows = [line for line in text.splitlines() if line.startswith(("UP-ReID", "random"))]
-    assert len(rows) == 4 and all(len(r.split()) == 7 for r in rows)      # 2 inits x (plain, re-rank)
+    names = ("raw-pixel NN", "colour-hist NN", "LDA on pixels", "random init", "UP-ReID init")
+    for name in names:     # each method without and with re-ranking: 5 numbers after the name and yes/no
+        rows = [line[len(name):].split() for line in text.splitlines() if line.startswith(name)]
+        assert [r[0] for r in rows] == ["no", "yes"], name
+        assert all(len(r) == 6 and all(0.0 <= float(x) <= 100.0 for x in r[1:]) for r in rows), rows
     summary = json.load(open(os.path.join(out, "summary.json")))
-    for name in ("UP-ReID", "random"):
+    assert list(summary["results"]) == ["pixels", "histogram", "lda", "random", "upreid"]
+    for name, res in summary["results"].items():
         for mode in ("plain", "rerank"):
-            assert 0.0 < summary["results"][name][mode]["mAP"] <= 1.0
+            assert 0.0 < res[mode]["mAP"] <= 1.0, (name, mode)
+    assert summary["results"]["lda"]["settings"]["dims"] in (32, 64, 128, 256)
+    # re-ranking settings follow the split: k1 = images per query identity (rounded), k2 = 0.3 k1
+    rr = summary["rerank"]
+    assert rr["k1"] == max(2, round(rr["images_per_identity"])) and rr["k2"] == max(1, round(0.3 * rr["k1"]))
+    assert f"k1={rr['k1']}, k2={rr['k2']}" in text
+    cfg = json.load(open(os.path.join(out, "finetune_upreid", "results.json")))["config"]["eval"]
+    assert (cfg["k1"], cfg["k2"]) == (rr["k1"], rr["k2"])
     assert summary["seconds"]["total"] > 0
-    assert sorted(os.listdir(out)) == ["data", "finetune_random", "finetune_upreid", "pretrain", "summary.json",
-                                       "summary.txt"]
+    assert sorted(os.listdir(out)) == ["curves_finetune.png", "curves_pretrain.png", "data", "finetune_random",
+                                       "finetune_upreid", "pretrain", "summary.json", "summary.txt"]
+    for png in ("curves_finetune.png", "curves_pretrain.png"):
+        with Image.open(os.path.join(out, png)) as im:
+            assert im.format == "PNG" and im.size[0] > 400
     init = json.load(open(os.path.join(out, "finetune_upreid", "init.json")))
     assert init["format"] == "upreid-backbone" and init["loaded"] > 0
     assert json.load(open(os.path.join(out, "finetune_random", "init.json")))["format"] == "random"
