@@ -22,7 +22,7 @@ from upreid.engine.ranklist import ranklist_size
 def test_pretrain_export_finetune_evaluate(synth_root, tmp_path, finetune_cfg):
     pcfg = load_config("pretrain", PRETRAIN_TINY,
                        [f"data.root={synth_root}/unlabeled", f"train.output={tmp_path}/pre", "train.steps=2",
-                        "train.progress=false", "data.backend=torch", "model.queue_size=16"])
+                        "train.progress=false", "data.backend=torch", "model.queue_size=16", "model.width=16"])
     pre = pretrain(pcfg)
     bb = str(tmp_path / "backbone.pt")
     info = export_backbone(pre["checkpoint"], bb)
@@ -53,7 +53,7 @@ def test_cli_finetune_random_init(synth_root, tmp_path, capsys):
     out = str(tmp_path / "cli")
     rc = main(["finetune", "--config", FINETUNE_TINY, f"data.root={synth_root}", f"train.output={out}",
                "train.epochs=1", "train.max_steps_per_epoch=1", "data.p=4", "eval.rerank=false",
-               "train.progress=false"])
+               "train.progress=false", "model.width=16"])
     text = capsys.readouterr().out
     assert rc == 0 and "without re-ranking" in text and "with re-ranking" not in text.replace("without", "")
     assert json.load(open(os.path.join(out, "init.json")))["format"] == "random"
@@ -93,8 +93,6 @@ def test_resume_after_sigterm_is_exact(synth_root, tmp_path, finetune_cfg):
         finetune(finetune_cfg(synth_root, str(tmp_path / "split"), *extra, "data.p=2"), resume="auto")
 
 
-# end-to-end (two fine-tuning runs); the loaders' skipping is tested in both backends, the setting in test_config
-@pytest.mark.slow
 def test_bad_images_skipped_when_asked(synth_root, tmp_path, finetune_cfg):
     """data.on_bad_image reaches the loaders of both training and evaluation."""
     import shutil
