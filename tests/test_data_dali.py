@@ -316,3 +316,22 @@ def test_dali_failure_not_caused_by_a_file_is_raised_with_the_batch(recs, monkey
     monkeypatch.setattr(dali_pipeline.DaliLoader, "_build", failing_build)
     with pytest.raises(RuntimeError, match="each decode alone.*Injected failure"):
         list(L)
+
+
+def test_png_with_a_bad_crc_is_refused_by_both_backends(recs, tmp_path):
+    """Pillow decodes a PNG whose IDAT CRC is wrong, DALI's decoder refuses it: the structural check
+    reads the critical chunks' CRCs, so both backends name it (and skip it when asked) alike."""
+    import io
+
+    from PIL import Image
+
+    from upreid.data.testing import bad_crc_png
+    path = bad_crc_png(str(tmp_path))
+    with open(path, "rb") as f:
+        Image.open(io.BytesIO(f.read())).load()                  # Pillow alone would accept it
+    for backend in ("dali", "torch"):
+        kw = dict(batch_size=2, backend=backend, device="cpu", **({"workers": 0} if backend == "torch" else {}))
+        with pytest.raises(BadImageError, match=r"bad_crc\.png.*CRC mismatch in its IDAT chunk"):
+            list(build_loader("eval", [recs[0], Record(path, 0, 0)], **kw))
+        L = build_loader("eval", [recs[0], Record(path, 0, 0), recs[1]], on_bad_image="skip", **kw)
+        assert torch.cat([b["index"] for b in L]).tolist() == [0, 2] and L.summary["skipped_paths"] == [path]

@@ -3,12 +3,14 @@
 ``on_bad_image="error"`` (default) raises :class:`BadImageError` naming the file; ``"skip"`` drops the
 sample and the loaders count it in the epoch summary. The cheap structural check (non-empty, a known
 image signature, the header of its format: a JPEG's frame of non-zero size, its scan and its end
-marker; a PNG's IHDR and IEND; a BMP's header; WebP inside a RIFF file) runs in both backends before
-decoding, so they accept the same files and a truncated or malformed file is attributed to its path
-instead of failing a whole DALI batch. The fallback applies the EXIF orientation and scales 16-bit
+marker; a PNG's IHDR, the CRCs of its critical chunks and its IEND; a BMP's header; WebP inside a
+RIFF file) runs in both backends before decoding, so they accept the same files and a truncated or
+malformed file is attributed to its path instead of failing a whole DALI batch. The fallback applies the EXIF orientation and scales 16-bit
 grey PNGs to 8 bits, as DALI does.
 """
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 
@@ -101,6 +103,20 @@ def _check_png(path: str, b: bytes) -> None:
         raise BadImageError(path, f"a PNG of zero size ({h} x {w})")
     if b"IEND" not in b[-12:]:
         raise BadImageError(path, "truncated PNG (no IEND chunk at the end)")
+    # The critical chunks' CRCs: DALI's decoder (libpng) refuses a file whose IDAT CRC is wrong while
+    # Pillow decodes it; checked here, both backends refuse it.
+    i = 8
+    while i + 12 <= len(b):
+        n, kind = int.from_bytes(b[i:i + 4], "big"), b[i + 4:i + 8]
+        if i + 12 + n > len(b):
+            raise BadImageError(path, f"truncated PNG (chunk {kind!r} at byte {i} runs past the end)")
+        crc = int.from_bytes(b[i + 8 + n:i + 12 + n], "big")
+        if kind in (b"IHDR", b"PLTE", b"IDAT") and zlib.crc32(b[i + 4:i + 8 + n]) != crc:
+            raise BadImageError(path, f"corrupt PNG (CRC mismatch in its {kind.decode()} chunk at byte {i})")
+        if kind == b"IEND":
+            return
+        i += 12 + n
+    raise BadImageError(path, "truncated or malformed PNG (its chunks do not reach the IEND chunk)")
 
 
 def _check_bmp(path: str, b: bytes) -> None:

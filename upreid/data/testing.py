@@ -103,6 +103,23 @@ def undecodable_files(root: str, jpeg: str, png_size=(16, 8)) -> dict:
     return out
 
 
+def bad_crc_png(root: str, size=(16, 8)) -> str:
+    """A PNG whose image data chunk has a wrong CRC (its data intact): Pillow decodes it, libpng (DALI)
+    refuses it. Returns its path."""
+    import numpy as np
+    from PIL import Image
+
+    path = os.path.join(root, "bad_crc.png")
+    Image.fromarray(np.full((*size, 3), 90, np.uint8)).save(path)
+    data = bytearray(open(path, "rb").read())
+    i = data.index(b"IDAT")
+    n = int.from_bytes(data[i - 4:i], "big")
+    data[i + 4 + n] ^= 0xFF                                  # first byte of the IDAT chunk's CRC
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return path
+
+
 def odd_but_valid_files(root: str, jpeg: str) -> dict:
     """Valid images that decoders treat differently unless care is taken: a JPEG with bytes after its
     end marker, a JPEG with EXIF orientation 6 (rotate 90 degrees), a 16-bit grey PNG (mid grey)."""
