@@ -148,7 +148,8 @@ def test_functional_mode_catches_perturbed_arithmetic(tmp_path):
 
 
 # Every kernel, small, in race mode: (op, arguments). Both tile policies (cc=9: tensor cores for
-# fp16/bf16; cc=7: CUDA cores), one and several splits, every group mode, both backward variants.
+# fp16/bf16; cc=7: CUDA cores; prec=1: fp32 "high" on split-bf16 tensor cores), one and several
+# splits, every group mode, both backward variants.
 RACE_CASES = [
     ("info_nce", "M=20 N=20 K=40 D=20 g=0 dtype=f32 sms=2"),
     ("info_nce", "M=20 N=24 K=40 D=40 g=4 dtype=bf16 cc=9 train=1 sms=2"),
@@ -158,6 +159,8 @@ RACE_CASES = [
     ("bank_kl", "M=20 K=70 D=20 dtype=f32 sms=2"),
     ("bank_kl", "M=20 K=70 D=130 dtype=bf16 cc=9 sms=2"),
     ("bank_kl", "M=17 K=40 D=16 dtype=f16 cc=7 sms=1"),
+    ("info_nce", "M=20 N=20 K=40 D=20 g=0 dtype=f32 prec=1 train=1 sms=2"),  # fp32 "high": split-bf16
+    ("bank_kl", "M=20 K=70 D=20 dtype=f32 prec=1 sms=2"),
     ("rank", "Q=5 G=60 max_rank=10 ids=4 cams=3 dtype=f32"),
     ("rank", "Q=3 G=40 max_rank=50 ids=2 cams=2 dtype=bf16"),
     ("rerank", "N=40 Q=8 D=8 k1=6 k2=3 dtype=f32"),

@@ -133,7 +133,7 @@ struct KlBwdEpi {
       if (c0 + col < ncols) {
         w = (cr * Pol::ex(ra[col] * ss - ls) - g * Pol::ex(rc[col] * st - lt)) * inv_s;
       }
-      wrow[col] = convert<WT>(w);
+      Pol::put_w(wrow, col, w);
     }
   }
   __device__ __forceinline__ Acc row_scale(int64_t r) const {

@@ -25,9 +25,12 @@
 //     row max run up to kOSlack above the reference before it rescales (P <= e^kOSlack stays in
 //     fp16 range), so the round trip of O through shared memory is rare; SIMT rescales exactly.
 //
-// Two policies implement the products:
+// Three policies implement the products:
 //   TcPolicy<half|bf16>:  WMMA 16x16x16 tensor-core fragments with fp32 accumulation,
-//                         BN = 64, DC = 128 (D = 128 in one chunk).
+//                         BN = 64, DC = 128 (D = 128 in one chunk). TcPolicy<bf16, float>: fp32
+//                         inputs rounded to bf16 as they are staged (fp32 precision "medium").
+//   TcSplitPolicy:        fp32 precision "high": fp32 inputs staged as bf16 hi + lo planes, three
+//                         bf16 WMMA products per product (split-bf16).
 //   SimtPolicy<T, Acc>:   CUDA-core FMAs, each lane a 4x4 micro-tile, BN = 32, DC = 32; fp32
 //                         accumulation for fp32 (and fp16/bf16 on pre-sm80 devices), fp64 for fp64.
 // Shared-memory rows are padded (LDX, LDS, LDW) against bank conflicts; every region starts on a
@@ -81,6 +84,7 @@ struct TcPolicy {
   static constexpr bool kSmemVec = true; // LDX * sizeof(T) is a multiple of 16 bytes
   static constexpr int BN = 64, DC = 128, KSTEP = 16;
   static constexpr int LDX = DC + 8, LDS = BN + 4, LDW = BN + 8;
+  static constexpr int kPlanes = 1;  // TcSplitPolicy: 2 (hi and lo parts of every operand)
   // Online-softmax output: the running max may exceed O's reference by this much before O is
   // rescaled (P <= e^8 ~ 3e3 is exact enough in fp16/bf16 and far from fp16's 65504).
   static constexpr float kOSlack = 8.f;
@@ -102,6 +106,8 @@ struct TcPolicy {
 #pragma unroll
     for (int i = 0; i < int(sizeof(a.f) / sizeof(a.f[0])); ++i) nvcuda::wmma::fill_fragment(a.f[i], 0.f);
   }
+  // W[r][c] = w for the second product (wrow: row r of the warp's W buffer)
+  __device__ static __forceinline__ void put_w(WT* wrow, int c, float w) { wrow[c] = convert<WT>(w); }
   // S[16 x BN] += Qw[16 x klen] @ C[BN x klen]^T   (Qw: the warp's 16 rows, ld LDX)
   __device__ static __forceinline__ void mma_s(SAcc& acc, const T* sQw, const T* sC, int klen, int) {
     for (int k = 0; k < klen; k += 16) {
@@ -180,6 +186,65 @@ struct TcPolicy {
 };
 
 // ---------------------------------------------------------------------------------------------
+// fp32 "high" precision on bf16 tensor cores, split-bf16 ("3xBF16"): every fp32 operand x is staged
+// as two bf16 planes, hi = bf16(x) and lo = bf16(x - hi), and each product is formed from three
+// tensor-core products, lo*hi + hi*lo + hi*hi, accumulated in fp32 (lo*lo, ~2^-18 relative, is
+// dropped). hi + lo keeps 16 significant bits, so a product is accurate to ~1e-5 relative, against
+// ~4e-3 for one bf16 product ("medium") and ~1e-3 for TF32. W (the epilogue's fp32 weights, the A
+// operand of the second product) is split the same way. The lo plane of a staged tile of ROWS rows
+// follows its hi plane (ROWS * LDX elements further); the lo plane of a warp's W is 16 * LDW further.
+struct TcSplitPolicy : TcPolicy<__nv_bfloat16, float> {
+  using Base = TcPolicy<__nv_bfloat16, float>;
+  using T = __nv_bfloat16;
+  static constexpr int kPlanes = 2;
+  static constexpr int kQLo = kBM * LDX, kCLo = BN * LDX, kWLo = 16 * LDW;
+  static_assert(kBM == BN, "mma_s finds the lo plane of rows and columns tiles alike");
+
+  __device__ static __forceinline__ void put_w(T* wrow, int c, float w) {
+    const T hi = convert<T>(w);
+    wrow[c] = hi;
+    wrow[kWLo + c] = convert<T>(w - to_acc<float>(hi));
+  }
+  // S[16 x BN] += Qw[16 x klen] @ C[BN x klen]^T, three products per fragment pair
+  __device__ static __forceinline__ void mma_s(SAcc& acc, const T* sQw, const T* sC, int klen, int) {
+    for (int k = 0; k < klen; k += 16) {
+      FragA a, al;
+      nvcuda::wmma::load_matrix_sync(a, sQw + k, LDX);
+      nvcuda::wmma::load_matrix_sync(al, sQw + kQLo + k, LDX);
+#pragma unroll
+      for (int n = 0; n < BN / 16; ++n) {
+        FragBc b, bl;
+        nvcuda::wmma::load_matrix_sync(b, sC + n * 16 * LDX + k, LDX);
+        nvcuda::wmma::load_matrix_sync(bl, sC + kCLo + n * 16 * LDX + k, LDX);
+        nvcuda::wmma::mma_sync(acc.f[n], al, b, acc.f[n]);
+        nvcuda::wmma::mma_sync(acc.f[n], a, bl, acc.f[n]);
+        nvcuda::wmma::mma_sync(acc.f[n], a, b, acc.f[n]);
+      }
+    }
+  }
+  // O[16 x DC] += W[16 x BN] @ C[BN x dlen], three products per fragment pair
+  __device__ static __forceinline__ void mma_o(OAcc& acc, const T* sWw, const T* sC, int dlen, int) {
+#pragma unroll
+    for (int kk = 0; kk < BN; kk += 16) {
+      FragA a, al;
+      nvcuda::wmma::load_matrix_sync(a, sWw + kk, LDW);
+      nvcuda::wmma::load_matrix_sync(al, sWw + kWLo + kk, LDW);
+#pragma unroll
+      for (int n = 0; n < DC / 16; ++n) {
+        if (n * 16 < dlen) {
+          FragBr b, bl;
+          nvcuda::wmma::load_matrix_sync(b, sC + kk * LDX + n * 16, LDX);
+          nvcuda::wmma::load_matrix_sync(bl, sC + kCLo + kk * LDX + n * 16, LDX);
+          nvcuda::wmma::mma_sync(acc.f[n], al, b, acc.f[n]);
+          nvcuda::wmma::mma_sync(acc.f[n], a, bl, acc.f[n]);
+          nvcuda::wmma::mma_sync(acc.f[n], a, b, acc.f[n]);
+        }
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // SIMT policy. Lane l owns rows rg + 4i (rg = l / 8) and columns cg + 8j (cg = l % 8), i, j < 4.
 template <class T_, class Acc_>
 struct SimtPolicy {
@@ -193,7 +258,10 @@ struct SimtPolicy {
   static constexpr int BN = 32, DC = 32, KSTEP = 1;
   static constexpr int LDX = DC + 1, LDS = BN + 1, LDW = LDS;
   static constexpr Acc kOSlack = Acc(0);  // O lives in registers: rescaling is cheap, do it exactly
+  static constexpr int kPlanes = 1;
   __device__ static __forceinline__ Acc ex(Acc x) { return acc_exp_precise(x); }
+  // in place: W overwrites the element of S just read
+  __device__ static __forceinline__ void put_w(WT* wrow, int c, Acc w) { wrow[c] = w; }
 
   struct SAcc {
     Acc v[4][4];
@@ -277,11 +345,11 @@ struct SmemLayout {
   using Acc = typename Pol::Acc;
   using WT = typename Pol::WT;
   static constexpr size_t al(size_t x) { return (x + 127) / 128 * 128; }
-  static constexpr size_t q_stride = al(size_t(kBM) * Pol::LDX * sizeof(T));
-  static constexpr size_t c_bytes = al(size_t(Pol::BN) * Pol::LDX * sizeof(T));
+  static constexpr size_t q_stride = al(size_t(Pol::kPlanes) * kBM * Pol::LDX * sizeof(T));
+  static constexpr size_t c_bytes = al(size_t(Pol::kPlanes) * Pol::BN * Pol::LDX * sizeof(T));
   static constexpr size_t s_stride = al(size_t(16) * Pol::LDS * sizeof(Acc));
   static constexpr size_t w_stride =
-      (kBwd && !Pol::kWInS) ? al(size_t(16) * Pol::LDW * sizeof(WT)) : 0;
+      (kBwd && !Pol::kWInS) ? al(size_t(Pol::kPlanes) * 16 * Pol::LDW * sizeof(WT)) : 0;
   static constexpr size_t col_bytes = al(size_t(Pol::BN) * (3 * sizeof(Acc) + sizeof(int64_t)));
   static constexpr size_t q_off = 0;
   static constexpr size_t c_off = q_off + NQ * q_stride;
@@ -302,12 +370,15 @@ __device__ __forceinline__ void load_rows(typename Pol::T* s, const RowSrc& src,
   using G = typename Pol::G;
   constexpr int DC = Pol::DC, LDX = Pol::LDX;
   if constexpr (!std::is_same<G, T>::value) {
-    // fp32 inputs rounded to the tensor-core type as they are staged
+    // fp32 inputs rounded to the tensor-core type as they are staged (split: hi and lo planes)
     for (int idx = tid; idx < ROWS * DC; idx += kThreads) {
       const int r = idx / DC, c = idx % DC;
       const int64_t d = d0 + c;
       const G* p = row_ptr<G>(src, r0 + r, D);
-      s[r * LDX + c] = convert<T>(p != nullptr && d < D ? to_acc<float>(p[d]) : 0.f);
+      const float x = p != nullptr && d < D ? to_acc<float>(p[d]) : 0.f;
+      const T hi = convert<T>(x);
+      s[r * LDX + c] = hi;
+      if constexpr (Pol::kPlanes == 2) s[ROWS * LDX + r * LDX + c] = convert<T>(x - to_acc<float>(hi));
     }
   } else if (vec) {
     constexpr int V = 16 / int(sizeof(T));
@@ -556,7 +627,8 @@ inline cudaError_t launch_reduce_splits(const Acc* ws, int nsplit, int64_t n, Ac
 
 // Calls f(Policy{}) with the tile policy for a dtype: tensor cores for fp16/bf16 on sm_80+ devices
 // running sm_80+ code; fp32 by `fp32_precision` (precision.h): "medium" rounds the operands to bf16
-// for the tensor cores (fp32 accumulation), "highest" and "high" keep fp32 FMAs on the CUDA cores.
+// for the tensor cores (fp32 accumulation), "high" splits them into bf16 hi + lo parts (three
+// tensor-core products, TcSplitPolicy), "highest" keeps fp32 FMAs on the CUDA cores.
 template <class F>
 inline cudaError_t dispatch_policy(DType dt, const DeviceInfo& dev, int fp32_precision, F&& f) {
   const bool tc = dev.major >= 8 && dev.arch >= 80;
@@ -567,6 +639,7 @@ inline cudaError_t dispatch_policy(DType dt, const DeviceInfo& dev, int fp32_pre
       return tc ? f(TcPolicy<__nv_bfloat16>{}) : f(SimtPolicy<__nv_bfloat16, float>{});
     case DType::kF32:
       if (tc && fp32_precision == int(Fp32Precision::kMedium)) return f(TcPolicy<__nv_bfloat16, float>{});
+      if (tc && fp32_precision == int(Fp32Precision::kHigh)) return f(TcSplitPolicy{});
       return f(SimtPolicy<float, float>{});
     case DType::kF64:
       return f(SimtPolicy<double, double>{});

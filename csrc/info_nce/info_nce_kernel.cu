@@ -157,7 +157,7 @@ struct TrainEpi : FwdEpi<Pol> {
       const int64_t g = c0 + c;
       Acc w = Acc(0);
       if (g >= nkeys && g < this->ncols) w = Pol::ex(row[c] * this->scale - pv);
-      wrow[c] = convert<WT>(w);  // in place for SIMT: same element just read
+      Pol::put_w(wrow, c, w);  // in place for SIMT: same element just read
     }
   }
   __device__ __forceinline__ void finish_pass(int oc, int64_t wrow0, int lane) {
@@ -192,7 +192,7 @@ struct DqEpi {
       const int c = el.h + 2 * j;
       Acc w = Acc(0);
       if (c0 + c < ncols) w = Pol::ex(row[c] * scale - lse_r);
-      wrow[c] = convert<WT>(w);  // in place for SIMT: same element just read
+      Pol::put_w(wrow, c, w);  // in place for SIMT: same element just read
     }
   }
   __device__ __forceinline__ Acc row_scale(int64_t r) const { return gl[r] + gls[r]; }
@@ -243,7 +243,7 @@ struct DkEpi {
         w = s_coef[c] * Pol::ex(row[c] * scale - s_lse[c]);
         if (s_pos[c] == key) w -= s_gl[c];
       }
-      wrow[c] = convert<WT>(w);
+      Pol::put_w(wrow, c, w);
     }
   }
   __device__ __forceinline__ Acc row_scale(int64_t) const { return gs; }

@@ -1,7 +1,8 @@
 // Race-mode runner: generates the inputs of one case, runs the operator's kernels (forward, then
 // backward where there is one) with one OS thread per CUDA thread under ThreadSanitizer, and prints
 // the emulator's error log. TSan writes its reports to stderr. Arguments are key=value pairs:
-//   common:   cc=9 sms=2 seed=1 smem=OFFSET:SIZE,... (static __shared__ variables to poison)
+//   common:   cc=9 sms=2 seed=1 prec=0|1|2 (fp32 matmul precision: highest, high, medium)
+//             smem=OFFSET:SIZE,... (static __shared__ variables to poison)
 //   info_nce: M N K D g t dtype=f32|f16|bf16|f64 train=0|1 need_q=0|1 need_k=0|1
 //   bank_kl:  M K D ts tt dtype
 //   rank:     Q G max_rank ids cams dtype
@@ -21,6 +22,7 @@ extern "C" {
 void emu_configure(int major, int minor, int sms, int smem_optin, int binary_arch);
 void emu_register_static_smem(const uint64_t* offsets, const uint64_t* sizes, int n);
 size_t emu_error_log(char* buf, size_t cap);
+void emu_set_fp32_precision(int v);
 int emu_info_nce(int, int, const void*, const void*, const int64_t*, const void*, int64_t, int64_t, int64_t,
                  int64_t, int64_t, double, void*, void*, void*, const void*, const void*, const void*,
                  const void*, void*, void*, int, int);
@@ -235,6 +237,10 @@ int main(int argc, char** argv) {
   g_rng.seed(uint64_t(inum("seed", 1)));
   const int cc = int(inum("cc", 9));
   emu_configure(cc, 0, int(inum("sms", 2)), int(inum("smem_optin", 232448)), cc * 10);
+#if !defined(UPREID_EMU_OP_SELFTEST)
+  // fp32 matmul precision: 0 highest, 1 high, 2 medium (what the glue reads from torch)
+  emu_set_fp32_precision(int(inum("prec", 0)));
+#endif
   // static __shared__ variables to poison: smem=offset:size,... (from the harness, which reads nm)
   std::vector<uint64_t> offs, sizes;
   const std::string sm = str("smem", "");
