@@ -172,6 +172,57 @@ def test_info_nce_only_the_gradients_asked_for(g, train):
     assert any("nce_dk_tiles" in s for s in e.launches()) == (g == 0)
 
 
+# Each logits tile is formed once when D fits one output pass (D <= 128): the training forward does
+# 2 products per tile (S = Q C^T, then O += P C), the backward 2, bank_kl's backward 3 (two logits
+# tiles, one output). The emulator counts warp mma_sync calls (tensor cores) and completed block
+# barriers (CUDA cores: staging D chunk dc costs one barrier for dc = 0 and two after, so a tile
+# whose logits are formed once costs 2 * nD barriers, and each re-formation nD more).
+def _one_block_counts(e, run):
+    run()
+    return e.counts()
+
+
+@pytest.mark.parametrize("d", [128, 96])
+def test_info_nce_forms_each_logits_tile_once(d):
+    m, n, k = 64, 64, 256  # one row block, MoCo (the columns are the bank), one split
+    q, keys, bank, pos = nce_inputs(m, n, k, d, torch.float64)
+    gl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    # tensor cores (bf16): one product of a [64 x 64] tile over D is 4 warps x (D/16) x 4 mma_sync
+    e = configure("info_nce", "sm90-1sm")
+    qb, kb, bb = q.bfloat16(), keys.bfloat16(), bank.bfloat16()
+    _, mma = _one_block_counts(e, lambda: eo.info_nce(qb, kb, pos, bb, 0.1, 1, train=True))
+    per_product = (k // 64) * 4 * (-(-d // 16)) * 4
+    assert mma == 2 * per_product, (mma, per_product)
+    lse = eo.info_nce(qb, kb, pos, bb, 0.1, 1)[1]
+    _, mma = _one_block_counts(e, lambda: eo.info_nce_backward(gl, gls, qb, kb, pos, bb, lse, 0.1, 1))
+    assert mma == 2 * per_product, (mma, per_product)
+    # CUDA cores (fp32 at "highest"): 32-wide tiles and D chunks
+    e = configure("info_nce", "sm90-1sm")
+    qf, kf, bf = q.float(), keys.float(), bank.float()
+    bars, _ = _one_block_counts(e, lambda: eo.info_nce(qf, kf, pos, bf, 0.1, 1, train=True))
+    n_d, tiles = -(-d // 32), k // 32
+    assert bars == tiles * 2 * n_d, (bars, tiles, n_d)
+    lse = eo.info_nce(qf, kf, pos, bf, 0.1, 1)[1]
+    bars, _ = _one_block_counts(e, lambda: eo.info_nce_backward(gl, gls, qf, kf, pos, bf, lse, 0.1, 1))
+    assert bars == tiles * 2 * n_d, (bars, tiles, n_d)
+
+
+def test_bank_kl_backward_forms_each_logits_tile_once():
+    m, k, d = 64, 256, 128
+    torch.manual_seed(5)
+    s, te, bank = feats(m, d), feats(m, d), feats(k, d)
+    gkl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    e = configure("bank_kl", "sm90-1sm")
+    sb, tb, bb = s.bfloat16(), te.bfloat16(), bank.bfloat16()
+    _, ls, lt = eo.bank_kl(sb, tb, bb, 0.1, 0.05)
+    _, mma = _one_block_counts(e, lambda: eo.bank_kl_backward(gkl, gls, sb, tb, bb, ls, lt, 0.1, 0.05))
+    per_product = (k // 64) * 4 * (d // 16) * 4
+    assert mma == 3 * per_product, (mma, per_product)
+    _, ls, lt = eo.bank_kl(s, te, bank, 0.1, 0.05)
+    bars, _ = _one_block_counts(e, lambda: eo.bank_kl_backward(gkl, gls, s, te, bank, ls, lt, 0.1, 0.05))
+    assert bars == (k // 32) * 2 * (d // 32), bars
+
+
 def test_info_nce_dispatch_follows_the_compiled_architecture():
     """An sm_90 device running code built for sm_75 must not take the tensor-core kernels (they are
     compiled out there and would trap)."""

@@ -161,6 +161,9 @@ RACE_CASES = [
     ("bank_kl", "M=17 K=40 D=16 dtype=f16 cc=7 sms=1"),
     ("info_nce", "M=20 N=20 K=40 D=20 g=0 dtype=f32 prec=1 train=1 sms=2"),  # fp32 "high": split-bf16
     ("bank_kl", "M=20 K=70 D=20 dtype=f32 prec=1 sms=2"),
+    # CUDA cores with D > 128: two output passes, the column chunks staged again for each
+    ("info_nce", "M=18 N=18 K=40 D=140 g=0 dtype=f32 train=1 sms=1"),
+    ("bank_kl", "M=17 K=40 D=140 dtype=f32 sms=1"),
     ("rank", "Q=5 G=60 max_rank=10 ids=4 cams=3 dtype=f32"),
     ("rank", "Q=3 G=40 max_rank=50 ids=2 cams=2 dtype=bf16"),
     ("rerank", "N=40 Q=8 D=8 k1=6 k2=3 dtype=f32"),

@@ -16,9 +16,12 @@
 //   * The accumulated S tile is stored to a per-warp shared scratch (fp32/fp64) and handed to an
 //     operator-specific epilogue (online logsumexp in forward; gradient weights W in backward).
 //   * Backward: the epilogue writes W[16 x BN] (storage type for the tensor-core path, so it can
-//     be the A operand of the next product) and the warp accumulates O[16 x DC] += W @ C_chunk in
-//     registers. If D > DC the output is produced in D/DC passes, each recomputing S (the
-//     output accumulator of a whole row would not fit in registers); for D <= DC one pass.
+//     be the A operand of the next product) and the warp accumulates O[16 x OW] += W @ C in
+//     registers, OW = NSLOT * DC features per pass (SIMT: 4 chunks of 32; tensor cores: one of 128).
+//     The D chunks of a column tile are staged in NSLOT slots, so for D <= OW the chunks S was
+//     formed from are still there for O: each logits tile is formed once (2 products per tile;
+//     bank_kl's backward 3). For D > OW the output takes D/OW passes, each re-forming S and
+//     restaging its chunks (the output accumulator of a whole row would not fit in registers).
 //   * Forward with an output (kTrain, info_nce's bank_mean): as the backward, but the epilogue
 //     keeps an online-softmax reference max per row; P = exp(S - ref) is the A operand and, when
 //     the reference grows, O is rescaled first (Pol::rescale_o). The tensor-core policy lets the
@@ -85,6 +88,7 @@ struct TcPolicy {
   static constexpr int BN = 64, DC = 128, KSTEP = 16;
   static constexpr int LDX = DC + 8, LDS = BN + 4, LDW = BN + 8;
   static constexpr int kPlanes = 1;  // TcSplitPolicy: 2 (hi and lo parts of every operand)
+  static constexpr int NSLOT = 1, OW = DC;  // output columns per pass: O[16 x DC] in registers
   // Online-softmax output: the running max may exceed O's reference by this much before O is
   // rescaled (P <= e^8 ~ 3e3 is exact enough in fp16/bf16 and far from fp16's 65504).
   static constexpr float kOSlack = 8.f;
@@ -126,8 +130,8 @@ struct TcPolicy {
     for (int n = 0; n < BN / 16; ++n)
       nvcuda::wmma::store_matrix_sync(sSw + n * 16, acc.f[n], LDS, nvcuda::wmma::mem_row_major);
   }
-  // O[16 x DC] += W[16 x BN] @ C[BN x dlen]
-  __device__ static __forceinline__ void mma_o(OAcc& acc, const T* sWw, const T* sC, int dlen, int) {
+  // O[16 x DC] += W[16 x BN] @ C[BN x dlen]  (one D chunk per pass: slot is 0)
+  __device__ static __forceinline__ void mma_o(OAcc& acc, const T* sWw, const T* sC, int dlen, int, int) {
 #pragma unroll
     for (int kk = 0; kk < BN; kk += 16) {
       FragA a;
@@ -223,7 +227,7 @@ struct TcSplitPolicy : TcPolicy<__nv_bfloat16, float> {
     }
   }
   // O[16 x DC] += W[16 x BN] @ C[BN x dlen], three products per fragment pair
-  __device__ static __forceinline__ void mma_o(OAcc& acc, const T* sWw, const T* sC, int dlen, int) {
+  __device__ static __forceinline__ void mma_o(OAcc& acc, const T* sWw, const T* sC, int dlen, int, int) {
 #pragma unroll
     for (int kk = 0; kk < BN; kk += 16) {
       FragA a, al;
@@ -245,7 +249,9 @@ struct TcSplitPolicy : TcPolicy<__nv_bfloat16, float> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// SIMT policy. Lane l owns rows rg + 4i (rg = l / 8) and columns cg + 8j (cg = l % 8), i, j < 4.
+// SIMT policy. Lane l owns rows rg + 4i (rg = l / 8) and columns cg + 8j (cg = l % 8), i, j < 4, of
+// the S tile, and of O the same rows and columns cg + 8j + DC * s of each D chunk s < NSLOT: one
+// pass covers OW = NSLOT * DC = 128 features, so for D <= 128 every logits tile is formed once.
 template <class T_, class Acc_>
 struct SimtPolicy {
   using T = T_;
@@ -256,6 +262,7 @@ struct SimtPolicy {
   static constexpr bool kWInS = true;
   static constexpr bool kSmemVec = false;  // odd padding: stores are element-wise
   static constexpr int BN = 32, DC = 32, KSTEP = 1;
+  static constexpr int NSLOT = 4, OW = NSLOT * DC;
   static constexpr int LDX = DC + 1, LDS = BN + 1, LDW = LDS;
   static constexpr Acc kOSlack = Acc(0);  // O lives in registers: rescaling is cheap, do it exactly
   static constexpr int kPlanes = 1;
@@ -266,13 +273,16 @@ struct SimtPolicy {
   struct SAcc {
     Acc v[4][4];
   };
-  using OAcc = SAcc;
+  struct OAcc {
+    Acc v[4][4 * NSLOT];  // [i][s * 4 + j]
+  };
 
-  __device__ static __forceinline__ void zero(SAcc& a) {
+  template <class A>
+  __device__ static __forceinline__ void zero(A& a) {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) a.v[i][j] = Acc(0);
+      for (int j = 0; j < int(sizeof(a.v[0]) / sizeof(Acc)); ++j) a.v[i][j] = Acc(0);
   }
   __device__ static __forceinline__ void mma_s(SAcc& acc, const T* sQw, const T* sC, int klen, int lane) {
     const int rg = lane >> 3, cg = lane & 7;
@@ -295,18 +305,23 @@ struct SimtPolicy {
 #pragma unroll
       for (int j = 0; j < 4; ++j) sSw[(rg + 4 * i) * LDS + cg + 8 * j] = acc.v[i][j];
   }
-  __device__ static __forceinline__ void mma_o(OAcc& acc, const Acc* sWw, const T* sC, int, int lane) {
+  // O[:, chunk `slot`] += W[16 x BN] @ C[BN x DC]  (sC: that chunk's staged tile)
+  __device__ static __forceinline__ void mma_o(OAcc& acc, const Acc* sWw, const T* sC, int, int lane, int slot) {
     const int rg = lane >> 3, cg = lane & 7;
-    for (int c = 0; c < BN; ++c) {
-      Acc w[4], x[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) w[i] = sWw[(rg + 4 * i) * LDW + c];
+    for (int sl = 0; sl < NSLOT; ++sl) {
+      if (sl != slot) continue;  // constant register indices after unrolling
+      for (int c = 0; c < BN; ++c) {
+        Acc w[4], x[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) x[j] = to_acc<Acc>(sC[c * LDX + cg + 8 * j]);
+        for (int i = 0; i < 4; ++i) w[i] = sWw[(rg + 4 * i) * LDW + c];
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) x[j] = to_acc<Acc>(sC[c * LDX + cg + 8 * j]);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc.v[i][j] = fma(w[i], x[j], acc.v[i][j]);
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc.v[i][sl * 4 + j] = fma(w[i], x[j], acc.v[i][sl * 4 + j]);
+      }
     }
   }
   __device__ static __forceinline__ void rescale_o(OAcc& acc, const Acc* alpha, Acc*, int, int lane) {
@@ -315,7 +330,7 @@ struct SimtPolicy {
     for (int i = 0; i < 4; ++i) {
       const Acc a = alpha[rg + 4 * i];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc.v[i][j] *= a;
+      for (int j = 0; j < 4 * NSLOT; ++j) acc.v[i][j] *= a;
     }
   }
   template <class RS>
@@ -329,8 +344,8 @@ struct SimtPolicy {
       if (row >= nrows) continue;
       const Acc scale = rs(row);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t d = d0 + cg + 8 * j;
+      for (int j = 0; j < 4 * NSLOT; ++j) {
+        const int64_t d = d0 + (j >> 2) * DC + cg + 8 * (j & 3);
         if (d < D) out[row * D + d] = acc.v[i][j] * scale;
       }
     }
@@ -346,7 +361,9 @@ struct SmemLayout {
   using WT = typename Pol::WT;
   static constexpr size_t al(size_t x) { return (x + 127) / 128 * 128; }
   static constexpr size_t q_stride = al(size_t(Pol::kPlanes) * kBM * Pol::LDX * sizeof(T));
-  static constexpr size_t c_bytes = al(size_t(Pol::kPlanes) * Pol::BN * Pol::LDX * sizeof(T));
+  // NSLOT staged D chunks of the column tile (each with its kPlanes planes)
+  static constexpr size_t c_slot = size_t(Pol::kPlanes) * Pol::BN * Pol::LDX;  // elements
+  static constexpr size_t c_bytes = al(size_t(Pol::NSLOT) * c_slot * sizeof(T));
   static constexpr size_t s_stride = al(size_t(16) * Pol::LDS * sizeof(Acc));
   static constexpr size_t w_stride =
       (kBwd && !Pol::kWInS) ? al(size_t(Pol::kPlanes) * 16 * Pol::LDW * sizeof(WT)) : 0;
@@ -459,17 +476,25 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
 
   const int nD = D > 0 ? int((D + DC - 1) / DC) : 1;
   const bool q_once = nD == 1;  // the rows chunk stays resident for the whole kernel
-  const int nOut = kOut ? nD : 1;
+  // O covers OW = NSLOT chunks per pass; the D chunks of a column tile go to slot dc % NSLOT, so
+  // when D <= OW (one pass) every chunk is still staged when O needs it: each logits tile is formed
+  // once. Otherwise (D > OW) each pass recomputes the logits and restages its chunks.
+  constexpr int NSLOT = Pol::NSLOT;
+  constexpr size_t CSLOT = L::c_slot;
+  const bool c_resident = nD <= NSLOT;
+  const int nPass = kOut ? (nD + NSLOT - 1) / NSLOT : 1;
   if (q_once) {
 #pragma unroll
     for (int k = 0; k < NQ; ++k) load_rows<Pol, kBM>(sQ[k], qsrc[k], row0, D, 0, vec, tid);
     // (the barrier after the first column load orders these stores)
   }
 
-  for (int oc = 0; oc < nOut; ++oc) {
+  for (int ps = 0; ps < nPass; ++ps) {
     typename Pol::OAcc o;
     if constexpr (kOut) Pol::zero(o);
-    const int dlen = int(D - int64_t(oc) * DC < DC ? D - int64_t(oc) * DC : DC);
+    const int64_t prem = D - int64_t(ps) * Pol::OW;
+    const int pdlen = int(prem < Pol::OW ? prem : Pol::OW);  // features of this pass
+    (void)pdlen;
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * BN;
       typename Pol::SAcc s[NQ];
@@ -486,13 +511,14 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
 #pragma unroll
           for (int k = 0; k < NQ; ++k) load_rows<Pol, kBM>(sQ[k], qsrc[k], row0, D, d0, vec, tid);
         }
-        load_rows<Pol, BN>(sC, csrc, c0, D, d0, vec, tid);
+        T* sCd = sC + (dc % NSLOT) * CSLOT;
+        load_rows<Pol, BN>(sCd, csrc, c0, D, d0, vec, tid);
         __syncthreads();
         const int64_t rem = D - d0;
         const int kraw = rem <= 0 ? 0 : (rem < DC ? int(rem) : DC);
         const int klen = (kraw + Pol::KSTEP - 1) / Pol::KSTEP * Pol::KSTEP;  // zero-padded to DC
 #pragma unroll
-        for (int k = 0; k < NQ; ++k) Pol::mma_s(s[k], sQ[k] + warp * 16 * LDX, sC, klen, lane);
+        for (int k = 0; k < NQ; ++k) Pol::mma_s(s[k], sQ[k] + warp * 16 * LDX, sCd, klen, lane);
       }
 #pragma unroll
       for (int k = 0; k < NQ; ++k) Pol::store_s(s[k], sS[k], lane);
@@ -503,26 +529,35 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
         bool use = true;
         if constexpr (kTrain) {
           // sS is free again (P went to sW; SIMT: rescale_o needs no scratch)
-          if (epi.rescale_pending()) Pol::rescale_o(o, epi.alpha(), sS[0], dlen, lane);
+          if (epi.rescale_pending()) Pol::rescale_o(o, epi.alpha(), sS[0], pdlen, lane);
           use = epi.has_out(c0);  // block-uniform: the barriers below are safe
         }
         if (use) {
-          if (nD > 1) {  // bring the cols chunk of this output pass back
+          if (!c_resident) {  // stage this pass's chunks of the column tile again
             __syncthreads();
-            load_rows<Pol, BN>(sC, csrc, c0, D, int64_t(oc) * DC, vec, tid);
+            for (int sl = 0; sl < NSLOT; ++sl) {
+              const int chunk = ps * NSLOT + sl;
+              if (chunk < nD) load_rows<Pol, BN>(sC + sl * CSLOT, csrc, c0, D, int64_t(chunk) * DC, vec, tid);
+            }
             __syncthreads();
           }
-          Pol::mma_o(o, sW, sC, dlen, lane);
+          for (int sl = 0; sl < NSLOT; ++sl) {
+            const int chunk = ps * NSLOT + sl;
+            if (chunk >= nD) break;
+            const int64_t rem = D - int64_t(chunk) * DC;
+            const int dlen = int(rem < DC ? rem : DC);
+            Pol::mma_o(o, sW, sC + sl * CSLOT, dlen, lane, sl);
+          }
         }
       }
       __syncthreads();  // sC, sQ and the column scalars are overwritten by the next tile
     }
     if constexpr (kOut) {
-      Pol::store_o(o, sS[0], out, wrow0, nrows, int64_t(oc) * DC, D, lane,
+      Pol::store_o(o, sS[0], out, wrow0, nrows, int64_t(ps) * Pol::OW, D, lane,
                    [&](int64_t r) { return epi.row_scale(r); });
       __syncwarp();
     }
-    if constexpr (kTrain) epi.finish_pass(oc, wrow0, lane);
+    if constexpr (kTrain) epi.finish_pass(ps, wrow0, lane);
   }
   if constexpr (!kOut) epi.finish(wrow0, lane);
 }

@@ -118,6 +118,8 @@ struct FwdEpi {
 // Forward of _info_nce_train: the logsumexp of FwdEpi plus P = exp(S - ref) on the bank columns for
 // O += P @ bank_tile. ref follows the running max (including key columns) but only moves when the
 // max exceeds it by more than Pol::kOSlack; then O is rescaled by alpha = exp(ref_old - ref_new).
+// On tiles that feed O each exp is computed once: the logsumexp sums the same exp(S - ref) terms
+// with ref as its pivot (terms <= e^kOSlack), so the pivot of `st` lags the true max there.
 template <class Pol>
 struct TrainEpi : FwdEpi<Pol> {
   using Acc = typename Pol::Acc;
@@ -126,17 +128,33 @@ struct TrainEpi : FwdEpi<Pol> {
   Acc* mref_out;  // this split's [passes, nrows]
   Acc* s_alpha;   // this warp's 16 factors (shared)
   Acc mref = neg_inf<Acc>();
+  Acc mx = neg_inf<Acc>();  // running max over the tiles that fed O
   bool pending = false;
 
   __device__ __forceinline__ bool has_out(int64_t c0) const { return c0 + Pol::BN > nkeys; }
   __device__ __forceinline__ bool rescale_pending() const { return pending; }
   __device__ __forceinline__ const Acc* alpha() const { return s_alpha; }
   __device__ __forceinline__ void tile(Acc* const* sS, WT* sW, int64_t c0, int64_t wrow0, int lane) {
-    FwdEpi<Pol>::tile(sS, sW, c0, wrow0, lane);  // folds the tile into st (reads sS only)
     pending = false;
-    if (!has_out(c0)) return;
+    if (!has_out(c0)) {  // key columns only (they come first): the plain online logsumexp
+      FwdEpi<Pol>::tile(sS, sW, c0, wrow0, lane);
+      return;
+    }
     const EpiLane el(lane);
-    const Acc m = this->st.m;  // running max after this tile, the same in both lanes of the row
+    const Acc scale = this->scale;
+    const int64_t ncols = this->ncols;
+    const Acc* row = sS[0] + el.r * Pol::LDS;
+    WT* wrow = sW + el.r * Pol::LDW;
+    Acc tmax = neg_inf<Acc>();
+#pragma unroll 8
+    for (int j = 0; j < Pol::BN / 2; ++j) {
+      const int c = el.h + 2 * j;
+      if (c0 + c < ncols) tmax = fmax(tmax, row[c] * scale);
+    }
+    tmax = fmax(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+    // before the first such tile st.m is the true running max; afterwards mx is
+    const Acc m = fmax(fmax(mx, this->st.m), tmax);
+    mx = m;
     Acc a = Acc(1);
     bool grow = false;
     if (mref == neg_inf<Acc>()) {
@@ -149,15 +167,24 @@ struct TrainEpi : FwdEpi<Pol> {
     pending = __any_sync(0xffffffffu, grow);
     if (pending && el.h == 0) s_alpha[el.r] = a;
     const Acc pv = mref == neg_inf<Acc>() ? Acc(0) : mref;
-    const Acc* row = sS[0] + el.r * Pol::LDS;
-    WT* wrow = sW + el.r * Pol::LDW;
+    Acc sum = Acc(0);
 #pragma unroll 8
     for (int j = 0; j < Pol::BN / 2; ++j) {
       const int c = el.h + 2 * j;
       const int64_t g = c0 + c;
       Acc w = Acc(0);
-      if (g >= nkeys && g < this->ncols) w = Pol::ex(row[c] * this->scale - pv);
+      if (g < ncols) {
+        const Acc e = Pol::ex(row[c] * scale - pv);
+        sum += e;
+        if (g >= nkeys) w = e;
+      }
       Pol::put_w(wrow, c, w);  // in place for SIMT: same element just read
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    if (mref != neg_inf<Acc>()) {  // fold sum_j exp(x_j - pv) with pv >= the state's pivot
+      OnlineLse<Acc>& st = this->st;
+      st.l = (st.m == neg_inf<Acc>() ? Acc(0) : st.l * acc_exp_precise(st.m - pv)) + sum;
+      st.m = pv;
     }
   }
   __device__ __forceinline__ void finish_pass(int oc, int64_t wrow0, int lane) {
@@ -169,6 +196,7 @@ struct TrainEpi : FwdEpi<Pol> {
     }
     this->st = OnlineLse<Acc>();  // the next pass recomputes the same logits
     mref = neg_inf<Acc>();
+    mx = neg_inf<Acc>();
   }
 };
 
@@ -277,7 +305,7 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_train_tiles(NceTileArgs<type
     UPREID_DYNAMIC_SMEM(smem, 128);
     int64_t tb, te;
     split_range(a.ntiles, a.nsplit, &tb, &te);
-    const int64_t passes = a.D > 0 ? (a.D + Pol::DC - 1) / Pol::DC : 1;
+    const int64_t passes = a.D > 0 ? (a.D + Pol::OW - 1) / Pol::OW : 1;
     Acc* alpha = reinterpret_cast<Acc*>(smem + L::col_off) + (threadIdx.x >> 5) * 16;
     TrainEpi<Pol> epi{{a.scale, a.ncols, a.nrows, a.ws + int64_t(blockIdx.y) * a.nrows},
                       a.nkeys, a.mref + int64_t(blockIdx.y) * passes * a.nrows, alpha};
@@ -467,7 +495,7 @@ cudaError_t forward_impl(const InfoNceParams& p, bool train, const DeviceInfo& d
   const int64_t ntiles = ceil_div(ncols, Pol::BN);
   const int64_t row_blocks = ceil_div(p.M, kBM);
   const size_t smem = train ? SmemLayout<Pol, 1, true>::bytes : SmemLayout<Pol, 1, false>::bytes;
-  const int64_t passes = p.D > 0 ? ceil_div(p.D, Pol::DC) : 1;
+  const int64_t passes = p.D > 0 ? ceil_div(p.D, Pol::OW) : 1;
   int ns = 0;
   if (ntiles > 0 && p.M > 0) {
     int bpsm = 1;
@@ -522,7 +550,7 @@ cudaError_t forward_impl(const InfoNceParams& p, bool train, const DeviceInfo& d
   if (train && p.D > 0) {
     r.mref = ws_ref;
     r.obuf = ws_o;
-    r.dc = Pol::DC;
+    r.dc = Pol::OW;
     r.passes = int(passes);
     r.bank_mean = static_cast<Acc*>(p.bank_mean);
   }
