@@ -182,8 +182,9 @@ def _one_block_counts(e, run):
     return e.counts()
 
 
-@pytest.mark.parametrize("d", [128, 96])
+@pytest.mark.parametrize("d", [96, 128, 256])
 def test_info_nce_forms_each_logits_tile_once(d):
+    """D <= 128 on both policies; D = 256 on the tensor cores (TcWide keeps O in shared memory)."""
     m, n, k = 64, 64, 256  # one row block, MoCo (the columns are the bank), one split
     q, keys, bank, pos = nce_inputs(m, n, k, d, torch.float64)
     gl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
@@ -191,11 +192,14 @@ def test_info_nce_forms_each_logits_tile_once(d):
     e = configure("info_nce", "sm90-1sm")
     qb, kb, bb = q.bfloat16(), keys.bfloat16(), bank.bfloat16()
     _, mma = _one_block_counts(e, lambda: eo.info_nce(qb, kb, pos, bb, 0.1, 1, train=True))
+    assert all(("TcWide" in x) == (d > 128) for x in e.launches() if "_tiles" in x), e.launches()
     per_product = (k // 64) * 4 * (-(-d // 16)) * 4
     assert mma == 2 * per_product, (mma, per_product)
     lse = eo.info_nce(qb, kb, pos, bb, 0.1, 1)[1]
     _, mma = _one_block_counts(e, lambda: eo.info_nce_backward(gl, gls, qb, kb, pos, bb, lse, 0.1, 1))
     assert mma == 2 * per_product, (mma, per_product)
+    if d > 128:
+        return  # the CUDA cores take D/128 passes above 128
     # CUDA cores (fp32 at "highest"): 32-wide tiles and D chunks
     e = configure("info_nce", "sm90-1sm")
     qf, kf, bf = q.float(), keys.float(), bank.float()
@@ -207,8 +211,9 @@ def test_info_nce_forms_each_logits_tile_once(d):
     assert bars == tiles * 2 * n_d, (bars, tiles, n_d)
 
 
-def test_bank_kl_backward_forms_each_logits_tile_once():
-    m, k, d = 64, 256, 128
+@pytest.mark.parametrize("d", [128, 256])
+def test_bank_kl_backward_forms_each_logits_tile_once(d):
+    m, k = 64, 256
     torch.manual_seed(5)
     s, te, bank = feats(m, d), feats(m, d), feats(k, d)
     gkl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
@@ -218,9 +223,67 @@ def test_bank_kl_backward_forms_each_logits_tile_once():
     _, mma = _one_block_counts(e, lambda: eo.bank_kl_backward(gkl, gls, sb, tb, bb, ls, lt, 0.1, 0.05))
     per_product = (k // 64) * 4 * (d // 16) * 4
     assert mma == 3 * per_product, (mma, per_product)
+    if d > 128:
+        return
     _, ls, lt = eo.bank_kl(s, te, bank, 0.1, 0.05)
     bars, _ = _one_block_counts(e, lambda: eo.bank_kl_backward(gkl, gls, s, te, bank, ls, lt, 0.1, 0.05))
     assert bars == (k // 32) * 2 * (d // 32), bars
+
+
+@pytest.mark.parametrize("dtype,small", [(torch.bfloat16, 100 * 1024), (torch.float32, 160 * 1024)], ids=str)
+def test_tensor_cores_above_d128_without_room_for_shared_output(dtype, small):
+    """A device whose shared memory cannot hold TcWide's output (`small` opt-in: bf16 100 KB, fp32 at
+    "high" (split-bf16, two planes) 160 KB) takes the register policy with one output pass per 128
+    features (the logits formed twice at D = 200), and stays within the tolerance rule."""
+    m, n, k, d, g = 40, 40, 150, 200, 0
+    q, keys, bank, pos = nce_inputs(m, n, k, d, dtype)
+    gl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    ref = nce_exact(q, keys, bank, pos, 0.1, g, gl, gls)
+    base = nce_baseline(q, keys, bank, pos, 0.1, g, gl, gls, dtype)
+    for optin, wide in ((232448, True), (small, False)):
+        e = configure("info_nce", "sm90")
+        e.configure(major=9, sms=8, smem_optin=optin)
+        e.set_fp32_precision("high")
+        got = run_nce(q, keys, bank, pos, 0.1, g, gl, gls, dtype, True)
+        tiles = [x for x in e.launches() if "_tiles" in x]
+        assert tiles and all(("TcWide" in x) == wide for x in tiles), tiles
+        for name, a, b, c, scale in zip(("loss", "lse", "grad_query", "grad_keys"), got, ref, base, (10, 10, 1, 1)):
+            atol = high_atol(b) if dtype == torch.float32 else default_atol(dtype, scale)
+            assert_tolerance(a, b, c, atol, f"{name} {dtype} optin={optin}")
+        assert max_err(got[4], ref[4]) <= (high_atol(ref[4]) if dtype == torch.float32 else default_atol(dtype, 2))
+    torch.manual_seed(6)
+    s, te, bk = feats(m, d, dtype=torch.float64), feats(m, d, dtype=torch.float64), feats(k, d, dtype=torch.float64)
+    gkl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    ref = bkl_exact(s, te, bk, 0.1, 0.05, gkl, gls)
+    sd = s.to(dtype).clone().requires_grad_()
+    kl, ls, lt = reference.bank_kl(sd, te.to(dtype), bk.to(dtype), 0.1, 0.05)
+    (kl.double() * gkl + ls.double() * gls).sum().backward()
+    for optin, wide in ((232448, True), (small, False)):
+        e = configure("bank_kl", "sm90")
+        e.configure(major=9, sms=8, smem_optin=optin)
+        e.set_fp32_precision("high")
+        got = run_bkl(s, te, bk, 0.1, 0.05, gkl, gls, dtype)
+        tiles = [x for x in e.launches() if "bkl_bwd_tiles" in x]
+        assert tiles and all(("TcWide" in x) == wide for x in tiles), tiles
+        atol = high_atol(ref[3]) if dtype == torch.float32 else default_atol(dtype, 1)
+        assert_tolerance(got[3], ref[3], sd.grad, atol, f"grad_student {dtype} optin={optin}")
+
+
+def test_fp32_high_needs_room_for_two_planes():
+    """An sm_86-class device (99 KB of shared memory a block) keeps fp32 "high" on the CUDA cores:
+    split-bf16's bank_kl backward needs 155 KB."""
+    torch.manual_seed(7)
+    s, te, bank = feats(20, 24, dtype=torch.float64), feats(20, 24, dtype=torch.float64), feats(70, 24, dtype=torch.float64)
+    gkl, gls = torch.randn(20, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+    for optin, policy in ((99 * 1024, "SimtPolicy<float, float>"), (164 * 1024, "TcSplitPolicy")):
+        e = configure("bank_kl", "sm90")
+        e.configure(major=8, minor=6 if optin < 100 * 1024 else 0, sms=8, smem_optin=optin)
+        e.set_fp32_precision("high")
+        got = run_bkl(s, te, bank, 0.1, 0.05, gkl, gls, torch.float32)
+        tiles = [x for x in e.launches() if "_tiles" in x]
+        assert tiles and all(policy in x for x in tiles), (optin, tiles)
+        ref = bkl_exact(s, te, bank, 0.1, 0.05, gkl, gls)
+        assert max_err(got[3], ref[3]) <= high_atol(ref[3])
 
 
 def test_info_nce_dispatch_follows_the_compiled_architecture():

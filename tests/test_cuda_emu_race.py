@@ -157,13 +157,15 @@ RACE_CASES = [
     ("info_nce", "M=18 N=18 K=30 D=33 g=0 dtype=f16 cc=7 train=1 sms=2"),
     ("info_nce", "M=9 N=9 K=0 D=5 g=9 dtype=f64 sms=1"),
     ("bank_kl", "M=20 K=70 D=20 dtype=f32 sms=2"),
-    ("bank_kl", "M=20 K=70 D=130 dtype=bf16 cc=9 sms=2"),
+    ("bank_kl", "M=20 K=70 D=130 dtype=bf16 cc=9 sms=2"),  # TcWide
     ("bank_kl", "M=17 K=40 D=16 dtype=f16 cc=7 sms=1"),
     ("info_nce", "M=20 N=20 K=40 D=20 g=0 dtype=f32 prec=1 train=1 sms=2"),  # fp32 "high": split-bf16
     ("bank_kl", "M=20 K=70 D=20 dtype=f32 prec=1 sms=2"),
     # CUDA cores with D > 128: two output passes, the column chunks staged again for each
     ("info_nce", "M=18 N=18 K=40 D=140 g=0 dtype=f32 train=1 sms=1"),
     ("bank_kl", "M=17 K=40 D=140 dtype=f32 sms=1"),
+    # tensor cores with D > 128: O in shared memory (TcWide), chunks restaged one at a time
+    ("info_nce", "M=18 N=18 K=70 D=140 g=0 dtype=bf16 cc=9 train=1 sms=1"),
     ("rank", "Q=5 G=60 max_rank=10 ids=4 cams=3 dtype=f32"),
     ("rank", "Q=3 G=40 max_rank=50 ids=2 cams=2 dtype=bf16"),
     ("rerank", "N=40 Q=8 D=8 k1=6 k2=3 dtype=f32"),

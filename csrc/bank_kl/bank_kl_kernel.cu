@@ -280,7 +280,13 @@ cudaError_t entry(const BankKlParams& p, DType dtype, cudaStream_t stream, size_
   cudaError_t e = device_info(&dev);
   if (e != cudaSuccess) return e;
   return dispatch_policy(dtype, dev, p.fp32_precision, [&](auto pol) {
-    return impl<decltype(pol), kBwd>(p, dev, stream, bytes);
+    if constexpr (!kBwd) {
+      return impl<decltype(pol), false>(p, dev, stream, bytes);
+    } else {
+      return maybe_wide<decltype(pol), 2>(pol, p.D, dev, [&](auto pw) {
+        return impl<decltype(pw), true>(p, dev, stream, bytes);
+      });
+    }
   });
 }
 

@@ -89,6 +89,7 @@ struct TcPolicy {
   static constexpr int LDX = DC + 8, LDS = BN + 4, LDW = BN + 8;
   static constexpr int kPlanes = 1;  // TcSplitPolicy: 2 (hi and lo parts of every operand)
   static constexpr int NSLOT = 1, OW = DC;  // output columns per pass: O[16 x DC] in registers
+  static constexpr bool kOSmem = false;     // TcWide: O in shared memory
   // Online-softmax output: the running max may exceed O's reference by this much before O is
   // rescaled (P <= e^8 ~ 3e3 is exact enough in fp16/bf16 and far from fp16's 65504).
   static constexpr float kOSlack = 8.f;
@@ -249,6 +250,71 @@ struct TcSplitPolicy : TcPolicy<__nv_bfloat16, float> {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Tensor cores for 128 < D: O of a whole pass (OW = 256 features, two D chunks) does not fit in
+// registers, so each warp keeps its O[16 x OW] in shared memory (fp32, ld LDO) and an output update
+// loads the fragments of one D chunk, multiplies with P's mma_o and stores them back. The column
+// chunks are restaged one at a time for O (one staging slot), so the logits tile is still formed
+// once per pass: for D <= 256 once. The host takes this policy only where its shared memory fits the
+// device (SmemLayout<TcWide<P>, ...>::bytes <= the opt-in maximum); otherwise P, with D/128 passes.
+template <class P>
+struct TcWide : P {
+  static constexpr int DC = P::DC;
+  static constexpr int NSLOT = 1, OW = 2 * DC;
+  static constexpr bool kOSmem = true;
+  static constexpr int LDO = OW + 4;
+  struct OAcc {
+    float* o;  // this warp's [16 x LDO] rows in shared memory
+  };
+  using P::zero;
+  // Elementwise passes over O use lane + 32 e; the fragment loads and stores of mma_o use the
+  // fragment layout: each side is separated from the other by __syncwarp.
+  __device__ static __forceinline__ void zero(OAcc& a) {
+    const int lane = threadIdx.x & 31;
+    __syncwarp();
+    for (int idx = lane; idx < 16 * OW; idx += 32) a.o[(idx / OW) * LDO + idx % OW] = 0.f;
+    __syncwarp();
+  }
+  // O[:, chunk cc of the pass] += W[16 x BN] @ C[BN x dlen]
+  __device__ static __forceinline__ void mma_o(OAcc& acc, const typename P::T* sWw, const typename P::T* sC,
+                                               int dlen, int lane, int cc) {
+    typename P::OAcc r;
+    float* base = acc.o + cc * DC;
+#pragma unroll
+    for (int n = 0; n < DC / 16; ++n) {
+      if (n * 16 < dlen) {
+        nvcuda::wmma::load_matrix_sync(r.f[n], base + n * 16, LDO, nvcuda::wmma::mem_row_major);
+      } else {
+        nvcuda::wmma::fill_fragment(r.f[n], 0.f);
+      }
+    }
+    P::mma_o(r, sWw, sC, dlen, lane, 0);
+#pragma unroll
+    for (int n = 0; n < DC / 16; ++n)
+      if (n * 16 < dlen) nvcuda::wmma::store_matrix_sync(base + n * 16, r.f[n], LDO, nvcuda::wmma::mem_row_major);
+  }
+  __device__ static __forceinline__ void rescale_o(OAcc& acc, const float* alpha, float*, int dlen, int lane) {
+    __syncwarp();
+    for (int idx = lane; idx < 16 * OW; idx += 32) {
+      const int r = idx / OW, c = idx % OW;
+      if (c < dlen) acc.o[r * LDO + c] *= alpha[r];
+    }
+    __syncwarp();
+  }
+  template <class RS>
+  __device__ static __forceinline__ void store_o(const OAcc& acc, float*, float* out, int64_t wrow0,
+                                                 int64_t nrows, int64_t d0, int64_t D, int lane,
+                                                 const RS& rs) {
+    __syncwarp();
+    for (int idx = lane; idx < 16 * OW; idx += 32) {
+      const int r = idx / OW, c = idx % OW;
+      const int64_t row = wrow0 + r, d = d0 + c;
+      if (row < nrows && d < D) out[row * D + d] = acc.o[r * LDO + c] * rs(row);
+    }
+    __syncwarp();
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // SIMT policy. Lane l owns rows rg + 4i (rg = l / 8) and columns cg + 8j (cg = l % 8), i, j < 4, of
 // the S tile, and of O the same rows and columns cg + 8j + DC * s of each D chunk s < NSLOT: one
 // pass covers OW = NSLOT * DC = 128 features, so for D <= 128 every logits tile is formed once.
@@ -263,6 +329,7 @@ struct SimtPolicy {
   static constexpr bool kSmemVec = false;  // odd padding: stores are element-wise
   static constexpr int BN = 32, DC = 32, KSTEP = 1;
   static constexpr int NSLOT = 4, OW = NSLOT * DC;
+  static constexpr bool kOSmem = false;
   static constexpr int LDX = DC + 1, LDS = BN + 1, LDW = LDS;
   static constexpr Acc kOSlack = Acc(0);  // O lives in registers: rescaling is cheap, do it exactly
   static constexpr int kPlanes = 1;
@@ -353,6 +420,16 @@ struct SimtPolicy {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Leading dimension of a shared-memory O (TcWide), 0 for the policies that keep O in registers.
+template <class Pol>
+constexpr int o_ld() {
+  if constexpr (Pol::kOSmem) {
+    return Pol::LDO;
+  } else {
+    return 0;
+  }
+}
+
 // Shared-memory carve-up of one block (host and device agree on it through this struct).
 template <class Pol, int NQ, bool kBwd>
 struct SmemLayout {
@@ -373,7 +450,9 @@ struct SmemLayout {
   static constexpr size_t s_off = c_off + c_bytes;
   static constexpr size_t w_off = s_off + size_t(NQ) * kWarps * s_stride;
   static constexpr size_t col_off = w_off + size_t(kWarps) * w_stride;
-  static constexpr size_t bytes = col_off + col_bytes;
+  static constexpr size_t o_stride = (kBwd && Pol::kOSmem) ? al(size_t(16) * o_ld<Pol>() * sizeof(float)) : 0;
+  static constexpr size_t o_off = col_off + col_bytes;
+  static constexpr size_t bytes = o_off + size_t(kWarps) * o_stride;
   // kTrain kernels keep each warp's 16 O-rescale factors in the column-scalar area.
   static_assert(col_bytes >= size_t(kWarps) * 16 * sizeof(Acc), "alpha area");
 };
@@ -480,9 +559,11 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
   // when D <= OW (one pass) every chunk is still staged when O needs it: each logits tile is formed
   // once. Otherwise (D > OW) each pass recomputes the logits and restages its chunks.
   constexpr int NSLOT = Pol::NSLOT;
+  constexpr int CPP = Pol::OW / DC;  // D chunks per output pass (NSLOT, or more for TcWide)
+  static_assert(NSLOT == CPP || NSLOT == 1, "staging slots: one per chunk of a pass, or one");
   constexpr size_t CSLOT = L::c_slot;
   const bool c_resident = nD <= NSLOT;
-  const int nPass = kOut ? (nD + NSLOT - 1) / NSLOT : 1;
+  const int nPass = kOut ? (nD + CPP - 1) / CPP : 1;
   if (q_once) {
 #pragma unroll
     for (int k = 0; k < NQ; ++k) load_rows<Pol, kBM>(sQ[k], qsrc[k], row0, D, 0, vec, tid);
@@ -491,6 +572,7 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
 
   for (int ps = 0; ps < nPass; ++ps) {
     typename Pol::OAcc o;
+    if constexpr (Pol::kOSmem) o.o = reinterpret_cast<float*>(smem + L::o_off + size_t(warp) * L::o_stride);
     if constexpr (kOut) Pol::zero(o);
     const int64_t prem = D - int64_t(ps) * Pol::OW;
     const int pdlen = int(prem < Pol::OW ? prem : Pol::OW);  // features of this pass
@@ -533,20 +615,30 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
           use = epi.has_out(c0);  // block-uniform: the barriers below are safe
         }
         if (use) {
-          if (!c_resident) {  // stage this pass's chunks of the column tile again
+          if (!c_resident && NSLOT == CPP) {  // stage this pass's chunks of the column tile again
             __syncthreads();
             for (int sl = 0; sl < NSLOT; ++sl) {
-              const int chunk = ps * NSLOT + sl;
+              const int chunk = ps * CPP + sl;
               if (chunk < nD) load_rows<Pol, BN>(sC + sl * CSLOT, csrc, c0, D, int64_t(chunk) * DC, vec, tid);
             }
             __syncthreads();
           }
-          for (int sl = 0; sl < NSLOT; ++sl) {
-            const int chunk = ps * NSLOT + sl;
-            if (chunk >= nD) break;
+          // One staging slot (TcWide): the chunks one by one, last first (chunk nD - 1 is still
+          // staged from forming S).
+          int staged = nD - 1;
+          for (int k = 0; k < CPP; ++k) {
+            const int cc = NSLOT == CPP ? k : CPP - 1 - k;
+            const int chunk = ps * CPP + cc;
+            if (chunk >= nD) continue;
+            if (NSLOT != CPP && chunk != staged) {
+              __syncthreads();
+              load_rows<Pol, BN>(sC, csrc, c0, D, int64_t(chunk) * DC, vec, tid);
+              __syncthreads();
+              staged = chunk;
+            }
             const int64_t rem = D - int64_t(chunk) * DC;
             const int dlen = int(rem < DC ? rem : DC);
-            Pol::mma_o(o, sW, sC + sl * CSLOT, dlen, lane, sl);
+            Pol::mma_o(o, sW, sC + (NSLOT == CPP ? cc : 0) * CSLOT, dlen, lane, cc);
           }
         }
       }
@@ -606,6 +698,7 @@ struct DeviceInfo {
   int sms = 1;
   int major = 0;
   int arch = 0;  // the architecture this binary's code for the device was built for (e.g. 75, 90)
+  int smem_optin = 48 * 1024;  // dynamic shared memory a block may opt in to
 };
 
 inline cudaError_t device_info(DeviceInfo* info) {
@@ -615,6 +708,8 @@ inline cudaError_t device_info(DeviceInfo* info) {
   e = cudaDeviceGetAttribute(&info->sms, cudaDevAttrMultiProcessorCount, dev);
   if (e != cudaSuccess) return e;
   e = cudaDeviceGetAttribute(&info->major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e != cudaSuccess) return e;
+  e = cudaDeviceGetAttribute(&info->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (e != cudaSuccess) return e;
   // What the device runs is what was compiled for it, not what it could run: a build without
   // sm_80+ code (or whose PTX is older, JIT-compiled) has the tensor-core kernels guarded out.
@@ -663,7 +758,8 @@ inline cudaError_t launch_reduce_splits(const Acc* ws, int nsplit, int64_t n, Ac
 // Calls f(Policy{}) with the tile policy for a dtype: tensor cores for fp16/bf16 on sm_80+ devices
 // running sm_80+ code; fp32 by `fp32_precision` (precision.h): "medium" rounds the operands to bf16
 // for the tensor cores (fp32 accumulation), "high" splits them into bf16 hi + lo parts (three
-// tensor-core products, TcSplitPolicy), "highest" keeps fp32 FMAs on the CUDA cores.
+// tensor-core products, TcSplitPolicy; CUDA cores where its shared memory does not fit), "highest"
+// keeps fp32 FMAs on the CUDA cores.
 template <class F>
 inline cudaError_t dispatch_policy(DType dt, const DeviceInfo& dev, int fp32_precision, F&& f) {
   const bool tc = dev.major >= 8 && dev.arch >= 80;
@@ -674,12 +770,26 @@ inline cudaError_t dispatch_policy(DType dt, const DeviceInfo& dev, int fp32_pre
       return tc ? f(TcPolicy<__nv_bfloat16>{}) : f(SimtPolicy<__nv_bfloat16, float>{});
     case DType::kF32:
       if (tc && fp32_precision == int(Fp32Precision::kMedium)) return f(TcPolicy<__nv_bfloat16, float>{});
-      if (tc && fp32_precision == int(Fp32Precision::kHigh)) return f(TcSplitPolicy{});
+      // split-bf16 stages two planes: only where its largest block (bank_kl's backward) fits;
+      // devices with less shared memory (sm_86/sm_89: 99 KB) keep fp32 on the CUDA cores
+      if (tc && fp32_precision == int(Fp32Precision::kHigh) &&
+          SmemLayout<TcSplitPolicy, 2, true>::bytes <= size_t(dev.smem_optin))
+        return f(TcSplitPolicy{});
       return f(SimtPolicy<float, float>{});
     case DType::kF64:
       return f(SimtPolicy<double, double>{});
   }
   return cudaErrorInvalidValue;
+}
+
+// Calls f(TcWide<Pol>{}) for a tensor-core policy when D needs more than one chunk and TcWide's
+// shared memory (NQ row sets, an output) fits the device; f(Pol{}) otherwise.
+template <class Pol, int NQ, class F>
+inline cudaError_t maybe_wide(Pol pol, int64_t D, const DeviceInfo& dev, F&& f) {
+  if constexpr (Pol::kTensorCore && !Pol::kOSmem) {
+    if (D > Pol::DC && SmemLayout<TcWide<Pol>, NQ, true>::bytes <= size_t(dev.smem_optin)) return f(TcWide<Pol>{});
+  }
+  return f(pol);
 }
 
 // True when 16-byte loads of rows of D elements of `esize` bytes are legal for every pointer.

@@ -685,7 +685,10 @@ cudaError_t forward_any(const InfoNceParams& p, bool train, DType dtype, cudaStr
   if (bytes != nullptr) *bytes = 0;
   if (p.M <= 0) return cudaSuccess;
   return with_policy(dtype, p.fp32_precision, [&](auto pol, const DeviceInfo& dev) {
-    return forward_impl<decltype(pol)>(p, train, dev, stream, bytes);
+    if (!train) return forward_impl<decltype(pol)>(p, false, dev, stream, bytes);
+    return maybe_wide<decltype(pol), 1>(pol, p.D, dev, [&](auto pw) {
+      return forward_impl<decltype(pw)>(p, true, dev, stream, bytes);
+    });
   });
 }
 
@@ -694,7 +697,9 @@ cudaError_t backward_any(const InfoNceParams& p, DType dtype, cudaStream_t strea
   if (bytes != nullptr) *bytes = 0;
   if (p.M <= 0 || p.D <= 0) return cudaSuccess;
   return with_policy(dtype, p.fp32_precision, [&](auto pol, const DeviceInfo& dev) {
-    return backward_impl<decltype(pol)>(p, dev, stream, bytes);
+    return maybe_wide<decltype(pol), 1>(pol, p.D, dev, [&](auto pw) {
+      return backward_impl<decltype(pw)>(p, dev, stream, bytes);
+    });
   });
 }
 
