@@ -474,6 +474,93 @@ def test_bank_kl_low_precision_tolerance(case, dtype, dev):
         assert_tolerance(a, b, c, default_atol(dtype, scale), f"{name} {dtype}")
 
 
+def bkl_train_exact(s, te, bank, ts, tt):
+    """fp64: kl, lse_s, lse_t and the expected bank vectors E_r[b], E_p[b] of the training forward."""
+    s, te, b = s.double(), te.double(), bank.double()
+    kl, ls, lt = reference.bank_kl(s, te, b, ts, tt)
+    return kl, ls, lt, torch.softmax(s @ b.T / ts, 1) @ b, torch.softmax(te @ b.T / tt, 1) @ b
+
+
+def bkl_train_grad(gkl, gls, mean_s, mean_t, ts):
+    """The elementwise backward of _bank_kl_train (bank_kl_train_backward in ATen)."""
+    gkl, gls = gkl.unsqueeze(1), gls.unsqueeze(1)
+    return ((gkl + gls) * mean_s.double() - gkl * mean_t.double()) / ts
+
+
+@pytest.mark.parametrize("dev", ["sm90", "sm90-1sm"])
+@pytest.mark.parametrize("case", BKL_CASES, ids=lambda c: "M{}K{}D{}".format(*c))
+def test_bank_kl_train_fp64_matches_reference(case, dev):
+    """The training forward (student and teacher rows stacked in one tile pass) and the gradient its
+    expected bank vectors give, against fp64."""
+    configure("bank_kl", dev)
+    m, k, d = case
+    torch.manual_seed(1)
+    s, te, bank = feats(m, d, dtype=torch.float64), feats(m, d, dtype=torch.float64), feats(k, d, dtype=torch.float64)
+    got = eo.bank_kl_train(s, te, bank, 0.1, 0.05)
+    ref = bkl_train_exact(s, te, bank, 0.1, 0.05)
+    for name, a, b in zip(("kl", "lse_s", "lse_t", "mean_s", "mean_t"), got, ref):
+        assert a.dtype == torch.float64 and a.shape == b.shape, name
+        assert max_err(a, b) < 1e-9, f"{name}: {max_err(a, b):.3g}"
+    gkl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    grad = bkl_train_grad(gkl, gls, got[3], got[4], 0.1)
+    assert max_err(grad, bkl_exact(s, te, bank, 0.1, 0.05, gkl, gls)[3]) < 1e-9
+
+
+@pytest.mark.parametrize("dev", ["sm90", "sm75"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", BKL_CASES[1:5], ids=lambda c: "M{}K{}D{}".format(*c))
+def test_bank_kl_train_low_precision_tolerance(case, dtype, dev):
+    configure("bank_kl", dev)
+    m, k, d = case
+    torch.manual_seed(2)
+    s, te, bank = feats(m, d, dtype=torch.float64), feats(m, d, dtype=torch.float64), feats(k, d, dtype=torch.float64)
+    got = eo.bank_kl_train(s.to(dtype), te.to(dtype), bank.to(dtype), 0.1, 0.1)
+    ref = bkl_train_exact(s, te, bank, 0.1, 0.1)
+    base = reference.bank_kl(s.to(dtype), te.to(dtype), bank.to(dtype), 0.1, 0.1)
+    for name, a, b, c, scale in zip(("kl", "lse_s", "lse_t"), got, ref, base, (1, 10, 10)):
+        assert_tolerance(a, b, c, default_atol(dtype, scale), f"{name} {dtype}")
+    for name, a, b in zip(("mean_s", "mean_t"), got[3:], ref[3:]):  # expectations of unit vectors
+        assert max_err(a, b) <= default_atol(dtype, 2), name
+    # the gradient the training path gives, by the rule against plain PyTorch's gradient
+    gkl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    sd = s.to(dtype).clone().requires_grad_()
+    kl, ls, _ = reference.bank_kl(sd, te.to(dtype), bank.to(dtype), 0.1, 0.1)
+    (kl.double() * gkl + ls.double() * gls).sum().backward()
+    assert_tolerance(bkl_train_grad(gkl, gls, got[3], got[4], 0.1), bkl_exact(s, te, bank, 0.1, 0.1, gkl, gls)[3],
+                     sd.grad, default_atol(dtype, 1), f"grad {dtype}")
+
+
+@pytest.mark.parametrize("mode", list(FP32_MODES))
+def test_bank_kl_train_fp32_matmul_precision(mode):
+    e = configure("bank_kl", "sm90")
+    e.set_fp32_precision(mode)
+    torch.manual_seed(3)
+    s, te, bank = feats(40, 32, dtype=torch.float64), feats(40, 32, dtype=torch.float64), feats(150, 32, dtype=torch.float64)
+    got = eo.bank_kl_train(s.float(), te.float(), bank.float(), 0.1, 0.05)
+    policy, base_dtype = FP32_MODES[mode]
+    tiles = [x for x in e.launches() if "_tiles" in x]
+    assert tiles and all(policy in x for x in tiles), tiles
+    ref = bkl_train_exact(s, te, bank, 0.1, 0.05)
+    base = reference.bank_kl(s.to(base_dtype), te.to(base_dtype), bank.to(base_dtype), 0.1, 0.05)
+    for name, a, b, c, scale in zip(("kl", "lse_s", "lse_t"), got, ref, base, (1, 10, 10)):
+        atol = high_atol(b) if mode == "high" else default_atol(base_dtype, scale)
+        assert_tolerance(a, b, c, atol, f"{name} {mode}")
+    for a, b in zip(got[3:], ref[3:]):
+        assert max_err(a, b) <= (high_atol(b) if mode == "high" else default_atol(base_dtype, 2))
+
+
+@pytest.mark.parametrize("d", [128, 256])
+def test_bank_kl_train_forms_each_logits_tile_once(d):
+    """Student and teacher rows share the row block: 2 products per bank tile (logits, O)."""
+    m, k = 32, 256  # 2m = 64 stacked rows: one row block
+    torch.manual_seed(8)
+    s, te, bank = feats(m, d), feats(m, d), feats(k, d)
+    e = configure("bank_kl", "sm90-1sm")
+    eo.bank_kl_train(s.bfloat16(), te.bfloat16(), bank.bfloat16(), 0.1, 0.05)
+    _, mma = e.counts()
+    assert mma == 2 * (k // 64) * 4 * (d // 16) * 4, mma
+
+
 # ---- rank_metrics ----------------------------------------------------------------------------------
 
 def rank_inputs(q, g, ids, cams, dtype, seed=0, ties=False):

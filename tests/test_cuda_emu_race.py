@@ -159,6 +159,8 @@ RACE_CASES = [
     ("bank_kl", "M=20 K=70 D=20 dtype=f32 sms=2"),
     ("bank_kl", "M=20 K=70 D=130 dtype=bf16 cc=9 sms=2"),  # TcWide
     ("bank_kl", "M=17 K=40 D=16 dtype=f16 cc=7 sms=1"),
+    ("bank_kl", "M=20 K=70 D=24 dtype=bf16 cc=9 train=1 sms=2"),  # training forward, stacked rows
+    ("bank_kl", "M=9 K=40 D=40 dtype=f32 train=1 sms=1"),
     ("info_nce", "M=20 N=20 K=40 D=20 g=0 dtype=f32 prec=1 train=1 sms=2"),  # fp32 "high": split-bf16
     ("bank_kl", "M=20 K=70 D=20 dtype=f32 prec=1 sms=2"),
     # CUDA cores with D > 128: two output passes, the column chunks staged again for each
