@@ -116,6 +116,18 @@ def test_race_mode_catches_a_deleted_barrier_in_the_tile_loop(tmp_path):
     assert races > 0, (out, err[-3000:])
 
 
+def test_race_mode_catches_a_deleted_barrier_before_restaging_a_chunk(tmp_path):
+    """Tensor cores above D = 128 (TcWide): the column chunks are restaged one at a time for the
+    output product; without the barrier before a restage, one warp overwrites a chunk that others
+    still read."""
+    args = ["M=16", "N=16", "K=64", "D=140", "g=1", "dtype=bf16", "cc=9", "train=1", "sms=1"]
+    rc, races, out, err = emu.run_race("info_nce", args)
+    assert rc == 0 and races == 0 and out.strip() == "status=0", (out, err[-3000:])
+    broken = _copy_without(tmp_path, "common/cuda_tiles.cuh", "__syncthreads();  // every warp is done with the staged")
+    rc, races, out, err = emu.run_race("info_nce", args, csrc=broken)
+    assert races > 0, (out, err[-3000:])
+
+
 def test_race_mode_catches_a_deleted_syncwarp_on_the_tensor_core_path(tmp_path):
     args = ["M=16", "N=16", "K=64", "D=16", "g=0", "dtype=bf16", "train=1", "sms=1"]
     rc, races, out, err = emu.run_race("info_nce", args)

@@ -631,7 +631,7 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
             const int chunk = ps * CPP + cc;
             if (chunk >= nD) continue;
             if (NSLOT != CPP && chunk != staged) {
-              __syncthreads();
+              __syncthreads();  // every warp is done with the staged chunk
               load_rows<Pol, BN>(sC, csrc, c0, D, int64_t(chunk) * DC, vec, tid);
               __syncthreads();
               staged = chunk;
