@@ -133,10 +133,10 @@ def test_race_mode_catches_a_deleted_syncwarp_on_the_tensor_core_path(tmp_path):
     rc, races, out, err = emu.run_race("info_nce", args)
     assert rc == 0 and races == 0 and out.strip() == "status=0", (out, err[-3000:])
     # TcPolicy::store_o: the warp reads back the fragments it just stored
-    src = (emu.CSRC / "common/cuda_tiles.cuh").read_text()
+    src = (emu.CSRC / "common/cuda_tile_policies.cuh").read_text()
     k = src.index("__device__ static __forceinline__ void store_o")
     occurrence = src[:k].count("        __syncwarp();\n")
-    broken = _copy_without(tmp_path, "common/cuda_tiles.cuh", "        __syncwarp();", occurrence)
+    broken = _copy_without(tmp_path, "common/cuda_tile_policies.cuh", "        __syncwarp();", occurrence)
     rc, races, out, err = emu.run_race("info_nce", args, csrc=broken)
     assert races > 0, (out, err[-3000:])
 
