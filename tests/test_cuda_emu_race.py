@@ -116,15 +116,27 @@ def test_race_mode_catches_a_deleted_barrier_in_the_tile_loop(tmp_path):
     assert races > 0, (out, err[-3000:])
 
 
+def test_race_mode_catches_a_deleted_barrier_before_restaging_a_chunk(tmp_path):
+    """Tensor cores above D = 128 (TcWide): the column chunks are restaged one at a time for the
+    output product; without the barrier before a restage, one warp overwrites a chunk that others
+    still read."""
+    args = ["M=16", "N=16", "K=64", "D=140", "g=1", "dtype=bf16", "cc=9", "train=1", "sms=1"]
+    rc, races, out, err = emu.run_race("info_nce", args)
+    assert rc == 0 and races == 0 and out.strip() == "status=0", (out, err[-3000:])
+    broken = _copy_without(tmp_path, "common/cuda_tiles.cuh", "__syncthreads();  // every warp is done with the staged")
+    rc, races, out, err = emu.run_race("info_nce", args, csrc=broken)
+    assert races > 0, (out, err[-3000:])
+
+
 def test_race_mode_catches_a_deleted_syncwarp_on_the_tensor_core_path(tmp_path):
     args = ["M=16", "N=16", "K=64", "D=16", "g=0", "dtype=bf16", "train=1", "sms=1"]
     rc, races, out, err = emu.run_race("info_nce", args)
     assert rc == 0 and races == 0 and out.strip() == "status=0", (out, err[-3000:])
     # TcPolicy::store_o: the warp reads back the fragments it just stored
-    src = (emu.CSRC / "common/cuda_tiles.cuh").read_text()
+    src = (emu.CSRC / "common/cuda_tile_policies.cuh").read_text()
     k = src.index("__device__ static __forceinline__ void store_o")
     occurrence = src[:k].count("        __syncwarp();\n")
-    broken = _copy_without(tmp_path, "common/cuda_tiles.cuh", "        __syncwarp();", occurrence)
+    broken = _copy_without(tmp_path, "common/cuda_tile_policies.cuh", "        __syncwarp();", occurrence)
     rc, races, out, err = emu.run_race("info_nce", args, csrc=broken)
     assert races > 0, (out, err[-3000:])
 
@@ -148,7 +160,8 @@ def test_functional_mode_catches_perturbed_arithmetic(tmp_path):
 
 
 # Every kernel, small, in race mode: (op, arguments). Both tile policies (cc=9: tensor cores for
-# fp16/bf16; cc=7: CUDA cores), one and several splits, every group mode, both backward variants.
+# fp16/bf16; cc=7: CUDA cores; prec=1: fp32 "high" on split-bf16 tensor cores), one and several
+# splits, every group mode, both backward variants.
 RACE_CASES = [
     ("info_nce", "M=20 N=20 K=40 D=20 g=0 dtype=f32 sms=2"),
     ("info_nce", "M=20 N=24 K=40 D=40 g=4 dtype=bf16 cc=9 train=1 sms=2"),
@@ -156,8 +169,17 @@ RACE_CASES = [
     ("info_nce", "M=18 N=18 K=30 D=33 g=0 dtype=f16 cc=7 train=1 sms=2"),
     ("info_nce", "M=9 N=9 K=0 D=5 g=9 dtype=f64 sms=1"),
     ("bank_kl", "M=20 K=70 D=20 dtype=f32 sms=2"),
-    ("bank_kl", "M=20 K=70 D=130 dtype=bf16 cc=9 sms=2"),
+    ("bank_kl", "M=20 K=70 D=130 dtype=bf16 cc=9 sms=2"),  # TcWide
     ("bank_kl", "M=17 K=40 D=16 dtype=f16 cc=7 sms=1"),
+    ("bank_kl", "M=20 K=70 D=24 dtype=bf16 cc=9 train=1 sms=2"),  # training forward, stacked rows
+    ("bank_kl", "M=9 K=40 D=40 dtype=f32 train=1 sms=1"),
+    ("info_nce", "M=20 N=20 K=40 D=20 g=0 dtype=f32 prec=1 train=1 sms=2"),  # fp32 "high": split-bf16
+    ("bank_kl", "M=20 K=70 D=20 dtype=f32 prec=1 sms=2"),
+    # CUDA cores with D > 128: two output passes, the column chunks staged again for each
+    ("info_nce", "M=18 N=18 K=40 D=140 g=0 dtype=f32 train=1 sms=1"),
+    ("bank_kl", "M=17 K=40 D=140 dtype=f32 sms=1"),
+    # tensor cores with D > 128: O in shared memory (TcWide), chunks restaged one at a time
+    ("info_nce", "M=18 N=18 K=70 D=140 g=0 dtype=bf16 cc=9 train=1 sms=1"),
     ("rank", "Q=5 G=60 max_rank=10 ids=4 cams=3 dtype=f32"),
     ("rank", "Q=3 G=40 max_rank=50 ids=2 cams=2 dtype=bf16"),
     ("rerank", "N=40 Q=8 D=8 k1=6 k2=3 dtype=f32"),

@@ -96,12 +96,45 @@ at::Tensor bank_kl_backward_cuda(const at::Tensor& grad_kl, const at::Tensor& gr
   return gs.to(student.scalar_type());
 }
 
+// _bank_kl_train: kl, both logsumexps and the expected bank vectors of both distributions, in one
+// pass over the bank (student and teacher rows stacked); the backward is elementwise ATen.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bank_kl_train_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& bank, double tau_student,
+    double tau_teacher) {
+  constexpr const char* op = "upreid::bank_kl";  // the CPU path's checks and messages
+  at::NoGradGuard no_grad;
+  check_bank_kl_args(student, teacher, bank, tau_student, tau_teacher, op);
+  const c10::cuda::CUDAGuard guard(student.device());
+  const auto opts = student.options().dtype(acc_dtype(student.scalar_type()));
+  const int64_t M = student.size(0), D = student.size(1);
+  at::Tensor kl = at::empty({M}, opts), lse_s = at::empty({M}, opts), lse_t = at::empty({M}, opts);
+  at::Tensor mean_s = at::empty({M, D}, opts), mean_t = at::empty({M, D}, opts);
+  if (M == 0) return {kl, lse_s, lse_t, mean_s, mean_t};
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous(), b = bank.contiguous();
+
+  cuda::BankKlParams p = base_params(s, t, b, tau_student, tau_teacher);
+  p.kl = kl.data_ptr();
+  p.lse_student = lse_s.data_ptr();
+  p.lse_teacher = lse_t.data_ptr();
+  p.mean_student = mean_s.data_ptr();
+  p.mean_teacher = mean_t.data_ptr();
+  const cuda::DType dt = kernel_dtype(s.scalar_type());
+  size_t bytes = 0;
+  check_cuda(cuda::bank_kl_train_forward_workspace(p, dt, &bytes), op, "workspace query");
+  at::Tensor work = at::empty({static_cast<int64_t>(bytes)}, s.options().dtype(at::kByte));
+  p.workspace = bytes > 0 ? work.data_ptr() : nullptr;
+  p.workspace_bytes = bytes;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(s.device().index()).stream();
+  check_cuda(cuda::bank_kl_train_forward(p, dt, stream), op, "kernel launch");
+  return {kl, lse_s, lse_t, mean_s, mean_t};
+}
+
 }  // namespace upreid
 
 TORCH_LIBRARY_IMPL(upreid, CUDA, m) {
   m.impl("bank_kl", &upreid::bank_kl_cuda);
   m.impl("_bank_kl_backward", &upreid::bank_kl_backward_cuda);
-  // _bank_kl_train has no CUDA kernel yet (upreid.ops.bank_kl then uses bank_kl); its backward is
-  // elementwise ATen and serves every device.
+  m.impl("_bank_kl_train", &upreid::bank_kl_train_cuda);
+  // elementwise ATen: the same on every device
   m.impl("_bank_kl_train_backward", &upreid::bank_kl_train_backward);
 }

@@ -17,8 +17,21 @@
 //                   (tensor-core path only: keeps fp16 W in range; restored when storing), then
 //                   accumulates W @ bank_tile; split partials [splits, M, D] are summed (and scaled by
 //                   1/tau_s) by reduce_splits_kernel. No atomics: deterministic.
+// Training forward (_bank_kl_train), as on the CPU: the student and teacher rows are stacked into
+// one set of 2M rows (row block = any 64 of them; per-row scale 1/tau_s or 1/tau_t), so each bank
+// tile costs one product for the logits and one for O += P @ bank_tile (TrainEpi of
+// common/cuda_softmax_epi.cuh: P = exp(logit - ref), ref the row's running max up to the policy's
+// slack).
+//   bkl_train_tiles    grid (2M/64, splits): per split and row the partial lse, the reference max of
+//                      each output pass and O ([splits, 2M, D]).
+//   bkl_train_finalize one warp per student row i: combines the splits of rows i and M + i into
+//                      lse_student, lse_teacher, mean_student = E_r[b], mean_teacher = E_p[b]
+//                      (fixed split order: deterministic), and
+//                      kl = (teacher / tau_t - student / tau_s) . E_p[b] - lse_t + lse_s.
+//   The backward is elementwise ATen (bank_kl_train_backward): 2 products over the bank in all.
 #include "bank_kl/bank_kl_kernel.cuh"
 
+#include "common/cuda_softmax_epi.cuh"
 #include "common/cuda_tiles.cuh"
 
 namespace upreid {
@@ -133,7 +146,7 @@ struct KlBwdEpi {
       if (c0 + col < ncols) {
         w = (cr * Pol::ex(ra[col] * ss - ls) - g * Pol::ex(rc[col] * st - lt)) * inv_s;
       }
-      wrow[col] = convert<WT>(w);
+      Pol::put_w(wrow, col, w);
     }
   }
   __device__ __forceinline__ Acc row_scale(int64_t r) const {
@@ -280,10 +293,188 @@ cudaError_t entry(const BankKlParams& p, DType dtype, cudaStream_t stream, size_
   cudaError_t e = device_info(&dev);
   if (e != cudaSuccess) return e;
   return dispatch_policy(dtype, dev, p.fp32_precision, [&](auto pol) {
-    return impl<decltype(pol), kBwd>(p, dev, stream, bytes);
+    if constexpr (!kBwd) {
+      return impl<decltype(pol), false>(p, dev, stream, bytes);
+    } else {
+      return maybe_wide<decltype(pol), 2>(pol, p.D, dev, [&](auto pw) {
+        return impl<decltype(pw), true>(p, dev, stream, bytes);
+      });
+    }
   });
 }
 
+
+// ---- training forward ----------------------------------------------------------------------------
+
+template <class Acc>
+struct BklTrainArgs {
+  RowSrc rows;  // [student; teacher]
+  RowSrc bank;
+  int64_t M, K, D;
+  bool vec;
+  int nsplit;
+  int64_t ntiles;
+  Acc ss, st;
+  Acc* lse;   // [nsplit, 2M]
+  Acc* mref;  // [nsplit, passes, 2M]
+  Acc* obuf;  // [nsplit, 2M, D]
+};
+
+template <class Pol>
+__global__ void __launch_bounds__(kThreads) bkl_train_tiles(BklTrainArgs<typename Pol::Acc> a) {
+  if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
+    __trap();
+  } else {
+    using Acc = typename Pol::Acc;
+    using L = SmemLayout<Pol, 1, true>;
+    UPREID_DYNAMIC_SMEM(smem, 128);
+    const int64_t s = blockIdx.y, R = 2 * a.M;
+    const int64_t tb = s * a.ntiles / a.nsplit, te = (s + 1) * a.ntiles / a.nsplit;
+    const int64_t passes = a.D > 0 ? (a.D + Pol::OW - 1) / Pol::OW : 1;
+    Acc* alpha = reinterpret_cast<Acc*>(smem + L::col_off) + (threadIdx.x >> 5) * 16;
+    TrainEpi<Pol> epi{{a.ss, a.K, R, a.lse + s * R}, /*nkeys=*/0, a.mref + s * passes * R, alpha};
+    epi.scale2 = a.st;  // teacher rows
+    epi.nfirst = a.M;
+    const RowSrc q[1] = {a.rows};
+    run_tiles<Pol, 1, false, true>(smem, q, R, a.bank, a.D, a.vec, tb, te, a.obuf + s * R * a.D, epi);
+  }
+}
+
+template <class Acc>
+struct BklTrainRowArgs {
+  const void* student;
+  const void* teacher;
+  int64_t M, D;
+  Acc ss, st;
+  const Acc* lse;
+  const Acc* mref;
+  const Acc* obuf;
+  int nsplit, ow, passes;
+  Acc* kl;
+  Acc* lse_s;
+  Acc* lse_t;
+  Acc* mean_s;
+  Acc* mean_t;
+};
+
+constexpr int kTrainRowWarps = 8;
+
+template <class T, class Acc>
+__global__ void __launch_bounds__(kTrainRowWarps * 32) bkl_train_finalize(BklTrainRowArgs<Acc> a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t i = int64_t(blockIdx.x) * kTrainRowWarps + (threadIdx.x >> 5);
+  if (i >= a.M) return;  // whole warp
+  const int64_t R = 2 * a.M, D = a.D;
+  const T* srow = static_cast<const T*>(a.student) + i * D;
+  const T* trow = static_cast<const T*>(a.teacher) + i * D;
+  Acc l[2];
+  for (int w = 0; w < 2; ++w) {  // student row i, teacher row M + i
+    OnlineLse<Acc> st;
+    for (int s = 0; s < a.nsplit; ++s) st.add(a.lse[int64_t(s) * R + w * a.M + i]);
+    l[w] = st.value();
+  }
+  Acc dot = Acc(0);
+  for (int64_t d = lane; d < D; d += 32) {
+    const int64_t oc = d / a.ow;
+    Acc v[2];
+    for (int w = 0; w < 2; ++w) {
+      const int64_t r = w * a.M + i;
+      Acc acc = Acc(0);
+      for (int s = 0; s < a.nsplit; ++s) {
+        const Acc ref = a.mref[(int64_t(s) * a.passes + oc) * R + r];
+        if (ref != neg_inf<Acc>()) acc += acc_exp_precise(ref - l[w]) * a.obuf[(int64_t(s) * R + r) * D + d];
+      }
+      v[w] = acc;
+    }
+    a.mean_s[i * D + d] = v[0];
+    a.mean_t[i * D + d] = v[1];
+    dot += (to_acc<Acc>(trow[d]) * a.st - to_acc<Acc>(srow[d]) * a.ss) * v[1];
+  }
+  dot = warp_sum(dot);
+  if (lane == 0) {
+    a.lse_s[i] = l[0];
+    a.lse_t[i] = l[1];
+    a.kl[i] = dot - l[1] + l[0];
+  }
+}
+
+template <class Pol>
+cudaError_t train_impl(const BankKlParams& p, const DeviceInfo& dev, cudaStream_t stream, size_t* bytes) {
+  using Acc = typename Pol::Acc;
+  using T = typename Pol::G;
+  constexpr size_t smem = SmemLayout<Pol, 1, true>::bytes;
+  const int64_t R = 2 * p.M;
+  const int64_t ntiles = ceil_div(p.K, Pol::BN), row_blocks = ceil_div(R, kBM);
+  const int64_t passes = p.D > 0 ? ceil_div(p.D, Pol::OW) : 1;
+  int ns = 0;
+  if (p.M > 0 && ntiles > 0) {
+    int bpsm = 1;
+    cudaError_t e = prepare_kernel(bkl_train_tiles<Pol>, smem, &bpsm);
+    if (e != cudaSuccess) return e;
+    ns = choose_splits(row_blocks, ntiles, dev, bpsm);
+  }
+  const size_t b_lse = align_up(size_t(ns) * size_t(R) * sizeof(Acc));
+  const size_t b_ref = align_up(size_t(ns) * size_t(passes) * size_t(R) * sizeof(Acc));
+  const size_t b_o = align_up(size_t(ns) * size_t(R) * size_t(p.D) * sizeof(Acc));
+  if (bytes != nullptr) {
+    *bytes = b_lse + b_ref + b_o;
+    return cudaSuccess;
+  }
+  if (ns == 0) return cudaSuccess;
+  if (p.workspace_bytes < b_lse + b_ref + b_o || p.workspace == nullptr) return cudaErrorInvalidValue;
+  if (p.D > 0 && (p.mean_student == nullptr || p.mean_teacher == nullptr)) return cudaErrorInvalidValue;
+  unsigned char* base = static_cast<unsigned char*>(p.workspace);
+  BklTrainArgs<Acc> a{};
+  a.rows = RowSrc{p.student, p.M, p.teacher, p.M};
+  a.bank = RowSrc{p.bank, p.K, nullptr, 0};
+  a.M = p.M;
+  a.K = p.K;
+  a.D = p.D;
+  a.vec = vec_ok(p.D, sizeof(T), {p.student, p.teacher, p.bank});
+  a.nsplit = ns;
+  a.ntiles = ntiles;
+  a.ss = Acc(1.0 / p.tau_student);
+  a.st = Acc(1.0 / p.tau_teacher);
+  a.lse = reinterpret_cast<Acc*>(base);
+  a.mref = reinterpret_cast<Acc*>(base + b_lse);
+  a.obuf = reinterpret_cast<Acc*>(base + b_lse + b_ref);
+  launch(bkl_train_tiles<Pol>, dim3(unsigned(row_blocks), unsigned(ns)), kThreads, smem, stream, a);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  BklTrainRowArgs<Acc> r{};
+  r.student = p.student;
+  r.teacher = p.teacher;
+  r.M = p.M;
+  r.D = p.D;
+  r.ss = a.ss;
+  r.st = a.st;
+  r.lse = a.lse;
+  r.mref = a.mref;
+  r.obuf = a.obuf;
+  r.nsplit = ns;
+  r.ow = Pol::OW;
+  r.passes = int(passes);
+  r.kl = static_cast<Acc*>(p.kl);
+  r.lse_s = static_cast<Acc*>(p.lse_student);
+  r.lse_t = static_cast<Acc*>(p.lse_teacher);
+  r.mean_s = static_cast<Acc*>(p.mean_student);
+  r.mean_t = static_cast<Acc*>(p.mean_teacher);
+  launch(bkl_train_finalize<T, Acc>, unsigned(ceil_div(p.M, kTrainRowWarps)), kTrainRowWarps * 32, 0, stream, r);
+  return cudaGetLastError();
+}
+
+cudaError_t train_entry(const BankKlParams& p, DType dtype, cudaStream_t stream, size_t* bytes) {
+  if (bytes != nullptr) *bytes = 0;
+  if (p.M <= 0 || p.K <= 0) return cudaSuccess;
+  DeviceInfo dev;
+  cudaError_t e = device_info(&dev);
+  if (e != cudaSuccess) return e;
+  return dispatch_policy(dtype, dev, p.fp32_precision, [&](auto pol) {
+    return maybe_wide<decltype(pol), 1>(pol, p.D, dev, [&](auto pw) {
+      return train_impl<decltype(pw)>(p, dev, stream, bytes);
+    });
+  });
+}
 }  // namespace
 
 cudaError_t bank_kl_forward_workspace(const BankKlParams& p, DType dtype, size_t* bytes) {
@@ -297,6 +488,12 @@ cudaError_t bank_kl_forward(const BankKlParams& p, DType dtype, cudaStream_t str
 }
 cudaError_t bank_kl_backward(const BankKlParams& p, DType dtype, cudaStream_t stream) {
   return entry<true>(p, dtype, stream, nullptr);
+}
+cudaError_t bank_kl_train_forward_workspace(const BankKlParams& p, DType dtype, size_t* bytes) {
+  return train_entry(p, dtype, nullptr, bytes);
+}
+cudaError_t bank_kl_train_forward(const BankKlParams& p, DType dtype, cudaStream_t stream) {
+  return train_entry(p, dtype, stream, nullptr);
 }
 
 }  // namespace cuda

@@ -34,6 +34,10 @@ struct BankKlParams {
   const void* lse_teacher_in = nullptr;    // [M]
   void* grad_student = nullptr;            // [M, D] (accumulation type)
 
+  // training forward outputs (accumulation type): the expected bank vectors E_r[b], E_p[b]
+  void* mean_student = nullptr;  // [M, D]
+  void* mean_teacher = nullptr;  // [M, D]
+
   void* workspace = nullptr;  // from *_workspace(); alive until the kernels have run
   size_t workspace_bytes = 0;
 };
@@ -41,9 +45,13 @@ struct BankKlParams {
 cudaError_t bank_kl_forward_workspace(const BankKlParams& p, DType dtype, size_t* bytes);
 cudaError_t bank_kl_backward_workspace(const BankKlParams& p, DType dtype, size_t* bytes);
 
+// Training forward (_bank_kl_train): kl, both logsumexps and mean_student / mean_teacher.
+cudaError_t bank_kl_train_forward_workspace(const BankKlParams& p, DType dtype, size_t* bytes);
+
 // Launch on `stream` (asynchronous).
 cudaError_t bank_kl_forward(const BankKlParams& p, DType dtype, cudaStream_t stream);
 cudaError_t bank_kl_backward(const BankKlParams& p, DType dtype, cudaStream_t stream);
+cudaError_t bank_kl_train_forward(const BankKlParams& p, DType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace upreid

@@ -16,30 +16,36 @@
 //   * The accumulated S tile is stored to a per-warp shared scratch (fp32/fp64) and handed to an
 //     operator-specific epilogue (online logsumexp in forward; gradient weights W in backward).
 //   * Backward: the epilogue writes W[16 x BN] (storage type for the tensor-core path, so it can
-//     be the A operand of the next product) and the warp accumulates O[16 x DC] += W @ C_chunk in
-//     registers. If D > DC the output is produced in D/DC passes, each recomputing S (the
-//     output accumulator of a whole row would not fit in registers); for D <= DC one pass.
+//     be the A operand of the next product) and the warp accumulates O[16 x OW] += W @ C in
+//     registers, OW = NSLOT * DC features per pass (SIMT: 4 chunks of 32; tensor cores: one of 128).
+//     The D chunks of a column tile are staged in NSLOT slots, so for D <= OW the chunks S was
+//     formed from are still there for O: each logits tile is formed once (2 products per tile;
+//     bank_kl's backward 3). For D > OW the output takes D/OW passes, each re-forming S and
+//     restaging its chunks (the output accumulator of a whole row would not fit in registers).
 //   * Forward with an output (kTrain, info_nce's bank_mean): as the backward, but the epilogue
 //     keeps an online-softmax reference max per row; P = exp(S - ref) is the A operand and, when
 //     the reference grows, O is rescaled first (Pol::rescale_o). The tensor-core policy lets the
 //     row max run up to kOSlack above the reference before it rescales (P <= e^kOSlack stays in
 //     fp16 range), so the round trip of O through shared memory is rare; SIMT rescales exactly.
 //
-// Two policies implement the products:
+// The policies (common/cuda_tile_policies.cuh) implement the products:
 //   TcPolicy<half|bf16>:  WMMA 16x16x16 tensor-core fragments with fp32 accumulation,
-//                         BN = 64, DC = 128 (D = 128 in one chunk).
+//                         BN = 64, DC = 128 (D = 128 in one chunk). TcPolicy<bf16, float>: fp32
+//                         inputs rounded to bf16 as they are staged (fp32 precision "medium").
+//   TcSplitPolicy:        fp32 precision "high": fp32 inputs staged as bf16 hi + lo planes, three
+//                         bf16 WMMA products per product (split-bf16).
+//   TcWide<P>:            P with each warp's O in shared memory (one pass covers 256 features).
 //   SimtPolicy<T, Acc>:   CUDA-core FMAs, each lane a 4x4 micro-tile, BN = 32, DC = 32; fp32
 //                         accumulation for fp32 (and fp16/bf16 on pre-sm80 devices), fp64 for fp64.
 // Shared-memory rows are padded (LDX, LDS, LDW) against bank conflicts; every region starts on a
 // 128-byte boundary (WMMA needs 32-byte aligned pointers).
 #pragma once
 
+#include "common/cuda_tile_policies.cuh"
 #include "common/cuda_utils.cuh"
 #include "common/precision.h"
 
 #ifdef __CUDACC__
-
-#include <mma.h>
 
 #include <type_traits>
 
@@ -48,10 +54,6 @@
 
 namespace upreid {
 namespace cuda {
-
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kBM = kWarps * 16;  // rows per block
 
 // Rows [0, n0) come from p0, rows [n0, n0 + n1) from p1 (both [*, D] row-major), others are zero.
 struct RowSrc {
@@ -69,207 +71,16 @@ __device__ __forceinline__ const T* row_ptr(const RowSrc& s, int64_t g, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core policy (sm_80+: bf16 WMMA needs it; fp16 uses the same path for simplicity).
-template <class T_, class G_ = T_>
-struct TcPolicy {
-  using T = T_;   // operands in shared memory and on the tensor cores
-  using G = G_;   // the inputs in global memory: T, or float rounded to T on load ("medium")
-  using Acc = float;
-  using WT = T_;  // W is rounded to the input type to feed the second product
-  static constexpr bool kTensorCore = true;
-  static constexpr bool kWInS = false;   // W has its own buffer (different element size)
-  static constexpr bool kSmemVec = true; // LDX * sizeof(T) is a multiple of 16 bytes
-  static constexpr int BN = 64, DC = 128, KSTEP = 16;
-  static constexpr int LDX = DC + 8, LDS = BN + 4, LDW = BN + 8;
-  // Online-softmax output: the running max may exceed O's reference by this much before O is
-  // rescaled (P <= e^8 ~ 3e3 is exact enough in fp16/bf16 and far from fp16's 65504).
-  static constexpr float kOSlack = 8.f;
-  __device__ static __forceinline__ float ex(float x) { return __expf(x); }
+// Leading dimension of a shared-memory O (TcWide), 0 for the policies that keep O in registers.
+template <class Pol>
+constexpr int o_ld() {
+  if constexpr (Pol::kOSmem) {
+    return Pol::LDO;
+  } else {
+    return 0;
+  }
+}
 
-  using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
-  using FragBc = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
-  using FragBr = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::row_major>;
-  struct SAcc {
-    FragAcc f[BN / 16];
-  };
-  struct OAcc {
-    FragAcc f[DC / 16];
-  };
-
-  template <class A>
-  __device__ static __forceinline__ void zero(A& a) {
-#pragma unroll
-    for (int i = 0; i < int(sizeof(a.f) / sizeof(a.f[0])); ++i) nvcuda::wmma::fill_fragment(a.f[i], 0.f);
-  }
-  // S[16 x BN] += Qw[16 x klen] @ C[BN x klen]^T   (Qw: the warp's 16 rows, ld LDX)
-  __device__ static __forceinline__ void mma_s(SAcc& acc, const T* sQw, const T* sC, int klen, int) {
-    for (int k = 0; k < klen; k += 16) {
-      FragA a;
-      nvcuda::wmma::load_matrix_sync(a, sQw + k, LDX);
-#pragma unroll
-      for (int n = 0; n < BN / 16; ++n) {
-        FragBc b;  // B(k, n) = C[n][k]: column-major view of the row-major C tile
-        nvcuda::wmma::load_matrix_sync(b, sC + n * 16 * LDX + k, LDX);
-        nvcuda::wmma::mma_sync(acc.f[n], a, b, acc.f[n]);
-      }
-    }
-  }
-  __device__ static __forceinline__ void store_s(const SAcc& acc, float* sSw, int) {
-#pragma unroll
-    for (int n = 0; n < BN / 16; ++n)
-      nvcuda::wmma::store_matrix_sync(sSw + n * 16, acc.f[n], LDS, nvcuda::wmma::mem_row_major);
-  }
-  // O[16 x DC] += W[16 x BN] @ C[BN x dlen]
-  __device__ static __forceinline__ void mma_o(OAcc& acc, const T* sWw, const T* sC, int dlen, int) {
-#pragma unroll
-    for (int kk = 0; kk < BN; kk += 16) {
-      FragA a;
-      nvcuda::wmma::load_matrix_sync(a, sWw + kk, LDW);
-#pragma unroll
-      for (int n = 0; n < DC / 16; ++n) {
-        if (n * 16 < dlen) {
-          FragBr b;
-          nvcuda::wmma::load_matrix_sync(b, sC + kk * LDX + n * 16, LDX);
-          nvcuda::wmma::mma_sync(acc.f[n], a, b, acc.f[n]);
-        }
-      }
-    }
-  }
-  // O[r, :] *= alpha[r] (alpha: the warp's 16 factors in shared memory). The accumulator layout of
-  // a WMMA fragment is unspecified, so each fragment goes through `scratch` ([16 x LDS] fp32).
-  __device__ static __forceinline__ void rescale_o(OAcc& acc, const float* alpha, float* scratch,
-                                                   int dlen, int lane) {
-#pragma unroll
-    for (int n = 0; n < DC / 16; ++n) {
-      if (n * 16 < dlen) {  // the other fragments are never accumulated (mma_o) and stay zero
-        nvcuda::wmma::store_matrix_sync(scratch, acc.f[n], LDS, nvcuda::wmma::mem_row_major);
-        __syncwarp();
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int idx = lane + 32 * e, r = idx >> 4, c = idx & 15;
-          scratch[r * LDS + c] *= alpha[r];
-        }
-        __syncwarp();
-        nvcuda::wmma::load_matrix_sync(acc.f[n], scratch, LDS, nvcuda::wmma::mem_row_major);
-        __syncwarp();
-      }
-    }
-  }
-  // out[row, d0 + d] = O[r, d] * rs(row) for the valid rows/columns; `scratch` is the warp's
-  // [16 x LDS] fp32 area.
-  template <class RS>
-  __device__ static __forceinline__ void store_o(const OAcc& acc, float* scratch, float* out,
-                                                 int64_t wrow0, int64_t nrows, int64_t d0,
-                                                 int64_t D, int lane, const RS& rs) {
-#pragma unroll
-    for (int n = 0; n < DC / 16; ++n) {
-      if (d0 + n * 16 < D) {
-        nvcuda::wmma::store_matrix_sync(scratch, acc.f[n], LDS, nvcuda::wmma::mem_row_major);
-        __syncwarp();
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int idx = lane + 32 * e, r = idx >> 4, c = idx & 15;
-          const int64_t row = wrow0 + r, d = d0 + n * 16 + c;
-          if (row < nrows && d < D) out[row * D + d] = scratch[r * LDS + c] * rs(row);
-        }
-        __syncwarp();
-      }
-    }
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
-// SIMT policy. Lane l owns rows rg + 4i (rg = l / 8) and columns cg + 8j (cg = l % 8), i, j < 4.
-template <class T_, class Acc_>
-struct SimtPolicy {
-  using T = T_;
-  using G = T_;
-  using Acc = Acc_;
-  using WT = Acc_;  // W overwrites the S scratch in place
-  static constexpr bool kTensorCore = false;
-  static constexpr bool kWInS = true;
-  static constexpr bool kSmemVec = false;  // odd padding: stores are element-wise
-  static constexpr int BN = 32, DC = 32, KSTEP = 1;
-  static constexpr int LDX = DC + 1, LDS = BN + 1, LDW = LDS;
-  static constexpr Acc kOSlack = Acc(0);  // O lives in registers: rescaling is cheap, do it exactly
-  __device__ static __forceinline__ Acc ex(Acc x) { return acc_exp_precise(x); }
-
-  struct SAcc {
-    Acc v[4][4];
-  };
-  using OAcc = SAcc;
-
-  __device__ static __forceinline__ void zero(SAcc& a) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) a.v[i][j] = Acc(0);
-  }
-  __device__ static __forceinline__ void mma_s(SAcc& acc, const T* sQw, const T* sC, int klen, int lane) {
-    const int rg = lane >> 3, cg = lane & 7;
-    for (int k = 0; k < klen; ++k) {
-      Acc q[4], c[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) q[i] = to_acc<Acc>(sQw[(rg + 4 * i) * LDX + k]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) c[j] = to_acc<Acc>(sC[(cg + 8 * j) * LDX + k]);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc.v[i][j] = fma(q[i], c[j], acc.v[i][j]);
-    }
-  }
-  __device__ static __forceinline__ void store_s(const SAcc& acc, Acc* sSw, int lane) {
-    const int rg = lane >> 3, cg = lane & 7;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) sSw[(rg + 4 * i) * LDS + cg + 8 * j] = acc.v[i][j];
-  }
-  __device__ static __forceinline__ void mma_o(OAcc& acc, const Acc* sWw, const T* sC, int, int lane) {
-    const int rg = lane >> 3, cg = lane & 7;
-    for (int c = 0; c < BN; ++c) {
-      Acc w[4], x[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) w[i] = sWw[(rg + 4 * i) * LDW + c];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) x[j] = to_acc<Acc>(sC[c * LDX + cg + 8 * j]);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc.v[i][j] = fma(w[i], x[j], acc.v[i][j]);
-    }
-  }
-  __device__ static __forceinline__ void rescale_o(OAcc& acc, const Acc* alpha, Acc*, int, int lane) {
-    const int rg = lane >> 3;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const Acc a = alpha[rg + 4 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc.v[i][j] *= a;
-    }
-  }
-  template <class RS>
-  __device__ static __forceinline__ void store_o(const OAcc& acc, Acc*, Acc* out, int64_t wrow0,
-                                                 int64_t nrows, int64_t d0, int64_t D, int lane,
-                                                 const RS& rs) {
-    const int rg = lane >> 3, cg = lane & 7;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = wrow0 + rg + 4 * i;
-      if (row >= nrows) continue;
-      const Acc scale = rs(row);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t d = d0 + cg + 8 * j;
-        if (d < D) out[row * D + d] = acc.v[i][j] * scale;
-      }
-    }
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
 // Shared-memory carve-up of one block (host and device agree on it through this struct).
 template <class Pol, int NQ, bool kBwd>
 struct SmemLayout {
@@ -277,18 +88,22 @@ struct SmemLayout {
   using Acc = typename Pol::Acc;
   using WT = typename Pol::WT;
   static constexpr size_t al(size_t x) { return (x + 127) / 128 * 128; }
-  static constexpr size_t q_stride = al(size_t(kBM) * Pol::LDX * sizeof(T));
-  static constexpr size_t c_bytes = al(size_t(Pol::BN) * Pol::LDX * sizeof(T));
+  static constexpr size_t q_stride = al(size_t(Pol::kPlanes) * kBM * Pol::LDX * sizeof(T));
+  // NSLOT staged D chunks of the column tile (each with its kPlanes planes)
+  static constexpr size_t c_slot = size_t(Pol::kPlanes) * Pol::BN * Pol::LDX;  // elements
+  static constexpr size_t c_bytes = al(size_t(Pol::NSLOT) * c_slot * sizeof(T));
   static constexpr size_t s_stride = al(size_t(16) * Pol::LDS * sizeof(Acc));
   static constexpr size_t w_stride =
-      (kBwd && !Pol::kWInS) ? al(size_t(16) * Pol::LDW * sizeof(WT)) : 0;
+      (kBwd && !Pol::kWInS) ? al(size_t(Pol::kPlanes) * 16 * Pol::LDW * sizeof(WT)) : 0;
   static constexpr size_t col_bytes = al(size_t(Pol::BN) * (3 * sizeof(Acc) + sizeof(int64_t)));
   static constexpr size_t q_off = 0;
   static constexpr size_t c_off = q_off + NQ * q_stride;
   static constexpr size_t s_off = c_off + c_bytes;
   static constexpr size_t w_off = s_off + size_t(NQ) * kWarps * s_stride;
   static constexpr size_t col_off = w_off + size_t(kWarps) * w_stride;
-  static constexpr size_t bytes = col_off + col_bytes;
+  static constexpr size_t o_stride = (kBwd && Pol::kOSmem) ? al(size_t(16) * o_ld<Pol>() * sizeof(float)) : 0;
+  static constexpr size_t o_off = col_off + col_bytes;
+  static constexpr size_t bytes = o_off + size_t(kWarps) * o_stride;
   // kTrain kernels keep each warp's 16 O-rescale factors in the column-scalar area.
   static_assert(col_bytes >= size_t(kWarps) * 16 * sizeof(Acc), "alpha area");
 };
@@ -302,12 +117,15 @@ __device__ __forceinline__ void load_rows(typename Pol::T* s, const RowSrc& src,
   using G = typename Pol::G;
   constexpr int DC = Pol::DC, LDX = Pol::LDX;
   if constexpr (!std::is_same<G, T>::value) {
-    // fp32 inputs rounded to the tensor-core type as they are staged
+    // fp32 inputs rounded to the tensor-core type as they are staged (split: hi and lo planes)
     for (int idx = tid; idx < ROWS * DC; idx += kThreads) {
       const int r = idx / DC, c = idx % DC;
       const int64_t d = d0 + c;
       const G* p = row_ptr<G>(src, r0 + r, D);
-      s[r * LDX + c] = convert<T>(p != nullptr && d < D ? to_acc<float>(p[d]) : 0.f);
+      const float x = p != nullptr && d < D ? to_acc<float>(p[d]) : 0.f;
+      const T hi = convert<T>(x);
+      s[r * LDX + c] = hi;
+      if constexpr (Pol::kPlanes == 2) s[ROWS * LDX + r * LDX + c] = convert<T>(x - to_acc<float>(hi));
     }
   } else if (vec) {
     constexpr int V = 16 / int(sizeof(T));
@@ -388,17 +206,28 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
 
   const int nD = D > 0 ? int((D + DC - 1) / DC) : 1;
   const bool q_once = nD == 1;  // the rows chunk stays resident for the whole kernel
-  const int nOut = kOut ? nD : 1;
+  // O covers OW = NSLOT chunks per pass; the D chunks of a column tile go to slot dc % NSLOT, so
+  // when D <= OW (one pass) every chunk is still staged when O needs it: each logits tile is formed
+  // once. Otherwise (D > OW) each pass recomputes the logits and restages its chunks.
+  constexpr int NSLOT = Pol::NSLOT;
+  constexpr int CPP = Pol::OW / DC;  // D chunks per output pass (NSLOT, or more for TcWide)
+  static_assert(NSLOT == CPP || NSLOT == 1, "staging slots: one per chunk of a pass, or one");
+  constexpr size_t CSLOT = L::c_slot;
+  const bool c_resident = nD <= NSLOT;
+  const int nPass = kOut ? (nD + CPP - 1) / CPP : 1;
   if (q_once) {
 #pragma unroll
     for (int k = 0; k < NQ; ++k) load_rows<Pol, kBM>(sQ[k], qsrc[k], row0, D, 0, vec, tid);
     // (the barrier after the first column load orders these stores)
   }
 
-  for (int oc = 0; oc < nOut; ++oc) {
+  for (int ps = 0; ps < nPass; ++ps) {
     typename Pol::OAcc o;
+    if constexpr (Pol::kOSmem) o.o = reinterpret_cast<float*>(smem + L::o_off + size_t(warp) * L::o_stride);
     if constexpr (kOut) Pol::zero(o);
-    const int dlen = int(D - int64_t(oc) * DC < DC ? D - int64_t(oc) * DC : DC);
+    const int64_t prem = D - int64_t(ps) * Pol::OW;
+    const int pdlen = int(prem < Pol::OW ? prem : Pol::OW);  // features of this pass
+    (void)pdlen;
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * BN;
       typename Pol::SAcc s[NQ];
@@ -415,13 +244,14 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
 #pragma unroll
           for (int k = 0; k < NQ; ++k) load_rows<Pol, kBM>(sQ[k], qsrc[k], row0, D, d0, vec, tid);
         }
-        load_rows<Pol, BN>(sC, csrc, c0, D, d0, vec, tid);
+        T* sCd = sC + (dc % NSLOT) * CSLOT;
+        load_rows<Pol, BN>(sCd, csrc, c0, D, d0, vec, tid);
         __syncthreads();
         const int64_t rem = D - d0;
         const int kraw = rem <= 0 ? 0 : (rem < DC ? int(rem) : DC);
         const int klen = (kraw + Pol::KSTEP - 1) / Pol::KSTEP * Pol::KSTEP;  // zero-padded to DC
 #pragma unroll
-        for (int k = 0; k < NQ; ++k) Pol::mma_s(s[k], sQ[k] + warp * 16 * LDX, sC, klen, lane);
+        for (int k = 0; k < NQ; ++k) Pol::mma_s(s[k], sQ[k] + warp * 16 * LDX, sCd, klen, lane);
       }
 #pragma unroll
       for (int k = 0; k < NQ; ++k) Pol::store_s(s[k], sS[k], lane);
@@ -432,26 +262,45 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
         bool use = true;
         if constexpr (kTrain) {
           // sS is free again (P went to sW; SIMT: rescale_o needs no scratch)
-          if (epi.rescale_pending()) Pol::rescale_o(o, epi.alpha(), sS[0], dlen, lane);
+          if (epi.rescale_pending()) Pol::rescale_o(o, epi.alpha(), sS[0], pdlen, lane);
           use = epi.has_out(c0);  // block-uniform: the barriers below are safe
         }
         if (use) {
-          if (nD > 1) {  // bring the cols chunk of this output pass back
+          if (!c_resident && NSLOT == CPP) {  // stage this pass's chunks of the column tile again
             __syncthreads();
-            load_rows<Pol, BN>(sC, csrc, c0, D, int64_t(oc) * DC, vec, tid);
+            for (int sl = 0; sl < NSLOT; ++sl) {
+              const int chunk = ps * CPP + sl;
+              if (chunk < nD) load_rows<Pol, BN>(sC + sl * CSLOT, csrc, c0, D, int64_t(chunk) * DC, vec, tid);
+            }
             __syncthreads();
           }
-          Pol::mma_o(o, sW, sC, dlen, lane);
+          // One staging slot (TcWide): the chunks one by one, last first (chunk nD - 1 is still
+          // staged from forming S).
+          int staged = nD - 1;
+          for (int k = 0; k < CPP; ++k) {
+            const int cc = NSLOT == CPP ? k : CPP - 1 - k;
+            const int chunk = ps * CPP + cc;
+            if (chunk >= nD) continue;
+            if (NSLOT != CPP && chunk != staged) {
+              __syncthreads();  // every warp is done with the staged chunk
+              load_rows<Pol, BN>(sC, csrc, c0, D, int64_t(chunk) * DC, vec, tid);
+              __syncthreads();
+              staged = chunk;
+            }
+            const int64_t rem = D - int64_t(chunk) * DC;
+            const int dlen = int(rem < DC ? rem : DC);
+            Pol::mma_o(o, sW, sC + (NSLOT == CPP ? cc : 0) * CSLOT, dlen, lane, cc);
+          }
         }
       }
       __syncthreads();  // sC, sQ and the column scalars are overwritten by the next tile
     }
     if constexpr (kOut) {
-      Pol::store_o(o, sS[0], out, wrow0, nrows, int64_t(oc) * DC, D, lane,
+      Pol::store_o(o, sS[0], out, wrow0, nrows, int64_t(ps) * Pol::OW, D, lane,
                    [&](int64_t r) { return epi.row_scale(r); });
       __syncwarp();
     }
-    if constexpr (kTrain) epi.finish_pass(oc, wrow0, lane);
+    if constexpr (kTrain) epi.finish_pass(ps, wrow0, lane);
   }
   if constexpr (!kOut) epi.finish(wrow0, lane);
 }
@@ -500,6 +349,7 @@ struct DeviceInfo {
   int sms = 1;
   int major = 0;
   int arch = 0;  // the architecture this binary's code for the device was built for (e.g. 75, 90)
+  int smem_optin = 48 * 1024;  // dynamic shared memory a block may opt in to
 };
 
 inline cudaError_t device_info(DeviceInfo* info) {
@@ -509,6 +359,8 @@ inline cudaError_t device_info(DeviceInfo* info) {
   e = cudaDeviceGetAttribute(&info->sms, cudaDevAttrMultiProcessorCount, dev);
   if (e != cudaSuccess) return e;
   e = cudaDeviceGetAttribute(&info->major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e != cudaSuccess) return e;
+  e = cudaDeviceGetAttribute(&info->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (e != cudaSuccess) return e;
   // What the device runs is what was compiled for it, not what it could run: a build without
   // sm_80+ code (or whose PTX is older, JIT-compiled) has the tensor-core kernels guarded out.
@@ -556,7 +408,9 @@ inline cudaError_t launch_reduce_splits(const Acc* ws, int nsplit, int64_t n, Ac
 
 // Calls f(Policy{}) with the tile policy for a dtype: tensor cores for fp16/bf16 on sm_80+ devices
 // running sm_80+ code; fp32 by `fp32_precision` (precision.h): "medium" rounds the operands to bf16
-// for the tensor cores (fp32 accumulation), "highest" and "high" keep fp32 FMAs on the CUDA cores.
+// for the tensor cores (fp32 accumulation), "high" splits them into bf16 hi + lo parts (three
+// tensor-core products, TcSplitPolicy; CUDA cores where its shared memory does not fit), "highest"
+// keeps fp32 FMAs on the CUDA cores.
 template <class F>
 inline cudaError_t dispatch_policy(DType dt, const DeviceInfo& dev, int fp32_precision, F&& f) {
   const bool tc = dev.major >= 8 && dev.arch >= 80;
@@ -567,11 +421,26 @@ inline cudaError_t dispatch_policy(DType dt, const DeviceInfo& dev, int fp32_pre
       return tc ? f(TcPolicy<__nv_bfloat16>{}) : f(SimtPolicy<__nv_bfloat16, float>{});
     case DType::kF32:
       if (tc && fp32_precision == int(Fp32Precision::kMedium)) return f(TcPolicy<__nv_bfloat16, float>{});
+      // split-bf16 stages two planes: only where its largest block (bank_kl's backward) fits;
+      // devices with less shared memory (sm_86/sm_89: 99 KB) keep fp32 on the CUDA cores
+      if (tc && fp32_precision == int(Fp32Precision::kHigh) &&
+          SmemLayout<TcSplitPolicy, 2, true>::bytes <= size_t(dev.smem_optin))
+        return f(TcSplitPolicy{});
       return f(SimtPolicy<float, float>{});
     case DType::kF64:
       return f(SimtPolicy<double, double>{});
   }
   return cudaErrorInvalidValue;
+}
+
+// Calls f(TcWide<Pol>{}) for a tensor-core policy when D needs more than one chunk and TcWide's
+// shared memory (NQ row sets, an output) fits the device; f(Pol{}) otherwise.
+template <class Pol, int NQ, class F>
+inline cudaError_t maybe_wide(Pol pol, int64_t D, const DeviceInfo& dev, F&& f) {
+  if constexpr (Pol::kTensorCore && !Pol::kOSmem) {
+    if (D > Pol::DC && SmemLayout<TcWide<Pol>, NQ, true>::bytes <= size_t(dev.smem_optin)) return f(TcWide<Pol>{});
+  }
+  return f(pol);
 }
 
 // True when 16-byte loads of rows of D elements of `esize` bytes are legal for every pointer.

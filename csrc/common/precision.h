@@ -8,7 +8,8 @@ namespace cuda {
 
 enum class Fp32Precision : int {
   kHighest = 0,  // "highest": fp32-accurate products (CUDA-core FMAs, or 3xTF32 on tensor cores)
-  kHigh = 1,     // "high": TF32 tensor cores (or a split-bf16 scheme of comparable accuracy)
+  kHigh = 1,     // "high": split-bf16 on bf16 tensor cores (hi + lo parts, three products; more
+                 // accurate than TF32)
   kMedium = 2,   // "medium": operands rounded to bf16, bf16 tensor cores, fp32 accumulation
 };
 

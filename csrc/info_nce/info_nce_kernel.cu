@@ -42,6 +42,7 @@
 //             nce_bwd_finalize adds (grad_loss + grad_lse)_i bank_mean_i before the 1/t.
 #include "info_nce/info_nce_kernel.cuh"
 
+#include "common/cuda_softmax_epi.cuh"
 #include "common/cuda_tiles.cuh"
 
 namespace upreid {
@@ -79,100 +80,6 @@ __device__ __forceinline__ void split_range(int64_t ntiles, int nsplit, int64_t*
 // ---- epilogues -------------------------------------------------------------------------------
 
 template <class Pol>
-struct FwdEpi {
-  using Acc = typename Pol::Acc;
-  Acc scale;
-  int64_t ncols, nrows;
-  Acc* out;
-  OnlineLse<Acc> st;
-
-  __device__ __forceinline__ void load_cols(int64_t, int) {}
-  __device__ __forceinline__ void tile(Acc* const* sS, typename Pol::WT*, int64_t c0, int64_t, int lane) {
-    const EpiLane el(lane);
-    const Acc* row = sS[0] + el.r * Pol::LDS;
-    Acc tmax = neg_inf<Acc>();
-#pragma unroll 8
-    for (int j = 0; j < Pol::BN / 2; ++j) {
-      const int c = el.h + 2 * j;
-      if (c0 + c < ncols) tmax = fmax(tmax, row[c] * scale);
-    }
-    tmax = fmax(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-    const Acc pv = st.pivot(tmax);
-    Acc sum = Acc(0);
-#pragma unroll 8
-    for (int j = 0; j < Pol::BN / 2; ++j) {
-      const int c = el.h + 2 * j;
-      if (c0 + c < ncols) sum += Pol::ex(row[c] * scale - pv);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    st.fold(tmax, sum);
-  }
-  __device__ __forceinline__ Acc row_scale(int64_t) const { return Acc(1); }
-  __device__ __forceinline__ void finish(int64_t wrow0, int lane) {
-    const EpiLane el(lane);
-    const int64_t row = wrow0 + el.r;
-    if (el.h == 0 && row < nrows) out[row] = st.value();
-  }
-};
-
-// Forward of _info_nce_train: the logsumexp of FwdEpi plus P = exp(S - ref) on the bank columns for
-// O += P @ bank_tile. ref follows the running max (including key columns) but only moves when the
-// max exceeds it by more than Pol::kOSlack; then O is rescaled by alpha = exp(ref_old - ref_new).
-template <class Pol>
-struct TrainEpi : FwdEpi<Pol> {
-  using Acc = typename Pol::Acc;
-  using WT = typename Pol::WT;
-  int64_t nkeys;
-  Acc* mref_out;  // this split's [passes, nrows]
-  Acc* s_alpha;   // this warp's 16 factors (shared)
-  Acc mref = neg_inf<Acc>();
-  bool pending = false;
-
-  __device__ __forceinline__ bool has_out(int64_t c0) const { return c0 + Pol::BN > nkeys; }
-  __device__ __forceinline__ bool rescale_pending() const { return pending; }
-  __device__ __forceinline__ const Acc* alpha() const { return s_alpha; }
-  __device__ __forceinline__ void tile(Acc* const* sS, WT* sW, int64_t c0, int64_t wrow0, int lane) {
-    FwdEpi<Pol>::tile(sS, sW, c0, wrow0, lane);  // folds the tile into st (reads sS only)
-    pending = false;
-    if (!has_out(c0)) return;
-    const EpiLane el(lane);
-    const Acc m = this->st.m;  // running max after this tile, the same in both lanes of the row
-    Acc a = Acc(1);
-    bool grow = false;
-    if (mref == neg_inf<Acc>()) {
-      mref = m;  // O is still zero: nothing to rescale
-    } else if (m > mref + Pol::kOSlack) {
-      a = acc_exp_precise(mref - m);
-      mref = m;
-      grow = true;
-    }
-    pending = __any_sync(0xffffffffu, grow);
-    if (pending && el.h == 0) s_alpha[el.r] = a;
-    const Acc pv = mref == neg_inf<Acc>() ? Acc(0) : mref;
-    const Acc* row = sS[0] + el.r * Pol::LDS;
-    WT* wrow = sW + el.r * Pol::LDW;
-#pragma unroll 8
-    for (int j = 0; j < Pol::BN / 2; ++j) {
-      const int c = el.h + 2 * j;
-      const int64_t g = c0 + c;
-      Acc w = Acc(0);
-      if (g >= nkeys && g < this->ncols) w = Pol::ex(row[c] * this->scale - pv);
-      wrow[c] = convert<WT>(w);  // in place for SIMT: same element just read
-    }
-  }
-  __device__ __forceinline__ void finish_pass(int oc, int64_t wrow0, int lane) {
-    const EpiLane el(lane);
-    const int64_t row = wrow0 + el.r;
-    if (el.h == 0 && row < this->nrows) {
-      if (oc == 0) this->out[row] = this->st.value();
-      mref_out[int64_t(oc) * this->nrows + row] = mref;
-    }
-    this->st = OnlineLse<Acc>();  // the next pass recomputes the same logits
-    mref = neg_inf<Acc>();
-  }
-};
-
-template <class Pol>
 struct DqEpi {
   using Acc = typename Pol::Acc;
   using WT = typename Pol::WT;
@@ -192,7 +99,7 @@ struct DqEpi {
       const int c = el.h + 2 * j;
       Acc w = Acc(0);
       if (c0 + c < ncols) w = Pol::ex(row[c] * scale - lse_r);
-      wrow[c] = convert<WT>(w);  // in place for SIMT: same element just read
+      Pol::put_w(wrow, c, w);  // in place for SIMT: same element just read
     }
   }
   __device__ __forceinline__ Acc row_scale(int64_t r) const { return gl[r] + gls[r]; }
@@ -243,7 +150,7 @@ struct DkEpi {
         w = s_coef[c] * Pol::ex(row[c] * scale - s_lse[c]);
         if (s_pos[c] == key) w -= s_gl[c];
       }
-      wrow[c] = convert<WT>(w);
+      Pol::put_w(wrow, c, w);
     }
   }
   __device__ __forceinline__ Acc row_scale(int64_t) const { return gs; }
@@ -277,7 +184,7 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_train_tiles(NceTileArgs<type
     UPREID_DYNAMIC_SMEM(smem, 128);
     int64_t tb, te;
     split_range(a.ntiles, a.nsplit, &tb, &te);
-    const int64_t passes = a.D > 0 ? (a.D + Pol::DC - 1) / Pol::DC : 1;
+    const int64_t passes = a.D > 0 ? (a.D + Pol::OW - 1) / Pol::OW : 1;
     Acc* alpha = reinterpret_cast<Acc*>(smem + L::col_off) + (threadIdx.x >> 5) * 16;
     TrainEpi<Pol> epi{{a.scale, a.ncols, a.nrows, a.ws + int64_t(blockIdx.y) * a.nrows},
                       a.nkeys, a.mref + int64_t(blockIdx.y) * passes * a.nrows, alpha};
@@ -467,7 +374,7 @@ cudaError_t forward_impl(const InfoNceParams& p, bool train, const DeviceInfo& d
   const int64_t ntiles = ceil_div(ncols, Pol::BN);
   const int64_t row_blocks = ceil_div(p.M, kBM);
   const size_t smem = train ? SmemLayout<Pol, 1, true>::bytes : SmemLayout<Pol, 1, false>::bytes;
-  const int64_t passes = p.D > 0 ? ceil_div(p.D, Pol::DC) : 1;
+  const int64_t passes = p.D > 0 ? ceil_div(p.D, Pol::OW) : 1;
   int ns = 0;
   if (ntiles > 0 && p.M > 0) {
     int bpsm = 1;
@@ -522,7 +429,7 @@ cudaError_t forward_impl(const InfoNceParams& p, bool train, const DeviceInfo& d
   if (train && p.D > 0) {
     r.mref = ws_ref;
     r.obuf = ws_o;
-    r.dc = Pol::DC;
+    r.dc = Pol::OW;
     r.passes = int(passes);
     r.bank_mean = static_cast<Acc*>(p.bank_mean);
   }
@@ -657,7 +564,10 @@ cudaError_t forward_any(const InfoNceParams& p, bool train, DType dtype, cudaStr
   if (bytes != nullptr) *bytes = 0;
   if (p.M <= 0) return cudaSuccess;
   return with_policy(dtype, p.fp32_precision, [&](auto pol, const DeviceInfo& dev) {
-    return forward_impl<decltype(pol)>(p, train, dev, stream, bytes);
+    if (!train) return forward_impl<decltype(pol)>(p, false, dev, stream, bytes);
+    return maybe_wide<decltype(pol), 1>(pol, p.D, dev, [&](auto pw) {
+      return forward_impl<decltype(pw)>(p, true, dev, stream, bytes);
+    });
   });
 }
 
@@ -666,7 +576,9 @@ cudaError_t backward_any(const InfoNceParams& p, DType dtype, cudaStream_t strea
   if (bytes != nullptr) *bytes = 0;
   if (p.M <= 0 || p.D <= 0) return cudaSuccess;
   return with_policy(dtype, p.fp32_precision, [&](auto pol, const DeviceInfo& dev) {
-    return backward_impl<decltype(pol)>(p, dev, stream, bytes);
+    return maybe_wide<decltype(pol), 1>(pol, p.D, dev, [&](auto pw) {
+      return backward_impl<decltype(pw)>(p, dev, stream, bytes);
+    });
   });
 }
 

@@ -156,6 +156,13 @@ class Emu:
     def errors(self) -> str:
         return self._log("emu_error_log")
 
+    def counts(self) -> tuple[int, int]:
+        """(completed block barriers, warp mma_sync calls) since the last clear: how often a kernel
+        stages tiles and forms tensor-core products."""
+        self.lib.emu_barrier_count.restype = ctypes.c_int64
+        self.lib.emu_mma_count.restype = ctypes.c_int64
+        return self.lib.emu_barrier_count(), self.lib.emu_mma_count()
+
     def launches(self) -> list[str]:
         """One line per launch since the last clear: "kernel<...> grid=x,y,z block=x,y,z smem=B"."""
         if self._names is None:

@@ -97,6 +97,22 @@ def bank_kl(s, te, bank, ts, tt, emu=None):
     return kl, ls, lt
 
 
+def bank_kl_train(s, te, bank, ts, tt, emu=None):
+    """Training forward: (kl, lse_student, lse_teacher, mean_student, mean_teacher)."""
+    emu = emu or load("bank_kl")
+    emu.clear()
+    s, te, bank = s.contiguous(), te.contiguous(), bank.contiguous()
+    m, d = s.shape
+    acc = _acc(s.dtype)
+    kl, ls, lt = (torch.empty(m, dtype=acc) for _ in range(3))
+    ms, mt = torch.empty(m, d, dtype=acc), torch.empty(m, d, dtype=acc)
+    if m > 0:
+        rc = emu.lib.emu_bank_kl_train(_DT[s.dtype], _p(s), _p(te), _p(bank), _I64(m), _I64(bank.shape[0]),
+                                       _I64(d), _DBL(ts), _DBL(tt), _p(kl), _p(ls), _p(lt), _p(ms), _p(mt))
+        _check(emu, rc, "bank_kl training forward")
+    return kl, ls, lt, ms, mt
+
+
 def bank_kl_backward(grad_kl, grad_lse_s, s, te, bank, lse_s, lse_t, ts, tt, emu=None):
     """Backward: grad_student in the student's dtype."""
     emu = emu or load("bank_kl")

@@ -1,9 +1,10 @@
 // Race-mode runner: generates the inputs of one case, runs the operator's kernels (forward, then
 // backward where there is one) with one OS thread per CUDA thread under ThreadSanitizer, and prints
 // the emulator's error log. TSan writes its reports to stderr. Arguments are key=value pairs:
-//   common:   cc=9 sms=2 seed=1 smem=OFFSET:SIZE,... (static __shared__ variables to poison)
+//   common:   cc=9 sms=2 seed=1 prec=0|1|2 (fp32 matmul precision: highest, high, medium)
+//             smem=OFFSET:SIZE,... (static __shared__ variables to poison)
 //   info_nce: M N K D g t dtype=f32|f16|bf16|f64 train=0|1 need_q=0|1 need_k=0|1
-//   bank_kl:  M K D ts tt dtype
+//   bank_kl:  M K D ts tt dtype train=0|1
 //   rank:     Q G max_rank ids cams dtype
 //   rerank:   N Q D k1 k2 dense=0|1 dtype=f32|f64
 //   selftest: case threads (the kernels of selftest/selftest_kernel.cu)
@@ -21,11 +22,14 @@ extern "C" {
 void emu_configure(int major, int minor, int sms, int smem_optin, int binary_arch);
 void emu_register_static_smem(const uint64_t* offsets, const uint64_t* sizes, int n);
 size_t emu_error_log(char* buf, size_t cap);
+void emu_set_fp32_precision(int v);
 int emu_info_nce(int, int, const void*, const void*, const int64_t*, const void*, int64_t, int64_t, int64_t,
                  int64_t, int64_t, double, void*, void*, void*, const void*, const void*, const void*,
                  const void*, void*, void*, int, int);
 int emu_bank_kl(int, int, const void*, const void*, const void*, int64_t, int64_t, int64_t, double, double,
                 void*, void*, void*, const void*, const void*, const void*, const void*, void*);
+int emu_bank_kl_train(int, const void*, const void*, const void*, int64_t, int64_t, int64_t, double, double,
+                      void*, void*, void*, void*, void*);
 int emu_rank_metrics(int, const void*, int64_t, int64_t, int64_t, const int64_t*, const int64_t*,
                      const int64_t*, const int64_t*, float*, float*, float*, bool*, int64_t*);
 int emu_selftest(int, unsigned, unsigned, unsigned, size_t, int, void*, const void*, const void*, const void*);
@@ -123,6 +127,11 @@ int run_bank_kl() {
   auto s = feats(M, D, dt), te = feats(M, D, dt), b = feats(K, D, dt);
   const size_t as = acc_size(dt);
   std::vector<unsigned char> kl(size_t(M) * as), ls(size_t(M) * as), lt(size_t(M) * as);
+  if (inum("train", 0) != 0) {  // the training forward (its backward is elementwise ATen)
+    std::vector<unsigned char> ms(size_t(M * D) * as + 8), mt(size_t(M * D) * as + 8);
+    return emu_bank_kl_train(dt, s.data(), te.data(), b.data(), M, K, D, ts, tt, kl.data(), ls.data(), lt.data(),
+                             ms.data(), mt.data());
+  }
   int e = emu_bank_kl(0, dt, s.data(), te.data(), b.data(), M, K, D, ts, tt, kl.data(), ls.data(), lt.data(),
                       nullptr, nullptr, nullptr, nullptr, nullptr);
   if (e != 0) return e;
@@ -235,6 +244,10 @@ int main(int argc, char** argv) {
   g_rng.seed(uint64_t(inum("seed", 1)));
   const int cc = int(inum("cc", 9));
   emu_configure(cc, 0, int(inum("sms", 2)), int(inum("smem_optin", 232448)), cc * 10);
+#if !defined(UPREID_EMU_OP_SELFTEST)
+  // fp32 matmul precision: 0 highest, 1 high, 2 medium (what the glue reads from torch)
+  emu_set_fp32_precision(int(inum("prec", 0)));
+#endif
   // static __shared__ variables to poison: smem=offset:size,... (from the harness, which reads nm)
   std::vector<uint64_t> offs, sizes;
   const std::string sm = str("smem", "");

@@ -10,6 +10,7 @@
 #include <unistd.h>
 #include <cxxabi.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -56,6 +57,9 @@ Config g_cfg;
 std::mutex g_log_mu;
 std::string g_log;       // every error since the last clear, one per line
 std::string g_launches;  // "name grid block smem" per launch since the last clear
+// Work counters since the last clear (they show how often a kernel re-forms the same products):
+// completed block barriers (each __syncthreads of each block once) and warp-level mma_sync calls.
+std::atomic<int64_t> g_barriers{0}, g_mmas{0};
 cudaError_t g_last = cudaSuccess;
 std::map<const void*, int> g_max_dyn;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 std::vector<std::pair<unsigned char*, size_t>> g_static_smem;  // registered __shared__ statics
@@ -456,6 +460,7 @@ void syncthreads(const char* file, int line) {
     }
     ++b.bar_count;
     if (b.bar_count == b.live) {
+      g_barriers.fetch_add(1, std::memory_order_relaxed);
       b.blocked -= b.bar_count - 1;
       b.bar_count = 0;
       ++b.bar_gen;
@@ -507,6 +512,7 @@ void warp_mma(const char* file, int line, const float* a, const float* bb, const
     check_abort(b);
     Warp& w = b.warps[t->linear >> 5];
     const int l = t->linear & 31;
+    if (l == 0) g_mmas.fetch_add(1, std::memory_order_relaxed);
     for (int i = 0; i < 8; ++i) {
       w.mma_in[l][i] = a[i];
       w.mma_in[l][8 + i] = bb[i];
@@ -816,8 +822,13 @@ void emu_clear_log() {
   std::lock_guard<std::mutex> g(upreid_emu::g_log_mu);
   upreid_emu::g_log.clear();
   upreid_emu::g_launches.clear();
+  upreid_emu::g_barriers = 0;
+  upreid_emu::g_mmas = 0;
   g_last = cudaSuccess;
 }
+// Completed block barriers and warp mma_sync calls since the last clear.
+int64_t emu_barrier_count() { return upreid_emu::g_barriers.load(); }
+int64_t emu_mma_count() { return upreid_emu::g_mmas.load(); }
 int emu_is_race_build() { return kRace ? 1 : 0; }
 
 // The library's load address (the harness maps launch addresses to symbol names with it).
