@@ -1,0 +1,40 @@
+"""benchmarks/study_pretrain.py: the statistics of the study table, and a tiny end-to-end run."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import study_pretrain as study  # noqa: E402
+
+
+def _rows(variant, maps):
+    return [{"variant": variant, "seed": i, "mAP": m, "Rank-1": m, "mAP_rerank": m, "Rank-1_rerank": m}
+            for i, m in enumerate(maps)]
+
+
+def test_differences_flag_only_what_exceeds_two_standard_errors():
+    rows = _rows("random", [0.20, 0.21, 0.19]) + _rows("moco", [0.30, 0.31, 0.29]) + _rows("moco+gc", [0.30, 0.33, 0.28])
+    text = study.differences(rows)
+    line = next(x for x in text.splitlines() if x.startswith("| moco - random | mAP"))
+    # difference +10.00, SE = sqrt(1/3 + 1/3) = 0.816 -> 2 SE = 1.63
+    assert "+10.00" in line and "| 1.63 |" in line and line.endswith("yes |")
+    line = next(x for x in text.splitlines() if x.startswith("| moco+gc - moco | mAP"))
+    assert "+0.33" in line and line.endswith("no |")
+    table = study.table(rows)
+    assert "| random | 3 | 20.00 ± 1.00 (20.00, 21.00, 19.00)" in table
+
+
+@pytest.mark.slow
+def test_tiny_study_writes_table_chart_and_resumes(tmp_path, capsys):
+    work = str(tmp_path / "study")
+    args = ["--scale", "tiny", "--seeds", "0", "1", "--variants", "random", "moco", "--work", work, "--csv", ""]
+    assert study.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| random | 2 |" in out and "| moco | 2 |" in out and "| moco - random | mAP |" in out
+    from PIL import Image
+    with Image.open(os.path.join(work, "study.png")) as im:
+        assert im.format == "PNG"
+    assert sum(1 for _ in open(os.path.join(work, "runs.jsonl"))) == 4
+    assert study.main(args) == 0                      # every run is kept: nothing runs again
+    assert "seed 0:" not in capsys.readouterr().out
