@@ -1,0 +1,81 @@
+"""Record an `upreid demo` run: its table as CSV rows and its pictures beside the CSV.
+
+    upreid demo --out runs/demo && python benchmarks/demo_report.py runs/demo
+
+Appends one row per (method, re-ranking) to ``benchmarks/results/demo.csv`` with the device, versions,
+commit, wall time per stage and the demo's scale, and copies the rank lists of both fine-tunings and
+the training curves to ``benchmarks/results/demo_*.png`` (the README shows them).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import env_fields  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIELDS = ["timestamp", "commit", "device", "torch", "threads", "load_avg_1m", "scale", "k1", "k2", "method",
+          "rerank", "mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "seconds_total", "seconds_synth",
+          "seconds_baselines", "seconds_pretrain", "seconds_finetune_upreid", "seconds_finetune_random"]
+PICTURES = {"finetune_upreid/ranklist.png": "demo_ranklist_upreid.png",
+            "finetune_random/ranklist.png": "demo_ranklist_random.png",
+            "curves_pretrain.png": "demo_curves_pretrain.png", "curves_finetune.png": "demo_curves_finetune.png"}
+
+
+def rows_of(summary: dict, env: dict) -> list:
+    s, rr = summary["seconds"], summary["rerank"]
+    scale = ",".join(f"{k}={v}" for k, v in summary["scale"].items())
+    out = []
+    for method, res in summary["results"].items():
+        for mode in ("plain", "rerank"):
+            if mode not in res:
+                continue
+            m = res[mode]
+            out.append({**env, "threads": summary["threads"], "scale": scale, "k1": rr["k1"], "k2": rr["k2"],
+                        "method": method, "rerank": mode == "rerank",
+                        **{k: round(100 * m[k], 2) for k in ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP")},
+                        **{f"seconds_{k}": round(v, 1) for k, v in s.items()}})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("demo", help="the demo's output folder (holds summary.json)")
+    ap.add_argument("--csv", default=str(RESULTS / "demo.csv"))
+    ap.add_argument("--pictures", default=str(RESULTS), help="folder the demo's pictures are copied to ('' = none)")
+    args = ap.parse_args(argv)
+    path = os.path.join(args.demo, "summary.json")
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"error: cannot read {path!r} ({e}); run `upreid demo --out {args.demo}` first", file=sys.stderr)
+        return 1
+    env = env_fields("cuda" if summary.get("cuda") else "cpu")
+    env["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    rows = rows_of(summary, env)
+    new = not os.path.exists(args.csv) or os.path.getsize(args.csv) == 0
+    with open(args.csv, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    print(f"{len(rows)} rows appended to {args.csv}")
+    if args.pictures:
+        for src, dst in PICTURES.items():
+            p = os.path.join(args.demo, src)
+            if os.path.exists(p):
+                shutil.copyfile(p, os.path.join(args.pictures, dst))
+                print(f"{p} -> {os.path.join(args.pictures, dst)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
