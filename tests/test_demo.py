@@ -46,3 +46,22 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
             assert im.format == "PNG" and im.size == ranklist_size(8, 10)   # demo: 8 queries, top 10
     assert main(["demo", "--tiny", "--out", out]) == 1                      # not into a non-empty folder
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["CPU", "GPU", "TINY"])
+def test_every_demo_scale_gives_valid_configs(name, tmp_path):
+    """The GPU scale cannot run here; its recipe must still load and say what it means."""
+    from upreid.engine import demo
+    from upreid.engine.config import load_config
+    s = getattr(demo, name)
+    rr = {"k1": 9, "k2": 3, "lambda_value": 0.3}
+    p = load_config("pretrain", None, demo.pretrain_overrides(s, str(tmp_path / "u"), str(tmp_path / "p")))
+    f = load_config("finetune", None, demo.finetune_overrides(s, str(tmp_path / "d"), str(tmp_path / "f"),
+                                                              str(tmp_path / "bb.pt"), rerank=rr))
+    assert p["model"]["width"] == f["model"]["width"] == s.width          # the exported trunk fits
+    assert p["model"]["depth"] == f["model"]["depth"]
+    assert p["optim"]["lr"] == s.pretrain_lr and f["optim"]["lr"] == s.finetune_lr
+    assert p["train"]["steps"] == s.pretrain_steps and f["train"]["epochs"] == s.finetune_epochs
+    assert (f["eval"]["k1"], f["eval"]["k2"]) == (9, 3)
+    if name == "GPU":
+        assert p["model"]["depth"] == 50 and p["data"]["height"] == 256 and p["train"]["device"] == "cuda"
