@@ -135,7 +135,11 @@ def test_finetune_flip_shift_bookkeeping(recs):
 
 def test_workers_do_not_change_results(recs):
     a = next(iter(build_loader("pretrain", recs, batch_size=6, backend="torch", workers=0, seed=3)))
-    b = next(iter(build_loader("pretrain", recs, batch_size=6, backend="torch", workers=2, seed=3)))
+    with build_loader("pretrain", recs, batch_size=6, backend="torch", workers=2, seed=3) as loader:
+        b = next(iter(loader))
+        workers = list(loader._dl._iterator._workers)
+        assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    assert not any(w.is_alive() for w in workers) and loader._dl is None      # closed, not left to the GC
     assert torch.equal(a["view2"], b["view2"]) and torch.equal(a["box1"], b["box1"])
 
 

@@ -23,6 +23,20 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _parse(path: str) -> ast.Module:
+    """ast.parse with SIGCHLD blocked: a Python signal handler (torch's DataLoader installs one for
+    SIGCHLD) that runs while CPython 3.11 builds an AST makes it fail with "AST constructor recursion
+    depth mismatch", whatever the file."""
+    import signal
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        return ast.parse(source, filename=path)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _modules(src_root: str, package: str) -> dict:
     """{dotted name: (path, is_package)} of the .py files under ``src_root/package``."""
     mods = {}
@@ -54,7 +68,7 @@ def _bound_names(tree: ast.Module) -> set:
 def import_graph(src_root: str, package: str) -> dict:
     """{module: {imported module: line}} for the modules of ``package`` (see the module docstring)."""
     mods = _modules(src_root, package)
-    trees = {m: ast.parse(open(p, encoding="utf-8").read(), filename=p) for m, (p, _) in mods.items()}
+    trees = {m: _parse(p) for m, (p, _) in mods.items()}
     bound = {m: _bound_names(t) for m, t in trees.items() if mods[m][1]}
     graph = {}
     for m, tree in trees.items():

@@ -46,9 +46,18 @@ def resolve_backend(backend: str) -> str:
 
 
 class BaseLoader:
-    """Epoch bookkeeping shared by the backends."""
+    """Epoch bookkeeping shared by the backends. A loader is also a context manager that closes it."""
 
     backend = "base"
+
+    def close(self) -> None:
+        """Release what the loader holds beyond its own object (worker processes); no-op here."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __init__(self, kind: str, records: Sequence[Record], sampler, aug, *, seed: int, on_bad_image: str,
                  rank: int, world: int):

@@ -5,6 +5,8 @@ on the number of workers and a resumed run reproduces its batches.
 """
 from __future__ import annotations
 
+import sys
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -54,10 +56,13 @@ def _collate(items):
 class _EpochBatches:
     """Batch sampler of the loader's current epoch: lists of (epoch, position, index) keys. It is
     iterated in the main process at the start of every epoch, so one DataLoader (and its persistent
-    workers) serves all epochs."""
+    workers) serves all epochs. It holds its loader weakly: a strong reference would make a cycle
+    (loader -> DataLoader -> batch sampler -> loader), so a dropped loader's worker processes would be
+    shut down by whatever later garbage collection finds the cycle, at an arbitrary point of the
+    program, instead of when the loader goes."""
 
     def __init__(self, loader):
-        self.loader = loader
+        self.loader = weakref.proxy(loader)
 
     def __iter__(self):
         epoch, pos = self.loader.epoch, 0
@@ -86,15 +91,25 @@ class TorchLoader(BaseLoader):
 
     def _dataloader(self) -> DataLoader:
         if self._dl is None:
-            # workers forked after a DALI pipeline has run in this process crash (DALI's thread pools
-            # do not survive fork): spawn them then (slower start; needs the __main__ guard)
-            ctx = "spawn" if self.workers and dali_pipelines_built() else None
+            # workers forked after DALI has been loaded in this process crash (DALI's thread pools do
+            # not survive fork: a forked worker aborts at exit, "terminate called without an active
+            # exception"): spawn them then (slower start; needs the __main__ guard). Loaded, not only
+            # built by this package: a pipeline of any other code counts too.
+            dali_loaded = dali_pipelines_built() or "nvidia.dali" in sys.modules
+            ctx = "spawn" if self.workers and dali_loaded else None
             self._dl = DataLoader(self.dataset, batch_sampler=_EpochBatches(self), collate_fn=_collate,
                                   num_workers=self.workers, multiprocessing_context=ctx,
                                   worker_init_fn=_worker_init if self.workers else None,
                                   persistent_workers=self.workers > 0, pin_memory=self.device.type == "cuda",
                                   prefetch_factor=self.prefetch if self.workers else None)
         return self._dl
+
+    def close(self) -> None:
+        """Shut the worker processes down now (they persist across epochs); a later epoch starts new ones."""
+        dl, self._dl = self._dl, None
+        it = getattr(dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
     def __iter__(self) -> Iterator[dict]:
         samples, n_batches, skipped = 0, 0, []
