@@ -92,3 +92,9 @@ def test_curves_are_drawn_and_a_bad_log_is_named(tmp_path):
     bad.write_text('{"step": 1}\n{"step": \n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON line"):
         read_metrics(str(bad))
+
+
+def test_unknown_baseline_is_named():
+    from upreid.evaluation.baselines import pixel_baselines
+    with pytest.raises(ValueError, match=r"unknown baselines \['sift'\]; choose from pixels, histogram, lda"):
+        pixel_baselines(None, 64, 32, names=("pixels", "sift"))

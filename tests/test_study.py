@@ -38,3 +38,11 @@ def test_tiny_study_writes_table_chart_and_resumes(tmp_path, capsys):
     assert sum(1 for _ in open(os.path.join(work, "runs.jsonl"))) == 4
     assert study.main(args) == 0                      # every run is kept: nothing runs again
     assert "seed 0:" not in capsys.readouterr().out
+
+
+def test_demo_report_names_a_folder_without_a_demo(tmp_path, capsys):
+    from benchmarks import demo_report
+    assert demo_report.main([str(tmp_path), "--csv", str(tmp_path / "d.csv"), "--pictures", ""]) == 1
+    err = capsys.readouterr().err
+    assert "summary.json" in err and f"run `upreid demo --out {tmp_path}` first" in err
+    assert not (tmp_path / "d.csv").exists()          # nothing half-written
