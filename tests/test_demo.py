@@ -15,13 +15,13 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert main(["demo", "--tiny", "--out", out, "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert f"everything is in {out}" in text
-    names = ("raw-pixel NN", "colour-hist NN", "LDA on pixels", "random init", "UP-ReID init")
+    names = ("raw-pixel NN", "colour-hist NN", "LDA on pixels", "UP-ReID, no FT", "random init", "UP-ReID init")
     for name in names:     # each method without and with re-ranking: 5 numbers after the name and yes/no
         rows = [line[len(name):].split() for line in text.splitlines() if line.startswith(name)]
         assert [r[0] for r in rows] == ["no", "yes"], name
         assert all(len(r) == 6 and all(0.0 <= float(x) <= 100.0 for x in r[1:]) for r in rows), rows
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert list(summary["results"]) == ["pixels", "histogram", "lda", "random", "upreid"]
+    assert list(summary["results"]) == ["pixels", "histogram", "lda", "frozen", "random", "upreid"]
     for name, res in summary["results"].items():
         for mode in ("plain", "rerank"):
             assert 0.0 < res[mode]["mAP"] <= 1.0, (name, mode)
@@ -63,5 +63,6 @@ def test_every_demo_scale_gives_valid_configs(name, tmp_path):
     assert p["optim"]["lr"] == s.pretrain_lr and f["optim"]["lr"] == s.finetune_lr
     assert p["train"]["steps"] == s.pretrain_steps and f["train"]["epochs"] == s.finetune_epochs
     assert (f["eval"]["k1"], f["eval"]["k2"]) == (9, 3)
+    assert f["data"]["erasing_p"] == s.finetune_erasing and f["data"]["flip_test"] == s.flip_test
     if name == "GPU":
         assert p["model"]["depth"] == 50 and p["data"]["height"] == 256 and p["train"]["device"] == "cuda"

@@ -158,12 +158,35 @@ def pixel_baselines(dataset, height: int, width: int, *, rerank: dict | None = N
             fq, fg, metric = lm.transform(q), lm.transform(g), "cosine"
             log.info("linear metric on pixels: PCA %d, shrinkage %g (chosen on the training split)",
                      extra["dims"], extra["shrinkage"])
-        args = (torch.from_numpy(fq), torch.from_numpy(fg), torch.from_numpy(qp), torch.from_numpy(gp),
-                torch.from_numpy(qc), torch.from_numpy(gc))
-        res = {"plain": evaluate(*args, metric=metric, progress=False)}
-        if rerank is not None:
-            res["rerank"] = evaluate(*args, metric=metric, rerank=True, progress=False, **rerank)
-        for v in res.values():
-            v["cmc"] = v["cmc"][:20]
+        res = score_features(fq, fg, qp, gp, qc, gc, metric=metric, rerank=rerank)
         out[name] = {**res, **({"settings": extra} if extra else {})}
     return out
+
+
+def score_features(fq, fg, qp, gp, qc, gc, *, metric: str, rerank: dict | None = None) -> dict:
+    """``{"plain": metrics, "rerank": metrics}`` (``rerank`` only when its settings are given) of query
+    features ``fq`` against gallery ``fg`` (arrays or tensors) with their pids and camids; CMC cut at 20."""
+    args = tuple(torch.as_tensor(np.asarray(a)) for a in (fq, fg, qp, gp, qc, gc))
+    res = {"plain": evaluate(*args, metric=metric, progress=False)}
+    if rerank is not None:
+        res["rerank"] = evaluate(*args, metric=metric, rerank=True, progress=False, **rerank)
+    for v in res.values():
+        v["cmc"] = v["cmc"][:20]
+    return res
+
+
+def frozen_trunk_baseline(dataset, trunk: str, height: int, width: int, *, last_stride: int = 1,
+                          flip: bool = True, rerank: dict | None = None, device: str = "cpu") -> dict:
+    """The features of a pre-trained trunk file (global average pooling, no fine-tuning) on
+    ``dataset``'s query and gallery, scored like the other rows: what the pre-training alone learned
+    about identity, before any label is seen."""
+    from upreid.evaluation.extract import extract_features
+    from upreid.evaluation.feature_model import load_feature_model
+
+    model, info = load_feature_model(trunk, last_stride=last_stride)
+    model.to(device)
+    pre = dict(height=height, width=width, mean=info["mean"], std=info["std"], flip=flip, device=device,
+               workers=0, progress=False)
+    fq, qp, qc = extract_features(model, dataset.query, desc="query features", **pre)
+    fg, gp, gc = extract_features(model, dataset.gallery, desc="gallery features", **pre)
+    return score_features(fq, fg, qp, gp, qc, gc, metric="cosine", rerank=rerank)
