@@ -48,7 +48,8 @@ VARIANTS = {
 DEFAULT_VARIANTS = ["random", "moco", "moco+gc", "moco+ic", "upreid"]
 CSV = Path(__file__).resolve().parent / "results" / "study_pretrain.csv"
 FIELDS = ["timestamp", "commit", "device", "torch", "threads", "scale", "variant", "seed", "mAP", "Rank-1",
-          "mAP_rerank", "Rank-1_rerank", "pretrain_s", "finetune_s", "pretrain_steps", "finetune_steps"]
+          "mAP_rerank", "Rank-1_rerank", "pretrain_s", "finetune_s", "pretrain_steps", "finetune_steps",
+          "frozen_mAP", "probe_mAP"]
 
 
 def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool, rerank: dict) -> dict:
@@ -56,6 +57,8 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool
     from upreid.engine.demo import finetune_overrides, pretrain_overrides
     from upreid.engine.finetune import finetune
     from upreid.engine.pretrain import export_backbone, pretrain
+    from upreid.data.datasets import synth
+    from upreid.evaluation.baselines import frozen_trunk_baseline
 
     run = os.path.join(work, f"{variant}_s{seed}")
     prog = [] if progress else ["train.progress=false"]
@@ -68,6 +71,12 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool
         init = os.path.join(run, "backbone.pt")
         export_backbone(pre["checkpoint"], init, overwrite=True)
         pre_s = time.perf_counter() - t
+    trunk = init
+    if trunk is None:       # the random initialisation's trunk, probed like the pre-trained ones
+        trunk = os.path.join(run, "random_trunk.pt")
+        write_random_trunk(trunk, scale, seed)
+    probe = frozen_trunk_baseline(synth(data), trunk, scale.pretrain_height, scale.pretrain_width,
+                                  flip=scale.flip_test, device=scale.device, linear_probe=True)
     t = time.perf_counter()
     fcfg = load_config("finetune", None, finetune_overrides(scale, data, os.path.join(run, "finetune"), init, seed,
                                                             rerank=rerank) + ["eval.ranklist_queries=0"] + prog)
@@ -76,18 +85,61 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool
     return {"scale": None, "variant": variant, "seed": seed, "mAP": r["plain"]["mAP"], "Rank-1": r["plain"]["Rank-1"],
             "mAP_rerank": r["rerank"]["mAP"], "Rank-1_rerank": r["rerank"]["Rank-1"], "pretrain_s": round(pre_s, 1),
             "finetune_s": round(time.perf_counter() - t, 1),
-            "pretrain_steps": scale.pretrain_steps if init else 0, "finetune_steps": s["step"]}
+            "pretrain_steps": scale.pretrain_steps if init else 0, "finetune_steps": s["step"],
+            "frozen_mAP": probe["plain"]["mAP"], "probe_mAP": probe["lda"]["mAP"]}
 
 
-KEYS = ("mAP", "Rank-1", "mAP_rerank", "Rank-1_rerank")
+def write_random_trunk(path: str, scale, seed: int) -> None:
+    """A random-initialised trunk of the scale's architecture as a backbone file (seeded)."""
+    import torch
+    from upreid.engine import checkpoint as ckpt_io
+    from upreid.models.resnet import ResNet
+    torch.manual_seed(seed)
+    net = ResNet(scale.pretrain_depth, last_stride=1, width=scale.width)
+    ckpt_io.save_atomic({"format": ckpt_io.BACKBONE_FORMAT, "version": ckpt_io.VERSION, "step": 0,
+                         "arch": {"depth": scale.pretrain_depth, "width": scale.width, "last_stride": 1,
+                                  "ibn": False}, "state_dict": net.state_dict()}, path)
+
+
+def append_csv(path: str, row: dict) -> None:
+    """Append ``row`` under the FIELDS header; a file written with fewer columns (an older version of
+    this script) is rewritten first with the full header, its rows' new cells left empty."""
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+            f.seek(0)
+            header = next(csv.reader(f))
+        if header != FIELDS:
+            unknown = sorted(set(header) - set(FIELDS))
+            if unknown:
+                raise ValueError(f"{path}: columns {unknown} are not this script's; pass another --csv")
+            tmp = path + ".tmp"
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS)
+                w.writeheader()
+                w.writerows(old)
+            os.replace(tmp, path)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, "") for k in FIELDS})
+
+
+KEYS = ("mAP", "Rank-1", "mAP_rerank", "Rank-1_rerank", "frozen_mAP", "probe_mAP")
 
 
 def _values(rows: list, variant: str, key: str) -> list:
-    return [100 * r[key] for r in sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])]
+    """The variant's values of ``key`` in %, by seed; rows without it (older runs) are left out."""
+    return [100 * r[key] for r in sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
+            if r.get(key) not in (None, "")]
 
 
 def table(rows: list) -> str:
-    """Mean ± sample std (raw values) per variant."""
+    """Mean ± sample std (raw values) per variant: the fine-tuned metrics, then the frozen trunk's
+    (before fine-tuning): nearest neighbour on its pooled features, and the linear probe (LDA fitted on
+    the training split's features)."""
     out = ["| initialisation | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
     for v in VARIANTS:
         if not any(r["variant"] == v for r in rows):
@@ -95,6 +147,9 @@ def table(rows: list) -> str:
         cells = []
         for k in KEYS:
             vals = _values(rows, v, k)
+            if not vals:
+                cells.append("-")
+                continue
             sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
             cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f} ({', '.join(f'{x:.2f}' for x in vals)})")
         out.append(f"| {v} | {len(_values(rows, v, 'mAP'))} | " + " | ".join(cells) + " |")
@@ -114,7 +169,7 @@ def differences(rows: list, pairs=None) -> str:
     for a, b in pairs:
         if a not in present or b not in present:
             continue
-        for k in ("mAP", "Rank-1"):
+        for k in ("mAP", "Rank-1", "probe_mAP"):
             x, y = _values(rows, a, k), _values(rows, b, k)
             if len(x) < 2 or len(y) < 2:
                 continue
@@ -190,12 +245,7 @@ def main(argv=None) -> int:
             with open(done_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if args.csv:
-                new = not os.path.exists(args.csv) or os.path.getsize(args.csv) == 0
-                with open(args.csv, "a", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=FIELDS)
-                    if new:
-                        w.writeheader()
-                    w.writerow({k: ({**env, **row}).get(k, "") for k in FIELDS})
+                append_csv(args.csv, {**env, **row})
             print(f"{variant:8s} seed {seed}: mAP {100 * row['mAP']:.2f}, Rank-1 {100 * row['Rank-1']:.2f} "
                   f"(re-rank {100 * row['mAP_rerank']:.2f}) in {time.perf_counter() - t:.0f} s", flush=True)
     rows = [r for r in done if r["variant"] in args.variants and r["seed"] in args.seeds]

@@ -118,8 +118,9 @@ def test_frozen_trunk_row_scores_an_exported_trunk(tmp_path, synth_root):
                          "state_dict": trunk.state_dict()}, bb)
     ds = synth(synth_root)
     rr = {"k1": 4, "k2": 2, "lambda_value": 0.3}
-    res = frozen_trunk_baseline(ds, bb, 64, 32, flip=True, rerank=rr)
-    assert set(res) == {"plain", "rerank"}
+    res = frozen_trunk_baseline(ds, bb, 64, 32, flip=True, rerank=rr, linear_probe=True)
+    assert set(res) == {"plain", "rerank", "lda"}
+    assert 0.0 < res["lda"]["mAP"] <= 1.0 and res["lda"]["settings"]["dims"] in (32, 64, 128, 256)
     extract_to_npz(bb, str(tmp_path / "f.npz"), data=f"synth:{synth_root}", height=64, width=32, flip=True,
                    backend="torch", last_stride=1, progress=False, workers=0)
     z = np.load(str(tmp_path / "f.npz"))

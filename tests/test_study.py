@@ -46,3 +46,30 @@ def test_demo_report_names_a_folder_without_a_demo(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "summary.json" in err and f"run `upreid demo --out {tmp_path}` first" in err
     assert not (tmp_path / "d.csv").exists()          # nothing half-written
+
+
+def test_study_csv_gains_new_columns_without_losing_old_rows(tmp_path):
+    """A CSV written before the probe columns existed is rewritten with the full header, then appended."""
+    import csv
+    path = tmp_path / "s.csv"
+    old = study.FIELDS[:-2]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old)
+        w.writeheader()
+        w.writerow({k: ("random" if k == "variant" else "1") for k in old})
+    study.append_csv(str(path), {"variant": "moco", "mAP": 0.5, "probe_mAP": 0.25})
+    rows = list(csv.DictReader(open(path, newline="")))
+    assert list(rows[0]) == study.FIELDS
+    assert [r["variant"] for r in rows] == ["random", "moco"]
+    assert rows[0]["probe_mAP"] == "" and rows[1]["probe_mAP"] == "0.25" and rows[0]["mAP"] == "1"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("variant,colour\nrandom,red\n")
+    with pytest.raises(ValueError, match=r"columns \['colour'\] are not this script's"):
+        study.append_csv(str(bad), {"variant": "moco"})
+    assert bad.read_text() == "variant,colour\nrandom,red\n"       # left as it was
+
+
+def test_table_shows_a_dash_where_older_runs_lack_a_column():
+    rows = _rows("random", [0.20, 0.21])
+    line = next(x for x in study.table(rows).splitlines() if x.startswith("| random |"))
+    assert line.endswith("| - | - |")

@@ -128,6 +128,16 @@ def select_linear_metric(x: np.ndarray, pids: np.ndarray, cams: np.ndarray,
     return {"dims": best[0], "shrinkage": best[1], "scores": {f"{d},{s}": v for (d, s), v in scores.items()}}
 
 
+def fit_linear_metric(x: np.ndarray, pids: np.ndarray, cams: np.ndarray, what: str = "features") -> tuple:
+    """``(LinearMetric, settings)`` fitted on training rows, its settings chosen on them alone
+    (:func:`select_linear_metric`)."""
+    settings = select_linear_metric(x, pids, cams)
+    lm = LinearMetric(settings["dims"], settings["shrinkage"]).fit(x, pids)
+    log.info("linear metric on %s: PCA %d, shrinkage %g (chosen on the training split)", what,
+             settings["dims"], settings["shrinkage"])
+    return lm, settings
+
+
 def pixel_baselines(dataset, height: int, width: int, *, rerank: dict | None = None,
                     names: Sequence[str] = ("pixels", "histogram", "lda")) -> Dict[str, dict]:
     """Evaluate the pixel baselines on ``dataset`` (a :class:`ReIDDataset` with train/query/gallery).
@@ -151,13 +161,9 @@ def pixel_baselines(dataset, height: int, width: int, *, rerank: dict | None = N
             fq, fg, metric = colour_histograms(q), colour_histograms(g), "euclidean"
         else:
             tr = load_pixels(dataset.train, height, width)
-            tp = np.array([r.pid for r in dataset.train])
-            tc = np.array([r.camid for r in dataset.train])
-            extra = select_linear_metric(tr, tp, tc)
-            lm = LinearMetric(extra["dims"], extra["shrinkage"]).fit(tr, tp)
+            lm, extra = fit_linear_metric(tr, np.array([r.pid for r in dataset.train]),
+                                          np.array([r.camid for r in dataset.train]), what="pixels")
             fq, fg, metric = lm.transform(q), lm.transform(g), "cosine"
-            log.info("linear metric on pixels: PCA %d, shrinkage %g (chosen on the training split)",
-                     extra["dims"], extra["shrinkage"])
         res = score_features(fq, fg, qp, gp, qc, gc, metric=metric, rerank=rerank)
         out[name] = {**res, **({"settings": extra} if extra else {})}
     return out
@@ -176,10 +182,13 @@ def score_features(fq, fg, qp, gp, qc, gc, *, metric: str, rerank: dict | None =
 
 
 def frozen_trunk_baseline(dataset, trunk: str, height: int, width: int, *, last_stride: int = 1,
-                          flip: bool = True, rerank: dict | None = None, device: str = "cpu") -> dict:
+                          flip: bool = True, rerank: dict | None = None, device: str = "cpu",
+                          linear_probe: bool = False) -> dict:
     """The features of a pre-trained trunk file (global average pooling, no fine-tuning) on
     ``dataset``'s query and gallery, scored like the other rows: what the pre-training alone learned
-    about identity, before any label is seen."""
+    about identity, before any label is seen. ``linear_probe``: also ``"lda"``, the metrics of the
+    linear metric (as the pixel baseline's) fitted on the training split's features, which shows how
+    much identity the features hold linearly, whatever their raw distances say."""
     from upreid.evaluation.extract import extract_features
     from upreid.evaluation.feature_model import load_feature_model
 
@@ -189,4 +198,11 @@ def frozen_trunk_baseline(dataset, trunk: str, height: int, width: int, *, last_
                workers=0, progress=False)
     fq, qp, qc = extract_features(model, dataset.query, desc="query features", **pre)
     fg, gp, gc = extract_features(model, dataset.gallery, desc="gallery features", **pre)
-    return score_features(fq, fg, qp, gp, qc, gc, metric="cosine", rerank=rerank)
+    out = score_features(fq, fg, qp, gp, qc, gc, metric="cosine", rerank=rerank)
+    if linear_probe:
+        ft, tp, tc = extract_features(model, dataset.train, desc="train features", **pre)
+        lm, settings = fit_linear_metric(ft.numpy(), tp.numpy(), tc.numpy(), what=f"the features of {trunk}")
+        out["lda"] = score_features(lm.transform(fq.numpy()), lm.transform(fg.numpy()), qp, gp, qc, gc,
+                                    metric="cosine")["plain"]
+        out["lda"]["settings"] = {k: settings[k] for k in ("dims", "shrinkage")}
+    return out
