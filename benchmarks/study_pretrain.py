@@ -180,27 +180,33 @@ def differences(rows: list, pairs=None) -> str:
 
 
 def plot(rows: list, path: str, title: str) -> str:
-    """Bar chart: mean mAP and Rank-1 per variant, error bars one sample std, the seeds as dots."""
+    """Bar chart: mean fine-tuned mAP and Rank-1 per variant, and the frozen trunk's linear-probe mAP
+    where every variant has it; error bars one sample std, the seeds as dots."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     present = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     fig = Figure(figsize=(1.5 + 1.3 * len(present), 3.8), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    w = 0.38
-    for j, (k, colour) in enumerate((("mAP", "tab:blue"), ("Rank-1", "tab:orange"))):
+    series = [(k, label, colour) for k, label, colour in (
+        ("mAP", "mAP, fine-tuned", "tab:blue"), ("Rank-1", "Rank-1, fine-tuned", "tab:orange"),
+        ("probe_mAP", "mAP, linear probe of the trunk before fine-tuning", "tab:green"))
+        if all(_values(rows, v, k) for v in present)]
+    w = 0.8 / len(series)
+    for j, (k, label, colour) in enumerate(series):
         for i, v in enumerate(present):
             vals = _values(rows, v, k)
             m = statistics.mean(vals)
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            x = i + (j - 0.5) * w
-            ax.bar(x, m, w * 0.95, yerr=sd, capsize=3, color=colour, alpha=0.8, label=k if i == 0 else None)
+            x = i + (j - (len(series) - 1) / 2) * w
+            ax.bar(x, m, w * 0.95, yerr=sd, capsize=3, color=colour, alpha=0.8, label=label if i == 0 else None)
             ax.plot([x] * len(vals), vals, "k.", markersize=3)
     ax.set_xticks(range(len(present)))
     ax.set_xticklabels(present, rotation=20, fontsize=8)
-    ax.set_ylabel("% (fine-tuned, no re-ranking)")
+    ax.set_ylabel("% (no re-ranking)")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)           # room for the legend above the bars
+    ax.legend(fontsize=7, loc="upper center", ncol=len(series))
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png")
