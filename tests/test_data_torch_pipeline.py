@@ -140,7 +140,20 @@ def test_workers_do_not_change_results(recs):
         workers = list(loader._dl._iterator._workers)
         assert len(workers) == 2 and all(w.is_alive() for w in workers)
     assert not any(w.is_alive() for w in workers) and loader._dl is None      # closed, not left to the GC
+    assert [w.exitcode for w in workers] == [0, 0]                            # ended, not killed
     assert torch.equal(a["view2"], b["view2"]) and torch.equal(a["box1"], b["box1"])
+
+
+def test_spawned_workers_end_like_forked_ones(recs):
+    """With DALI loaded the workers are spawned; they leave through os._exit after multiprocessing's
+    cleanup (no C++ static destructors at teardown) and exit 0."""
+    pytest.importorskip("nvidia.dali")
+    with build_loader("pretrain", recs, batch_size=6, backend="torch", workers=2, seed=3) as loader:
+        b = next(iter(loader))
+        assert loader._dl.multiprocessing_context.get_start_method() == "spawn"
+        assert loader._dl.worker_init_fn.keywords == {"spawned": True}
+        workers = list(loader._dl._iterator._workers)
+    assert [w.exitcode for w in workers] == [0, 0] and b["view1"].shape[0] == 6
 
 
 def test_epochs_differ_and_summary_counts(recs):

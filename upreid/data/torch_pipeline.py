@@ -5,6 +5,9 @@ on the number of workers and a resumed run reproduces its batches.
 """
 from __future__ import annotations
 
+import atexit
+import functools
+import os
 import sys
 import weakref
 from typing import Iterator
@@ -74,8 +77,17 @@ class _EpochBatches:
         return len(self.loader.sampler.batches(self.loader.epoch))
 
 
-def _worker_init(_):
+def _worker_init(_, spawned: bool = False):
     torch.set_num_threads(1)
+    if spawned:
+        # A spawned worker ends with sys.exit(), i.e. a full interpreter teardown that runs the C++
+        # static destructors of every loaded library; one of them can meet a thread that is still
+        # running and abort ("terminate called without an active exception", seen once in 11 full
+        # test runs), which the main process then reports from close() as "DataLoader worker ...
+        # killed by signal: Aborted". A forked worker never gets there: it leaves with os._exit()
+        # right after multiprocessing's own cleanup. Leave the same way: by the time atexit handlers
+        # run, multiprocessing has flushed the queues and joined its threads.
+        atexit.register(os._exit, 0)
 
 
 class TorchLoader(BaseLoader):
@@ -99,7 +111,8 @@ class TorchLoader(BaseLoader):
             ctx = "spawn" if self.workers and dali_loaded else None
             self._dl = DataLoader(self.dataset, batch_sampler=_EpochBatches(self), collate_fn=_collate,
                                   num_workers=self.workers, multiprocessing_context=ctx,
-                                  worker_init_fn=_worker_init if self.workers else None,
+                                  worker_init_fn=functools.partial(_worker_init, spawned=ctx == "spawn")
+                                  if self.workers else None,
                                   persistent_workers=self.workers > 0, pin_memory=self.device.type == "cuda",
                                   prefetch_factor=self.prefetch if self.workers else None)
         return self._dl
