@@ -8,6 +8,8 @@ Variants (pre-training objective, then the same BoT fine-tuning):
   upreid        full UP-ReID (gc + ic)
   moco+gc-sharp / upreid-sharp   the same with a sharper teacher in the global consistency
                 (gc_tau_teacher = tau / 2, the usual choice in distillation)
+  moco-sbn / upreid-sbn   MoCo / UP-ReID with shuffle-BN emulated on one device (model.bn_groups=4:
+                BN statistics in 4 groups of batch / 4, the key encoder's after a seeded shuffle)
 
 Each variant runs with several seeds (pre-training and fine-tuning seed; the dataset is fixed).
 The scales are the demo's (``upreid.engine.demo``): ``cpu`` (ResNet-18 at 64 x 32), ``gpu`` (ResNet-50 at
@@ -18,6 +20,13 @@ Output: one CSV row per run (``benchmarks/results/study_pretrain.csv``, with dev
 and a table of mean ± sample std with the raw values (printed, and written to ``--work/table.md``).
 
     python benchmarks/study_pretrain.py --scale cpu --seeds 0 1 2 --work runs/study_cpu
+
+``--report`` runs nothing: it reads the CSV's rows at the scale's current recipe (its ``scale`` column
+equal to the scale now; the last row of a repeated variant and seed wins) and writes the table and chart
+of every variant there (or of ``--variants``) to ``--table`` and ``--plot``:
+
+    python benchmarks/study_pretrain.py --report --seeds 0 1 2 3 4 \
+        --table benchmarks/results/study_pretrain_table.md --plot benchmarks/results/study_pretrain.png
 """
 from __future__ import annotations
 
@@ -44,6 +53,8 @@ VARIANTS = {
     "upreid": ["model.gc=bank_kl", "model.ic=aligned"],
     "moco+gc-sharp": ["model.gc=bank_kl", "model.ic=off", "model.gc_tau_teacher=0.05"],
     "upreid-sharp": ["model.gc=bank_kl", "model.ic=aligned", "model.gc_tau_teacher=0.05"],
+    "moco-sbn": ["model.gc=off", "model.ic=off", "model.bn_groups=4"],
+    "upreid-sbn": ["model.gc=bank_kl", "model.ic=aligned", "model.bn_groups=4"],
 }
 DEFAULT_VARIANTS = ["random", "moco", "moco+gc", "moco+ic", "upreid"]
 CSV = Path(__file__).resolve().parent / "results" / "study_pretrain.csv"
@@ -164,7 +175,8 @@ def differences(rows: list, pairs=None) -> str:
         pairs = [(v, "random") for v in present if v != "random"]
         pairs += [(a, b) for a, b in (("moco+gc", "moco"), ("moco+ic", "moco"), ("upreid", "moco"),
                                       ("upreid", "moco+ic"), ("upreid", "moco+gc"), ("moco+gc-sharp", "moco+gc"),
-                                      ("upreid-sharp", "upreid"), ("moco+gc-sharp", "moco"))]
+                                      ("upreid-sharp", "upreid"), ("moco+gc-sharp", "moco"),
+                                      ("moco-sbn", "moco"), ("upreid-sbn", "upreid"), ("upreid-sbn", "moco-sbn"))]
     out = ["| comparison | metric | difference | 2 SE | exceeds 2 SE |", "|---|---|---|---|---|"]
     for a, b in pairs:
         if a not in present or b not in present:
@@ -213,23 +225,52 @@ def plot(rows: list, path: str, title: str) -> str:
     return path
 
 
+def csv_rows(path: str, scale_name: str) -> list:
+    """The CSV's runs at ``scale_name`` as run dicts (numbers parsed; a repeated variant and seed: the
+    last row)."""
+    out = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if r["scale"] != scale_name:
+                continue
+            r = dict(r, seed=int(r["seed"]))
+            for k in KEYS:
+                r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+            out[(r["variant"], r["seed"])] = r
+    return list(out.values())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=("cpu", "gpu", "tiny"), default="cpu")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                    help=f"default: {' '.join(DEFAULT_VARIANTS)} (runs), every variant in the CSV (--report)")
     ap.add_argument("--work", default="runs/study_pretrain", help="folder of the runs (resumable)")
     ap.add_argument("--csv", default=str(CSV), help="CSV the per-run rows are appended to ('' = none)")
     ap.add_argument("--progress", action="store_true", help="progress bars of every run")
     ap.add_argument("--plot", default=None, help="bar chart PNG of the study (default: --work/study.png)")
+    ap.add_argument("--table", default=None, help="markdown table of the study (default: --work/table.md)")
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: table and chart from the CSV's rows at the scale's current recipe")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    from upreid.engine import demo
+    scale = {"cpu": demo.CPU, "gpu": demo.GPU, "tiny": demo.TINY}[args.scale]
+    scale_name = f"{args.scale}:" + ",".join(f"{k}={v}" for k, v in dataclasses.asdict(scale).items())
+    if args.report:
+        rows = [r for r in csv_rows(args.csv, scale_name)
+                if r["seed"] in args.seeds and (args.variants is None or r["variant"] in args.variants)]
+        if not rows:
+            print(f"{args.csv}: no rows at the current {args.scale} scale for these seeds and variants")
+            return 1
+        return _report(rows, args, len({r["seed"] for r in rows}))
+    args.variants = args.variants or DEFAULT_VARIANTS
+
     from upreid.data.datasets import synth
     from upreid.data.synthetic import generate
-    from upreid.engine import demo
     from upreid.evaluation.rerank_settings import rerank_settings
-    scale = {"cpu": demo.CPU, "gpu": demo.GPU, "tiny": demo.TINY}[args.scale]
     os.makedirs(args.work, exist_ok=True)
     data = os.path.join(args.work, "data")
     if not os.path.exists(os.path.join(data, "meta.json")):
@@ -239,7 +280,6 @@ def main(argv=None) -> int:
     done_path = os.path.join(args.work, "runs.jsonl")
     done = [json.loads(x) for x in open(done_path)] if os.path.exists(done_path) else []
     env = env_fields(scale.device)
-    scale_name = f"{args.scale}:" + ",".join(f"{k}={v}" for k, v in dataclasses.asdict(scale).items())
     for seed in args.seeds:
         for variant in args.variants:
             if any(r["variant"] == variant and r["seed"] == seed for r in done):
@@ -255,13 +295,17 @@ def main(argv=None) -> int:
             print(f"{variant:8s} seed {seed}: mAP {100 * row['mAP']:.2f}, Rank-1 {100 * row['Rank-1']:.2f} "
                   f"(re-rank {100 * row['mAP_rerank']:.2f}) in {time.perf_counter() - t:.0f} s", flush=True)
     rows = [r for r in done if r["variant"] in args.variants and r["seed"] in args.seeds]
+    return _report(rows, args, len(args.seeds))
+
+
+def _report(rows: list, args, seeds: int) -> int:
     text = table(rows) + "\n\n" + differences(rows)
-    with open(os.path.join(args.work, "table.md"), "w") as f:
+    with open(args.table or os.path.join(args.work, "table.md"), "w") as f:
         f.write(text + "\n")
     print(text)
     try:
         print("chart:", plot(rows, args.plot or os.path.join(args.work, "study.png"),
-                             f"pre-training study, {args.scale} scale, {len(args.seeds)} seeds (bars: mean, "
+                             f"pre-training study, {args.scale} scale, {seeds} seeds (bars: mean, "
                              "error bars: 1 std, dots: seeds)"))
     except ImportError:
         print("matplotlib missing: no chart")

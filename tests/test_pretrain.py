@@ -159,11 +159,13 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_two_process_gloo_run(images, tmp_path):
+@pytest.mark.parametrize("groups", [1, 2])      # plain BN; BN in 2 groups per rank after the cross-rank shuffle
+def test_two_process_gloo_run(images, tmp_path, groups):
     out = tmp_path / "ddp"
     script = tmp_path / "worker.py"
     overrides = [f"data.root={images}", f"train.output={out}", *PRETRAIN_FAST, "train.steps=2",
-                 "train.checkpoint_every=100", "model.queue_size=32", "data.backend=torch", "data.workers=0"]
+                 "train.checkpoint_every=100", "model.queue_size=32", "data.backend=torch", "data.workers=0",
+                 f"model.bn_groups={groups}"]
     script.write_text(WORKER.format(tiny=PRETRAIN_TINY, overrides=overrides, out=str(out)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # --standalone: torchrun's own store binds port 0 and its workers join it; no port is chosen

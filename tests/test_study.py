@@ -73,3 +73,28 @@ def test_table_shows_a_dash_where_older_runs_lack_a_column():
     rows = _rows("random", [0.20, 0.21])
     line = next(x for x in study.table(rows).splitlines() if x.startswith("| random |"))
     assert line.endswith("| - | - |")
+
+
+def test_report_reads_the_current_recipe_rows_of_the_csv(tmp_path, capsys):
+    """--report runs nothing: the rows at the scale's current recipe (another scale string is left out,
+    a repeated variant and seed counts once, its last row), table and chart where asked."""
+    import dataclasses
+    from upreid.engine import demo
+    now = "tiny:" + ",".join(f"{k}={v}" for k, v in dataclasses.asdict(demo.TINY).items())
+    path = str(tmp_path / "s.csv")
+    for scale, variant, seed, m in [(now, "random", 0, 0.20), (now, "random", 1, 0.22), (now, "upreid-sbn", 0, 0.5),
+                                    (now, "upreid-sbn", 1, 0.30), (now, "upreid-sbn", 0, 0.40),
+                                    ("tiny:older", "random", 2, 0.90)]:
+        study.append_csv(path, {"scale": scale, "variant": variant, "seed": seed, "mAP": m, "Rank-1": m,
+                                "mAP_rerank": m, "Rank-1_rerank": m, "probe_mAP": m})
+    table, chart = tmp_path / "t.md", tmp_path / "c.png"
+    args = ["--report", "--scale", "tiny", "--seeds", "0", "1", "2", "--csv", path, "--table", str(table),
+            "--plot", str(chart), "--work", str(tmp_path / "unused")]
+    assert study.main(args) == 0
+    text = table.read_text()
+    assert "| random | 2 | 21.00 ± 1.41 (20.00, 22.00)" in text                # not the older scale's 90
+    assert "| upreid-sbn | 2 | 35.00 ± 7.07 (40.00, 30.00)" in text            # the last seed-0 row
+    assert "| upreid-sbn - random | mAP | +14.00 |" in text
+    assert chart.exists() and not (tmp_path / "unused").exists()
+    assert study.main(["--report", "--scale", "cpu", "--csv", path, "--table", str(table)]) == 1
+    assert "no rows at the current cpu scale" in capsys.readouterr().out

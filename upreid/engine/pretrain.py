@@ -9,6 +9,7 @@ for fine-tuning.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -19,6 +20,8 @@ from upreid.engine import checkpoint as ckpt_io
 from upreid.engine.task import Task
 from upreid.engine.trainer import NonFiniteLossError, RunExistsError, Trainer, param_groups  # noqa: F401
 from upreid.models import UPReID
+
+log = logging.getLogger("upreid.pretrain")
 
 
 def lr_lambda(total: int, warmup: int, min_ratio: float):
@@ -84,6 +87,13 @@ class PretrainTask(Task):
         return batch
 
     def forward(self, net, batch):
+        g, b = self.cfg["model"]["bn_groups"], batch["view1"].shape[0]
+        if b % g and b > g:
+            # images skipped (data.on_bad_image=skip) left a short batch that the BN groups do not divide:
+            # drop its last few images rather than stop the run (the config check keeps full batches whole)
+            log.warning("a batch of %d images (skipped images) is cut to %d, a multiple of model.bn_groups=%d",
+                        b, b - b % g, g)
+            batch = {k: v[:b - b % g] for k, v in batch.items()}
         return net(batch)
 
     def summary(self) -> dict:

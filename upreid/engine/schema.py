@@ -193,6 +193,7 @@ PRETRAIN = {
     "model.ic_negatives": one_of("image", "batch"), "model.ic_temperature": optional(POSITIVE),
     "model.lambda_ic": NONNEG, "model.stripes": integer(1), "model.roi_samples": integer(1),
     "model.loss_impl": one_of("fused", "reference"), "model.shuffle_bn": boolean(),
+    "model.bn_groups": integer(1),
     **_DATA_COMMON,
     "data.batch_size": integer(1), "data.crop_scale_min": real(0.0, 1.0, lo_open=True),
     "data.grayscale_p": prob(), "data.blur_p": prob(), "data.blur_sigma": pair(0.0, None),
@@ -254,6 +255,12 @@ def check_relations(task: str, v: Mapping, origins: Mapping) -> None:
                 f"at data.height={v['data.height']} and model.last_stride={v['model.last_stride']} "
                 f"({_where(origins, 'model.stripes', 'data.height', 'model.last_stride')}): use at most {rows} "
                 "stripes, a larger data.height, model.last_stride=1, or model.ic=off")
+        if v["data.batch_size"] % v["model.bn_groups"]:
+            raise ConfigError(
+                f"model.bn_groups={v['model.bn_groups']} does not divide data.batch_size={v['data.batch_size']} "
+                f"({_where(origins, 'model.bn_groups', 'data.batch_size')}): the batch (per rank) is cut into "
+                "bn_groups BatchNorm groups of equal size; use a batch size divisible by it, or another bn_groups "
+                "(1 = plain BatchNorm)")
         if v["optim.min_lr"] > v["optim.lr"]:
             raise ConfigError(f"optim.min_lr={v['optim.min_lr']!r} is above optim.lr={v['optim.lr']!r} "
                               f"({_where(origins, 'optim.min_lr', 'optim.lr')}): the cosine schedule decays "

@@ -11,6 +11,14 @@ y1, x1 in the original) and flip flag. Losses (METHOD.md section 3):
         the other stripes of the image (or of the batch) as negatives
 
 L = L_cl + lambda_gc L_gc + lambda_ic L_ic. All three run on the fused operators of upreid.losses.
+
+Shuffle-BN (MoCo): BatchNorm statistics shared by a query and its key leak which key is the positive.
+Under DDP the key encoder's batch is shuffled across ranks (each rank's BN sees other ranks' images).
+``bn_groups = G > 1`` emulates G devices within each rank (upreid.models.group_bn): the query encoder's
+BN statistics are computed per view in G consecutive groups of B / G (2G groups over the 2B images),
+the key encoder's in G groups of B / G after a seeded random permutation of the batch (one rank), or
+of the rank's slice of the cross-rank shuffle (DDP, which already mixes it); keys and layer-4 maps are
+put back in batch order. ``G = 1`` is plain BN: the query's two views one BN batch of 2B.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ from torch import Tensor, nn
 
 from upreid.losses import BankKL, MoCoLoss, PatchInfoNCE
 from upreid.utils.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, world_size
+from upreid.models.group_bn import SeededPermutation, check_groups, convert_group_bn
 from upreid.models.heads import MLPHead, roi_pool, stripe_boxes, view_stripes_on_original
 from upreid.models.resnet import ResNet, check_trunk
 
@@ -58,7 +67,8 @@ class UPReID(nn.Module):
                  gc_tau_teacher: float | None = None, lambda_gc: float = 1.0, ic: str = "aligned",
                  ic_negatives: str = "image", ic_temperature: float | None = None,
                  lambda_ic: float = 1.0, stripes: int = 4, roi_samples: int = 2,
-                 loss_impl: str = "fused", shuffle_bn: bool = True, trunk: nn.Module | None = None):
+                 loss_impl: str = "fused", shuffle_bn: bool = True, bn_groups: int = 1,
+                 trunk: nn.Module | None = None):
         super().__init__()
         if gc not in GC_MODES:
             raise ValueError(f"UPReID: gc must be one of {GC_MODES}, got {gc!r}")
@@ -68,6 +78,11 @@ class UPReID(nn.Module):
             raise ValueError(f"UPReID: momentum must be in [0, 1], got {momentum}")
         if queue_size < 1 or stripes < 1:
             raise ValueError(f"UPReID: queue_size and stripes must be >= 1, got {queue_size}, {stripes}")
+        try:
+            self.bn_groups = check_groups(bn_groups)
+        except ValueError:
+            raise ValueError(f"UPReID: bn_groups must be an integer >= 1 (1 = plain BatchNorm), got {bn_groups!r}") \
+                from None
         self.m, self.symmetric, self.gc, self.ic = momentum, symmetric, gc, ic
         self.lambda_gc, self.lambda_ic, self.stripes = lambda_gc, lambda_ic, stripes
         self.roi_samples, self.shuffle_bn, self.temperature = roi_samples, shuffle_bn, temperature
@@ -78,10 +93,17 @@ class UPReID(nn.Module):
         self.encoder_k = copy.deepcopy(self.encoder_q)          # f_k: EMA of f_q, never gets a gradient
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
+        if self.bn_groups > 1:  # G virtual devices: the query's 2B images (2 views) in 2G groups, keys in G
+            convert_group_bn(self.encoder_q, 2 * self.bn_groups)
+            convert_group_bn(self.encoder_k, self.bn_groups)
 
         # The queue of keys (K x D) and its write pointer are buffers: saved, moved, never trained.
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))   # [K, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # The permutations of the key encoder's batch (bn_groups > 1, one rank): a generator of its own,
+        # saved in the state dict, so that a resumed run draws the same ones. Seeded from the global
+        # generator (after every weight is drawn) only when used: plain BN leaves the global stream as it was.
+        self.key_shuffle = SeededPermutation(None if self.bn_groups > 1 else 0)
 
         self.loss_cl = MoCoLoss(temperature, impl=loss_impl)
         self.loss_gc = BankKL(gc_tau_student or temperature, gc_tau_teacher or temperature, impl=loss_impl)
@@ -116,11 +138,18 @@ class UPReID(nn.Module):
 
     @torch.no_grad()
     def _keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """f_k(x) with shuffle-BN across ranks: (layer-4 map [B, C, h, w], key [B, D])."""
+        """f_k(x) with shuffle-BN: (layer-4 map [B, C, h, w], key [B, D]), row i from image i. Across ranks
+        under DDP; on one rank with bn_groups > 1, a seeded permutation spreads the batch over the
+        groups (with bn_groups = 1 a permutation would not change the statistics: none is drawn)."""
         if self.shuffle_bn and world_size() > 1:
             x, unshuffle = batch_shuffle(x)
-            fmap, k = self.encoder_k(x)
+            fmap, k = self.encoder_k(x)                                  # BN in bn_groups groups of the slice
             return batch_unshuffle(fmap, unshuffle), batch_unshuffle(k, unshuffle)
+        if self.shuffle_bn and self.bn_groups > 1:
+            perm = self.key_shuffle(x.shape[0], x.device)                # [B]
+            fmap, k = self.encoder_k(x[perm])                            # group j: images perm[jB/G:(j+1)B/G]
+            inv = torch.argsort(perm)                                    # inv[i]: the row image i went to
+            return fmap[inv], k[inv]
         return self.encoder_k(x)
 
     def _stripes(self, fmap: Tensor, boxes: Tensor) -> Tensor:
@@ -134,9 +163,14 @@ class UPReID(nn.Module):
             raise KeyError(f"UPReID.forward: batch lacks {missing}; expected keys {BATCH_KEYS}")
         x1, x2, xo = batch["view1"], batch["view2"], batch["original"]  # [B, 3, H, W] each
         b = x1.shape[0]
+        if b % self.bn_groups:
+            raise ValueError(f"UPReID: a batch of {b} images cannot be cut into bn_groups={self.bn_groups} "
+                             f"BatchNorm groups of equal size; use a batch size (per rank) divisible by "
+                             f"{self.bn_groups}, or another model.bn_groups")
         bank = self.queue.clone()        # [K, D]; a copy: the fused backward reads it after enqueue
 
-        # Query encoder on both views at once (one BN batch of 2B augmented images).
+        # Query encoder on both views at once: one BN batch of 2B augmented images, or (bn_groups = G > 1)
+        # 2G groups of B / G, G per view.
         fq, zq = self.encoder_q(torch.cat([x1, x2]))                    # [2B, C, h, w], [2B, D]
         q1, q2 = zq[:b], zq[b:]                                         # [B, D]
 
