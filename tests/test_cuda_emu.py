@@ -642,6 +642,77 @@ def test_rerank_dense_matches_reference(n, q, d, k1, k2):
     check_rerank(out, reference.k_reciprocal_rerank_dense(qg, qq, gg, k1, k2, 0.3), 1e-5)
 
 
+def grid_features(n, d, ids, seed, dtype):
+    """Features on a 1/4 grid with duplicates: every squared distance is exact in fp32 and fp64 alike
+    (small multiples of 1/16), so exact ties occur and the order by index must decide them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.round(4 * clustered(n, d, ids, seed)) / 4
+    x = x.clamp(-3, 3)
+    x[n // 3:n // 3 + 12] = x[n // 3]  # a dozen copies of one image
+    x[1] = x[n - 1]
+    return x[torch.randperm(n, generator=g)].to(dtype)
+
+
+def exact_sq_distances(x):
+    xd = x.double()
+    return (xd[:, None, :] - xd[None, :, :]).pow(2).sum(-1)
+
+
+@pytest.mark.parametrize("panels", [1, 2, 3, 4, 5, 8, 33])
+def test_rerank_schedule_meets_every_panel_pair_once(panels):
+    """The rounds of the features path: each unordered pair of panels in exactly one round, no panel
+    twice in a round (two blocks of a launch never feed one list), at most one bye per round."""
+    configure("rerank", "sm90")
+    rounds = eo.rerank_schedule(panels)
+    assert len(rounds) == (0 if panels == 1 else panels + panels % 2 - 1)
+    seen = []
+    for pairs in rounds:
+        real = [(a, b) for a, b in pairs if b < panels]
+        assert all(0 <= a < b for a, b in pairs)
+        assert len(pairs) - len(real) == panels % 2
+        members = [m for pair in real for m in pair]
+        assert len(members) == len(set(members)), pairs
+        seen += real
+    assert sorted(seen) == [(a, b) for a in range(panels) for b in range(a + 1, panels)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("n,q,k1", [(64, 9, 20), (65, 9, 20), (150, 31, 20), (200, 40, 100), (330, 50, 6)])
+def test_rerank_neighbor_lists_are_exact(n, q, k1, dtype):
+    """Stage 1 on exactly representable distances: the features path (upper-triangle tiles in rounds:
+    one panel, a one-row second panel, an odd panel count with byes, lists longer than a warp) and the
+    dense path give the exact top-(k1 + 1) lists with ties by index, the row maxima and the raw
+    query-gallery distances, bit for bit."""
+    configure("rerank", "sm90")
+    x = grid_features(n, 8, max(2, n // 10), seed=n, dtype=dtype)
+    k = min(k1 + 1, n)
+    d2 = exact_sq_distances(x)
+    # The dense path squares its inputs: give it the features' squared distances (exact squares).
+    dense = tuple(t.to(dtype) for t in (d2[:q, q:], d2[:q, :q], d2[q:, q:]))
+    for args, dist in (({"x": x}, d2), ({"dense": dense}, d2 * d2)):
+        val, idx = torch.sort(dist, dim=1, stable=True)
+        nbr, nbr_d2, rowmax, out = eo.rerank_neighbors(num_query=q, k1=k1, **args)
+        assert torch.equal(nbr, idx[:, :k].int()), ("features" if "x" in args else "dense")
+        assert torch.equal(nbr_d2.double(), val[:, :k])
+        assert torch.equal(rowmax.double(), dist.max(dim=1).values)
+        assert torch.equal(out.double(), dist[:q, q:].float().double())
+
+
+def test_rerank_features_compute_each_tile_once():
+    """The features path forms each tile of the upper triangle once: the diagonal launch, then one
+    launch per round with half the panels' worth of blocks; every tile costs 2 barriers per staged
+    16-wide D chunk and 2 more (tile complete, lists fed): T (T + 1) / 2 tiles, not T^2."""
+    e = configure("rerank", "sm90")
+    n, d, panels = 330, 40, 6
+    eo.rerank_neighbors(x=clustered(n, d, 30), num_query=50, k1=20)
+    pair_launches = [s for s in e.launches() if "pair_neighbors_kernel" in s]
+    assert len(pair_launches) == 1 + (panels - 1), pair_launches
+    assert "grid=6,1,1" in pair_launches[0] and all("grid=3,1,1" in s for s in pair_launches[1:])
+    barriers, _ = e.counts()
+    tiles = panels * (panels + 1) // 2
+    assert barriers == tiles * (2 * -(-d // 16) + 2)
+
+
 def test_rerank_large_k1_uses_global_scratch():
     """k1 = 130: the reciprocal-set and expansion buffers outgrow shared memory (global slices)."""
     configure("rerank", "sm90")

@@ -182,7 +182,7 @@ RACE_CASES = [
     ("info_nce", "M=18 N=18 K=70 D=140 g=0 dtype=bf16 cc=9 train=1 sms=1"),
     ("rank", "Q=5 G=60 max_rank=10 ids=4 cams=3 dtype=f32"),
     ("rank", "Q=3 G=40 max_rank=50 ids=2 cams=2 dtype=bf16"),
-    ("rerank", "N=40 Q=8 D=8 k1=6 k2=3 dtype=f32"),
+    ("rerank", "N=70 Q=8 D=8 k1=6 k2=3 dtype=f32"),  # 2 panels: the diagonal launch, one round
     ("rerank", "N=30 Q=6 D=4 k1=5 k2=1 dense=1 dtype=f64"),
 ]
 

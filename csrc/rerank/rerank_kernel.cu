@@ -1,15 +1,18 @@
 // k_reciprocal_rerank CUDA kernels (exact; semantics of rerank_cpu.cpp / rerank_sparse_cpu.h).
 //
-// Stage 1, neighbours (one block of 256 threads per 64 rows, looping over all column tiles of 64):
-//   features: the [64 x 64] tile of dot products is a register-tiled SIMT GEMM over D (each thread
-//   a 4 x 4 micro-tile, accumulated with explicit FMAs in ascending feature order, so d2(i, j) and
-//   d2(j, i) are bitwise equal); d2 = |x_i|^2 + |x_j|^2 - 2 x_i.x_j clamped at 0, exactly 0 on the
-//   diagonal. dense: the tile of B = A^T, A = [[q_q, q_g], [q_g^T, g_g]], squared, read with
-//   coalesced loads. Each warp then owns 8 rows of the tile: row maxima, the raw query-gallery
-//   values into the output, and the row's top-K list (kept sorted by (d2, index) in the nbr arrays
-//   themselves, in global memory, which only this block touches): a ballot against the row's
-//   current K-th entry filters the 32 candidates, survivors are inserted one at a time by the warp.
-//   Nothing N x N exists; the distances are consumed tile by tile.
+// Stage 1, neighbours. Every row's top-K list (sorted by (d2, index)) lives in global memory, starts
+//   full of sentinels and is fed by warps of whichever block owns the row's panel of 64 rows; a
+//   ballot against the row's K-th entry filters 32 candidates, survivors are inserted one at a time
+//   by the warp. Nothing N x N exists; the distances are consumed tile by tile.
+//   features: each [64 x 64] tile of the upper triangle is computed once (a register-tiled SIMT GEMM
+//   over D, each thread a 4 x 4 micro-tile, explicit FMAs in ascending feature order) and feeds both
+//   panels' lists: its rows and, read transposed, its columns. Launches: the diagonal tiles, then
+//   the rounds of a round-robin schedule in which no panel appears twice (rerank_panel_pair), so
+//   two blocks never feed one list at once. d2 = |x_i|^2 + |x_j|^2 - 2 x_i.x_j clamped at 0,
+//   exactly 0 on the diagonal, computed once per pair: symmetric by construction.
+//   dense: one block per panel over all column tiles of B = A^T, A = [[q_q, q_g], [q_g^T, g_g]],
+//   squared, read with coalesced loads (B need not be symmetric).
+//   Both also give the row maxima and write the raw query-gallery values into the output.
 // Stage 2, sets (one block per row, grid-stride): the k-reciprocal set R, the candidates' half-size
 //   sets (precomputed per row by a thread-per-row kernel) added by the 2/3 rule, sorted and made
 //   unique in a block (bitonic sort in shared memory, or a per-block global slice when large), then
@@ -174,7 +177,11 @@ __global__ void sq_norm_kernel(RerankParams p) {
 }
 
 constexpr int kNbThreads = 256, kBM = 64, kBN = 64, kBK = 16;
+static_assert(kBM == kBN, "the features path pairs square panels");
 
+// Per-row state of the rows a block feeds: up to two panels of kBM rows (slots [0, kBM) and
+// [kBM, 2 kBM)). The lists themselves live in global memory (p.nbr / p.nbr_d2), which only the
+// block that owns a panel touches while it runs.
 template <class T>
 struct NbSmem {
   union {
@@ -182,10 +189,10 @@ struct NbSmem {
       T A[kBK][kBM + 4];  // A[k][m] = x[i0 + m][k0 + k]
       T B[kBK][kBN + 4];
     } g;
-    T D[kBM][kBN + 1];  // the distance tile (squared)
+    T D[kBM][kBN + 1];  // the distance tile (squared); odd stride: row and column reads conflict-free
   } u;
-  T thr_d[kBM], rmax[kBM];
-  int thr_j[kBM], cnt[kBM];
+  T thr_d[2 * kBM], rmax[2 * kBM];
+  int thr_j[2 * kBM], cnt[2 * kBM];
 };
 
 // Inserts (cd, cj) into row i's sorted list (warp-cooperative; every lane calls with the same
@@ -237,110 +244,180 @@ __device__ __forceinline__ void insert(NbSmem<T>& s, int r, int* li, T* ld, int 
   __syncwarp();
 }
 
-template <class T, bool kDense>
-__global__ void __launch_bounds__(kNbThreads) neighbors_kernel(RerankParams p) {
-  __shared__ NbSmem<T> s;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int tx = tid & 15, ty = tid >> 4;
-  const int64_t N = p.N, Q = p.Q, G = p.N - p.Q, D = p.D;
+// Every list starts full of sentinels (+inf, INT_MAX), after every real candidate in the order, so
+// a list is always K long: its K-th entry is the admission threshold, and a block can pick a row up
+// where an earlier launch left it. Row maxima start at 0 (distances are >= 0).
+template <class T>
+__global__ void nb_init_kernel(RerankParams p) {
+  T* nd2 = static_cast<T*>(p.nbr_d2);
+  T* rowmax = static_cast<T*>(p.rowmax);
+  const int64_t n = p.N * p.K, stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
+    p.nbr[e] = INT_MAX;
+    nd2[e] = static_cast<T>(INFINITY);
+    if (e < p.N) rowmax[e] = T(0);
+  }
+}
+
+// Loads the state of panel rows i0 .. i0 + kBM - 1 into slots slot0 ... (the caller synchronises).
+template <class T>
+__device__ __forceinline__ void load_rows(const RerankParams& p, NbSmem<T>& s, int slot0, int64_t i0) {
+  const int64_t K = p.K;
+  for (int t = threadIdx.x; t < kBM; t += blockDim.x) {
+    const int64_t i = i0 + t;
+    if (i >= p.N) break;
+    s.cnt[slot0 + t] = int(K);
+    s.thr_d[slot0 + t] = static_cast<const T*>(p.nbr_d2)[i * K + K - 1];
+    s.thr_j[slot0 + t] = p.nbr[i * K + K - 1];
+    s.rmax[slot0 + t] = static_cast<const T*>(p.rowmax)[i];
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void store_rowmax(const RerankParams& p, const NbSmem<T>& s, int slot0,
+                                             int64_t i0) {
+  for (int t = threadIdx.x; t < kBM; t += blockDim.x) {
+    if (i0 + t >= p.N) break;
+    static_cast<T*>(p.rowmax)[i0 + t] = s.rmax[slot0 + t];
+  }
+}
+
+// Feeds the distance tile to the lists of the kBM rows i0.. (kCols = false: tile rows; true: tile
+// columns, i.e. the tile read transposed) against the kBN items j0..; state in slots slot0... Warp w
+// owns rows w, w + 8, ...: row maxima, the raw query-gallery values into the output (i < Q <= j),
+// and the row's list: a ballot against the K-th entry filters 32 candidates, survivors are inserted
+// one at a time by the warp.
+template <class T, bool kCols>
+__device__ void scan_tile(const RerankParams& p, NbSmem<T>& s, int slot0, int64_t i0, int64_t j0) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t N = p.N, Q = p.Q, G = p.N - p.Q;
   const int K = int(p.K);
-  const int64_t i0 = int64_t(blockIdx.x) * kBM;
+  T* nd2 = static_cast<T*>(p.nbr_d2);
+  for (int rr = 0; rr < kBM / 8; ++rr) {
+    const int r = warp + 8 * rr, slot = slot0 + r;
+    const int64_t i = i0 + r;
+    if (i >= N) break;  // warp-uniform; rows grow with rr
+    int* li = p.nbr + i * K;
+    T* ld = nd2 + i * K;
+    for (int half = 0; half < kBN; half += 32) {
+      const int c = half + lane;
+      const int64_t j = j0 + c;
+      const bool inb = j < N;
+      const T d = inb ? (kCols ? s.u.D[c][r] : s.u.D[r][c]) : T(0);
+      const T m = warp_max(d);
+      if (lane == 0) s.rmax[slot] = s.rmax[slot] > m ? s.rmax[slot] : m;
+      if (inb && i < Q && j >= Q) p.out[i * G + (j - Q)] = static_cast<float>(d);
+      const int jj = int(j);
+      unsigned mask = __ballot_sync(
+          kFull, inb && (s.cnt[slot] < K || before(d, jj, s.thr_d[slot], s.thr_j[slot])));
+      while (mask) {
+        const int src = __ffs(mask) - 1;
+        mask &= mask - 1;
+        const T cd = __shfl_sync(kFull, d, src);
+        const int cj = __shfl_sync(kFull, jj, src);
+        insert(s, slot, li, ld, K, cd, cj, lane);
+      }
+    }
+  }
+}
+
+// Features path: one block per pair of panels (a, b), a <= b, per launch. The [64 x 64] tile of dot
+// products of panel a's rows with panel b's is a register-tiled SIMT GEMM over D (each thread a
+// 4 x 4 micro-tile, explicit FMAs in ascending feature order); d2 = |x_i|^2 + |x_j|^2 - 2 x_i.x_j
+// clamped at 0, exactly 0 on the diagonal. The tile feeds panel a's lists (its rows) and, when
+// a < b, panel b's lists (its columns): every pair i < j is computed once, as on the CPU.
+// round < 0: the diagonal launch (block b: pair (b, b)); otherwise round `round` of
+// rerank_panel_pair's schedule, in which every panel belongs to at most one block, so no two blocks
+// of a launch touch one list; launches on one stream run in order.
+template <class T>
+__global__ void __launch_bounds__(kNbThreads) pair_neighbors_kernel(RerankParams p, int64_t round,
+                                                                    int64_t panels) {
+  __shared__ NbSmem<T> s;
+  int64_t a = blockIdx.x, b = blockIdx.x;
+  if (round >= 0) rerank_panel_pair(panels, round, blockIdx.x, &a, &b);
+  if (b >= panels) return;  // a bye (odd panel count): the whole block leaves before any barrier
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t N = p.N, D = p.D;
+  const int64_t i0 = a * kBM, j0 = b * kBN;
   const T* x = static_cast<const T*>(p.x);
   const T* sq = static_cast<const T*>(p.sq);
-  T* nd2 = static_cast<T*>(p.nbr_d2);
-  if (tid < kBM) {
-    s.cnt[tid] = 0;
-    s.rmax[tid] = T(0);
-    s.thr_d[tid] = T(0);
-    s.thr_j[tid] = 0;
-  }
-  __syncthreads();
+  load_rows(p, s, 0, i0);
+  if (a != b) load_rows(p, s, kBM, j0);
 
-  for (int64_t j0 = 0; j0 < N; j0 += kBN) {
-    if (!kDense) {
-      T acc[4][4];
+  T acc[4][4];
 #pragma unroll
-      for (int a = 0; a < 4; ++a)
+  for (int u = 0; u < 4; ++u)
 #pragma unroll
-        for (int b = 0; b < 4; ++b) acc[a][b] = T(0);
-      for (int64_t k0 = 0; k0 < D; k0 += kBK) {
-        for (int e = tid; e < kBM * kBK; e += kNbThreads) {
-          const int m = e / kBK, kk = e % kBK;
-          const int64_t k = k0 + kk, i = i0 + m, j = j0 + m;
-          s.u.g.A[kk][m] = (i < N && k < D) ? x[i * D + k] : T(0);
-          s.u.g.B[kk][m] = (j < N && k < D) ? x[j * D + k] : T(0);
-        }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < kBK; ++kk) {
-          T a[4], b[4];
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            a[u] = s.u.g.A[kk][ty + 16 * u];
-            b[u] = s.u.g.B[kk][tx + 16 * u];
-          }
-#pragma unroll
-          for (int u = 0; u < 4; ++u)
-#pragma unroll
-            for (int v = 0; v < 4; ++v) acc[u][v] = fma_t(a[u], b[v], acc[u][v]);
-        }
-        __syncthreads();
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int r = ty + 16 * u, c = tx + 16 * v;
-          const int64_t i = i0 + r, j = j0 + c;
-          T d = T(0);
-          if (i < N && j < N && i != j) {
-            d = fma_t(T(-2), acc[u][v], sq[i] + sq[j]);
-            d = d > T(0) ? d : T(0);  // rounding can push a tiny distance below zero
-          }
-          s.u.D[r][c] = d;
-        }
-      }
-    } else {
-      // Tiles inside q_g are contiguous along j; every other block is contiguous along i.
-      const bool along_j = i0 + kBM <= Q && j0 >= Q;
-      for (int e = tid; e < kBM * kBN; e += kNbThreads) {
-        const int r = along_j ? e / kBN : e % kBM, c = along_j ? e % kBN : e / kBM;
-        const int64_t i = i0 + r, j = j0 + c;
-        const T v = (i < N && j < N) ? dense_at<T>(p, i, j) : T(0);
-        s.u.D[r][c] = v * v;
-      }
+    for (int v = 0; v < 4; ++v) acc[u][v] = T(0);
+  for (int64_t k0 = 0; k0 < D; k0 += kBK) {
+    for (int e = tid; e < kBM * kBK; e += kNbThreads) {
+      const int m = e / kBK, kk = e % kBK;
+      const int64_t k = k0 + kk, i = i0 + m, j = j0 + m;
+      s.u.g.A[kk][m] = (i < N && k < D) ? x[i * D + k] : T(0);
+      s.u.g.B[kk][m] = (j < N && k < D) ? x[j * D + k] : T(0);
     }
     __syncthreads();
-
-    for (int rr = 0; rr < kBM / 8; ++rr) {
-      const int r = warp + 8 * rr;
-      const int64_t i = i0 + r;
-      if (i >= N) break;  // warp-uniform; rows grow with rr
-      int* li = p.nbr + i * K;
-      T* ld = nd2 + i * K;
-      for (int half = 0; half < kBN; half += 32) {
-        const int c = half + lane;
-        const int64_t j = j0 + c;
-        const bool inb = j < N;
-        const T d = inb ? s.u.D[r][c] : T(0);
-        const T m = warp_max(d);
-        if (lane == 0) s.rmax[r] = s.rmax[r] > m ? s.rmax[r] : m;
-        if (inb && i < Q && j >= Q) p.out[i * G + (j - Q)] = static_cast<float>(d);
-        const int jj = int(j);
-        unsigned mask =
-            __ballot_sync(kFull, inb && (s.cnt[r] < K || before(d, jj, s.thr_d[r], s.thr_j[r])));
-        while (mask) {
-          const int src = __ffs(mask) - 1;
-          mask &= mask - 1;
-          const T cd = __shfl_sync(kFull, d, src);
-          const int cj = __shfl_sync(kFull, jj, src);
-          insert(s, r, li, ld, K, cd, cj, lane);
-        }
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      T av[4], bv[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        av[u] = s.u.g.A[kk][ty + 16 * u];
+        bv[u] = s.u.g.B[kk][tx + 16 * u];
       }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[u][v] = fma_t(av[u], bv[v], acc[u][v]);
     }
-    __syncthreads();  // the tile (and the union with the GEMM buffers) is rewritten next
+    __syncthreads();
   }
-  if (tid < kBM && i0 + tid < N) static_cast<T*>(p.rowmax)[i0 + tid] = s.rmax[tid];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int r = ty + 16 * u, c = tx + 16 * v;
+      const int64_t i = i0 + r, j = j0 + c;
+      T d = T(0);
+      if (i < N && j < N && i != j) {
+        d = fma_t(T(-2), acc[u][v], sq[i] + sq[j]);
+        d = d > T(0) ? d : T(0);  // rounding can push a tiny distance below zero
+      }
+      s.u.D[r][c] = d;
+    }
+  }
+  __syncthreads();  // the tile and the loaded row states are complete
+  scan_tile<T, false>(p, s, 0, i0, j0);
+  if (a != b) scan_tile<T, true>(p, s, kBM, j0, i0);  // the same tile for panel b's rows
+  __syncthreads();
+  store_rowmax(p, s, 0, i0);
+  if (a != b) store_rowmax(p, s, kBM, j0);
+}
+
+// Dense path (one block per panel of 64 rows, all column tiles): the tile of B = A^T,
+// A = [[q_q, q_g], [q_g^T, g_g]], squared, read with coalesced loads. B need not be symmetric (the
+// original accepts any q_q, g_g), so every tile is read.
+template <class T>
+__global__ void __launch_bounds__(kNbThreads) dense_neighbors_kernel(RerankParams p) {
+  __shared__ NbSmem<T> s;
+  const int tid = threadIdx.x;
+  const int64_t N = p.N, Q = p.Q;
+  const int64_t i0 = int64_t(blockIdx.x) * kBM;
+  load_rows(p, s, 0, i0);
+  for (int64_t j0 = 0; j0 < N; j0 += kBN) {
+    // Tiles inside q_g are contiguous along j; every other block is contiguous along i.
+    const bool along_j = i0 + kBM <= Q && j0 >= Q;
+    for (int e = tid; e < kBM * kBN; e += kNbThreads) {
+      const int r = along_j ? e / kBN : e % kBM, c = along_j ? e % kBN : e / kBM;
+      const int64_t i = i0 + r, j = j0 + c;
+      const T v = (i < N && j < N) ? dense_at<T>(p, i, j) : T(0);
+      s.u.D[r][c] = v * v;
+    }
+    __syncthreads();
+    scan_tile<T, false>(p, s, 0, i0, j0);
+    __syncthreads();  // the tile is rewritten next
+  }
+  store_rowmax(p, s, 0, i0);
 }
 
 // Half-size reciprocal sets: rh[c] = {j in top-hk(c) : c in top-hk(j)}, in neighbour order.
@@ -650,17 +727,28 @@ cudaError_t rerank_neighbors(const RerankParams& p, cudaStream_t stream) {
   if (p.N == 0) return cudaSuccess;
   return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const unsigned grid = unsigned((p.N + kBM - 1) / kBM);
-    if (p.x != nullptr) {
-      const unsigned sq_grid = unsigned(std::min<int64_t>((p.N + 7) / 8, 1 << 16));
-      launch(sq_norm_kernel<T>, sq_grid, 256, 0, stream, p);
-      cudaError_t e = cudaGetLastError();
-      if (e != cudaSuccess) return e;
-      launch(neighbors_kernel<T, false>, grid, kNbThreads, 0, stream, p);
-    } else {
-      launch(neighbors_kernel<T, true>, grid, kNbThreads, 0, stream, p);
+    const int64_t panels = (p.N + kBM - 1) / kBM;
+    const unsigned init_grid = unsigned(std::min<int64_t>((p.N * p.K + 255) / 256, 1 << 16));
+    launch(nb_init_kernel<T>, init_grid, 256, 0, stream, p);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    if (p.x == nullptr) {
+      launch(dense_neighbors_kernel<T>, unsigned(panels), kNbThreads, 0, stream, p);
+      return cudaGetLastError();
     }
-    return cudaGetLastError();
+    const unsigned sq_grid = unsigned(std::min<int64_t>((p.N + 7) / 8, 1 << 16));
+    launch(sq_norm_kernel<T>, sq_grid, 256, 0, stream, p);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    // The diagonal tiles, then the rounds of off-diagonal pairs (one launch each: a launch boundary
+    // is the only grid-wide order between two blocks that feed the same panel's lists).
+    launch(pair_neighbors_kernel<T>, unsigned(panels), kNbThreads, 0, stream, p, int64_t(-1), panels);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    const unsigned slots = unsigned(rerank_round_slots(panels));
+    for (int64_t r = 0; r < rerank_rounds(panels); ++r) {
+      launch(pair_neighbors_kernel<T>, slots, kNbThreads, 0, stream, p, r, panels);
+      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    }
+    return cudaSuccess;
   });
 }
 

@@ -58,6 +58,27 @@ struct RerankParams {
   size_t scratch_bytes = 0;
 };
 
+// The features path's neighbour stage computes each [64 x 64] tile of the upper triangle once, in
+// rounds: a round-robin ("circle method") schedule pairs the `panels` row panels so that every
+// unordered pair {a, b}, a != b, meets in exactly one of the rounds 0 .. rerank_rounds() - 1, and no
+// panel occurs twice in one round (an odd count adds a dummy panel `panels`: a bye). Slot `slot`
+// (0 <= slot < rerank_round_slots()) of round `round` is the pair (*a, *b), *a < *b.
+__host__ __device__ inline int64_t rerank_round_slots(int64_t panels) { return (panels + 1) / 2; }
+__host__ __device__ inline int64_t rerank_rounds(int64_t panels) {
+  return panels > 1 ? panels + (panels & 1) - 1 : 0;
+}
+__host__ __device__ inline void rerank_panel_pair(int64_t panels, int64_t round, int64_t slot, int64_t* a,
+                                                  int64_t* b) {
+  const int64_t m = panels + (panels & 1) - 1;  // rotating positions; position m stays fixed
+  int64_t u = round, v = m;
+  if (slot > 0) {
+    u = (round + slot) % m;
+    v = (round - slot + m) % m;
+  }
+  *a = u < v ? u : v;
+  *b = u < v ? v : u;
+}
+
 // Bytes of p.scratch the stages need (per-block buffers that do not fit in shared memory).
 cudaError_t rerank_scratch_bytes(const RerankParams& p, size_t* bytes);
 

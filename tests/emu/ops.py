@@ -173,3 +173,36 @@ def rerank_dense(q_g, q_q, g_g, k1=20, k2=6, lam=0.3, emu=None):
     qg, qq, gg = (t.to(acc).contiguous() for t in (q_g, q_q, g_g))
     q, g = qg.shape
     return _rerank(q + g, q, 0, k1, k2, lam, None, qg, qq, gg, acc, emu)
+
+
+def rerank_neighbors(x=None, dense=None, num_query=1, k1=20, emu=None):
+    """Stage 1 of k_reciprocal_rerank alone, from features `x` or dense (q_g, q_q, g_g): the neighbour
+    lists ([N, K] indices and squared distances), the row maxima [N] and the raw query-gallery squared
+    distances [Q, G]."""
+    emu = emu or load("rerank")
+    emu.clear()
+    if x is not None:
+        x = x.to(_acc(x.dtype)).contiguous()
+        n, d, dtype, qg = x.shape[0], x.shape[1], x.dtype, (None, None, None)
+    else:
+        qg = tuple(t.to(_acc(dense[0].dtype)).contiguous() for t in dense)
+        n, d, dtype = qg[0].shape[0] + qg[0].shape[1], 0, qg[0].dtype
+    k = min(k1 + 1, n)
+    out = torch.empty(num_query, n - num_query, dtype=torch.float32)
+    nbr = torch.empty(n, k, dtype=torch.int32)
+    nbr_d2, rowmax = torch.empty(n, k, dtype=dtype), torch.empty(n, dtype=dtype)
+    rc = emu.lib.emu_rerank_neighbors(_DT[dtype], _I64(n), _I64(num_query), _I64(d), _I64(k), _p(x), *map(_p, qg),
+                                      _p(out), _p(nbr), _p(nbr_d2), _p(rowmax))
+    _check(emu, rc, "k_reciprocal_rerank (neighbours)")
+    return nbr, nbr_d2, rowmax, out
+
+
+def rerank_schedule(panels: int, emu=None) -> list[list[tuple[int, int]]]:
+    """The features path's round-robin schedule: one list of (a, b) pairs per round."""
+    emu = emu or load("rerank")
+    slots = (panels + 1) // 2
+    buf = (ctypes.c_int64 * max(2, 2 * slots * (panels + 1)))()
+    emu.lib.emu_rerank_schedule.restype = ctypes.c_int64
+    rounds = emu.lib.emu_rerank_schedule(_I64(panels), buf)
+    return [[(buf[(r * slots + s) * 2], buf[(r * slots + s) * 2 + 1]) for s in range(slots)] for r in range(rounds)]
+

@@ -77,3 +77,38 @@ extern "C" int emu_rerank(int dtype, int64_t N, int64_t Q, int64_t D, int64_t K,
   if ((e = rerank_invert(p, nullptr)) != cudaSuccess) return int(e);
   return int(rerank_jaccard(p, nullptr));
 }
+
+// Stage 1 alone: the neighbour lists [N, K] (int32 indices, T distances), the row maxima [N] (T) and
+// the raw query-gallery squared distances `out` [Q, N - Q].
+extern "C" int emu_rerank_neighbors(int dtype, int64_t N, int64_t Q, int64_t D, int64_t K, const void* x,
+                                    const void* q_g, const void* q_q, const void* g_g, float* out,
+                                    int32_t* nbr, void* nbr_d2, void* rowmax) {
+  RerankParams p;
+  p.dtype = static_cast<DType>(dtype);
+  p.N = N;
+  p.Q = Q;
+  p.D = D;
+  p.K = K;
+  p.x = x;
+  p.q_g = q_g;
+  p.q_q = q_q;
+  p.g_g = g_g;
+  p.out = out;
+  const size_t ts = p.dtype == DType::kF64 ? 8 : 4;
+  Buffer sq(x != nullptr ? size_t(N) * ts : 0);
+  p.sq = x != nullptr ? sq.get() : nullptr;
+  p.nbr = nbr;
+  p.nbr_d2 = nbr_d2;
+  p.rowmax = rowmax;
+  return int(rerank_neighbors(p, nullptr));
+}
+
+// The features path's round-robin schedule of `panels` panels: pairs[(r * slots + s) * 2 + {0, 1}]
+// for every round r and slot s (a second member >= panels is a bye). Returns the number of rounds.
+extern "C" int64_t emu_rerank_schedule(int64_t panels, int64_t* pairs) {
+  const int64_t rounds = rerank_rounds(panels), slots = rerank_round_slots(panels);
+  for (int64_t r = 0; r < rounds; ++r)
+    for (int64_t s = 0; s < slots; ++s)
+      rerank_panel_pair(panels, r, s, pairs + (r * slots + s) * 2, pairs + (r * slots + s) * 2 + 1);
+  return rounds;
+}
