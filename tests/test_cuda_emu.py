@@ -394,6 +394,32 @@ def bkl_fp32(mode, case=(40, 150, 32), seed=3):
     return got, ref, (kl, ls, lt, sd.grad), [x for x in e.launches() if "_tiles" in x]
 
 
+@pytest.mark.parametrize("d,dtype,optin,copies", [
+    (128, torch.bfloat16, None, True), (200, torch.float16, None, True),
+    (20, torch.bfloat16, None, False), (128, torch.float32, None, False), (128, torch.bfloat16, 99 * 1024, False)],
+    ids=["bf16-D128", "f16-D200-wide", "bf16-D20-unaligned", "f32-cuda-cores", "bf16-99KB-device"])
+def test_column_tiles_arrive_by_cp_async(d, dtype, optin, copies):
+    """Tensor cores with 16-byte rows: every column tile's first D chunk is copied by cp.async, the
+    next tile's while the current one is formed (double-buffered); 5 tiles, two row blocks, the last
+    row block and tile partial. Rows whose D * size is not a multiple of 16 bytes, the CUDA-core
+    policy, and a device whose shared memory cannot hold the second column buffer (99 KB, as sm_86
+    and sm_89) load synchronously. The results match the reference either way."""
+    e = configure("bank_kl", "sm90-1sm")
+    if optin:
+        e.configure(major=8, minor=6, sms=1, smem_optin=optin)
+    m, k = 100, 300
+    torch.manual_seed(0)
+    s, te, bank = (feats(n, d, dtype=torch.float64) for n in (m, m, k))
+    ref = reference.bank_kl(s, te, bank, 0.1, 0.07)
+    out = eo.bank_kl(s.to(dtype), te.to(dtype), bank.to(dtype), 0.1, 0.07)
+    pieces = -(-min(d, 128) // (16 // dtype.itemsize))  # 16-byte pieces of a row's first chunk
+    assert e.async_copies() == (2 * k * pieces if copies else 0)  # each row block copies every bank row
+    base = reference.bank_kl(s.to(dtype), te.to(dtype), bank.to(dtype), 0.1, 0.07)
+    for o, r, b, name in zip(out, ref, base, ("kl", "lse_s", "lse_t")):
+        assert_tolerance(o, r, b, default_atol(dtype), name)
+
+
+
 @pytest.mark.parametrize("mode", list(FP32_MODES))
 @pytest.mark.parametrize("case", [(40, 150, 32), (20, 70, 129), (5, 40, 2048)], ids=["D32", "D129", "D2048"])
 def test_bank_kl_fp32_matmul_precision(mode, case):

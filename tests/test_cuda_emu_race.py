@@ -141,6 +141,30 @@ def test_race_mode_catches_a_deleted_syncwarp_on_the_tensor_core_path(tmp_path):
     assert races > 0, (out, err[-3000:])
 
 
+def test_race_mode_catches_a_cp_async_copy_into_a_buffer_still_read(tmp_path):
+    """The pipelined column tiles (bf16, 16-byte rows, two splits of 3 and 4 tiles): without the end-of-tile
+    barrier, a thread's prefetch of tile t + 2 (copies and zero-filled rows) overwrites the buffer
+    other warps still read for tile t."""
+    args = ["M=20", "K=400", "D=32", "dtype=bf16", "cc=9", "sms=1"]
+    rc, races, out, err = emu.run_race("bank_kl", args)
+    assert rc == 0 and races == 0 and out.strip() == "status=0", (out, err[-3000:])
+    broken = _copy_without(tmp_path, "common/cuda_tiles.cuh", "__syncthreads();  // sC, sQ and the column")
+    rc, races, out, err = emu.run_race("bank_kl", args, csrc=broken)
+    assert races > 0, (out, err[-3000:])
+
+
+def test_functional_mode_catches_a_missing_cp_async_wait(tmp_path):
+    """Copies land only when a wait covers them: without the wait, the tile is read before its data
+    arrives and the copies are still pending when the threads exit."""
+    broken = _copy_without(tmp_path, "common/cuda_tiles.cuh", "__pipeline_wait_prior(1);")
+    e = emu.load("bank_kl", csrc=broken)
+    e.configure(major=9, sms=1)
+    torch.manual_seed(0)
+    s, te, bank = (feats(n, 32, dtype=torch.bfloat16) for n in (20, 20, 200))
+    with pytest.raises(eo.EmuError, match="cp.async copies never waited for"):
+        eo.bank_kl(s, te, bank, 0.1, 0.07, emu=e)
+
+
 def test_functional_mode_catches_perturbed_arithmetic(tmp_path):
     dst = tmp_path / "csrc"
     shutil.copytree(emu.CSRC, dst)
@@ -173,6 +197,7 @@ RACE_CASES = [
     ("bank_kl", "M=17 K=40 D=16 dtype=f16 cc=7 sms=1"),
     ("bank_kl", "M=20 K=70 D=24 dtype=bf16 cc=9 train=1 sms=2"),  # training forward, stacked rows
     ("bank_kl", "M=9 K=40 D=40 dtype=f32 train=1 sms=1"),
+    ("bank_kl", "M=20 K=400 D=32 dtype=bf16 cc=9 train=1 sms=1"),  # cp.async double buffer: 2 splits of 3-4 tiles
     ("info_nce", "M=20 N=20 K=40 D=20 g=0 dtype=f32 prec=1 train=1 sms=2"),  # fp32 "high": split-bf16
     ("bank_kl", "M=20 K=70 D=20 dtype=f32 prec=1 sms=2"),
     # CUDA cores with D > 128: two output passes, the column chunks staged again for each

@@ -42,7 +42,7 @@ template <class Acc>
 struct BklTileArgs {
   RowSrc student, teacher, bank;
   int64_t M, K, D;
-  bool vec;
+  int vec;  // load_mode()
   int nsplit;
   int64_t ntiles;
   Acc ss, st;  // 1 / tau_student, 1 / tau_teacher
@@ -235,7 +235,6 @@ BklTileArgs<typename Pol::Acc> tile_args(const BankKlParams& p) {
   a.M = p.M;
   a.K = p.K;
   a.D = p.D;
-  a.vec = vec_ok(p.D, sizeof(typename Pol::G), {p.student, p.teacher, p.bank});
   a.ntiles = ceil_div(p.K, Pol::BN);
   a.ss = Acc(1.0 / p.tau_student);
   a.st = Acc(1.0 / p.tau_teacher);
@@ -245,7 +244,7 @@ BklTileArgs<typename Pol::Acc> tile_args(const BankKlParams& p) {
 template <class Pol, bool kBwd>
 cudaError_t impl(const BankKlParams& p, const DeviceInfo& dev, cudaStream_t stream, size_t* bytes) {
   using Acc = typename Pol::Acc;
-  constexpr size_t smem = SmemLayout<Pol, 2, kBwd>::bytes;
+  const size_t smem = tile_smem<Pol, 2, kBwd>(dev);
   auto kernel = kBwd ? bkl_bwd_tiles<Pol> : bkl_fwd_tiles<Pol>;
   const int64_t ntiles = ceil_div(p.K, Pol::BN), row_blocks = ceil_div(p.M, kBM);
   int ns = 0;
@@ -264,6 +263,7 @@ cudaError_t impl(const BankKlParams& p, const DeviceInfo& dev, cudaStream_t stre
   if (ns == 0) return cudaSuccess;  // M == 0 (or D == 0 in backward): nothing to compute
   if (p.workspace_bytes < need || p.workspace == nullptr) return cudaErrorInvalidValue;
   BklTileArgs<Acc> a = tile_args<Pol>(p);
+  a.vec = load_mode<Pol, 2, kBwd>(vec_ok(p.D, sizeof(typename Pol::G), {p.student, p.teacher, p.bank}), smem);
   a.nsplit = ns;
   a.ws = static_cast<Acc*>(p.workspace);
   if constexpr (kBwd) {
@@ -311,7 +311,7 @@ struct BklTrainArgs {
   RowSrc rows;  // [student; teacher]
   RowSrc bank;
   int64_t M, K, D;
-  bool vec;
+  int vec;  // load_mode()
   int nsplit;
   int64_t ntiles;
   Acc ss, st;
@@ -402,7 +402,7 @@ template <class Pol>
 cudaError_t train_impl(const BankKlParams& p, const DeviceInfo& dev, cudaStream_t stream, size_t* bytes) {
   using Acc = typename Pol::Acc;
   using T = typename Pol::G;
-  constexpr size_t smem = SmemLayout<Pol, 1, true>::bytes;
+  const size_t smem = tile_smem<Pol, 1, true>(dev);
   const int64_t R = 2 * p.M;
   const int64_t ntiles = ceil_div(p.K, Pol::BN), row_blocks = ceil_div(R, kBM);
   const int64_t passes = p.D > 0 ? ceil_div(p.D, Pol::OW) : 1;
@@ -430,7 +430,7 @@ cudaError_t train_impl(const BankKlParams& p, const DeviceInfo& dev, cudaStream_
   a.M = p.M;
   a.K = p.K;
   a.D = p.D;
-  a.vec = vec_ok(p.D, sizeof(T), {p.student, p.teacher, p.bank});
+  a.vec = load_mode<Pol, 1, true>(vec_ok(p.D, sizeof(T), {p.student, p.teacher, p.bank}), smem);
   a.nsplit = ns;
   a.ntiles = ntiles;
   a.ss = Acc(1.0 / p.tau_student);

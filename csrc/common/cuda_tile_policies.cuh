@@ -13,6 +13,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace upreid {
 namespace cuda {
@@ -33,6 +34,9 @@ struct TcPolicy {
   static constexpr bool kTensorCore = true;
   static constexpr bool kWInS = false;   // W has its own buffer (different element size)
   static constexpr bool kSmemVec = true; // LDX * sizeof(T) is a multiple of 16 bytes
+  // Column tiles are copied global -> shared with cp.async, double-buffered (the inputs are staged
+  // as they are: no conversion on the way).
+  static constexpr bool kAsync = std::is_same<T_, G_>::value;
   static constexpr int BN = 64, DC = 128, KSTEP = 16;
   static constexpr int LDX = DC + 8, LDS = BN + 4, LDW = BN + 8;
   static constexpr int kPlanes = 1;  // TcSplitPolicy: 2 (hi and lo parts of every operand)
@@ -275,6 +279,7 @@ struct SimtPolicy {
   static constexpr bool kTensorCore = false;
   static constexpr bool kWInS = true;
   static constexpr bool kSmemVec = false;  // odd padding: stores are element-wise
+  static constexpr bool kAsync = false;    // cp.async needs 16-byte aligned rows in shared memory
   static constexpr int BN = 32, DC = 32, KSTEP = 1;
   static constexpr int NSLOT = 4, OW = NSLOT * DC;
   static constexpr bool kOSmem = false;

@@ -13,6 +13,10 @@
 //     over the chunks (rows chunk and cols chunk both staged in shared memory, zero-filled
 //     outside the matrix, so no bound checks are needed in the inner loops). When D <= DC the
 //     rows chunk is loaded once per block and stays resident.
+//   * Tensor cores with 16-byte rows (Pol::kAsync, `vec`): the column tiles are double-buffered and
+//     copied global -> shared by cp.async (sm_80+; the pipeline primitives), the first D chunk of
+//     tile t + 1 while tile t is formed. Other policies (fp32 rounded to bf16 on load, the CUDA-core
+//     tiles with odd padding) and unaligned rows load through registers.
 //   * The accumulated S tile is stored to a per-warp shared scratch (fp32/fp64) and handed to an
 //     operator-specific epilogue (online logsumexp in forward; gradient weights W in backward).
 //   * Backward: the epilogue writes W[16 x BN] (storage type for the tensor-core path, so it can
@@ -46,6 +50,8 @@
 #include "common/precision.h"
 
 #ifdef __CUDACC__
+
+#include <cuda_pipeline_primitives.h>
 
 #include <type_traits>
 
@@ -104,6 +110,10 @@ struct SmemLayout {
   static constexpr size_t o_stride = (kBwd && Pol::kOSmem) ? al(size_t(16) * o_ld<Pol>() * sizeof(float)) : 0;
   static constexpr size_t o_off = col_off + col_bytes;
   static constexpr size_t bytes = o_off + size_t(kWarps) * o_stride;
+  // With the cp.async pipeline (Pol::kAsync): a second set of column slots past everything else
+  // (the next tile's first chunk lands there while the current tile is formed).
+  static constexpr size_t c2_off = bytes;
+  static constexpr size_t bytes_pipe = Pol::kAsync ? c2_off + c_bytes : bytes;
   // kTrain kernels keep each warp's 16 O-rescale factors in the column-scalar area.
   static_assert(col_bytes >= size_t(kWarps) * 16 * sizeof(Acc), "alpha area");
 };
@@ -162,6 +172,26 @@ __device__ __forceinline__ void load_rows(typename Pol::T* s, const RowSrc& src,
   }
 }
 
+// load_rows for Pol::kAsync with 16-byte loads legal (`vec`): the in-range 16-byte pieces are issued
+// as cp.async copies (the caller commits and waits), the rest zero-filled by plain stores.
+template <class Pol, int ROWS>
+__device__ __forceinline__ void load_rows_async(typename Pol::T* s, const RowSrc& src, int64_t r0,
+                                                int64_t D, int64_t d0, int tid) {
+  using T = typename Pol::T;
+  constexpr int V = 16 / int(sizeof(T)), VPR = Pol::DC / V, LDX = Pol::LDX;
+  for (int idx = tid; idx < ROWS * VPR; idx += kThreads) {
+    const int r = idx / VPR, v = idx % VPR;
+    const int64_t d = d0 + int64_t(v) * V;
+    const T* p = row_ptr<T>(src, r0 + r, D);
+    T* dst = s + r * LDX + v * V;
+    if (p != nullptr && d < D) {
+      __pipeline_memcpy_async(dst, p + d, 16);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
 // The block loop: rows [blockIdx.x * kBM, +kBM) of NQ row matrices against column tiles
 // [t_begin, t_end) of `cols`. Epi (see the operator files) supplies:
 //   load_cols(c0, tid)                 block-wide, once per tile before the first barrier
@@ -175,7 +205,7 @@ __device__ __forceinline__ void load_rows(typename Pol::T* s, const RowSrc& src,
 // Backward and kTrain store O (the split's partial [nrows, D]) to `out`.
 template <class Pol, int NQ, bool kBwd, bool kTrain = false, class Epi>
 __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qsrc)[NQ],
-                                          int64_t nrows, const RowSrc& csrc, int64_t D, bool vec,
+                                          int64_t nrows, const RowSrc& csrc, int64_t D, int mode,
                                           int64_t t_begin, int64_t t_end,
                                           typename Pol::Acc* out, Epi& epi) {
   using T = typename Pol::T;
@@ -196,7 +226,12 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
     sQ[k] = reinterpret_cast<T*>(smem + L::q_off + k * L::q_stride);
     sS[k] = reinterpret_cast<Acc*>(smem + L::s_off + (size_t(k) * kWarps + warp) * L::s_stride);
   }
-  T* sC = reinterpret_cast<T*>(smem + L::c_off);
+  // mode (load_mode()): 0 element loads, 1 16-byte loads, 2 16-byte loads and the cp.async pipeline
+  // (Pol::kAsync, the launch has L::bytes_pipe of shared memory; block-uniform): while tile t is
+  // formed, its successor's first D chunk is copied into the other column buffer, so for D <= DC
+  // every column tile but the first arrives behind the previous tile's products.
+  const bool vec = mode != 0, pipe = Pol::kAsync && mode == 2;
+  T* const sCb[2] = {reinterpret_cast<T*>(smem + L::c_off), reinterpret_cast<T*>(smem + L::c2_off)};
   WT* sW;
   if constexpr (Pol::kWInS) {
     sW = reinterpret_cast<WT*>(sS[0]);
@@ -230,6 +265,7 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
     (void)pdlen;
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * BN;
+      T* const sC = sCb[pipe && ((t - t_begin) & 1)];  // this tile's buffer
       typename Pol::SAcc s[NQ];
 #pragma unroll
       for (int k = 0; k < NQ; ++k) Pol::zero(s[k]);
@@ -245,8 +281,24 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
           for (int k = 0; k < NQ; ++k) load_rows<Pol, kBM>(sQ[k], qsrc[k], row0, D, d0, vec, tid);
         }
         T* sCd = sC + (dc % NSLOT) * CSLOT;
-        load_rows<Pol, BN>(sCd, csrc, c0, D, d0, vec, tid);
-        __syncthreads();
+        if constexpr (Pol::kAsync) {
+          if (pipe && dc == 0) {
+            // The other buffer was last read by tile t - 1, which every thread has left (its end
+            // barrier), so the successor's copy can start now. One commit group per tile.
+            if (t == t_begin) {
+              load_rows_async<Pol, BN>(sCd, csrc, c0, D, 0, tid);
+              __pipeline_commit();
+            }
+            if (t + 1 < t_end) load_rows_async<Pol, BN>(sCb[sC == sCb[0]], csrc, c0 + BN, D, 0, tid);
+            __pipeline_commit();
+            __pipeline_wait_prior(1);  // this thread's copies of tile t have landed
+          } else {
+            load_rows<Pol, BN>(sCd, csrc, c0, D, d0, vec, tid);
+          }
+        } else {
+          load_rows<Pol, BN>(sCd, csrc, c0, D, d0, vec, tid);
+        }
+        __syncthreads();  // every thread's copies and stores of the chunk are visible
         const int64_t rem = D - d0;
         const int kraw = rem <= 0 ? 0 : (rem < DC ? int(rem) : DC);
         const int klen = (kraw + Pol::KSTEP - 1) / Pol::KSTEP * Pol::KSTEP;  // zero-padded to DC
@@ -441,6 +493,23 @@ inline cudaError_t maybe_wide(Pol pol, int64_t D, const DeviceInfo& dev, F&& f) 
     if (D > Pol::DC && SmemLayout<TcWide<Pol>, NQ, true>::bytes <= size_t(dev.smem_optin)) return f(TcWide<Pol>{});
   }
   return f(pol);
+}
+
+// Dynamic shared memory of a tile kernel: with the cp.async pipeline's second column buffer where the
+// policy has one and it fits the device (it does not on 99 KB devices for the two-row-set kernels).
+template <class Pol, int NQ, bool kOut>
+inline size_t tile_smem(const DeviceInfo& dev) {
+  using L = SmemLayout<Pol, NQ, kOut>;
+  return L::bytes_pipe <= size_t(dev.smem_optin) ? L::bytes_pipe : L::bytes;
+}
+
+// run_tiles' load mode for a launch with `smem` bytes (tile_smem): 0 element loads, 1 16-byte loads
+// (`vec`: vec_ok()), 2 16-byte loads and the cp.async pipeline.
+template <class Pol, int NQ, bool kOut>
+inline int load_mode(bool vec, size_t smem) {
+  using L = SmemLayout<Pol, NQ, kOut>;
+  if (!vec) return 0;
+  return Pol::kAsync && L::bytes_pipe != L::bytes && smem >= L::bytes_pipe ? 2 : 1;
 }
 
 // True when 16-byte loads of rows of D elements of `esize` bytes are legal for every pointer.

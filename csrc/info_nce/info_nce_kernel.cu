@@ -56,7 +56,7 @@ struct NceTileArgs {
   RowSrc cols;
   int64_t ncols;
   int64_t D;
-  bool vec;
+  int vec;  // load_mode()
   int nsplit;
   int64_t ntiles;
   Acc scale;
@@ -373,7 +373,7 @@ cudaError_t forward_impl(const InfoNceParams& p, bool train, const DeviceInfo& d
   const int64_t ncols = n_keys_cols + p.K;
   const int64_t ntiles = ceil_div(ncols, Pol::BN);
   const int64_t row_blocks = ceil_div(p.M, kBM);
-  const size_t smem = train ? SmemLayout<Pol, 1, true>::bytes : SmemLayout<Pol, 1, false>::bytes;
+  const size_t smem = train ? tile_smem<Pol, 1, true>(dev) : tile_smem<Pol, 1, false>(dev);
   const int64_t passes = p.D > 0 ? ceil_div(p.D, Pol::OW) : 1;
   int ns = 0;
   if (ntiles > 0 && p.M > 0) {
@@ -405,7 +405,8 @@ cudaError_t forward_impl(const InfoNceParams& p, bool train, const DeviceInfo& d
     a.cols = RowSrc{p.keys, n_keys_cols, p.bank, p.K};
     a.ncols = ncols;
     a.D = p.D;
-    a.vec = vec_ok(p.D, sizeof(T), {p.query, p.keys, p.K > 0 ? p.bank : nullptr});
+    const bool vec = vec_ok(p.D, sizeof(T), {p.query, p.keys, p.K > 0 ? p.bank : nullptr});
+    a.vec = train ? load_mode<Pol, 1, true>(vec, smem) : load_mode<Pol, 1, false>(vec, smem);
     a.nsplit = ns;
     a.ntiles = ntiles;
     a.scale = Acc(1.0 / p.temperature);
@@ -448,7 +449,7 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
   const int64_t blocks_q = ceil_div(p.M, kBM);
   const int64_t ntiles_k = all_keys ? ceil_div(p.M, Pol::BN) : 0;
   const int64_t blocks_k = ceil_div(p.N, kBM);
-  constexpr size_t smem = SmemLayout<Pol, 1, true>::bytes;
+  const size_t smem = tile_smem<Pol, 1, true>(dev);
   const bool want_q = p.need_grad_query, want_k = p.need_grad_keys;
   int ns_q = 0, ns_k = 0;
   if (p.M > 0 && p.D > 0) {
@@ -492,7 +493,7 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
     a.cols = RowSrc{p.keys, n_keys_cols, p.bank, p.K};
     a.ncols = ncols;
     a.D = p.D;
-    a.vec = vec_ok(p.D, sizeof(T), {p.query, p.keys, p.K > 0 ? p.bank : nullptr});
+    a.vec = load_mode<Pol, 1, true>(vec_ok(p.D, sizeof(T), {p.query, p.keys, p.K > 0 ? p.bank : nullptr}), smem);
     a.nsplit = ns_q;
     a.ntiles = ntiles_q;
     a.scale = scale;
@@ -516,7 +517,7 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
     a.cols = RowSrc{p.query, p.M, nullptr, 0};  // ... columns are query rows
     a.ncols = p.M;
     a.D = p.D;
-    a.vec = vec_ok(p.D, sizeof(T), {p.query, p.keys});
+    a.vec = load_mode<Pol, 1, true>(vec_ok(p.D, sizeof(T), {p.query, p.keys}), smem);
     a.nsplit = ns_k;
     a.ntiles = ntiles_k;
     a.scale = scale;

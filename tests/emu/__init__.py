@@ -163,6 +163,11 @@ class Emu:
         self.lib.emu_mma_count.restype = ctypes.c_int64
         return self.lib.emu_barrier_count(), self.lib.emu_mma_count()
 
+    def async_copies(self) -> int:
+        """cp.async copies issued since the last clear (the pipelined column-tile loads)."""
+        self.lib.emu_async_copy_count.restype = ctypes.c_int64
+        return self.lib.emu_async_copy_count()
+
     def launches(self) -> list[str]:
         """One line per launch since the last clear: "kernel<...> grid=x,y,z block=x,y,z smem=B"."""
         if self._names is None:

@@ -59,7 +59,7 @@ std::string g_log;       // every error since the last clear, one per line
 std::string g_launches;  // "name grid block smem" per launch since the last clear
 // Work counters since the last clear (they show how often a kernel re-forms the same products):
 // completed block barriers (each __syncthreads of each block once) and warp-level mma_sync calls.
-std::atomic<int64_t> g_barriers{0}, g_mmas{0};
+std::atomic<int64_t> g_barriers{0}, g_mmas{0}, g_async_copies{0};  // + cp.async copies issued
 cudaError_t g_last = cudaSuccess;
 std::map<const void*, int> g_max_dyn;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 std::vector<std::pair<unsigned char*, size_t>> g_static_smem;  // registered __shared__ statics
@@ -538,6 +538,60 @@ void trap(const char* file, int line) {
 unsigned char* dynamic_smem() { return t_cur->block->dyn; }
 
 namespace {
+[[noreturn]] void async_fail(const char* file, int line, const std::string& what) {
+  Thread* t = t_cur;
+  Block& b = *t->block;
+  {
+    Quiet q;
+    std::unique_lock<std::mutex> lk(b.mu);
+    fail_locked(b, "cp.async at " + site(file, line) + " by " + thread_str(t) + ": " + what);
+  }
+  throw Abort{};
+}
+
+bool in_shared(const Block& b, const void* p, size_t n) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (b.dyn != nullptr && c >= b.dyn && c + n <= b.dyn + b.dyn_bytes) return true;
+  for (const auto& r : g_static_smem)
+    if (c >= r.first && c + n <= r.first + r.second) return true;
+  return false;
+}
+}  // namespace
+
+// __pipeline_memcpy_async(dst, src, bytes, zfill): 4, 8 or 16 bytes, both sides aligned to the size,
+// dst in shared memory; the last zfill bytes are zero-filled instead of read.
+void async_copy(const char* file, int line, void* dst, const void* src, size_t bytes, size_t zfill) {
+  Thread* t = t_cur;
+  if (bytes != 4 && bytes != 8 && bytes != 16)
+    async_fail(file, line, "size " + std::to_string(bytes) + " (must be 4, 8 or 16)");
+  if (zfill > bytes) async_fail(file, line, "zero-fill larger than the copy");
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0)
+    async_fail(file, line, "source or destination not aligned to the " + std::to_string(bytes) + "-byte copy");
+  if (!in_shared(*t->block, dst, bytes)) async_fail(file, line, "destination outside shared memory");
+  t->async.push_back(Thread::AsyncCopy{dst, src, bytes, zfill, t->committed});
+  g_async_copies.fetch_add(1, std::memory_order_relaxed);
+}
+
+void async_commit() { ++t_cur->committed; }
+
+// Performs (in issue order) this thread's copies of every committed group but the newest `prior`.
+void async_wait_prior(size_t prior) {
+  Thread* t = t_cur;
+  const uint64_t limit = t->committed >= prior ? t->committed - prior : 0;  // groups < limit complete
+  size_t keep = 0;
+  for (size_t i = 0; i < t->async.size(); ++i) {
+    Thread::AsyncCopy& c = t->async[i];
+    if (c.group < limit) {
+      std::memcpy(c.dst, c.src, c.bytes - c.zfill);
+      std::memset(static_cast<unsigned char*>(c.dst) + (c.bytes - c.zfill), 0, c.zfill);
+    } else {
+      t->async[keep++] = c;
+    }
+  }
+  t->async.resize(keep);
+}
+
+namespace {
 
 void thread_exit(Block& b, Thread* t) {
   Quiet q;
@@ -570,6 +624,12 @@ void run_thread(Thread* t, const Body& body) {
   Block& b = *t->block;
   try {
     body();
+    if (!t->async.empty()) {  // on a GPU the data may land after the kernel's last read of it
+      Quiet q;
+      std::unique_lock<std::mutex> lk(b.mu);
+      fail_locked(b, thread_str(t) + " exited with " + std::to_string(t->async.size()) +
+                         " cp.async copies never waited for");
+    }
   } catch (const Abort&) {
   } catch (const std::exception& e) {
     Quiet q;
@@ -824,11 +884,13 @@ void emu_clear_log() {
   upreid_emu::g_launches.clear();
   upreid_emu::g_barriers = 0;
   upreid_emu::g_mmas = 0;
+  upreid_emu::g_async_copies = 0;
   g_last = cudaSuccess;
 }
 // Completed block barriers and warp mma_sync calls since the last clear.
 int64_t emu_barrier_count() { return upreid_emu::g_barriers.load(); }
 int64_t emu_mma_count() { return upreid_emu::g_mmas.load(); }
+int64_t emu_async_copy_count() { return upreid_emu::g_async_copies.load(); }
 int emu_is_race_build() { return kRace ? 1 : 0; }
 
 // The library's load address (the harness maps launch addresses to symbol names with it).

@@ -22,6 +22,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // ---- keywords -----------------------------------------------------------------------------------
 #define __global__
@@ -135,6 +136,16 @@ struct Thread {
   const char* wait_what = nullptr;
   const char* wait_file = nullptr;
   int wait_line = 0;
+  // cp.async (cuda_pipeline_primitives.h): copies issued and not yet waited for, each with the
+  // number of its commit group (== `committed` while the group is still open)
+  struct AsyncCopy {
+    void* dst;
+    const void* src;
+    size_t bytes, zfill;
+    uint64_t group;
+  };
+  std::vector<AsyncCopy> async;
+  uint64_t committed = 0;
 };
 extern thread_local Thread* t_cur;
 
@@ -165,6 +176,11 @@ inline int frag_elem(int lane, int i) {
   return r * 16 + c;
 }
 [[noreturn]] void trap(const char* file, int line);
+// cp.async stand-ins: a copy is recorded when issued and performed only when a wait covers its
+// group, so data read before the wait (or by another thread before a barrier) is stale or poisoned.
+void async_copy(const char* file, int line, void* dst, const void* src, size_t bytes, size_t zfill = 0);
+void async_commit();
+void async_wait_prior(size_t prior);
 
 template <class T>
 inline uint64_t bits_of(T v) {
