@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CUDA compile check for CI (no GPU needed; nvcc required):
 #   1. configure + build the CMake target upreid_cuda_kernels: every csrc/*/*_kernel.cu by nvcc
-#      alone, for sm_80 and sm_90 (no torch involved);
+#      alone, for sm_80 and sm_90 (no torch involved), with ptxas's register report checked by
+#      tools/ptxas_report.py (fp32 CUDA-core tile kernels: 3 blocks per SM);
 #   2. compile every csrc/*/*_cuda.cpp torch glue file with the host compiler (-fsyntax-only) against
 #      the installed torch headers and the CUDA runtime headers, with -DUPREID_WITH_CUDA.
 # Prints "cuda_compile_check: OK" or "cuda_compile_check: FAIL (...)"; exits non-zero on failure.
@@ -27,9 +28,16 @@ if command -v ninja >/dev/null 2>&1; then generator=(-G Ninja); fi
 echo "== [1/2] nvcc: csrc/*/*_kernel.cu for sm_80, sm_90 (CMake target upreid_cuda_kernels)"
 if cmake -S . -B "$BUILD_DIR" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
       -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES="80;90" -DUPREID_WITH_TORCH=OFF \
+      -DCMAKE_CUDA_FLAGS="-Xptxas -v" \
       >"$LOG/configure.log" 2>&1 || { cat "$LOG/configure.log"; false; }; then
-  if ! cmake --build "$BUILD_DIR" --target upreid_cuda_kernels -j "$JOBS"; then
+  # A clean build, so that ptxas reports every kernel (its -v output is the register report below).
+  cmake --build "$BUILD_DIR" --target clean >/dev/null 2>&1 || true
+  if ! cmake --build "$BUILD_DIR" --target upreid_cuda_kernels -j "$JOBS" >"$LOG/kernels.log" 2>&1; then
+    grep -v "^ptxas info\|bytes stack frame\|^ *$" "$LOG/kernels.log" | tail -n 60
     failed+=("kernels")
+  else
+    echo "== registers and spills of the tile kernels (ptxas)"
+    python tools/ptxas_report.py "$LOG/kernels.log" || failed+=("register budget")
   fi
 else
   failed+=("cmake configure")

@@ -160,7 +160,7 @@ struct KlBwdEpi {
 };
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads, 1) bkl_fwd_tiles(BklTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) bkl_fwd_tiles(BklTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 1) bkl_fwd_tiles(BklTileArgs<typenam
 }
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads, 1) bkl_bwd_tiles(BklTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) bkl_bwd_tiles(BklTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
@@ -321,7 +321,7 @@ struct BklTrainArgs {
 };
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads) bkl_train_tiles(BklTrainArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) bkl_train_tiles(BklTrainArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {

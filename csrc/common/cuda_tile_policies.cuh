@@ -15,6 +15,12 @@
 #include <cstdint>
 #include <type_traits>
 
+// Minimum resident blocks per SM requested for the fp32-accumulating CUDA-core tile kernels (a
+// build-time knob, so a GPU benchmark can compare: -DUPREID_SIMT_F32_MIN_BLOCKS=1 lifts the cap).
+#ifndef UPREID_SIMT_F32_MIN_BLOCKS
+#define UPREID_SIMT_F32_MIN_BLOCKS 3
+#endif
+
 namespace upreid {
 namespace cuda {
 
@@ -37,6 +43,7 @@ struct TcPolicy {
   // Column tiles are copied global -> shared with cp.async, double-buffered (the inputs are staged
   // as they are: no conversion on the way).
   static constexpr bool kAsync = std::is_same<T_, G_>::value;
+  static constexpr int kMinBlocks = 1;  // __launch_bounds__ minimum: shared memory limits these to 1-2
   static constexpr int BN = 64, DC = 128, KSTEP = 16;
   static constexpr int LDX = DC + 8, LDS = BN + 4, LDW = BN + 8;
   static constexpr int kPlanes = 1;  // TcSplitPolicy: 2 (hi and lo parts of every operand)
@@ -280,6 +287,13 @@ struct SimtPolicy {
   static constexpr bool kWInS = true;
   static constexpr bool kSmemVec = false;  // odd padding: stores are element-wise
   static constexpr bool kAsync = false;    // cp.async needs 16-byte aligned rows in shared memory
+  // Occupancy: with fp32 accumulation the tile kernels are register-bound (ptxas gives them up to
+  // 255 registers, 2 blocks of 128 threads per SM); capping them at 168 registers lets 3 blocks run,
+  // at the price of spills: fp32 on sm_90 48-88 bytes a thread (bank_kl's backward 248), on sm_80
+  // 104-152 (208). Whether the third block pays for them only a GPU can tell (build with
+  // -DUPREID_SIMT_F32_MIN_BLOCKS=1 to compare). tools/cuda_compile_check.sh prints every tile
+  // kernel's registers and spills and fails if the cap is not met.
+  static constexpr int kMinBlocks = std::is_same<Acc_, float>::value ? UPREID_SIMT_F32_MIN_BLOCKS : 1;
   static constexpr int BN = 32, DC = 32, KSTEP = 1;
   static constexpr int NSLOT = 4, OW = NSLOT * DC;
   static constexpr bool kOSmem = false;

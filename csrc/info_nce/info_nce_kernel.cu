@@ -160,7 +160,7 @@ struct DkEpi {
 // ---- tile kernels ----------------------------------------------------------------------------
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads) nce_fwd_tiles(NceTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) nce_fwd_tiles(NceTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_tiles(NceTileArgs<typename P
 }
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads) nce_fwd_train_tiles(NceTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) nce_fwd_train_tiles(NceTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) nce_fwd_train_tiles(NceTileArgs<type
 }
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads) nce_dq_tiles(NceTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) nce_dq_tiles(NceTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kThreads) nce_dq_tiles(NceTileArgs<typename Po
 }
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads) nce_dk_tiles(NceTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) nce_dk_tiles(NceTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
