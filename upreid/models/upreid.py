@@ -100,9 +100,10 @@ class UPReID(nn.Module):
         # The queue of keys (K x D) and its write pointer are buffers: saved, moved, never trained.
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))   # [K, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        # The permutations of the key encoder's batch (bn_groups > 1, one rank): a generator of its own,
-        # saved in the state dict, so that a resumed run draws the same ones. Seeded from the global
-        # generator (after every weight is drawn) only when used: plain BN leaves the global stream as it was.
+        # The permutations of the key encoder's batch (shuffle-BN across ranks under DDP; bn_groups > 1 on
+        # one rank): a generator of its own, saved in the state dict, so that a resumed run draws the same
+        # ones. Seeded from the global generator (after every weight is drawn) when bn_groups > 1; with
+        # plain BN from 0, which leaves the global stream as it was (single-device runs draw nothing).
         self.key_shuffle = SeededPermutation(None if self.bn_groups > 1 else 0)
 
         self.loss_cl = MoCoLoss(temperature, impl=loss_impl)
@@ -142,7 +143,7 @@ class UPReID(nn.Module):
         under DDP; on one rank with bn_groups > 1, a seeded permutation spreads the batch over the
         groups (with bn_groups = 1 a permutation would not change the statistics: none is drawn)."""
         if self.shuffle_bn and world_size() > 1:
-            x, unshuffle = batch_shuffle(x)
+            x, unshuffle = batch_shuffle(x, self.key_shuffle)           # the saved generator: resumable
             fmap, k = self.encoder_k(x)                                  # BN in bn_groups groups of the slice
             return batch_unshuffle(fmap, unshuffle), batch_unshuffle(k, unshuffle)
         if self.shuffle_bn and self.bn_groups > 1:

@@ -28,14 +28,16 @@ def concat_all_gather(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def batch_shuffle(x: Tensor) -> tuple[Tensor, Tensor]:
+def batch_shuffle(x: Tensor, draw=None) -> tuple[Tensor, Tensor]:
     """Shuffle-BN, step 1: gather the batch of all ranks, permute it with one permutation drawn on
     rank 0 and give each rank a slice, so that the key encoder's BatchNorm statistics mix samples of
-    other ranks and cannot leak which key belongs to which query. Returns (this rank's slice,
-    the inverse permutation)."""
+    other ranks and cannot leak which key belongs to which query. ``draw(n, device)`` gives the
+    permutation (every rank draws, rank 0's is used; default: the global generator, whose position a
+    resumed run does not repeat). Returns (this rank's slice, the inverse permutation)."""
     local = x.shape[0]
     gathered = concat_all_gather(x)                                    # [W*B, ...]
-    perm = torch.randperm(gathered.shape[0], device=x.device)
+    n = gathered.shape[0]
+    perm = draw(n, x.device) if draw is not None else torch.randperm(n, device=x.device)
     dist.broadcast(perm, src=0)
     idx = perm.view(world_size(), local)[rank()]
     return gathered[idx], torch.argsort(perm)
