@@ -3,9 +3,12 @@
 C++ CPU kernels are always built. CUDA kernels are built when the installed torch has CUDA and a
 CUDA toolkit is found; `UPREID_CUDA=1` forces them (and fails loudly if impossible), `UPREID_CUDA=0`
 skips them. Install with `pip install --no-build-isolation -e .` after installing torch.
+`UPREID_NVCC_FLAGS` adds flags to every nvcc call (for example `-DUPREID_SIMT_F32_MIN_BLOCKS=1`, the
+occupancy knob of the CUDA-core tile kernels, to compare builds on a GPU).
 """
 import glob
 import os
+import shlex
 
 from setuptools import setup
 
@@ -46,6 +49,7 @@ def extensions():
     if _want_cuda(torch, CUDA_HOME):
         sources = cpu_sources + _sources("*/*_cuda.cpp") + _sources("*/*_kernel.cu")
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"]
+        nvcc += shlex.split(os.environ.get("UPREID_NVCC_FLAGS", ""))
         ext = CUDAExtension(
             "upreid._C",
             sources,
