@@ -107,13 +107,18 @@ def _copy_without(tmp_path, rel: str, line_text: str, occurrence: int = 0):
     return dst
 
 
+def _assert_deletion_races(tmp_path, op: str, args: list[str], rel: str, line_text: str, occurrence: int = 0):
+    """The case runs race-free on the real sources and races with the line deleted."""
+    rc, races, out, err = emu.run_race(op, args)
+    assert rc == 0 and races == 0 and out.strip() == "status=0", (out, err[-3000:])
+    broken = _copy_without(tmp_path, rel, line_text, occurrence)
+    rc, races, out, err = emu.run_race(op, args, csrc=broken)
+    assert races > 0, (out, err[-3000:])
+
+
 def test_race_mode_catches_a_deleted_barrier_in_the_tile_loop(tmp_path):
     args = ["M=64", "N=64", "K=640", "D=16", "g=0", "dtype=f32", "sms=1"]
-    rc, races, out, err = emu.run_race("info_nce", args)
-    assert rc == 0 and races == 0 and out.strip() == "status=0", (out, err[-3000:])
-    broken = _copy_without(tmp_path, "common/cuda_tiles.cuh", "__syncthreads();  // sC, sQ and the column")
-    rc, races, out, err = emu.run_race("info_nce", args, csrc=broken)
-    assert races > 0, (out, err[-3000:])
+    _assert_deletion_races(tmp_path, "info_nce", args, "common/cuda_tiles.cuh", "__syncthreads();  // sC, sQ and the column")
 
 
 def test_race_mode_catches_a_deleted_barrier_before_restaging_a_chunk(tmp_path):
@@ -121,24 +126,16 @@ def test_race_mode_catches_a_deleted_barrier_before_restaging_a_chunk(tmp_path):
     output product; without the barrier before a restage, one warp overwrites a chunk that others
     still read."""
     args = ["M=16", "N=16", "K=64", "D=140", "g=1", "dtype=bf16", "cc=9", "train=1", "sms=1"]
-    rc, races, out, err = emu.run_race("info_nce", args)
-    assert rc == 0 and races == 0 and out.strip() == "status=0", (out, err[-3000:])
-    broken = _copy_without(tmp_path, "common/cuda_tiles.cuh", "__syncthreads();  // every warp is done with the staged")
-    rc, races, out, err = emu.run_race("info_nce", args, csrc=broken)
-    assert races > 0, (out, err[-3000:])
+    _assert_deletion_races(tmp_path, "info_nce", args, "common/cuda_tiles.cuh", "__syncthreads();  // every warp is done with the staged")
 
 
 def test_race_mode_catches_a_deleted_syncwarp_on_the_tensor_core_path(tmp_path):
     args = ["M=16", "N=16", "K=64", "D=16", "g=0", "dtype=bf16", "train=1", "sms=1"]
-    rc, races, out, err = emu.run_race("info_nce", args)
-    assert rc == 0 and races == 0 and out.strip() == "status=0", (out, err[-3000:])
     # TcPolicy::store_o: the warp reads back the fragments it just stored
     src = (emu.CSRC / "common/cuda_tile_policies.cuh").read_text()
     k = src.index("__device__ static __forceinline__ void store_o")
     occurrence = src[:k].count("        __syncwarp();\n")
-    broken = _copy_without(tmp_path, "common/cuda_tile_policies.cuh", "        __syncwarp();", occurrence)
-    rc, races, out, err = emu.run_race("info_nce", args, csrc=broken)
-    assert races > 0, (out, err[-3000:])
+    _assert_deletion_races(tmp_path, "info_nce", args, "common/cuda_tile_policies.cuh", "        __syncwarp();", occurrence)
 
 
 def test_race_mode_catches_a_cp_async_copy_into_a_buffer_still_read(tmp_path):
@@ -146,11 +143,7 @@ def test_race_mode_catches_a_cp_async_copy_into_a_buffer_still_read(tmp_path):
     barrier, a thread's prefetch of tile t + 2 (copies and zero-filled rows) overwrites the buffer
     other warps still read for tile t."""
     args = ["M=20", "K=400", "D=32", "dtype=bf16", "cc=9", "sms=1"]
-    rc, races, out, err = emu.run_race("bank_kl", args)
-    assert rc == 0 and races == 0 and out.strip() == "status=0", (out, err[-3000:])
-    broken = _copy_without(tmp_path, "common/cuda_tiles.cuh", "__syncthreads();  // sC, sQ and the column")
-    rc, races, out, err = emu.run_race("bank_kl", args, csrc=broken)
-    assert races > 0, (out, err[-3000:])
+    _assert_deletion_races(tmp_path, "bank_kl", args, "common/cuda_tiles.cuh", "__syncthreads();  // sC, sQ and the column")
 
 
 def test_functional_mode_catches_a_missing_cp_async_wait(tmp_path):

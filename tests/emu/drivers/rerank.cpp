@@ -9,24 +9,33 @@ using upreid_emu_driver::Buffer;
 
 // x != nullptr: features path (x [N, D]); otherwise the dense path (q_g, q_q, g_g). T is float
 // (dtype 0) or double (dtype 3). K = min(k1 + 1, N), hk = min(half_k(k1), N), kq = min(k2, N).
-extern "C" int emu_rerank(int dtype, int64_t N, int64_t Q, int64_t D, int64_t K, int64_t hk, int64_t kq,
-                          int64_t k2, double lambda, const void* x, const void* q_g, const void* q_q,
-                          const void* g_g, float* out, int64_t* used_scratch) {
+namespace {
+// The sizes and inputs both entry points share (stage 1's).
+RerankParams stage1_params(int dtype, int64_t N, int64_t Q, int64_t D, int64_t K, const void* x,
+                           const void* q_g, const void* q_q, const void* g_g, float* out) {
   RerankParams p;
   p.dtype = static_cast<DType>(dtype);
   p.N = N;
   p.Q = Q;
   p.D = D;
   p.K = K;
-  p.hk = hk;
-  p.kq = kq;
-  p.k2 = k2;
-  p.lambda = lambda;
   p.x = x;
   p.q_g = q_g;
   p.q_q = q_q;
   p.g_g = g_g;
   p.out = out;
+  return p;
+}
+}  // namespace
+
+extern "C" int emu_rerank(int dtype, int64_t N, int64_t Q, int64_t D, int64_t K, int64_t hk, int64_t kq,
+                          int64_t k2, double lambda, const void* x, const void* q_g, const void* q_q,
+                          const void* g_g, float* out, int64_t* used_scratch) {
+  RerankParams p = stage1_params(dtype, N, Q, D, K, x, q_g, q_q, g_g, out);
+  p.hk = hk;
+  p.kq = kq;
+  p.k2 = k2;
+  p.lambda = lambda;
   const size_t ts = p.dtype == DType::kF64 ? 8 : 4;
   Buffer sq(x != nullptr ? size_t(N) * ts : 0), nbr(size_t(N * K) * 4), nbr_d2(size_t(N * K) * ts),
       rowmax(size_t(N) * ts);
@@ -83,17 +92,7 @@ extern "C" int emu_rerank(int dtype, int64_t N, int64_t Q, int64_t D, int64_t K,
 extern "C" int emu_rerank_neighbors(int dtype, int64_t N, int64_t Q, int64_t D, int64_t K, const void* x,
                                     const void* q_g, const void* q_q, const void* g_g, float* out,
                                     int32_t* nbr, void* nbr_d2, void* rowmax) {
-  RerankParams p;
-  p.dtype = static_cast<DType>(dtype);
-  p.N = N;
-  p.Q = Q;
-  p.D = D;
-  p.K = K;
-  p.x = x;
-  p.q_g = q_g;
-  p.q_q = q_q;
-  p.g_g = g_g;
-  p.out = out;
+  RerankParams p = stage1_params(dtype, N, Q, D, K, x, q_g, q_q, g_g, out);
   const size_t ts = p.dtype == DType::kF64 ? 8 : 4;
   Buffer sq(x != nullptr ? size_t(N) * ts : 0);
   p.sq = x != nullptr ? sq.get() : nullptr;
