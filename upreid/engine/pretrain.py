@@ -14,12 +14,14 @@ import math
 import os
 
 import torch
+import torch.distributed as dist
 
 from upreid.data.base import StepStream
 from upreid.engine import checkpoint as ckpt_io
 from upreid.engine.task import Task
 from upreid.engine.trainer import NonFiniteLossError, RunExistsError, Trainer, param_groups  # noqa: F401
 from upreid.models import UPReID
+from upreid.utils.distributed import world_size
 
 log = logging.getLogger("upreid.pretrain")
 
@@ -88,12 +90,20 @@ class PretrainTask(Task):
 
     def forward(self, net, batch):
         g, b = self.cfg["model"]["bn_groups"], batch["view1"].shape[0]
-        if b % g and b > g:
-            # images skipped (data.on_bad_image=skip) left a short batch that the BN groups do not divide:
-            # drop its last few images rather than stop the run (the config check keeps full batches whole)
-            log.warning("a batch of %d images (skipped images) is cut to %d, a multiple of model.bn_groups=%d",
-                        b, b - b % g, g)
-            batch = {k: v[:b - b % g] for k, v in batch.items()}
+        keep = b - b % g if b % g and b > g else b
+        if world_size() > 1 and self.cfg["data"]["on_bad_image"] == "skip":
+            # A rank whose batch lost skipped images is short, and the keys' all-gather needs the same
+            # count on every rank: all cut to the shortest (one small all-reduce a step, only here).
+            n = torch.tensor([keep], device=batch["view1"].device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            keep = int(n)
+        if keep < b:
+            # images skipped (data.on_bad_image=skip) left a short batch (here or on another rank) or one
+            # that the BN groups do not divide: drop its last few images rather than stop the run (the
+            # config check keeps full batches whole)
+            log.warning("a batch of %d images (skipped images) is cut to %d (model.bn_groups=%d%s)", b, keep, g,
+                        ", the shortest batch of all ranks" if world_size() > 1 else "")
+            batch = {k: v[:keep] for k, v in batch.items()}
         return net(batch)
 
     def summary(self) -> dict:
