@@ -702,14 +702,16 @@ def test_rerank_schedule_meets_every_panel_pair_once(panels):
     assert sorted(seen) == [(a, b) for a in range(panels) for b in range(a + 1, panels)]
 
 
+@pytest.mark.parametrize("prec", ["highest", "high"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("n,q,k1", [(64, 9, 20), (65, 9, 20), (150, 31, 20), (200, 40, 100), (330, 50, 6)])
-def test_rerank_neighbor_lists_are_exact(n, q, k1, dtype):
+def test_rerank_neighbor_lists_are_exact(n, q, k1, dtype, prec):
     """Stage 1 on exactly representable distances: the features path (upper-triangle tiles in rounds:
-    one panel, a one-row second panel, an odd panel count with byes, lists longer than a warp) and the
-    dense path give the exact top-(k1 + 1) lists with ties by index, the row maxima and the raw
-    query-gallery distances, bit for bit."""
-    configure("rerank", "sm90")
+    one panel, a one-row second panel, an odd panel count with byes, lists longer than a warp; fp32 at
+    "high" on the split-bf16 tensor cores, exact on these values) and the dense path give the exact
+    top-(k1 + 1) lists with ties by index, the row maxima and the raw query-gallery distances, bit
+    for bit."""
+    configure("rerank", "sm90").set_fp32_precision(prec)
     x = grid_features(n, 8, max(2, n // 10), seed=n, dtype=dtype)
     k = min(k1 + 1, n)
     d2 = exact_sq_distances(x)
@@ -722,6 +724,30 @@ def test_rerank_neighbor_lists_are_exact(n, q, k1, dtype):
         assert torch.equal(nbr_d2.double(), val[:, :k])
         assert torch.equal(rowmax.double(), dist.max(dim=1).values)
         assert torch.equal(out.double(), dist[:q, q:].float().double())
+
+
+@pytest.mark.parametrize("prec,dev,tc", [("highest", "sm90", False), ("high", "sm90", True),
+                                         ("medium", "sm90", True), ("high", "sm75", False)])
+def test_rerank_fp32_distances_follow_matmul_precision(prec, dev, tc):
+    """fp32 features: "highest" keeps the distance tiles on the CUDA cores; "high" and "medium" take
+    split-bf16 tensor cores (three WMMA products per fragment and 16-wide k step: 8 warps x 2
+    fragments x 3 x 2 steps per 32 staged features of each tile) where the device and the build have
+    them, not on sm_75. Every setting stays within 1e-4 of the fp64 reference with the same top-10
+    rankings up to near ties."""
+    e = configure("rerank", dev)
+    e.set_fp32_precision(prec)
+    n, q, d = 300, 50, 128
+    x = torch.nn.functional.normalize(clustered(n, d, 40, seed=7), dim=1)
+    out, _ = eo.rerank_features(x.float(), q, 20, 6, 0.3)
+    panels = -(-n // 64)
+    _, mma = e.counts()
+    assert mma == (panels * (panels + 1) // 2 * 8 * 2 * 3 * 2 * -(-d // 32) if tc else 0)
+    expected = torch.as_tensor(reference.k_reciprocal_rerank(x, q, 20, 6, 0.3))
+    check_rerank(out, expected, 1e-4)
+    a = torch.argsort(out.double(), dim=1, stable=True)[:, :10]
+    b = torch.argsort(expected, dim=1, stable=True)[:, :10]
+    for r, c in zip(*torch.nonzero(a != b, as_tuple=True)):
+        assert abs(expected[r, a[r, c]] - expected[r, b[r, c]]) <= 1e-4  # a near tie
 
 
 def test_rerank_features_compute_each_tile_once():

@@ -105,6 +105,8 @@ at::Tensor k_reciprocal_rerank_cuda(const at::Tensor& features, int64_t num_quer
   set_sizes(p, N, Q, k1, k2, lambda_value);
   p.D = X.size(1);
   p.x = X.data_ptr();
+  // fp32 distances at torch.get_float32_matmul_precision(): "high"/"medium" take the tensor cores
+  set_fp32_precision(p, static_cast<int>(fp32_matmul_precision()));
   p.out = out.data_ptr<float>();
   run_stages(p, X.options(), op);
   return out;

@@ -33,6 +33,9 @@
 
 #include <algorithm>
 #include <climits>
+#include <type_traits>
+
+#include "common/cuda_tiles.cuh"  // DeviceInfo, UPREID_TC_UNAVAILABLE, WMMA (through the policies)
 
 namespace upreid {
 namespace cuda {
@@ -68,17 +71,12 @@ __device__ __forceinline__ int64_t next_pow2_dev(int64_t n) {
   return c;
 }
 
-struct Dev {
-  int sms = 1;
-  int smem_optin = 48 << 10;
-};
+using Dev = DeviceInfo;
 
+// The device's SM count and shared memory (cuda_tiles.cuh's query; its defaults where it fails).
 Dev device() {
   Dev d;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return d;
-  cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
-  cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (device_info(&d) != cudaSuccess) d = Dev{};
   d.sms = std::max(d.sms, 1);
   return d;
 }
@@ -176,30 +174,45 @@ __global__ void sq_norm_kernel(RerankParams p) {
   }
 }
 
-constexpr int kNbThreads = 256, kBM = 64, kBN = 64, kBK = 16;
-static_assert(kBM == kBN, "the features path pairs square panels");
+constexpr int kNbThreads = 256, kNbM = 64, kNbN = 64, kNbK = 16;
+static_assert(kNbM == kNbN, "the features path pairs square panels");
 
-// Per-row state of the rows a block feeds: up to two panels of kBM rows (slots [0, kBM) and
-// [kBM, 2 kBM)). The lists themselves live in global memory (p.nbr / p.nbr_d2), which only the
+// Per-row state of the rows a block feeds: up to two panels of kNbM rows (slots [0, kNbM) and
+// [kNbM, 2 kNbM)). The lists themselves live in global memory (p.nbr / p.nbr_d2), which only the
 // block that owns a panel touches while it runs.
 template <class T>
 struct NbSmem {
   union {
     struct {
-      T A[kBK][kBM + 4];  // A[k][m] = x[i0 + m][k0 + k]
-      T B[kBK][kBN + 4];
+      T A[kNbK][kNbM + 4];  // A[k][m] = x[i0 + m][k0 + k]
+      T B[kNbK][kNbN + 4];
     } g;
-    T D[kBM][kBN + 1];  // the distance tile (squared); odd stride: row and column reads conflict-free
+    T D[kNbM][kNbN + 1];  // the distance tile (squared); odd stride: row and column reads conflict-free
   } u;
-  T thr_d[2 * kBM], rmax[2 * kBM];
-  int thr_j[2 * kBM], cnt[2 * kBM];
+  T thr_d[2 * kNbM], rmax[2 * kNbM];
+  int thr_j[2 * kNbM], cnt[2 * kNbM];
+};
+
+// The tensor-core variant (fp32 at matmul precision "high"/"medium"): the feature chunks staged as
+// bf16 hi and lo planes for WMMA, the tile of dot products stored by WMMA (row stride a multiple of
+// 4 floats), then turned into distances in place.
+constexpr int kTcK = 32, kTcLdx = kTcK + 8, kTcLdd = kNbN + 4;
+struct NbTcSmem {
+  union {
+    struct {
+      __nv_bfloat16 A[2][kNbM][kTcLdx];  // [plane: hi, lo][row m][feature k]: x[i0 + m][k0 + k]
+      __nv_bfloat16 B[2][kNbN][kTcLdx];
+    } g;
+    float D[kNbM][kTcLdd];
+  } u;
+  float thr_d[2 * kNbM], rmax[2 * kNbM];
+  int thr_j[2 * kNbM], cnt[2 * kNbM];
 };
 
 // Inserts (cd, cj) into row i's sorted list (warp-cooperative; every lane calls with the same
-// candidate). The list has `cnt[r]` entries, at most K.
-template <class T>
-__device__ __forceinline__ void insert(NbSmem<T>& s, int r, int* li, T* ld, int K, T cd, int cj,
-                                       int lane) {
+// candidate). The list has `cnt[r]` entries, at most K. S: NbSmem<T> or NbTcSmem.
+template <class T, class S>
+__device__ __forceinline__ void insert(S& s, int r, int* li, T* ld, int K, T cd, int cj, int lane) {
   const int n = s.cnt[r];
   if (n == K && !before(cd, cj, s.thr_d[r], s.thr_j[r])) return;
   int pos = 0;
@@ -259,11 +272,11 @@ __global__ void nb_init_kernel(RerankParams p) {
   }
 }
 
-// Loads the state of panel rows i0 .. i0 + kBM - 1 into slots slot0 ... (the caller synchronises).
-template <class T>
-__device__ __forceinline__ void load_rows(const RerankParams& p, NbSmem<T>& s, int slot0, int64_t i0) {
+// Loads the state of panel rows i0 .. i0 + kNbM - 1 into slots slot0 ... (the caller synchronises).
+template <class T, class S>
+__device__ __forceinline__ void load_rows(const RerankParams& p, S& s, int slot0, int64_t i0) {
   const int64_t K = p.K;
-  for (int t = threadIdx.x; t < kBM; t += blockDim.x) {
+  for (int t = threadIdx.x; t < kNbM; t += blockDim.x) {
     const int64_t i = i0 + t;
     if (i >= p.N) break;
     s.cnt[slot0 + t] = int(K);
@@ -273,33 +286,32 @@ __device__ __forceinline__ void load_rows(const RerankParams& p, NbSmem<T>& s, i
   }
 }
 
-template <class T>
-__device__ __forceinline__ void store_rowmax(const RerankParams& p, const NbSmem<T>& s, int slot0,
-                                             int64_t i0) {
-  for (int t = threadIdx.x; t < kBM; t += blockDim.x) {
+template <class T, class S>
+__device__ __forceinline__ void store_rowmax(const RerankParams& p, const S& s, int slot0, int64_t i0) {
+  for (int t = threadIdx.x; t < kNbM; t += blockDim.x) {
     if (i0 + t >= p.N) break;
     static_cast<T*>(p.rowmax)[i0 + t] = s.rmax[slot0 + t];
   }
 }
 
-// Feeds the distance tile to the lists of the kBM rows i0.. (kCols = false: tile rows; true: tile
-// columns, i.e. the tile read transposed) against the kBN items j0..; state in slots slot0... Warp w
+// Feeds the distance tile to the lists of the kNbM rows i0.. (kCols = false: tile rows; true: tile
+// columns, i.e. the tile read transposed) against the kNbN items j0..; state in slots slot0... Warp w
 // owns rows w, w + 8, ...: row maxima, the raw query-gallery values into the output (i < Q <= j),
 // and the row's list: a ballot against the K-th entry filters 32 candidates, survivors are inserted
 // one at a time by the warp.
-template <class T, bool kCols>
-__device__ void scan_tile(const RerankParams& p, NbSmem<T>& s, int slot0, int64_t i0, int64_t j0) {
+template <class T, bool kCols, class S>
+__device__ void scan_tile(const RerankParams& p, S& s, int slot0, int64_t i0, int64_t j0) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t N = p.N, Q = p.Q, G = p.N - p.Q;
   const int K = int(p.K);
   T* nd2 = static_cast<T*>(p.nbr_d2);
-  for (int rr = 0; rr < kBM / 8; ++rr) {
+  for (int rr = 0; rr < kNbM / 8; ++rr) {
     const int r = warp + 8 * rr, slot = slot0 + r;
     const int64_t i = i0 + r;
     if (i >= N) break;  // warp-uniform; rows grow with rr
     int* li = p.nbr + i * K;
     T* ld = nd2 + i * K;
-    for (int half = 0; half < kBN; half += 32) {
+    for (int half = 0; half < kNbN; half += 32) {
       const int c = half + lane;
       const int64_t j = j0 + c;
       const bool inb = j < N;
@@ -329,36 +341,30 @@ __device__ void scan_tile(const RerankParams& p, NbSmem<T>& s, int slot0, int64_
 // round < 0: the diagonal launch (block b: pair (b, b)); otherwise round `round` of
 // rerank_panel_pair's schedule, in which every panel belongs to at most one block, so no two blocks
 // of a launch touch one list; launches on one stream run in order.
+// The [64 x 64] tile of dot products x_i.x_j (i in panel rows i0.., j in panel rows j0..) on the
+// CUDA cores: each thread a 4 x 4 micro-tile, explicit FMAs in ascending feature order; the squared
+// distances go into s.u.D. Ends with a barrier.
 template <class T>
-__global__ void __launch_bounds__(kNbThreads) pair_neighbors_kernel(RerankParams p, int64_t round,
-                                                                    int64_t panels) {
-  __shared__ NbSmem<T> s;
-  int64_t a = blockIdx.x, b = blockIdx.x;
-  if (round >= 0) rerank_panel_pair(panels, round, blockIdx.x, &a, &b);
-  if (b >= panels) return;  // a bye (odd panel count): the whole block leaves before any barrier
+__device__ __forceinline__ void simt_distance_tile(const RerankParams& p, NbSmem<T>& s, int64_t i0, int64_t j0) {
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int64_t N = p.N, D = p.D;
-  const int64_t i0 = a * kBM, j0 = b * kBN;
   const T* x = static_cast<const T*>(p.x);
   const T* sq = static_cast<const T*>(p.sq);
-  load_rows(p, s, 0, i0);
-  if (a != b) load_rows(p, s, kBM, j0);
-
   T acc[4][4];
 #pragma unroll
   for (int u = 0; u < 4; ++u)
 #pragma unroll
     for (int v = 0; v < 4; ++v) acc[u][v] = T(0);
-  for (int64_t k0 = 0; k0 < D; k0 += kBK) {
-    for (int e = tid; e < kBM * kBK; e += kNbThreads) {
-      const int m = e / kBK, kk = e % kBK;
+  for (int64_t k0 = 0; k0 < D; k0 += kNbK) {
+    for (int e = tid; e < kNbM * kNbK; e += kNbThreads) {
+      const int m = e / kNbK, kk = e % kNbK;
       const int64_t k = k0 + kk, i = i0 + m, j = j0 + m;
       s.u.g.A[kk][m] = (i < N && k < D) ? x[i * D + k] : T(0);
       s.u.g.B[kk][m] = (j < N && k < D) ? x[j * D + k] : T(0);
     }
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < kBK; ++kk) {
+    for (int kk = 0; kk < kNbK; ++kk) {
       T av[4], bv[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
@@ -386,12 +392,103 @@ __global__ void __launch_bounds__(kNbThreads) pair_neighbors_kernel(RerankParams
       s.u.D[r][c] = d;
     }
   }
-  __syncthreads();  // the tile and the loaded row states are complete
-  scan_tile<T, false>(p, s, 0, i0, j0);
-  if (a != b) scan_tile<T, true>(p, s, kBM, j0, i0);  // the same tile for panel b's rows
   __syncthreads();
-  store_rowmax(p, s, 0, i0);
-  if (a != b) store_rowmax(p, s, kBM, j0);
+}
+
+// The same tile on the tensor cores, fp32 split-bf16: x = hi + lo (hi = bf16(x), lo = bf16(x - hi)),
+// x_i.x_j ~ hi.hi + hi.lo + lo.hi, three WMMA products in fp32 accumulation (lo.lo, ~2^-16 relative,
+// dropped). Warp w owns the 16 x 32 strip at rows 16 (w / 2), columns 32 (w % 2): two fragments.
+__device__ __forceinline__ void tc_distance_tile(const RerankParams& p, NbTcSmem& s, int64_t i0, int64_t j0) {
+#if !UPREID_TC_UNAVAILABLE
+  namespace wmma = nvcuda::wmma;
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int64_t N = p.N, D = p.D;
+  const float* x = static_cast<const float*>(p.x);
+  const float* sq = static_cast<const float*>(p.sq);
+  const int fr = 16 * (warp >> 1), fc = 32 * (warp & 1);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.f);
+  wmma::fill_fragment(acc[1], 0.f);
+  for (int64_t k0 = 0; k0 < D; k0 += kTcK) {
+    for (int e = tid; e < kNbM * kTcK; e += kNbThreads) {
+      const int m = e / kTcK, kk = e % kTcK;
+      const int64_t k = k0 + kk, i = i0 + m, j = j0 + m;
+      const float a = (i < N && k < D) ? x[i * D + k] : 0.f;
+      const float b = (j < N && k < D) ? x[j * D + k] : 0.f;
+      const __nv_bfloat16 ah = convert<__nv_bfloat16>(a), bh = convert<__nv_bfloat16>(b);
+      s.u.g.A[0][m][kk] = ah;
+      s.u.g.A[1][m][kk] = convert<__nv_bfloat16>(a - to_acc<float>(ah));
+      s.u.g.B[0][m][kk] = bh;
+      s.u.g.B[1][m][kk] = convert<__nv_bfloat16>(b - to_acc<float>(bh));
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTcK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> ah, al;
+      wmma::load_matrix_sync(ah, &s.u.g.A[0][fr][kk], kTcLdx);
+      wmma::load_matrix_sync(al, &s.u.g.A[1][fr][kk], kTcLdx);
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        // B[k][c] = x[j0 + c][k]: the staged rows read column-major
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> bh, bl;
+        wmma::load_matrix_sync(bh, &s.u.g.B[0][fc + 16 * n][kk], kTcLdx);
+        wmma::load_matrix_sync(bl, &s.u.g.B[1][fc + 16 * n][kk], kTcLdx);
+        wmma::mma_sync(acc[n], al, bh, acc[n]);
+        wmma::mma_sync(acc[n], ah, bl, acc[n]);
+        wmma::mma_sync(acc[n], ah, bh, acc[n]);
+      }
+    }
+    __syncthreads();  // the staging area (and, after the loop, the union's D) is rewritten next
+  }
+  wmma::store_matrix_sync(&s.u.D[fr][fc], acc[0], kTcLdd, wmma::mem_row_major);
+  wmma::store_matrix_sync(&s.u.D[fr][fc + 16], acc[1], kTcLdd, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = tid; e < kNbM * kNbN; e += kNbThreads) {
+    const int r = e / kNbN, c = e % kNbN;
+    const int64_t i = i0 + r, j = j0 + c;
+    float d = 0.f;
+    if (i < N && j < N && i != j) {
+      d = fma_t(-2.f, s.u.D[r][c], sq[i] + sq[j]);
+      d = d > 0.f ? d : 0.f;
+    }
+    s.u.D[r][c] = d;
+  }
+  __syncthreads();
+#else
+  (void)p, (void)s, (void)i0, (void)j0;
+  __trap();
+#endif
+}
+
+// Features path: one block per pair of panels (a, b), a <= b, per launch. The [64 x 64] distance
+// tile of panel a's rows with panel b's (simt_distance_tile or, kTc, tc_distance_tile; exactly 0 on
+// the diagonal) feeds panel a's lists (its rows) and, when a < b, panel b's lists (its columns):
+// every pair i < j is computed once, as on the CPU.
+// round < 0: the diagonal launch (block b: pair (b, b)); otherwise round `round` of
+// rerank_panel_pair's schedule, in which every panel belongs to at most one block, so no two blocks
+// of a launch touch one list; launches on one stream run in order.
+template <class T, bool kTc>
+__global__ void __launch_bounds__(kNbThreads) pair_neighbors_kernel(RerankParams p, int64_t round,
+                                                                    int64_t panels) {
+  using Smem = typename std::conditional<kTc, NbTcSmem, NbSmem<T>>::type;
+  __shared__ __align__(128) Smem s;
+  int64_t a = blockIdx.x, b = blockIdx.x;
+  if (round >= 0) rerank_panel_pair(panels, round, blockIdx.x, &a, &b);
+  if (b >= panels) return;  // a bye (odd panel count): the whole block leaves before any barrier
+  const int64_t i0 = a * kNbM, j0 = b * kNbN;
+  load_rows<T>(p, s, 0, i0);
+  if (a != b) load_rows<T>(p, s, kNbM, j0);
+  if constexpr (kTc) {
+    tc_distance_tile(p, s, i0, j0);
+  } else {
+    simt_distance_tile(p, s, i0, j0);
+  }
+  // the tile and the loaded row states are complete (the tile functions end with a barrier)
+  scan_tile<T, false>(p, s, 0, i0, j0);
+  if (a != b) scan_tile<T, true>(p, s, kNbM, j0, i0);  // the same tile for panel b's rows
+  __syncthreads();
+  store_rowmax<T>(p, s, 0, i0);
+  if (a != b) store_rowmax<T>(p, s, kNbM, j0);
 }
 
 // Dense path (one block per panel of 64 rows, all column tiles): the tile of B = A^T,
@@ -402,13 +499,13 @@ __global__ void __launch_bounds__(kNbThreads) dense_neighbors_kernel(RerankParam
   __shared__ NbSmem<T> s;
   const int tid = threadIdx.x;
   const int64_t N = p.N, Q = p.Q;
-  const int64_t i0 = int64_t(blockIdx.x) * kBM;
-  load_rows(p, s, 0, i0);
-  for (int64_t j0 = 0; j0 < N; j0 += kBN) {
+  const int64_t i0 = int64_t(blockIdx.x) * kNbM;
+  load_rows<T>(p, s, 0, i0);
+  for (int64_t j0 = 0; j0 < N; j0 += kNbN) {
     // Tiles inside q_g are contiguous along j; every other block is contiguous along i.
-    const bool along_j = i0 + kBM <= Q && j0 >= Q;
-    for (int e = tid; e < kBM * kBN; e += kNbThreads) {
-      const int r = along_j ? e / kBN : e % kBM, c = along_j ? e % kBN : e / kBM;
+    const bool along_j = i0 + kNbM <= Q && j0 >= Q;
+    for (int e = tid; e < kNbM * kNbN; e += kNbThreads) {
+      const int r = along_j ? e / kNbN : e % kNbM, c = along_j ? e % kNbN : e / kNbM;
       const int64_t i = i0 + r, j = j0 + c;
       const T v = (i < N && j < N) ? dense_at<T>(p, i, j) : T(0);
       s.u.D[r][c] = v * v;
@@ -417,7 +514,7 @@ __global__ void __launch_bounds__(kNbThreads) dense_neighbors_kernel(RerankParam
     scan_tile<T, false>(p, s, 0, i0, j0);
     __syncthreads();  // the tile is rewritten next
   }
-  store_rowmax(p, s, 0, i0);
+  store_rowmax<T>(p, s, 0, i0);
 }
 
 // Half-size reciprocal sets: rh[c] = {j in top-hk(c) : c in top-hk(j)}, in neighbour order.
@@ -723,11 +820,28 @@ cudaError_t rerank_scratch_bytes(const RerankParams& p, size_t* bytes) {
   return cudaSuccess;
 }
 
+namespace {
+// The diagonal tiles, then the rounds of off-diagonal pairs (one launch each: a launch boundary is
+// the only grid-wide order between two blocks that feed the same panel's lists).
+template <class T, bool kTc>
+cudaError_t launch_pairs(const RerankParams& p, int64_t panels, cudaStream_t stream) {
+  launch(pair_neighbors_kernel<T, kTc>, unsigned(panels), kNbThreads, 0, stream, p, int64_t(-1), panels);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  const unsigned slots = unsigned(rerank_round_slots(panels));
+  for (int64_t r = 0; r < rerank_rounds(panels); ++r) {
+    launch(pair_neighbors_kernel<T, kTc>, slots, kNbThreads, 0, stream, p, r, panels);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+}  // namespace
+
 cudaError_t rerank_neighbors(const RerankParams& p, cudaStream_t stream) {
   if (p.N == 0) return cudaSuccess;
   return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int64_t panels = (p.N + kBM - 1) / kBM;
+    const int64_t panels = (p.N + kNbM - 1) / kNbM;
     const unsigned init_grid = unsigned(std::min<int64_t>((p.N * p.K + 255) / 256, 1 << 16));
     launch(nb_init_kernel<T>, init_grid, 256, 0, stream, p);
     cudaError_t e = cudaGetLastError();
@@ -739,16 +853,13 @@ cudaError_t rerank_neighbors(const RerankParams& p, cudaStream_t stream) {
     const unsigned sq_grid = unsigned(std::min<int64_t>((p.N + 7) / 8, 1 << 16));
     launch(sq_norm_kernel<T>, sq_grid, 256, 0, stream, p);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
-    // The diagonal tiles, then the rounds of off-diagonal pairs (one launch each: a launch boundary
-    // is the only grid-wide order between two blocks that feed the same panel's lists).
-    launch(pair_neighbors_kernel<T>, unsigned(panels), kNbThreads, 0, stream, p, int64_t(-1), panels);
-    if ((e = cudaGetLastError()) != cudaSuccess) return e;
-    const unsigned slots = unsigned(rerank_round_slots(panels));
-    for (int64_t r = 0; r < rerank_rounds(panels); ++r) {
-      launch(pair_neighbors_kernel<T>, slots, kNbThreads, 0, stream, p, r, panels);
-      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    if constexpr (std::is_same<T, float>::value) {
+      if (p.fp32_precision != int(Fp32Precision::kHighest)) {
+        const Dev dev = device();
+        if (dev.major >= 8 && dev.arch >= 80) return launch_pairs<float, true>(p, panels, stream);
+      }
     }
-    return cudaSuccess;
+    return launch_pairs<T, false>(p, panels, stream);
   });
 }
 

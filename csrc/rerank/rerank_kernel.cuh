@@ -24,6 +24,10 @@ struct RerankParams {
   int64_t kq = 1;     // min(k2, N): rows of the local query expansion
   int64_t k2 = 1;     // k2 == 1 skips the query expansion (as the original does)
   double lambda = 0.3;
+  // features path, fp32: torch.get_float32_matmul_precision() as Fp32Precision (precision.h).
+  // "highest": the distance tiles on the CUDA cores (fp32 FMAs); "high" and "medium": split-bf16 on
+  // the tensor cores (sm_80+ code on an sm_80+ device), three bf16 products per tile product.
+  int fp32_precision = 0;
 
   // inputs: either the features path (x) or the dense path (q_g, q_q, g_g), all of type T
   const void* x = nullptr;    // [N, D]

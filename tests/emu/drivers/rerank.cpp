@@ -24,6 +24,7 @@ RerankParams stage1_params(int dtype, int64_t N, int64_t Q, int64_t D, int64_t K
   p.q_q = q_q;
   p.g_g = g_g;
   p.out = out;
+  p.fp32_precision = upreid_emu_driver::g_fp32_precision;
   return p;
 }
 }  // namespace
