@@ -3,7 +3,7 @@
 C++ CPU kernels are always built. CUDA kernels are built when the installed torch has CUDA and a
 CUDA toolkit is found; `UPREID_CUDA=1` forces them (and fails loudly if impossible), `UPREID_CUDA=0`
 skips them. Install with `pip install --no-build-isolation -e .` after installing torch.
-`UPREID_NVCC_FLAGS` adds flags to every nvcc call (for example `-DUPREID_SIMT_F32_MIN_BLOCKS=1`, the
+`UPREID_NVCC_FLAGS` adds flags to every nvcc call (for example `-DUPREID_SIMT_F32_MIN_BLOCKS=0`, the
 occupancy knob of the CUDA-core tile kernels, to compare builds on a GPU).
 """
 import glob

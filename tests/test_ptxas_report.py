@@ -41,3 +41,20 @@ def test_fp32_cuda_core_kernel_over_budget_fails(tmp_path, regs):
 def test_a_log_without_tile_kernels_fails(tmp_path):
     r = run(tmp_path, "nvcc: nothing reported\n")
     assert r.returncode == 1 and "no tile kernel" in r.stdout
+
+
+def test_decides_on_mangled_names_without_cpp_filt(tmp_path):
+    """Without binutils' c++filt the report prints mangled names but still finds the capped kernels."""
+    log = tmp_path / "kernels.log"
+    log.write_text(entry(SIMT_F32, 255) + entry(TC_BF16, 255))
+    env = {"PATH": str(tmp_path / "no-tools")}  # no c++filt on the path
+    r = subprocess.run([sys.executable, str(TOOL), str(log)], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "255 registers allow 2 blocks" in r.stdout, r.stdout + r.stderr
+    log.write_text(entry(SIMT_F32, 168) + entry(TC_BF16, 255))
+    r = subprocess.run([sys.executable, str(TOOL), str(log)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "OK (2 tile kernels)" in r.stdout, r.stdout + r.stderr
+
+
+def test_other_architectures_are_not_capped(tmp_path):
+    r = run(tmp_path, entry(SIMT_F32, 254, arch="sm_86"))
+    assert r.returncode == 0, r.stdout

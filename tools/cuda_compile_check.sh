@@ -24,7 +24,8 @@ fi
 
 # --- 1. kernels, nvcc only ---------------------------------------------------------------------
 generator=()
-if command -v ninja >/dev/null 2>&1; then generator=(-G Ninja); fi
+# ninja prints each command's output whole; make -jN may interleave two ptxas reports
+if command -v ninja >/dev/null 2>&1; then generator=(-G Ninja); else JOBS=1; fi
 echo "== [1/2] nvcc: csrc/*/*_kernel.cu for sm_80, sm_90 (CMake target upreid_cuda_kernels)"
 if cmake -S . -B "$BUILD_DIR" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
       -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES="80;90" -DUPREID_WITH_TORCH=OFF \

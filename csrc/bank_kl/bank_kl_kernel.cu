@@ -160,7 +160,7 @@ struct KlBwdEpi {
 };
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) bkl_fwd_tiles(BklTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, UPREID_TILE_MIN_BLOCKS(Pol)) bkl_fwd_tiles(BklTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) bkl_fwd_tiles(BklTi
 }
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) bkl_bwd_tiles(BklTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, UPREID_TILE_MIN_BLOCKS(Pol)) bkl_bwd_tiles(BklTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
@@ -244,13 +244,13 @@ BklTileArgs<typename Pol::Acc> tile_args(const BankKlParams& p) {
 template <class Pol, bool kBwd>
 cudaError_t impl(const BankKlParams& p, const DeviceInfo& dev, cudaStream_t stream, size_t* bytes) {
   using Acc = typename Pol::Acc;
-  const size_t smem = tile_smem<Pol, 2, kBwd>(dev);
+  size_t smem = SmemLayout<Pol, 2, kBwd>::bytes;
   auto kernel = kBwd ? bkl_bwd_tiles<Pol> : bkl_fwd_tiles<Pol>;
   const int64_t ntiles = ceil_div(p.K, Pol::BN), row_blocks = ceil_div(p.M, kBM);
   int ns = 0;
   if (p.M > 0 && ntiles > 0 && (!kBwd || p.D > 0)) {
     int bpsm = 1;
-    cudaError_t e = prepare_kernel(kernel, smem, &bpsm);
+    cudaError_t e = tile_launch_smem<Pol, 2, kBwd>(kernel, dev, &smem, &bpsm);
     if (e != cudaSuccess) return e;
     ns = choose_splits(row_blocks, ntiles, dev, bpsm);
   }
@@ -321,7 +321,7 @@ struct BklTrainArgs {
 };
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) bkl_train_tiles(BklTrainArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, UPREID_TILE_MIN_BLOCKS(Pol)) bkl_train_tiles(BklTrainArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
@@ -402,14 +402,14 @@ template <class Pol>
 cudaError_t train_impl(const BankKlParams& p, const DeviceInfo& dev, cudaStream_t stream, size_t* bytes) {
   using Acc = typename Pol::Acc;
   using T = typename Pol::G;
-  const size_t smem = tile_smem<Pol, 1, true>(dev);
+  size_t smem = SmemLayout<Pol, 1, true>::bytes;
   const int64_t R = 2 * p.M;
   const int64_t ntiles = ceil_div(p.K, Pol::BN), row_blocks = ceil_div(R, kBM);
   const int64_t passes = p.D > 0 ? ceil_div(p.D, Pol::OW) : 1;
   int ns = 0;
   if (p.M > 0 && ntiles > 0) {
     int bpsm = 1;
-    cudaError_t e = prepare_kernel(bkl_train_tiles<Pol>, smem, &bpsm);
+    cudaError_t e = tile_launch_smem<Pol, 1, true>(bkl_train_tiles<Pol>, dev, &smem, &bpsm);
     if (e != cudaSuccess) return e;
     ns = choose_splits(row_blocks, ntiles, dev, bpsm);
   }

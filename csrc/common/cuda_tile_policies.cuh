@@ -16,10 +16,22 @@
 #include <type_traits>
 
 // Minimum resident blocks per SM requested for the fp32-accumulating CUDA-core tile kernels (a
-// build-time knob, so a GPU benchmark can compare: -DUPREID_SIMT_F32_MIN_BLOCKS=1 lifts the cap).
+// build-time knob, so a GPU benchmark can compare: -DUPREID_SIMT_F32_MIN_BLOCKS=0 lifts the cap).
 #ifndef UPREID_SIMT_F32_MIN_BLOCKS
 #define UPREID_SIMT_F32_MIN_BLOCKS 3
 #endif
+// Only parts with room for three such blocks in shared memory get the cap (sm_80, sm_87, sm_90,
+// sm_100: 164 KB or more per SM); on the others (sm_75, sm_86, sm_89, sm_120: 64-128 KB) a third
+// block could not be resident anyway, and spills would buy nothing.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 800 || __CUDA_ARCH__ == 870 || \
+                               (__CUDA_ARCH__ >= 900 && __CUDA_ARCH__ < 1200))
+#define UPREID_ROOM_FOR_3_SIMT_BLOCKS 1
+#else
+#define UPREID_ROOM_FOR_3_SIMT_BLOCKS 0
+#endif
+// __launch_bounds__'s second argument for a tile kernel of policy Pol: 0 (no minimum: ptxas's own
+// allocation, which an explicit 1 would change) except for the capped CUDA-core kernels.
+#define UPREID_TILE_MIN_BLOCKS(Pol) (UPREID_ROOM_FOR_3_SIMT_BLOCKS ? (Pol::kMinBlocks) : 0)
 
 namespace upreid {
 namespace cuda {
@@ -43,7 +55,7 @@ struct TcPolicy {
   // Column tiles are copied global -> shared with cp.async, double-buffered (the inputs are staged
   // as they are: no conversion on the way).
   static constexpr bool kAsync = std::is_same<T_, G_>::value;
-  static constexpr int kMinBlocks = 1;  // __launch_bounds__ minimum: shared memory limits these to 1-2
+  static constexpr int kMinBlocks = 0;  // no __launch_bounds__ minimum (UPREID_TILE_MIN_BLOCKS)
   static constexpr int BN = 64, DC = 128, KSTEP = 16;
   static constexpr int LDX = DC + 8, LDS = BN + 4, LDW = BN + 8;
   static constexpr int kPlanes = 1;  // TcSplitPolicy: 2 (hi and lo parts of every operand)
@@ -293,7 +305,7 @@ struct SimtPolicy {
   // 104-152 (208). Whether the third block pays for them only a GPU can tell (build with
   // -DUPREID_SIMT_F32_MIN_BLOCKS=1 to compare). tools/cuda_compile_check.sh prints every tile
   // kernel's registers and spills and fails if the cap is not met.
-  static constexpr int kMinBlocks = std::is_same<Acc_, float>::value ? UPREID_SIMT_F32_MIN_BLOCKS : 1;
+  static constexpr int kMinBlocks = std::is_same<Acc_, float>::value ? UPREID_SIMT_F32_MIN_BLOCKS : 0;
   static constexpr int BN = 32, DC = 32, KSTEP = 1;
   static constexpr int NSLOT = 4, OW = NSLOT * DC;
   static constexpr bool kOSmem = false;

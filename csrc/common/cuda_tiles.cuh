@@ -118,6 +118,11 @@ struct SmemLayout {
   static_assert(col_bytes >= size_t(kWarps) * 16 * sizeof(Acc), "alpha area");
 };
 
+// The premise of UPREID_TILE_MIN_BLOCKS: three blocks of the largest fp32 CUDA-core layout (two row
+// sets, with an output), each with the 1 KB the runtime reserves, fit sm_80's 164 KB per SM.
+static_assert(3 * (SmemLayout<SimtPolicy<float, float>, 2, true>::bytes + 1024) <= 167936,
+              "3 CUDA-core blocks no longer fit an sm_80 SM: revisit UPREID_TILE_MIN_BLOCKS");
+
 // Stages rows [r0, r0 + ROWS) x features [d0, d0 + DC) of `src` into s[ROWS][LDX], zero-filled
 // outside the matrix. `vec`: 16-byte global loads are legal (D and the pointers are aligned).
 template <class Pol, int ROWS>
@@ -495,15 +500,23 @@ inline cudaError_t maybe_wide(Pol pol, int64_t D, const DeviceInfo& dev, F&& f) 
   return f(pol);
 }
 
-// Dynamic shared memory of a tile kernel: with the cp.async pipeline's second column buffer where the
-// policy has one and it fits the device (it does not on 99 KB devices for the two-row-set kernels).
-template <class Pol, int NQ, bool kOut>
-inline size_t tile_smem(const DeviceInfo& dev) {
+// Dynamic shared memory and resident blocks per SM of a tile kernel's launches: with the cp.async
+// pipeline's second column buffer (SmemLayout::bytes_pipe) only where it fits the device and costs
+// no resident block (the occupancy query counts the kernel's registers too); SmemLayout::bytes
+// otherwise. Deterministic, so a workspace query and the launch agree.
+template <class Pol, int NQ, bool kOut, class K>
+inline cudaError_t tile_launch_smem(K kernel, const DeviceInfo& dev, size_t* smem, int* blocks_per_sm) {
   using L = SmemLayout<Pol, NQ, kOut>;
-  return L::bytes_pipe <= size_t(dev.smem_optin) ? L::bytes_pipe : L::bytes;
+  *smem = L::bytes;
+  cudaError_t e = prepare_kernel(kernel, L::bytes, blocks_per_sm);
+  if (e != cudaSuccess || L::bytes_pipe == L::bytes || L::bytes_pipe > size_t(dev.smem_optin)) return e;
+  int piped = 0;  // (leaves the kernel's opt-in at the larger size, which admits either)
+  if ((e = prepare_kernel(kernel, L::bytes_pipe, &piped)) != cudaSuccess) return e;
+  if (piped >= *blocks_per_sm) *smem = L::bytes_pipe;
+  return cudaSuccess;
 }
 
-// run_tiles' load mode for a launch with `smem` bytes (tile_smem): 0 element loads, 1 16-byte loads
+// run_tiles' load mode for a launch with `smem` bytes (tile_launch_smem): 0 element loads, 1 16-byte loads
 // (`vec`: vec_ok()), 2 16-byte loads and the cp.async pipeline.
 template <class Pol, int NQ, bool kOut>
 inline int load_mode(bool vec, size_t smem) {

@@ -160,7 +160,7 @@ struct DkEpi {
 // ---- tile kernels ----------------------------------------------------------------------------
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) nce_fwd_tiles(NceTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, UPREID_TILE_MIN_BLOCKS(Pol)) nce_fwd_tiles(NceTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) nce_fwd_tiles(NceTi
 }
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) nce_fwd_train_tiles(NceTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, UPREID_TILE_MIN_BLOCKS(Pol)) nce_fwd_train_tiles(NceTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) nce_fwd_train_tiles
 }
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) nce_dq_tiles(NceTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, UPREID_TILE_MIN_BLOCKS(Pol)) nce_dq_tiles(NceTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) nce_dq_tiles(NceTil
 }
 
 template <class Pol>
-__global__ void __launch_bounds__(kThreads, Pol::kMinBlocks) nce_dk_tiles(NceTileArgs<typename Pol::Acc> a) {
+__global__ void __launch_bounds__(kThreads, UPREID_TILE_MIN_BLOCKS(Pol)) nce_dk_tiles(NceTileArgs<typename Pol::Acc> a) {
   if constexpr (Pol::kTensorCore && UPREID_TC_UNAVAILABLE) {
     __trap();
   } else {
@@ -373,13 +373,13 @@ cudaError_t forward_impl(const InfoNceParams& p, bool train, const DeviceInfo& d
   const int64_t ncols = n_keys_cols + p.K;
   const int64_t ntiles = ceil_div(ncols, Pol::BN);
   const int64_t row_blocks = ceil_div(p.M, kBM);
-  const size_t smem = train ? tile_smem<Pol, 1, true>(dev) : tile_smem<Pol, 1, false>(dev);
+  size_t smem = train ? SmemLayout<Pol, 1, true>::bytes : SmemLayout<Pol, 1, false>::bytes;
   const int64_t passes = p.D > 0 ? ceil_div(p.D, Pol::OW) : 1;
   int ns = 0;
   if (ntiles > 0 && p.M > 0) {
     int bpsm = 1;
-    cudaError_t e = train ? prepare_kernel(nce_fwd_train_tiles<Pol>, smem, &bpsm)
-                          : prepare_kernel(nce_fwd_tiles<Pol>, smem, &bpsm);
+    cudaError_t e = train ? tile_launch_smem<Pol, 1, true>(nce_fwd_train_tiles<Pol>, dev, &smem, &bpsm)
+                          : tile_launch_smem<Pol, 1, false>(nce_fwd_tiles<Pol>, dev, &smem, &bpsm);
     if (e != cudaSuccess) return e;
     ns = choose_splits(row_blocks, ntiles, dev, bpsm);
   }
@@ -449,19 +449,19 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
   const int64_t blocks_q = ceil_div(p.M, kBM);
   const int64_t ntiles_k = all_keys ? ceil_div(p.M, Pol::BN) : 0;
   const int64_t blocks_k = ceil_div(p.N, kBM);
-  const size_t smem = tile_smem<Pol, 1, true>(dev);
+  size_t smem_q = SmemLayout<Pol, 1, true>::bytes, smem_k = smem_q;
   const bool want_q = p.need_grad_query, want_k = p.need_grad_keys;
   int ns_q = 0, ns_k = 0;
   if (p.M > 0 && p.D > 0) {
     if (ntiles_q > 0 && want_q) {
       int bpsm = 1;
-      cudaError_t e = prepare_kernel(nce_dq_tiles<Pol>, smem, &bpsm);
+      cudaError_t e = tile_launch_smem<Pol, 1, true>(nce_dq_tiles<Pol>, dev, &smem_q, &bpsm);
       if (e != cudaSuccess) return e;
       ns_q = choose_splits(blocks_q, ntiles_q, dev, bpsm);
     }
     if (ntiles_k > 0 && p.N > 0 && want_k) {
       int bpsm = 1;
-      cudaError_t e = prepare_kernel(nce_dk_tiles<Pol>, smem, &bpsm);
+      cudaError_t e = tile_launch_smem<Pol, 1, true>(nce_dk_tiles<Pol>, dev, &smem_k, &bpsm);
       if (e != cudaSuccess) return e;
       ns_k = choose_splits(blocks_k, ntiles_k, dev, bpsm);
     }
@@ -493,7 +493,7 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
     a.cols = RowSrc{p.keys, n_keys_cols, p.bank, p.K};
     a.ncols = ncols;
     a.D = p.D;
-    a.vec = load_mode<Pol, 1, true>(vec_ok(p.D, sizeof(T), {p.query, p.keys, p.K > 0 ? p.bank : nullptr}), smem);
+    a.vec = load_mode<Pol, 1, true>(vec_ok(p.D, sizeof(T), {p.query, p.keys, p.K > 0 ? p.bank : nullptr}), smem_q);
     a.nsplit = ns_q;
     a.ntiles = ntiles_q;
     a.scale = scale;
@@ -501,7 +501,7 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
     a.lse = lse;
     a.gl = gl;
     a.gls = gls;
-    launch(nce_dq_tiles<Pol>, dim3(unsigned(blocks_q), unsigned(ns_q)), kThreads, smem, stream, a);
+    launch(nce_dq_tiles<Pol>, dim3(unsigned(blocks_q), unsigned(ns_q)), kThreads, smem_q, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
   if (ns_k > 0) {
@@ -517,7 +517,7 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
     a.cols = RowSrc{p.query, p.M, nullptr, 0};  // ... columns are query rows
     a.ncols = p.M;
     a.D = p.D;
-    a.vec = load_mode<Pol, 1, true>(vec_ok(p.D, sizeof(T), {p.query, p.keys}), smem);
+    a.vec = load_mode<Pol, 1, true>(vec_ok(p.D, sizeof(T), {p.query, p.keys}), smem_k);
     a.nsplit = ns_k;
     a.ntiles = ntiles_k;
     a.scale = scale;
@@ -527,7 +527,7 @@ cudaError_t backward_impl(const InfoNceParams& p, const DeviceInfo& dev, cudaStr
     a.gls = gls;
     a.pos = p.positive;
     a.gscale = gs;
-    launch(nce_dk_tiles<Pol>, dim3(unsigned(blocks_k), unsigned(ns_k)), kThreads, smem, stream, a);
+    launch(nce_dk_tiles<Pol>, dim3(unsigned(blocks_k), unsigned(ns_k)), kThreads, smem_k, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
     e = launch_reduce_splits<Acc>(ws_k, ns_k, p.N * p.D, scale, static_cast<Acc*>(p.grad_keys), stream);
     if (e != cudaSuccess) return e;

@@ -568,6 +568,10 @@ void async_copy(const char* file, int line, void* dst, const void* src, size_t b
   if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0)
     async_fail(file, line, "source or destination not aligned to the " + std::to_string(bytes) + "-byte copy");
   if (!in_shared(*t->block, dst, bytes)) async_fail(file, line, "destination outside shared memory");
+  // From the issue on, the destination is undefined until the wait: poison it now with a store of
+  // this thread, so a copy issued while another thread still reads the buffer is a race (race mode)
+  // and a read before the wait sees NaN (the data itself lands at the wait, the latest it can).
+  std::memset(dst, 0xff, bytes);
   t->async.push_back(Thread::AsyncCopy{dst, src, bytes, zfill, t->committed});
   g_async_copies.fetch_add(1, std::memory_order_relaxed);
 }
