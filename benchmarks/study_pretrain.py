@@ -107,9 +107,7 @@ def write_random_trunk(path: str, scale, seed: int) -> None:
     from upreid.models.resnet import ResNet
     torch.manual_seed(seed)
     net = ResNet(scale.pretrain_depth, last_stride=1, width=scale.width)
-    ckpt_io.save_atomic({"format": ckpt_io.BACKBONE_FORMAT, "version": ckpt_io.VERSION, "step": 0,
-                         "arch": {"depth": scale.pretrain_depth, "width": scale.width, "last_stride": 1,
-                                  "ibn": False}, "state_dict": net.state_dict()}, path)
+    ckpt_io.save_backbone(path, net.state_dict(), depth=scale.pretrain_depth, width=scale.width, last_stride=1)
 
 
 def append_csv(path: str, row: dict) -> None:

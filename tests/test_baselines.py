@@ -113,9 +113,7 @@ def test_frozen_trunk_row_scores_an_exported_trunk(tmp_path, synth_root):
     torch.manual_seed(0)
     trunk = ResNet(18, last_stride=1, width=8)
     bb = str(tmp_path / "bb.pt")
-    ckpt_io.save_atomic({"format": ckpt_io.BACKBONE_FORMAT, "version": ckpt_io.VERSION, "step": 1,
-                         "arch": {"depth": 18, "width": 8, "last_stride": 1, "ibn": False},
-                         "state_dict": trunk.state_dict()}, bb)
+    ckpt_io.save_backbone(bb, trunk.state_dict(), depth=18, width=8, last_stride=1, step=1)
     ds = synth(synth_root)
     rr = {"k1": 4, "k2": 2, "lambda_value": 0.3}
     res = frozen_trunk_baseline(ds, bb, 64, 32, flip=True, rerank=rr, linear_probe=True)

@@ -118,8 +118,7 @@ def test_exported_backbone_features_are_the_pooled_trunk_on_lup_normalised_image
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2)
     bb = str(tmp_path / "bb.pt")
-    ckpt_io.save_atomic({"format": ckpt_io.BACKBONE_FORMAT, "version": ckpt_io.VERSION, "step": 1,
-                         "arch": {"depth": 18, "last_stride": 2, "ibn": False}, "state_dict": trunk.state_dict()}, bb)
+    ckpt_io.save_backbone(bb, trunk.state_dict(), depth=18, last_stride=2, step=1)
     out = str(tmp_path / "f.npz")
     s = extract_to_npz(bb, out, images=str(tmp_path / "img"), height=64, width=32, backend="torch", progress=False,
                        flip=True, last_stride=2)

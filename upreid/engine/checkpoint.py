@@ -93,6 +93,15 @@ def save_atomic(obj: dict, path: str, keep_previous: bool = False) -> None:
             os.remove(tmp)
 
 
+def save_backbone(path: str, state_dict: dict, *, depth: int, last_stride: int, width: int = 64,
+                  ibn: bool = False, step: int = 0) -> dict:
+    """Write a backbone file (what ``upreid export-backbone`` writes and fine-tuning loads): the trunk's
+    torchvision-style ``state_dict`` and its architecture, atomically. Returns the ``arch`` entry."""
+    arch = {"depth": depth, "width": width, "last_stride": last_stride, "ibn": ibn}
+    save_atomic({"format": BACKBONE_FORMAT, "version": VERSION, "arch": arch, "step": step,
+                 "state_dict": state_dict}, path)
+    return arch
+
 def _read(path: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")

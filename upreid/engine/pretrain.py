@@ -128,9 +128,8 @@ def export_backbone(ckpt_path: str, out_path: str, overwrite: bool = False) -> d
     if not trunk:
         raise ckpt_io.CheckpointError(f"checkpoint {ckpt_path!r} holds no query trunk ({prefix}*)")
     m = state["config"]["model"]
-    arch = {"depth": m["depth"], "width": m.get("width", 64), "last_stride": m["last_stride"], "ibn": m["ibn"]}
-    ckpt_io.save_atomic({"format": ckpt_io.BACKBONE_FORMAT, "version": ckpt_io.VERSION, "arch": arch,
-                         "step": state["step"], "state_dict": trunk}, out_path)
+    arch = ckpt_io.save_backbone(out_path, trunk, depth=m["depth"], width=m.get("width", 64),
+                                 last_stride=m["last_stride"], ibn=m["ibn"], step=state["step"])
     return {"arch": arch, "tensors": len(trunk), "step": state["step"]}
 
 
