@@ -159,6 +159,25 @@ WORKER = textwrap.dedent("""
 """)
 
 
+def two_process_run(tmp_path, root, overrides: list[str]):
+    """A pre-training on 2 gloo ranks through torchrun (tiny model, torch loader in-process); returns
+    (the finished process, rank 0's and rank 1's records from WORKER, the run folder)."""
+    out = tmp_path / "ddp"
+    script = tmp_path / "worker.py"
+    overrides = [f"data.root={root}", f"train.output={out}", *PRETRAIN_FAST, "train.checkpoint_every=100",
+                 "data.backend=torch", "data.workers=0", *overrides]
+    script.write_text(WORKER.format(tiny=PRETRAIN_TINY, overrides=overrides, out=str(out)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # --standalone: torchrun's own store binds port 0 and its workers join it; no port is chosen
+    # ahead of time for another process to take first.
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         "--local_addr=127.0.0.1", str(script)],
+        env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True), out
+
+
 def test_two_process_run_with_a_skipped_image(tmp_path):
     """data.on_bad_image=skip under DDP: the rank whose batch lost an undecodable image is short, and
     the key all-gather needs equal sizes on every rank, so every rank cuts its batch to the shortest
@@ -167,20 +186,8 @@ def test_two_process_run_with_a_skipped_image(tmp_path):
     root = write_images(str(tmp_path / "images"))
     with open(os.path.join(root, "img005.jpg"), "r+b") as f:  # a JPEG header and nothing after it
         f.truncate(200)
-    out = tmp_path / "ddp"
-    script = tmp_path / "worker.py"
-    overrides = [f"data.root={root}", f"train.output={out}", *PRETRAIN_FAST, "train.steps=4",
-                 "train.checkpoint_every=100", "model.queue_size=64", "data.backend=torch", "data.workers=0",
-                 "data.on_bad_image=skip"]
-    script.write_text(WORKER.format(tiny=PRETRAIN_TINY, overrides=overrides, out=str(out)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-         "--local_addr=127.0.0.1", str(script)],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0 = torch.load(out / "rank0.pt", weights_only=True)
-    r1 = torch.load(out / "rank1.pt", weights_only=True)
+    proc, r0, r1, _ = two_process_run(tmp_path, root, ["train.steps=4", "model.queue_size=64",
+                                                      "data.on_bad_image=skip"])
     sizes = [[k.shape[0] for k in r["keys"]] for r in (r0, r1)]
     assert sizes[0] == sizes[1] and len(sizes[0]) == 4, sizes   # every step: the same count on both ranks
     # 4 steps = 2 epochs of 16 images; the bad one is drawn once an epoch: two steps cut to 3 on both
@@ -191,22 +198,8 @@ def test_two_process_run_with_a_skipped_image(tmp_path):
 
 @pytest.mark.parametrize("groups", [1, 2])      # plain BN; BN in 2 groups per rank after the cross-rank shuffle
 def test_two_process_gloo_run(images, tmp_path, groups):
-    out = tmp_path / "ddp"
-    script = tmp_path / "worker.py"
-    overrides = [f"data.root={images}", f"train.output={out}", *PRETRAIN_FAST, "train.steps=2",
-                 "train.checkpoint_every=100", "model.queue_size=32", "data.backend=torch", "data.workers=0",
-                 f"model.bn_groups={groups}"]
-    script.write_text(WORKER.format(tiny=PRETRAIN_TINY, overrides=overrides, out=str(out)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    # --standalone: torchrun's own store binds port 0 and its workers join it; no port is chosen
-    # ahead of time for another process to take first.
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-         "--local_addr=127.0.0.1", str(script)],
-        env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0 = torch.load(out / "rank0.pt", weights_only=True)
-    r1 = torch.load(out / "rank1.pt", weights_only=True)
+    _, r0, r1, out = two_process_run(tmp_path, images, ["train.steps=2", "model.queue_size=32",
+                                                        f"model.bn_groups={groups}"])
     assert r0["summary"] == {"step": 2, "world": 2, "rank": 0} and r1["summary"]["rank"] == 1
     for k, v in r0["state"].items():        # parameters, momentum encoder and queue agree across ranks
         if "running_" in k or "num_batches" in k:
