@@ -202,7 +202,7 @@ RACE_CASES = [
     ("rank", "Q=3 G=40 max_rank=50 ids=2 cams=2 dtype=bf16"),
     ("rerank", "N=70 Q=8 D=8 k1=6 k2=3 dtype=f32"),  # 2 panels: the diagonal launch, one round
     ("rerank", "N=30 Q=6 D=4 k1=5 k2=1 dense=1 dtype=f64"),
-    ("rerank", "N=70 Q=8 D=40 k1=6 k2=1 dtype=f32 prec=1"),  # fp32 "high": split-bf16 tensor-core tiles
+    ("rerank", "N=70 Q=8 D=40 k1=6 k2=1 dtype=f32 prec=1 stage1=1"),  # fp32 "high": split-bf16 tiles
 ]
 
 

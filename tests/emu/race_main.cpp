@@ -6,7 +6,7 @@
 //   info_nce: M N K D g t dtype=f32|f16|bf16|f64 train=0|1 need_q=0|1 need_k=0|1
 //   bank_kl:  M K D ts tt dtype train=0|1
 //   rank:     Q G max_rank ids cams dtype
-//   rerank:   N Q D k1 k2 dense=0|1 dtype=f32|f64
+//   rerank:   N Q D k1 k2 dense=0|1 stage1=0|1 (the neighbour stage alone) dtype=f32|f64
 //   selftest: case threads (the kernels of selftest/selftest_kernel.cu)
 #include <cuda_runtime.h>
 
@@ -35,6 +35,8 @@ int emu_rank_metrics(int, const void*, int64_t, int64_t, int64_t, const int64_t*
 int emu_selftest(int, unsigned, unsigned, unsigned, size_t, int, void*, const void*, const void*, const void*);
 int emu_rerank(int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, const void*,
                const void*, const void*, const void*, float*, int64_t*);
+int emu_rerank_neighbors(int, int64_t, int64_t, int64_t, int64_t, const void*, const void*, const void*,
+                         const void*, float*, int32_t*, void*, void*);
 }
 
 namespace {
@@ -190,6 +192,12 @@ int run_rerank() {
   std::vector<float> out(size_t(Q * G) + 1);
   int64_t scratch = 0;
   const int64_t K = std::min(k1 + 1, N), hk = std::min(half_k(k1), N), kq = std::min(k2, N);
+  if (!dense && inum("stage1", 0) != 0) {  // the distance and neighbour stage alone
+    std::vector<int32_t> nbr(size_t(N * K));
+    std::vector<unsigned char> nd2(size_t(N * K) * dtype_size(dt)), rmax(size_t(N) * dtype_size(dt));
+    return emu_rerank_neighbors(dt, N, Q, D, K, x.data(), nullptr, nullptr, nullptr, out.data(), nbr.data(),
+                                nd2.data(), rmax.data());
+  }
   if (!dense)
     return emu_rerank(dt, N, Q, D, K, hk, kq, k2, 0.3, x.data(), nullptr, nullptr, nullptr, out.data(), &scratch);
   // dense inputs: squared distances of the same features
