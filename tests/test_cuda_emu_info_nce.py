@@ -78,7 +78,7 @@ def test_info_nce_policies_and_splits_are_the_ones_asked_for():
         return found[0]
 
     many, one, simt = tiles("sm90"), tiles("sm90-1sm"), tiles("sm75")
-    assert "TcPolicy<__half, __half>" in many and "TcPolicy<__half, __half>" in one, (many, one)
+    assert "TcMmaPolicy<__half>" in many and "TcMmaPolicy<__half>" in one, (many, one)  # ldmatrix / mma.sync
     assert "SimtPolicy<__half, float>" in simt, simt
     splits = lambda s: int(s.split("grid=")[1].split(",")[1])  # noqa: E731
     assert splits(one) < splits(many), (one, many)

@@ -130,7 +130,8 @@ def test_race_mode_catches_a_deleted_barrier_before_restaging_a_chunk(tmp_path):
 
 
 def test_race_mode_catches_a_deleted_syncwarp_on_the_tensor_core_path(tmp_path):
-    args = ["M=16", "N=16", "K=64", "D=16", "g=0", "dtype=bf16", "train=1", "sms=1"]
+    # fp32 at "medium" (prec=2): the WMMA policy TcPolicy<bf16, float> (fp16/bf16 inputs take mma.sync)
+    args = ["M=16", "N=16", "K=64", "D=16", "g=0", "dtype=f32", "prec=2", "train=1", "sms=1"]
     # TcPolicy::store_o: the warp reads back the fragments it just stored
     src = (emu.CSRC / "common/cuda_tile_policies.cuh").read_text()
     k = src.index("__device__ static __forceinline__ void store_o")

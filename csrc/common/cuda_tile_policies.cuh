@@ -6,6 +6,7 @@
 //   SimtPolicy<T, A>  CUDA-core FMAs, O of 128 features per pass in registers
 #pragma once
 
+#include "common/cuda_mma_sync.cuh"
 #include "common/cuda_utils.cuh"
 
 #ifdef __CUDACC__
@@ -61,6 +62,7 @@ struct TcPolicy {
   static constexpr int kPlanes = 1;  // TcSplitPolicy: 2 (hi and lo parts of every operand)
   static constexpr int NSLOT = 1, OW = DC;  // output columns per pass: O[16 x DC] in registers
   static constexpr bool kOSmem = false;     // TcWide: O in shared memory
+  static constexpr bool kMmaSync = false;   // TcMmaPolicy: ldmatrix / mma.sync instead of WMMA
   // Online-softmax output: the running max may exceed O's reference by this much before O is
   // rescaled (P <= e^8 ~ 3e3 is exact enough in fp16/bf16 and far from fp16's 65504).
   static constexpr float kOSlack = 8.f;
@@ -156,6 +158,102 @@ struct TcPolicy {
           if (row < nrows && d < D) out[row * D + d] = scratch[r * LDS + c] * rs(row);
         }
         __syncwarp();
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// fp16 / bf16 inputs on the tensor cores below the WMMA API (common/cuda_mma_sync.cuh): operands
+// through ldmatrix, products by mma.sync.m16n8k16, accumulators in registers in the documented
+// fragment layout (so the output rescale and store need no round trip through shared memory).
+// Same tiles, staging and shared memory as TcPolicy<T>; for D > DC the host takes
+// TcWide<TcPolicy<T>> (kMmaSync tells maybe_wide).
+template <class T_>
+struct TcMmaPolicy : TcPolicy<T_> {
+  using Base = TcPolicy<T_>;
+  using T = T_;
+  using Base::BN;
+  using Base::DC;
+  using Base::LDS;
+  using Base::LDW;
+  using Base::LDX;
+  static constexpr bool kMmaSync = true;
+  struct SAcc {
+    float v[BN / 16][8];  // the warp's S[16 x BN], 16 x 16 blocks in mma_16x16x16's element order
+  };
+  struct OAcc {
+    float v[DC / 16][8];
+  };
+  template <class A>
+  __device__ static __forceinline__ void zero(A& a) {
+#pragma unroll
+    for (int n = 0; n < int(sizeof(a.v) / sizeof(a.v[0])); ++n)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) a.v[n][i] = 0.f;
+  }
+  // This lane's A fragment of rows 0-15, columns k..k+15 of a row-major tile (ld elements).
+  __device__ static __forceinline__ void load_a(uint32_t (&a)[4], const T* base, int ld, int k, int lane) {
+    ldmatrix_x4<false>(a, base + (lane & 15) * ld + k + 8 * (lane >> 4));
+  }
+  // S[16 x BN] += Qw[16 x klen] @ C[BN x klen]^T: B(k, n) = C[n][k], the C rows read as they are
+  __device__ static __forceinline__ void mma_s(SAcc& acc, const T* sQw, const T* sC, int klen, int lane) {
+    for (int k = 0; k < klen; k += 16) {
+      uint32_t a[4];
+      load_a(a, sQw, LDX, k, lane);
+#pragma unroll
+      for (int n = 0; n < BN / 16; ++n) {
+        uint32_t b[4];  // matrix i: C rows n16 + 8 (i / 2) .., columns k + 8 (i % 2) ..
+        const int i = lane >> 3;
+        ldmatrix_x4<false>(b, sC + (n * 16 + (lane & 7) + 8 * (i >> 1)) * LDX + k + 8 * (i & 1));
+        mma_16x16x16<T>(acc.v[n], a, b);
+      }
+    }
+  }
+  __device__ static __forceinline__ void store_s(const SAcc& acc, float* sSw, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int n = 0; n < BN / 16; ++n)
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        sSw[(g + 8 * ((i >> 1) & 1)) * LDS + n * 16 + 2 * t + (i & 1) + 8 * (i >> 2)] = acc.v[n][i];
+  }
+  // O[16 x DC] += W[16 x BN] @ C[BN x dlen]: B(k, n) = C[k][n], read transposed by ldmatrix
+  __device__ static __forceinline__ void mma_o(OAcc& acc, const T* sWw, const T* sC, int dlen, int lane, int) {
+#pragma unroll
+    for (int kk = 0; kk < BN; kk += 16) {
+      uint32_t a[4];
+      load_a(a, sWw, LDW, kk, lane);
+#pragma unroll
+      for (int n = 0; n < DC / 16; ++n) {
+        if (n * 16 < dlen) {
+          uint32_t b[4];  // matrix i: C rows kk + 8 (i % 2) .., columns n16 + 8 (i / 2) ..
+          const int i = lane >> 3;
+          ldmatrix_x4<true>(b, sC + (kk + (lane & 7) + 8 * (i & 1)) * LDX + n * 16 + 8 * (i >> 1));
+          mma_16x16x16<T>(acc.v[n], a, b);
+        }
+      }
+    }
+  }
+  // O[r, :] *= alpha[r]: each lane holds rows g and g + 8
+  __device__ static __forceinline__ void rescale_o(OAcc& acc, const float* alpha, float*, int, int lane) {
+    const float lo = alpha[lane >> 2], hi = alpha[(lane >> 2) + 8];
+#pragma unroll
+    for (int n = 0; n < DC / 16; ++n)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc.v[n][i] *= ((i >> 1) & 1) ? hi : lo;
+  }
+  template <class RS>
+  __device__ static __forceinline__ void store_o(const OAcc& acc, float*, float* out, int64_t wrow0,
+                                                 int64_t nrows, int64_t d0, int64_t D, int lane, const RS& rs) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int n = 0; n < DC / 16; ++n) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int r = g + 8 * ((i >> 1) & 1);
+        const int64_t row = wrow0 + r, d = d0 + n * 16 + 2 * t + (i & 1) + 8 * (i >> 2);
+        if (row < nrows && d < D) out[row * D + d] = acc.v[n][i] * rs(row);
       }
     }
   }

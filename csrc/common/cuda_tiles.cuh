@@ -33,6 +33,8 @@
 //     fp16 range), so the round trip of O through shared memory is rare; SIMT rescales exactly.
 //
 // The policies (common/cuda_tile_policies.cuh) implement the products:
+//   TcMmaPolicy<half|bf16>: fp16/bf16 inputs, D <= 128 and any D without an output: ldmatrix +
+//                         mma.sync.m16n8k16, register accumulators (common/cuda_mma_sync.cuh).
 //   TcPolicy<half|bf16>:  WMMA 16x16x16 tensor-core fragments with fp32 accumulation,
 //                         BN = 64, DC = 128 (D = 128 in one chunk). TcPolicy<bf16, float>: fp32
 //                         inputs rounded to bf16 as they are staged (fp32 precision "medium").
@@ -473,9 +475,9 @@ inline cudaError_t dispatch_policy(DType dt, const DeviceInfo& dev, int fp32_pre
   const bool tc = dev.major >= 8 && dev.arch >= 80;
   switch (dt) {
     case DType::kF16:
-      return tc ? f(TcPolicy<__half>{}) : f(SimtPolicy<__half, float>{});
+      return tc ? f(TcMmaPolicy<__half>{}) : f(SimtPolicy<__half, float>{});
     case DType::kBF16:
-      return tc ? f(TcPolicy<__nv_bfloat16>{}) : f(SimtPolicy<__nv_bfloat16, float>{});
+      return tc ? f(TcMmaPolicy<__nv_bfloat16>{}) : f(SimtPolicy<__nv_bfloat16, float>{});
     case DType::kF32:
       if (tc && fp32_precision == int(Fp32Precision::kMedium)) return f(TcPolicy<__nv_bfloat16, float>{});
       // split-bf16 stages two planes: only where its largest block (bank_kl's backward) fits;
@@ -495,7 +497,9 @@ inline cudaError_t dispatch_policy(DType dt, const DeviceInfo& dev, int fp32_pre
 template <class Pol, int NQ, class F>
 inline cudaError_t maybe_wide(Pol pol, int64_t D, const DeviceInfo& dev, F&& f) {
   if constexpr (Pol::kTensorCore && !Pol::kOSmem) {
-    if (D > Pol::DC && SmemLayout<TcWide<Pol>, NQ, true>::bytes <= size_t(dev.smem_optin)) return f(TcWide<Pol>{});
+    // TcWide keeps O in shared memory through WMMA fragments: the mma.sync policy widens its WMMA twin
+    using W = TcWide<typename std::conditional<Pol::kMmaSync, TcPolicy<typename Pol::T>, Pol>::type>;
+    if (D > Pol::DC && SmemLayout<W, NQ, true>::bytes <= size_t(dev.smem_optin)) return f(W{});
   }
   return f(pol);
 }
