@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CUDA compile check for CI (no GPU needed; nvcc required):
 #   1. configure + build the CMake target upreid_cuda_kernels: every csrc/*/*_kernel.cu by nvcc
-#      alone, for sm_80 and sm_90 (no torch involved), with ptxas's register report checked by
+#      alone, for sm_75, sm_80 and sm_90 (no torch involved; sm_75: the CUDA-core fallbacks of T4-class
+#      parts must still build), with ptxas's register report checked by
 #      tools/ptxas_report.py (fp32 CUDA-core tile kernels: 3 blocks per SM);
 #   2. compile every csrc/*/*_cuda.cpp torch glue file with the host compiler (-fsyntax-only) against
 #      the installed torch headers and the CUDA runtime headers, with -DUPREID_WITH_CUDA.
@@ -26,9 +27,9 @@ fi
 generator=()
 # ninja prints each command's output whole; make -jN may interleave two ptxas reports
 if command -v ninja >/dev/null 2>&1; then generator=(-G Ninja); else JOBS=1; fi
-echo "== [1/2] nvcc: csrc/*/*_kernel.cu for sm_80, sm_90 (CMake target upreid_cuda_kernels)"
+echo "== [1/2] nvcc: csrc/*/*_kernel.cu for sm_75, sm_80, sm_90 (CMake target upreid_cuda_kernels)"
 if cmake -S . -B "$BUILD_DIR" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
-      -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES="80;90" -DUPREID_WITH_TORCH=OFF \
+      -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES="75;80;90" -DUPREID_WITH_TORCH=OFF \
       -DCMAKE_CUDA_FLAGS="-Xptxas -v" \
       >"$LOG/configure.log" 2>&1 || { cat "$LOG/configure.log"; false; }; then
   # A clean build, so that ptxas reports every kernel (its -v output is the register report below).
@@ -90,7 +91,7 @@ else
 fi
 
 if [ "${#failed[@]}" -eq 0 ]; then
-  echo "cuda_compile_check: OK (kernels for sm_80+sm_90, glue files)"
+  echo "cuda_compile_check: OK (kernels for sm_75+sm_80+sm_90, glue files)"
   exit 0
 fi
 echo "cuda_compile_check: FAIL (${failed[*]})"

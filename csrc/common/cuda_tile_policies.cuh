@@ -280,7 +280,10 @@ struct TcSplitPolicy : TcPolicy<__nv_bfloat16, float> {
     wrow[kWLo + c] = convert<T>(w - to_acc<float>(hi));
   }
   // S[16 x BN] += Qw[16 x klen] @ C[BN x klen]^T, three products per fragment pair
-  __device__ static __forceinline__ void mma_s(SAcc& acc, const T* sQw, const T* sC, int klen, int) {
+  // (function templates, so that a build for pre-sm_80 parts, where bf16 WMMA fragments are
+  // incomplete types, never instantiates them)
+  template <class SA>
+  __device__ static __forceinline__ void mma_s(SA& acc, const T* sQw, const T* sC, int klen, int) {
     for (int k = 0; k < klen; k += 16) {
       FragA a, al;
       nvcuda::wmma::load_matrix_sync(a, sQw + k, LDX);
@@ -297,7 +300,8 @@ struct TcSplitPolicy : TcPolicy<__nv_bfloat16, float> {
     }
   }
   // O[16 x DC] += W[16 x BN] @ C[BN x dlen], three products per fragment pair
-  __device__ static __forceinline__ void mma_o(OAcc& acc, const T* sWw, const T* sC, int dlen, int, int) {
+  template <class OA>
+  __device__ static __forceinline__ void mma_o(OA& acc, const T* sWw, const T* sC, int dlen, int, int) {
 #pragma unroll
     for (int kk = 0; kk < BN; kk += 16) {
       FragA a, al;
