@@ -139,6 +139,16 @@ def test_race_mode_catches_a_deleted_syncwarp_on_the_tensor_core_path(tmp_path):
     _assert_deletion_races(tmp_path, "info_nce", args, "common/cuda_tile_policies.cuh", "        __syncwarp();", occurrence)
 
 
+def test_race_mode_catches_a_deleted_syncwarp_on_the_mma_sync_path(tmp_path):
+    """bf16 inputs (ldmatrix / mma.sync): the epilogue's lanes write W, then ldmatrix hands every lane
+    other lanes' W elements for the output product; without the __syncwarp between them, a race."""
+    args = ["M=16", "N=16", "K=64", "D=16", "g=0", "dtype=bf16", "cc=9", "train=1", "sms=1"]
+    src = (emu.CSRC / "common/cuda_tiles.cuh").read_text()
+    k = src.index("epi.tile(sS, sW, c0, wrow0, lane);")
+    occurrence = src[:k].count("      __syncwarp();\n")  # the one right after the epilogue
+    _assert_deletion_races(tmp_path, "info_nce", args, "common/cuda_tiles.cuh", "      __syncwarp();", occurrence)
+
+
 def test_race_mode_catches_a_cp_async_copy_into_a_buffer_still_read(tmp_path):
     """The pipelined column tiles (bf16, D = 128, full tiles, two splits of 3 and 4 tiles): without the
     end-of-tile barrier, a thread's prefetch of tile t + 2 overwrites the buffer other warps still
