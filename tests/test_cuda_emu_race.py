@@ -150,10 +150,11 @@ def test_race_mode_catches_a_deleted_syncwarp_on_the_mma_sync_path(tmp_path):
 
 
 def test_race_mode_catches_a_cp_async_copy_into_a_buffer_still_read(tmp_path):
-    """The pipelined column tiles (bf16, D = 128, full tiles, two splits of 3 and 4 tiles): without the
-    end-of-tile barrier, a thread's prefetch of tile t + 2 overwrites the buffer other warps still
-    read for tile t (the emulator poisons a copy's destination when it is issued)."""
-    args = ["M=20", "K=448", "D=128", "dtype=bf16", "cc=9", "sms=1"]
+    """The pipelined column tiles (bf16, D = 64: every row piece a copy, full tiles, two splits of 3
+    and 4 tiles): without the end-of-tile barrier, a thread's prefetch of tile t + 2 overwrites the
+    buffer other warps still read for tile t (the emulator poisons a copy's destination when it is
+    issued)."""
+    args = ["M=16", "K=448", "D=64", "dtype=bf16", "cc=9", "sms=1"]
     _assert_deletion_races(tmp_path, "bank_kl", args, "common/cuda_tiles.cuh", "__syncthreads();  // sC, sQ and the column")
 
 
