@@ -288,6 +288,7 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
           for (int k = 0; k < NQ; ++k) load_rows<Pol, kBM>(sQ[k], qsrc[k], row0, D, d0, vec, tid);
         }
         T* sCd = sC + (dc % NSLOT) * CSLOT;
+        bool copied = false;  // the chunk came by cp.async
         if constexpr (Pol::kAsync) {
           if (pipe && dc == 0) {
             // The other buffer was last read by tile t - 1, which every thread has left (its end
@@ -299,12 +300,10 @@ __device__ __forceinline__ void run_tiles(unsigned char* smem, const RowSrc (&qs
             if (t + 1 < t_end) load_rows_async<Pol, BN>(sCb[sC == sCb[0]], csrc, c0 + BN, D, 0, tid);
             __pipeline_commit();
             __pipeline_wait_prior(1);  // this thread's copies of tile t have landed
-          } else {
-            load_rows<Pol, BN>(sCd, csrc, c0, D, d0, vec, tid);
+            copied = true;
           }
-        } else {
-          load_rows<Pol, BN>(sCd, csrc, c0, D, d0, vec, tid);
         }
+        if (!copied) load_rows<Pol, BN>(sCd, csrc, c0, D, d0, vec, tid);
         __syncthreads();  // every thread's copies and stores of the chunk are visible
         const int64_t rem = D - d0;
         const int kraw = rem <= 0 ? 0 : (rem < DC ? int(rem) : DC);

@@ -53,6 +53,14 @@ __device__ __forceinline__ double fma_t<double>(double a, double b, double c) { 
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
+// d2(i, j) = |x_i|^2 + |x_j|^2 - 2 x_i.x_j from the dot product, clamped at 0 (rounding can push a
+// tiny distance below zero); every path that forms a distance from features goes through it.
+template <class T>
+__device__ __forceinline__ T sq_distance(T dot, T sq_i, T sq_j) {
+  const T d = fma_t(T(-2), dot, sq_i + sq_j);
+  return d > T(0) ? d : T(0);
+}
+
 template <class T>
 __device__ __forceinline__ bool before(T v, int j, T w, int k) {
   return v < w || (v == w && j < k);
@@ -274,7 +282,7 @@ __global__ void nb_init_kernel(RerankParams p) {
 
 // Loads the state of panel rows i0 .. i0 + kNbM - 1 into slots slot0 ... (the caller synchronises).
 template <class T, class S>
-__device__ __forceinline__ void load_rows(const RerankParams& p, S& s, int slot0, int64_t i0) {
+__device__ __forceinline__ void load_row_states(const RerankParams& p, S& s, int slot0, int64_t i0) {
   const int64_t K = p.K;
   for (int t = threadIdx.x; t < kNbM; t += blockDim.x) {
     const int64_t i = i0 + t;
@@ -384,12 +392,7 @@ __device__ __forceinline__ void simt_distance_tile(const RerankParams& p, NbSmem
     for (int v = 0; v < 4; ++v) {
       const int r = ty + 16 * u, c = tx + 16 * v;
       const int64_t i = i0 + r, j = j0 + c;
-      T d = T(0);
-      if (i < N && j < N && i != j) {
-        d = fma_t(T(-2), acc[u][v], sq[i] + sq[j]);
-        d = d > T(0) ? d : T(0);  // rounding can push a tiny distance below zero
-      }
-      s.u.D[r][c] = d;
+      s.u.D[r][c] = i < N && j < N && i != j ? sq_distance(acc[u][v], sq[i], sq[j]) : T(0);
     }
   }
   __syncthreads();
@@ -446,12 +449,7 @@ __device__ __forceinline__ void tc_distance_tile(const RerankParams& p, NbTcSmem
   for (int e = tid; e < kNbM * kNbN; e += kNbThreads) {
     const int r = e / kNbN, c = e % kNbN;
     const int64_t i = i0 + r, j = j0 + c;
-    float d = 0.f;
-    if (i < N && j < N && i != j) {
-      d = fma_t(-2.f, s.u.D[r][c], sq[i] + sq[j]);
-      d = d > 0.f ? d : 0.f;
-    }
-    s.u.D[r][c] = d;
+    s.u.D[r][c] = i < N && j < N && i != j ? sq_distance(s.u.D[r][c], sq[i], sq[j]) : 0.f;
   }
   __syncthreads();
 #else
@@ -476,8 +474,8 @@ __global__ void __launch_bounds__(kNbThreads) pair_neighbors_kernel(RerankParams
   if (round >= 0) rerank_panel_pair(panels, round, blockIdx.x, &a, &b);
   if (b >= panels) return;  // a bye (odd panel count): the whole block leaves before any barrier
   const int64_t i0 = a * kNbM, j0 = b * kNbN;
-  load_rows<T>(p, s, 0, i0);
-  if (a != b) load_rows<T>(p, s, kNbM, j0);
+  load_row_states<T>(p, s, 0, i0);
+  if (a != b) load_row_states<T>(p, s, kNbM, j0);
   if constexpr (kTc) {
     tc_distance_tile(p, s, i0, j0);
   } else {
@@ -500,7 +498,7 @@ __global__ void __launch_bounds__(kNbThreads) dense_neighbors_kernel(RerankParam
   const int tid = threadIdx.x;
   const int64_t N = p.N, Q = p.Q;
   const int64_t i0 = int64_t(blockIdx.x) * kNbM;
-  load_rows<T>(p, s, 0, i0);
+  load_row_states<T>(p, s, 0, i0);
   for (int64_t j0 = 0; j0 < N; j0 += kNbN) {
     // Tiles inside q_g are contiguous along j; every other block is contiguous along i.
     const bool along_j = i0 + kNbM <= Q && j0 >= Q;
@@ -566,8 +564,7 @@ __device__ T lookup(const RerankParams& p, int64_t i, int j, int lane) {
     const T* x = static_cast<const T*>(p.x);
     const T* sq = static_cast<const T*>(p.sq);
     const T dot = warp_dot<T, T>(x + i * p.D, x + int64_t(j) * p.D, p.D, lane);
-    const T d = fma_t(T(-2), dot, sq[i] + sq[j]);
-    return d > T(0) ? d : T(0);
+    return sq_distance(dot, sq[i], sq[j]);
   }
 }
 
