@@ -60,7 +60,10 @@ DEFAULT_VARIANTS = ["random", "moco", "moco+gc", "moco+ic", "upreid"]
 CSV = Path(__file__).resolve().parent / "results" / "study_pretrain.csv"
 FIELDS = ["timestamp", "commit", "device", "torch", "threads", "scale", "variant", "seed", "mAP", "Rank-1",
           "mAP_rerank", "Rank-1_rerank", "pretrain_s", "finetune_s", "pretrain_steps", "finetune_steps",
-          "frozen_mAP", "probe_mAP"]
+          "frozen_mAP", "probe_mAP", "probe_bn_mAP"]
+PROBE_CSV = Path(__file__).resolve().parent / "results" / "study_probe_bn.csv"
+PROBE_FIELDS = ["timestamp", "commit", "device", "torch", "threads", "scale", "variant", "seed", "trunk",
+                "frozen_mAP", "probe_mAP", "probe_bn_mAP"]
 
 
 def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool, rerank: dict) -> dict:
@@ -68,8 +71,6 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool
     from upreid.engine.demo import finetune_overrides, pretrain_overrides
     from upreid.engine.finetune import finetune
     from upreid.engine.pretrain import export_backbone, pretrain
-    from upreid.data.datasets import synth
-    from upreid.evaluation.baselines import frozen_trunk_baseline
 
     run = os.path.join(work, f"{variant}_s{seed}")
     prog = [] if progress else ["train.progress=false"]
@@ -86,8 +87,7 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool
     if trunk is None:       # the random initialisation's trunk, probed like the pre-trained ones
         trunk = os.path.join(run, "random_trunk.pt")
         write_random_trunk(trunk, scale, seed)
-    probe = frozen_trunk_baseline(synth(data), trunk, scale.pretrain_height, scale.pretrain_width,
-                                  flip=scale.flip_test, device=scale.device, linear_probe=True)
+    probes = probe_trunk(scale, data, trunk)
     t = time.perf_counter()
     fcfg = load_config("finetune", None, finetune_overrides(scale, data, os.path.join(run, "finetune"), init, seed,
                                                             rerank=rerank) + ["eval.ranklist_queries=0"] + prog)
@@ -97,7 +97,23 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool
             "mAP_rerank": r["rerank"]["mAP"], "Rank-1_rerank": r["rerank"]["Rank-1"], "pretrain_s": round(pre_s, 1),
             "finetune_s": round(time.perf_counter() - t, 1),
             "pretrain_steps": scale.pretrain_steps if init else 0, "finetune_steps": s["step"],
-            "frozen_mAP": probe["plain"]["mAP"], "probe_mAP": probe["lda"]["mAP"]}
+            **probes}
+
+
+def probe_trunk(scale, data: str, trunk: str) -> dict:
+    """The frozen trunk before fine-tuning: nearest-neighbour mAP of its pooled features and the linear
+    probe's (LDA fitted on the training split), with its stored BatchNorm statistics (``probe_mAP``) and
+    with them re-estimated on the unlabeled images (``probe_bn_mAP``), which compares trunks by their
+    weights alone: a random trunk's stored statistics are mean 0 / variance 1, a pre-trained one's an
+    EMA over augmented views."""
+    from upreid.data.datasets import synth, unlabeled
+    from upreid.evaluation.baselines import frozen_trunk_baseline
+    ds = synth(data)
+    kw = dict(flip=scale.flip_test, device=scale.device, linear_probe=True)
+    a = frozen_trunk_baseline(ds, trunk, scale.pretrain_height, scale.pretrain_width, **kw)
+    b = frozen_trunk_baseline(ds, trunk, scale.pretrain_height, scale.pretrain_width,
+                              bn_records=unlabeled(os.path.join(data, "unlabeled"), progress=False).train, **kw)
+    return {"frozen_mAP": a["plain"]["mAP"], "probe_mAP": a["lda"]["mAP"], "probe_bn_mAP": b["lda"]["mAP"]}
 
 
 def write_random_trunk(path: str, scale, seed: int) -> None:
@@ -110,33 +126,39 @@ def write_random_trunk(path: str, scale, seed: int) -> None:
     ckpt_io.save_backbone(path, net.state_dict(), depth=scale.pretrain_depth, width=scale.width, last_stride=1)
 
 
-def append_csv(path: str, row: dict) -> None:
-    """Append ``row`` under the FIELDS header; a file written with fewer columns (an older version of
-    this script) is rewritten first with the full header, its rows' new cells left empty."""
+def scale_tag(name: str, scale) -> str:
+    """The ``scale`` column: the scale's name and every setting of its recipe, so that rows of an older
+    recipe are told apart."""
+    return f"{name}:" + ",".join(f"{k}={v}" for k, v in dataclasses.asdict(scale).items())
+
+
+def append_csv(path: str, row: dict, fields: list = FIELDS) -> None:
+    """Append ``row`` under the ``fields`` header; a file written with fewer columns (an older version
+    of this script) is rewritten first with the full header, its rows' new cells left empty."""
     if os.path.exists(path) and os.path.getsize(path) > 0:
         with open(path, newline="") as f:
             old = list(csv.DictReader(f))
             f.seek(0)
             header = next(csv.reader(f))
-        if header != FIELDS:
-            unknown = sorted(set(header) - set(FIELDS))
+        if header != fields:
+            unknown = sorted(set(header) - set(fields))
             if unknown:
                 raise ValueError(f"{path}: columns {unknown} are not this script's; pass another --csv")
             tmp = path + ".tmp"
             with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=FIELDS)
+                w = csv.DictWriter(f, fieldnames=fields)
                 w.writeheader()
                 w.writerows(old)
             os.replace(tmp, path)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
-        w.writerow({k: row.get(k, "") for k in FIELDS})
+        w.writerow({k: row.get(k, "") for k in fields})
 
 
-KEYS = ("mAP", "Rank-1", "mAP_rerank", "Rank-1_rerank", "frozen_mAP", "probe_mAP")
+KEYS = ("mAP", "Rank-1", "mAP_rerank", "Rank-1_rerank", "frozen_mAP", "probe_mAP", "probe_bn_mAP")
 
 
 def _values(rows: list, variant: str, key: str) -> list:
@@ -179,7 +201,7 @@ def differences(rows: list, pairs=None) -> str:
     for a, b in pairs:
         if a not in present or b not in present:
             continue
-        for k in ("mAP", "Rank-1", "probe_mAP"):
+        for k in ("mAP", "Rank-1", "probe_mAP", "probe_bn_mAP"):
             x, y = _values(rows, a, k), _values(rows, b, k)
             if len(x) < 2 or len(y) < 2:
                 continue
@@ -249,6 +271,10 @@ def main(argv=None) -> int:
     ap.add_argument("--progress", action="store_true", help="progress bars of every run")
     ap.add_argument("--plot", default=None, help="bar chart PNG of the study (default: --work/study.png)")
     ap.add_argument("--table", default=None, help="markdown table of the study (default: --work/table.md)")
+    ap.add_argument("--reprobe", action="store_true",
+                    help="run nothing new: probe the trunks of the finished runs under --work (random: a "
+                         "fresh seeded trunk) with stored and re-estimated BN statistics; rows to --probe-csv")
+    ap.add_argument("--probe-csv", default=str(PROBE_CSV), help="CSV of --reprobe's rows")
     ap.add_argument("--report", action="store_true",
                     help="run nothing: table and chart from the CSV's rows at the scale's current recipe")
     args = ap.parse_args(argv)
@@ -256,7 +282,7 @@ def main(argv=None) -> int:
 
     from upreid.engine import demo
     scale = {"cpu": demo.CPU, "gpu": demo.GPU, "tiny": demo.TINY}[args.scale]
-    scale_name = f"{args.scale}:" + ",".join(f"{k}={v}" for k, v in dataclasses.asdict(scale).items())
+    scale_name = scale_tag(args.scale, scale)
     if args.report:
         rows = [r for r in csv_rows(args.csv, scale_name)
                 if r["seed"] in args.seeds and (args.variants is None or r["variant"] in args.variants)]
@@ -265,6 +291,8 @@ def main(argv=None) -> int:
             return 1
         return _report(rows, args, len({r["seed"] for r in rows}))
     args.variants = args.variants or DEFAULT_VARIANTS
+    if args.reprobe:
+        return _reprobe(args, scale, scale_name)
 
     from upreid.data.datasets import synth
     from upreid.data.synthetic import generate
@@ -294,6 +322,48 @@ def main(argv=None) -> int:
                   f"(re-rank {100 * row['mAP_rerank']:.2f}) in {time.perf_counter() - t:.0f} s", flush=True)
     rows = [r for r in done if r["variant"] in args.variants and r["seed"] in args.seeds]
     return _report(rows, args, len(args.seeds))
+
+
+def _reprobe(args, scale, scale_name: str) -> int:
+    """Probe again, with stored and with re-estimated BN statistics, every trunk of ``--variants`` x
+    ``--seeds`` that ``--work`` still holds (random: written afresh from its seed); one row each in
+    ``--probe-csv``, and a table of both probes per variant."""
+    data = os.path.join(args.work, "data")
+    if not os.path.exists(os.path.join(data, "meta.json")):
+        print(f"{args.work}: no study data here (run the study first)")
+        return 1
+    env, rows = env_fields(scale.device), []
+    for variant in args.variants:
+        for seed in args.seeds:
+            run = os.path.join(args.work, f"{variant}_s{seed}")
+            trunk = os.path.join(run, "random_trunk.pt" if VARIANTS[variant] is None else "backbone.pt")
+            if VARIANTS[variant] is None:
+                os.makedirs(run, exist_ok=True)
+                write_random_trunk(trunk, scale, seed)
+            elif not os.path.exists(trunk):
+                print(f"{variant} seed {seed}: no trunk at {trunk}; skipped")
+                continue
+            row = {"scale": scale_name, "variant": variant, "seed": seed, "trunk": os.path.relpath(trunk, args.work),
+                   **probe_trunk(scale, data, trunk)}
+            rows.append(row)
+            if args.probe_csv:
+                append_csv(args.probe_csv, {**env, **row}, PROBE_FIELDS)
+            print(f"{variant} seed {seed}: probe {100 * row['probe_mAP']:.2f} (stored BN), "
+                  f"{100 * row['probe_bn_mAP']:.2f} (BN re-estimated)", flush=True)
+    out = ["| trunk | seeds | probe mAP, stored BN | probe mAP, BN re-estimated on the unlabeled images |",
+           "|---|---|---|---|"]
+    for variant in args.variants:
+        cells = []
+        for k in ("probe_mAP", "probe_bn_mAP"):
+            vals = _values(rows, variant, k)
+            if not vals:
+                break
+            sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+            cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f} ({', '.join(f'{x:.2f}' for x in vals)})")
+        if cells:
+            out.append(f"| {variant} | {len(_values(rows, variant, 'probe_mAP'))} | " + " | ".join(cells) + " |")
+    print("\n".join(out))
+    return 0
 
 
 def _report(rows: list, args, seeds: int) -> int:

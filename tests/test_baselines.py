@@ -128,3 +128,38 @@ def test_frozen_trunk_row_scores_an_exported_trunk(tmp_path, synth_root):
         assert res[mode]["mAP"] == pytest.approx(ref[mode]["mAP"], abs=1e-6)
         np.testing.assert_allclose(res[mode]["cmc"], ref[mode]["cmc"], atol=1e-6)
         assert len(res[mode]["cmc"]) == 20
+
+
+def test_recalibrate_bn_sets_population_statistics_and_restores_the_model(synth_root):
+    """Precise BN: every BatchNorm's running statistics become the average of its batch statistics over
+    the images (mean, unbiased variance), the weights stay, momenta and train/eval modes are restored."""
+    import torch
+    from upreid.data.datasets import synth
+    from upreid.data.loader import build_loader
+    from upreid.evaluation.extract import recalibrate_bn
+    from upreid.models.resnet import ResNet
+    torch.manual_seed(0)
+    net = ResNet(18, last_stride=1, width=8).eval()
+    net.layer1[0].bn1.momentum = 0.3
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    recs = synth(synth_root).train[:8]
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    n = recalibrate_bn(net, recs, height=64, width=32, mean=mean, std=std, batch_size=4, backend="torch",
+                       workers=0, progress=False)
+    assert n == sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert not net.training and not any(m.training for m in net.modules())
+    assert net.layer1[0].bn1.momentum == 0.3 and net.bn1.momentum == 0.1
+    for k, v in net.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), k
+    aug = {"height": 64, "width": 32, "flip_test": False, "mean": mean, "std": std}
+    x = torch.cat([b["images"] for b in build_loader("eval", recs, batch_size=4, backend="torch", device="cpu",
+                                                      aug=aug, workers=0)])
+    with torch.no_grad():
+        y = net.conv1(x)                                   # the first BN's input
+    torch.testing.assert_close(net.bn1.running_mean, y.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    var = (y[:4].var((0, 2, 3), unbiased=True) + y[4:].var((0, 2, 3), unbiased=True)) / 2
+    torch.testing.assert_close(net.bn1.running_var, var, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(net.layer4[1].bn2.running_var, torch.ones_like(net.layer4[1].bn2.running_var))
+    with pytest.raises(ValueError, match="no images"):
+        recalibrate_bn(net, [], height=64, width=32, mean=mean, std=std)

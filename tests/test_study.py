@@ -38,6 +38,19 @@ def test_tiny_study_writes_table_chart_and_resumes(tmp_path, capsys):
     assert sum(1 for _ in open(os.path.join(work, "runs.jsonl"))) == 4
     assert study.main(args) == 0                      # every run is kept: nothing runs again
     assert "seed 0:" not in capsys.readouterr().out
+    rows = [__import__("json").loads(x) for x in open(os.path.join(work, "runs.jsonl"))]
+    assert all(0.0 < r["probe_bn_mAP"] <= 1.0 for r in rows)
+    probe_csv = str(tmp_path / "probe.csv")
+    assert study.main(args[:-2] + ["--reprobe", "--probe-csv", probe_csv]) == 0
+    out = capsys.readouterr().out
+    assert "| random | 2 |" in out and "| moco | 2 |" in out
+    import csv
+    got = {(r["variant"], int(r["seed"])): r for r in csv.DictReader(open(probe_csv))}
+    assert set(got) == {("random", 0), ("random", 1), ("moco", 0), ("moco", 1)}
+    for r in rows:       # the same trunks probed again: the same numbers as the runs recorded
+        g = got[(r["variant"], r["seed"])]
+        assert float(g["probe_mAP"]) == pytest.approx(r["probe_mAP"], abs=1e-6)
+        assert float(g["probe_bn_mAP"]) == pytest.approx(r["probe_bn_mAP"], abs=1e-6)
 
 
 def test_demo_report_names_a_folder_without_a_demo(tmp_path, capsys):
@@ -98,3 +111,34 @@ def test_report_reads_the_current_recipe_rows_of_the_csv(tmp_path, capsys):
     assert chart.exists() and not (tmp_path / "unused").exists()
     assert study.main(["--report", "--scale", "cpu", "--csv", path, "--table", str(table)]) == 1
     assert "no rows at the current cpu scale" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_oracle_study_pretrains_on_labelled_pools_and_compares_with_the_study(tmp_path, capsys, monkeypatch):
+    """benchmarks/study_oracle.py at the tiny scale with tiny pools: each labelled pool is written
+    (identities disjoint from the demo's, its query and gallery the demo's), pre-trained on, probed and
+    fine-tuned; the table puts the study's rows beside them."""
+    from benchmarks import study_oracle as oracle
+    monkeypatch.setattr(oracle, "POOLS", {"sup-cams": (6, "2-4", "2-4", 1), "exemplar": (None, 1, 2, 1)})
+    work = str(tmp_path / "oracle")
+    from upreid.engine import demo
+    tag = study.scale_tag("tiny", demo.TINY)
+    study_csv = str(tmp_path / "study.csv")
+    for i, m in enumerate((0.2, 0.3)):
+        study.append_csv(study_csv, {"scale": tag, "variant": "random", "seed": i, "mAP": m, "Rank-1": m,
+                                     "frozen_mAP": 0.01, "probe_bn_mAP": 0.05})
+    args = ["--scale", "tiny", "--seeds", "0", "1", "--work", work, "--csv", str(tmp_path / "o.csv"),
+            "--study-csv", study_csv]
+    assert oracle.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| study: random | 2 | 1.00 ± 0.00" in out
+    assert "| sup-cams | 2 |" in out and "| exemplar | 2 |" in out and "| sup-cams | mAP |" in out
+    pool = os.path.join(work, "sup-cams_s0", "pool")
+    names = os.listdir(os.path.join(pool, "bounding_box_train"))
+    assert len({n[:4] for n in names}) == 6 and len({n.split("_")[1][:2] for n in names}) >= 2
+    assert sorted(os.listdir(os.path.join(pool, "query"))) == sorted(os.listdir(os.path.join(work, "data", "query")))
+    ex = os.listdir(os.path.join(work, "exemplar_s0", "pool", "bounding_box_train"))
+    assert len(ex) == 2 * len(os.listdir(os.path.join(work, "data", "unlabeled", "000")))
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "o.csv")))
+    assert len(rows) == 4 and all(0.0 <= float(r["mAP"]) <= 1.0 and int(r["pretrain_steps"]) > 0 for r in rows)

@@ -183,19 +183,24 @@ def score_features(fq, fg, qp, gp, qc, gc, *, metric: str, rerank: dict | None =
 
 def frozen_trunk_baseline(dataset, trunk: str, height: int, width: int, *, last_stride: int = 1,
                           flip: bool = True, rerank: dict | None = None, device: str = "cpu",
-                          linear_probe: bool = False) -> dict:
+                          linear_probe: bool = False, bn_records=None) -> dict:
     """The features of a pre-trained trunk file (global average pooling, no fine-tuning) on
     ``dataset``'s query and gallery, scored like the other rows: what the pre-training alone learned
     about identity, before any label is seen. ``linear_probe``: also ``"lda"``, the metrics of the
     linear metric (as the pixel baseline's) fitted on the training split's features, which shows how
-    much identity the features hold linearly, whatever their raw distances say."""
-    from upreid.evaluation.extract import extract_features
+    much identity the features hold linearly, whatever their raw distances say. ``bn_records``: first
+    re-estimate the trunk's BatchNorm statistics on these images (:func:`recalibrate_bn`), so that
+    trunks compared on the same images differ only by their weights (a random trunk's stored
+    statistics are mean 0 / variance 1, which alone changes what a probe finds)."""
+    from upreid.evaluation.extract import extract_features, recalibrate_bn
     from upreid.evaluation.feature_model import load_feature_model
 
     model, info = load_feature_model(trunk, last_stride=last_stride)
     model.to(device)
     pre = dict(height=height, width=width, mean=info["mean"], std=info["std"], flip=flip, device=device,
                workers=0, progress=False)
+    if bn_records is not None:
+        recalibrate_bn(model, bn_records, **{k: v for k, v in pre.items() if k != "flip"})
     fq, qp, qc = extract_features(model, dataset.query, desc="query features", **pre)
     fg, gp, gc = extract_features(model, dataset.gallery, desc="gallery features", **pre)
     out = score_features(fq, fg, qp, gp, qc, gc, metric="cosine", rerank=rerank)

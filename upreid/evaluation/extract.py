@@ -67,6 +67,45 @@ def features_from_loader(model, loader, *, device, amp: str = "off", progress: b
     return torch.cat(feats)[order], torch.cat(pids)[order].long(), torch.cat(camids)[order].long()
 
 
+@torch.no_grad()
+def recalibrate_bn(model, records, *, height: int, width: int, mean, std, batch_size: int = 128,
+                   backend: str = "auto", device="cpu", workers: int = 2, progress: bool = True) -> int:
+    """Re-estimate every BatchNorm's running mean and variance of ``model`` as the plain average of its
+    batch statistics over ``records`` (un-augmented: the evaluation pipeline's images), the "precise
+    BN" of a trained network; the weights are untouched. Returns the number of BatchNorm layers recalibrated.
+
+    Why: a trunk's stored statistics are bookkeeping, not learning. A random-initialised trunk's are
+    mean 0 / variance 1, a pre-trained one's an EMA over augmented views; a linear probe of their
+    features compares those as much as the weights. Recalibrated on the same images, two trunks
+    differ only by what their weights learned."""
+    from tqdm.auto import tqdm
+    from upreid.data.loader import build_loader
+    if not records:
+        raise ValueError("recalibrate_bn: no images to estimate the BatchNorm statistics on")
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    device = torch.device(device)
+    aug = {"height": height, "width": width, "flip_test": False, "mean": list(mean), "std": list(std)}
+    loader = build_loader("eval", records, batch_size=batch_size, backend=backend, device=device.type, aug=aug,
+                          workers=workers)
+    was_training, saved = model.training, [(m, m.momentum, m.training) for m in bns]
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None            # cumulative moving average: the plain mean over the batches
+            m.train()
+        for batch in tqdm(loader, desc="BN statistics", unit="batch", leave=False, disable=not progress):
+            model(batch["images"].to(device))
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
+        model.train(was_training)
+    return len(bns)
+
+
 def folder_records(root: str) -> list:
     """Every image under ``root`` (a folder tree, or a list file of paths), sorted, with pid and
     0-based camera parsed from Market-style names (-1 where a name does not follow that pattern)."""
