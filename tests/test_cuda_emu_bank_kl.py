@@ -42,13 +42,19 @@ def test_bank_kl_fp32_high_is_much_closer_than_medium():
         assert h * HIGH_VS_MEDIUM <= m, f"{name}: high {h:.3g} vs medium {m:.3g}"
 
 
+def _inputs(case, dev, seed):
+    """Configure the emulated device; student, teacher and bank rows (fp64 unit vectors) of ``case``."""
+    configure("bank_kl", dev)
+    m, k, d = case
+    torch.manual_seed(seed)
+    return feats(m, d, dtype=torch.float64), feats(m, d, dtype=torch.float64), feats(k, d, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("dev", ["sm90", "sm90-1sm"])
 @pytest.mark.parametrize("case", BKL_CASES, ids=lambda c: "M{}K{}D{}".format(*c))
 def test_bank_kl_fp64_matches_reference(case, dev):
-    configure("bank_kl", dev)
-    m, k, d = case
-    torch.manual_seed(1)
-    s, te, bank = feats(m, d, dtype=torch.float64), feats(m, d, dtype=torch.float64), feats(k, d, dtype=torch.float64)
+    s, te, bank = _inputs(case, dev, 1)
+    m = case[0]
     gkl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
     for a, b, name in zip(run_bkl(s, te, bank, 0.1, 0.05, gkl, gls, torch.float64),
                           bkl_exact(s, te, bank, 0.1, 0.05, gkl, gls), ("kl", "lse_s", "lse_t", "grad")):
@@ -59,10 +65,8 @@ def test_bank_kl_fp64_matches_reference(case, dev):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", BKL_CASES[1:5], ids=lambda c: "M{}K{}D{}".format(*c))
 def test_bank_kl_low_precision_tolerance(case, dtype, dev):
-    configure("bank_kl", dev)
-    m, k, d = case
-    torch.manual_seed(2)
-    s, te, bank = feats(m, d, dtype=torch.float64), feats(m, d, dtype=torch.float64), feats(k, d, dtype=torch.float64)
+    s, te, bank = _inputs(case, dev, 2)
+    m = case[0]
     gkl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
     got = run_bkl(s, te, bank, 0.1, 0.1, gkl, gls, dtype)
     ref = bkl_exact(s, te, bank, 0.1, 0.1, gkl, gls)
@@ -79,10 +83,8 @@ def test_bank_kl_low_precision_tolerance(case, dtype, dev):
 def test_bank_kl_train_fp64_matches_reference(case, dev):
     """The training forward (student and teacher rows stacked in one tile pass) and the gradient its
     expected bank vectors give, against fp64."""
-    configure("bank_kl", dev)
-    m, k, d = case
-    torch.manual_seed(1)
-    s, te, bank = feats(m, d, dtype=torch.float64), feats(m, d, dtype=torch.float64), feats(k, d, dtype=torch.float64)
+    s, te, bank = _inputs(case, dev, 1)
+    m = case[0]
     got = eo.bank_kl_train(s, te, bank, 0.1, 0.05)
     ref = bkl_train_exact(s, te, bank, 0.1, 0.05)
     for name, a, b in zip(("kl", "lse_s", "lse_t", "mean_s", "mean_t"), got, ref):
@@ -97,10 +99,8 @@ def test_bank_kl_train_fp64_matches_reference(case, dev):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", BKL_CASES[1:5], ids=lambda c: "M{}K{}D{}".format(*c))
 def test_bank_kl_train_low_precision_tolerance(case, dtype, dev):
-    configure("bank_kl", dev)
-    m, k, d = case
-    torch.manual_seed(2)
-    s, te, bank = feats(m, d, dtype=torch.float64), feats(m, d, dtype=torch.float64), feats(k, d, dtype=torch.float64)
+    s, te, bank = _inputs(case, dev, 2)
+    m = case[0]
     got = eo.bank_kl_train(s.to(dtype), te.to(dtype), bank.to(dtype), 0.1, 0.1)
     ref = bkl_train_exact(s, te, bank, 0.1, 0.1)
     base = reference.bank_kl(s.to(dtype), te.to(dtype), bank.to(dtype), 0.1, 0.1)
