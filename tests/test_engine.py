@@ -64,6 +64,22 @@ def test_checkpoint_of_another_model_is_refused(trained, images, cfg_for):
     assert digest(path) == before
 
 
+def test_checkpoint_older_than_a_setting_resumes_at_that_settings_default(caplog):
+    """A checkpoint written before model.width (or any key) existed lacks it: it is compared as the
+    key's default (the behaviour the code had before), so it resumes under the defaults and is still
+    refused for another width."""
+    from upreid.engine.config import flatten, _nest
+    from upreid.engine.resume import check_resume
+    cfg = load_config("pretrain", TINY, ["data.root=/x"])
+    old = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in ("model.width", "model.bn_groups")}
+    state = {"config": _nest(old)}
+    with caplog.at_level("INFO", logger="upreid.trainer"):
+        assert check_resume("pretrain", state, cfg, "ck.pt") == []
+    assert "predates the settings model.bn_groups, model.width" in caplog.text
+    with pytest.raises(ckpt_io.CheckpointError, match="another model: model.width: checkpoint 64, config 32"):
+        check_resume("pretrain", state, load_config("pretrain", TINY, ["data.root=/x", "model.width=32"]), "ck.pt")
+
+
 def test_changed_settings_are_applied_and_listed(trained, images, cfg_for, tmp_path, caplog):
     out, _ = trained
     run = tmp_path / "run"
