@@ -24,7 +24,6 @@ the table compares each variant with the study's random-init and UP-ReID rows at
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -37,7 +36,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import env_fields  # noqa: E402
 from benchmarks import study_pretrain as study  # noqa: E402
 
 # name: (identities, cameras per identity ("2-4" | 1), images per camera, pre-training epochs)
@@ -178,35 +176,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from upreid.data.datasets import synth
-    from upreid.data.synthetic import generate
     from upreid.engine import demo
-    from upreid.evaluation.rerank_settings import rerank_settings
     scale = {"cpu": demo.CPU, "tiny": demo.TINY}[args.scale]
     scale_name = study.scale_tag(args.scale, scale)
-    os.makedirs(args.work, exist_ok=True)
-    data = os.path.join(args.work, "data")
-    if not os.path.exists(os.path.join(data, "meta.json")):
-        generate(data, demo.synth_config(scale), workers=max(1, min(8, os.cpu_count() or 1)), progress=args.progress)
-    ds = synth(data)
-    rerank = rerank_settings([r.pid for r in ds.query], [r.pid for r in ds.gallery])
-    done_path = os.path.join(args.work, "runs.jsonl")
-    done = [json.loads(x) for x in open(done_path)] if os.path.exists(done_path) else []
-    env = env_fields(scale.device)
-    for seed in args.seeds:
-        for variant in args.variants:
-            if any(r["variant"] == variant and r["seed"] == seed for r in done):
-                continue
-            t = time.perf_counter()
-            row = {"scale": scale_name, **run_one(scale, variant, seed, data, args.work, rerank, args.progress)}
-            done.append(row)
-            with open(done_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if args.csv:
-                study.append_csv(args.csv, {**env, **row}, FIELDS)
-            print(f"{variant} seed {seed}: direct {100 * row['direct_mAP']:.2f}, probe {100 * row['probe_bn_mAP']:.2f}, "
-                  f"fine-tuned mAP {100 * row['mAP']:.2f} in {time.perf_counter() - t:.0f} s", flush=True)
-    rows = [r for r in done if r["variant"] in args.variants and r["seed"] in args.seeds]
+    data, rerank = study.study_data(args.work, scale, args.progress)
+
+    def one(variant, seed):
+        row = run_one(scale, variant, seed, data, args.work, rerank, args.progress)
+        print(f"{variant} seed {seed}: direct {100 * row['direct_mAP']:.2f}, probe {100 * row['probe_bn_mAP']:.2f}, "
+              f"fine-tuned mAP {100 * row['mAP']:.2f}", end="", flush=True)
+        return row
+
+    rows = study.run_resumable(args.work, args.seeds, args.variants, one, scale_name, args.csv, FIELDS, scale.device)
     reference = study.csv_rows(args.study_csv, scale_name) if os.path.exists(args.study_csv) else []
     text = table(rows, reference)
     with open(args.table or os.path.join(args.work, "table.md"), "w") as f:

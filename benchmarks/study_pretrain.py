@@ -294,34 +294,53 @@ def main(argv=None) -> int:
     if args.reprobe:
         return _reprobe(args, scale, scale_name)
 
+    data, rerank = study_data(args.work, scale, args.progress)
+
+    def one(variant, seed):
+        row = run_one(scale, variant, seed, data, args.work, args.progress, rerank)
+        print(f"{variant:8s} seed {seed}: mAP {100 * row['mAP']:.2f}, Rank-1 {100 * row['Rank-1']:.2f} "
+              f"(re-rank {100 * row['mAP_rerank']:.2f})", end="", flush=True)
+        return row
+
+    rows = run_resumable(args.work, args.seeds, args.variants, one, scale_name, args.csv, FIELDS, scale.device)
+    return _report(rows, args, len(args.seeds))
+
+
+def study_data(work: str, scale, progress: bool) -> tuple:
+    """The study's dataset under ``work`` (rendered once, the demo's at ``scale``) and the re-ranking
+    settings for its split: (data folder, {k1, k2, lambda_value, ...})."""
     from upreid.data.datasets import synth
     from upreid.data.synthetic import generate
+    from upreid.engine import demo
     from upreid.evaluation.rerank_settings import rerank_settings
-    os.makedirs(args.work, exist_ok=True)
-    data = os.path.join(args.work, "data")
+    os.makedirs(work, exist_ok=True)
+    data = os.path.join(work, "data")
     if not os.path.exists(os.path.join(data, "meta.json")):
-        generate(data, demo.synth_config(scale), workers=max(1, min(8, os.cpu_count() or 1)), progress=args.progress)
+        generate(data, demo.synth_config(scale), workers=max(1, min(8, os.cpu_count() or 1)), progress=progress)
     ds = synth(data)
-    rerank = rerank_settings([r.pid for r in ds.query], [r.pid for r in ds.gallery])
-    done_path = os.path.join(args.work, "runs.jsonl")
+    return data, rerank_settings([r.pid for r in ds.query], [r.pid for r in ds.gallery])
+
+
+def run_resumable(work: str, seeds, variants, run, scale_name: str, csv_path: str, fields: list, device) -> list:
+    """``run(variant, seed) -> row`` for every seed x variant not yet in ``work/runs.jsonl``; each
+    finished row is kept there (so an interrupted study continues) and appended to ``csv_path`` ('' =
+    none) under ``fields`` with the environment's columns. Returns the rows of these seeds and variants."""
+    done_path = os.path.join(work, "runs.jsonl")
     done = [json.loads(x) for x in open(done_path)] if os.path.exists(done_path) else []
-    env = env_fields(scale.device)
-    for seed in args.seeds:
-        for variant in args.variants:
+    env = env_fields(device)
+    for seed in seeds:
+        for variant in variants:
             if any(r["variant"] == variant and r["seed"] == seed for r in done):
                 continue
             t = time.perf_counter()
-            row = run_one(scale, variant, seed, data, args.work, args.progress, rerank)
-            row["scale"] = scale_name
+            row = {**run(variant, seed), "scale": scale_name}
             done.append(row)
             with open(done_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            if args.csv:
-                append_csv(args.csv, {**env, **row})
-            print(f"{variant:8s} seed {seed}: mAP {100 * row['mAP']:.2f}, Rank-1 {100 * row['Rank-1']:.2f} "
-                  f"(re-rank {100 * row['mAP_rerank']:.2f}) in {time.perf_counter() - t:.0f} s", flush=True)
-    rows = [r for r in done if r["variant"] in args.variants and r["seed"] in args.seeds]
-    return _report(rows, args, len(args.seeds))
+            if csv_path:
+                append_csv(csv_path, {**env, **row}, fields)
+            print(f" in {time.perf_counter() - t:.0f} s", flush=True)
+    return [r for r in done if r["variant"] in variants and r["seed"] in seeds]
 
 
 def _reprobe(args, scale, scale_name: str) -> int:
