@@ -217,3 +217,29 @@ def test_odd_but_valid_files_decode_as_meant(recs, tmp_path):
     assert decode_pil(files["exif_rotated"]).size == (src.height, src.width)     # rotated by the EXIF tag
     grey = np.asarray(decode_pil(files["png16"]))
     assert grey.min() == grey.max() == 0x80                                      # scaled, not saturated
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_whole_bad_batch_stops_a_ddp_rank_and_is_skipped_alone(bad_recs, backend):
+    """on_bad_image='skip': a batch whose every image fails is skipped by a single process, but under
+    DDP that rank would fall a step behind the others for the rest of the run, so it stops and names
+    the files."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    records, files = bad_recs
+    recs = records[:1] + [r for r in records if r.path in files.values()]        # 1 good, the rest bad
+    kw = dict(batch_size=1, backend=backend, device="cpu", on_bad_image="skip", aug={"height": 64, "width": 32})
+    if backend == "torch":
+        kw["workers"] = 0
+    single = build_loader("pretrain", recs, **kw)
+    assert sum(len(b["index"]) for b in single) == 1 and single.summary["skipped"] == len(recs) - 1
+    raised = 0
+    for rank in (0, 1):
+        L = build_loader("pretrain", recs, rank=rank, world=2, **kw)
+        try:
+            list(L)
+        except BadImageError as e:
+            raised += 1
+            assert f"rank {rank} of 2" in str(e) and "cannot drop a whole batch under DDP" in str(e)
+            assert e.path in files.values()
+    assert raised >= 1           # each rank holds half of 5 images, 4 of them bad

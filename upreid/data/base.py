@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterator, List, Sequence
 
-from .imageio import check_policy
+from .imageio import BadImageError, check_policy
 from .records import Record
 
 log = logging.getLogger("upreid.data")
@@ -76,6 +76,17 @@ class BaseLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def _whole_batch_failed(self, paths: List[str]) -> None:
+        """Every image of one batch failed (``on_bad_image='skip'``). One process skips the batch: its
+        step takes the next one. Under DDP that rank would then take every later step one batch ahead
+        of the others and end its epochs a step early (epoch-end checkpoints and evaluations at
+        different steps on different ranks), so stop there and name the files."""
+        if self.world > 1:
+            raise BadImageError(paths[0], f"every image of a {self.kind} batch on rank {self.rank} of {self.world} "
+                                f"failed ({len(paths)}: {paths[:4]})",
+                                hint="on_bad_image='skip' cannot drop a whole batch under DDP, where the ranks "
+                                     "must step together: fix or remove these files")
 
     def _finish_epoch(self, samples: int, batches: int, skipped: List[str]) -> None:
         self.summary = {"epoch": self.epoch, "samples": samples, "batches": batches,

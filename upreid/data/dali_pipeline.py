@@ -88,6 +88,7 @@ class _Source:
                     self.skipped.append(recs[i].path)
             if keep:
                 break
+            self.loader._whole_batch_failed([recs[i].path for i in idx])
         self.fed.append(keep)
         out = (enc, [np.array(i, np.int64) for i in keep])
         if self.loader.kind == "pretrain":        # labels are not used: do not ship them

@@ -21,9 +21,10 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 class BadImageError(RuntimeError):
     """An image file that cannot be read or decoded."""
 
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"bad image {path!r}: {reason} (pass on_bad_image='skip' to skip such files; "
-                         f"they are counted in the epoch summary)")
+    def __init__(self, path: str, reason: str, hint: str | None = None):
+        super().__init__(f"bad image {path!r}: {reason} ("
+                         + (hint or "pass on_bad_image='skip' to skip such files; they are counted in the epoch "
+                            "summary") + ")")
         self.path, self.reason = path, reason
 
 

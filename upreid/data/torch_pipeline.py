@@ -127,8 +127,10 @@ class TorchLoader(BaseLoader):
     def __iter__(self) -> Iterator[dict]:
         samples, n_batches, skipped = 0, 0, []
         for batch in self._dataloader():
-            skipped += batch.pop("_skipped")
+            bad = batch.pop("_skipped")
+            skipped += bad
             if not batch:
+                self._whole_batch_failed(bad)
                 continue
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             samples += len(batch["index"])
