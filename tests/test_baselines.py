@@ -130,7 +130,7 @@ def test_frozen_trunk_row_scores_an_exported_trunk(tmp_path, synth_root):
         assert len(res[mode]["cmc"]) == 20
 
 
-def test_recalibrate_bn_sets_population_statistics_and_restores_the_model(synth_root):
+def test_recalibrate_bn_sets_population_statistics_and_restores_the_model(synth_root, tmp_path):
     """Precise BN: every BatchNorm's running statistics become the average of its batch statistics over
     the images (mean, unbiased variance), the weights stay, momenta and train/eval modes are restored."""
     import torch
@@ -163,3 +163,15 @@ def test_recalibrate_bn_sets_population_statistics_and_restores_the_model(synth_
     assert not torch.allclose(net.layer4[1].bn2.running_var, torch.ones_like(net.layer4[1].bn2.running_var))
     with pytest.raises(ValueError, match="no images"):
         recalibrate_bn(net, [], height=64, width=32, mean=mean, std=std)
+    # a bad image midway: the error names it, and the statistics of before are put back
+    from upreid.data.imageio import BadImageError
+    from upreid.data.records import Record
+    from upreid.data.testing import corrupt_files
+    bad = next(iter(corrupt_files(str(tmp_path)).values()))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(BadImageError, match=bad.replace(".", r"\.")):
+        recalibrate_bn(net, recs[:4] + [Record(bad, 0, 0)], height=64, width=32, mean=mean, std=std, batch_size=4,
+                       backend="torch", workers=0, progress=False)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert net.bn1.momentum == 0.1 and not net.training

@@ -50,30 +50,44 @@ def _inputs(case, dev, seed):
     return feats(m, d, dtype=torch.float64), feats(m, d, dtype=torch.float64), feats(k, d, dtype=torch.float64)
 
 
+def _upstream(m):
+    """Upstream gradients of the KL and of the student's logsumexp (fp64, one per row)."""
+    return torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+
+
+def _torch_bank_kl(s, te, bank, dtype, gkl, gls):
+    """Plain PyTorch's (kl, lse_s, lse_t, student gradient) in ``dtype``: the baseline the tolerance
+    rule compares the kernels' error with."""
+    sd = s.to(dtype).clone().requires_grad_()
+    kl, ls, lt = reference.bank_kl(sd, te.to(dtype), bank.to(dtype), 0.1, 0.1)
+    (kl.double() * gkl + ls.double() * gls).sum().backward()
+    return kl, ls, lt, sd.grad
+
+
+def _low_precision(test):
+    """fp32 / fp16 / bf16 on the tensor-core (sm90) and the older (sm75) paths, four shapes."""
+    test = pytest.mark.parametrize("case", BKL_CASES[1:5], ids=lambda c: "M{}K{}D{}".format(*c))(test)
+    test = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)(test)
+    return pytest.mark.parametrize("dev", ["sm90", "sm75"])(test)
+
+
 @pytest.mark.parametrize("dev", ["sm90", "sm90-1sm"])
 @pytest.mark.parametrize("case", BKL_CASES, ids=lambda c: "M{}K{}D{}".format(*c))
 def test_bank_kl_fp64_matches_reference(case, dev):
     s, te, bank = _inputs(case, dev, 1)
-    m = case[0]
-    gkl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    gkl, gls = _upstream(case[0])
     for a, b, name in zip(run_bkl(s, te, bank, 0.1, 0.05, gkl, gls, torch.float64),
                           bkl_exact(s, te, bank, 0.1, 0.05, gkl, gls), ("kl", "lse_s", "lse_t", "grad")):
         assert max_err(a, b) < 1e-9, f"{name}: {max_err(a, b):.3g}"
 
 
-@pytest.mark.parametrize("dev", ["sm90", "sm75"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", BKL_CASES[1:5], ids=lambda c: "M{}K{}D{}".format(*c))
+@_low_precision
 def test_bank_kl_low_precision_tolerance(case, dtype, dev):
     s, te, bank = _inputs(case, dev, 2)
-    m = case[0]
-    gkl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    gkl, gls = _upstream(case[0])
     got = run_bkl(s, te, bank, 0.1, 0.1, gkl, gls, dtype)
     ref = bkl_exact(s, te, bank, 0.1, 0.1, gkl, gls)
-    sd = s.to(dtype).clone().requires_grad_()
-    kl, ls, lt = reference.bank_kl(sd, te.to(dtype), bank.to(dtype), 0.1, 0.1)
-    (kl.double() * gkl + ls.double() * gls).sum().backward()
-    base = (kl, ls, lt, sd.grad)
+    base = _torch_bank_kl(s, te, bank, dtype, gkl, gls)
     for name, a, b, c, scale in zip(("kl", "lse_s", "lse_t", "grad"), got, ref, base, (1, 10, 10, 1)):
         assert_tolerance(a, b, c, default_atol(dtype, scale), f"{name} {dtype}")
 
@@ -84,23 +98,19 @@ def test_bank_kl_train_fp64_matches_reference(case, dev):
     """The training forward (student and teacher rows stacked in one tile pass) and the gradient its
     expected bank vectors give, against fp64."""
     s, te, bank = _inputs(case, dev, 1)
-    m = case[0]
     got = eo.bank_kl_train(s, te, bank, 0.1, 0.05)
     ref = bkl_train_exact(s, te, bank, 0.1, 0.05)
     for name, a, b in zip(("kl", "lse_s", "lse_t", "mean_s", "mean_t"), got, ref):
         assert a.dtype == torch.float64 and a.shape == b.shape, name
         assert max_err(a, b) < 1e-9, f"{name}: {max_err(a, b):.3g}"
-    gkl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    gkl, gls = _upstream(case[0])
     grad = bkl_train_grad(gkl, gls, got[3], got[4], 0.1)
     assert max_err(grad, bkl_exact(s, te, bank, 0.1, 0.05, gkl, gls)[3]) < 1e-9
 
 
-@pytest.mark.parametrize("dev", ["sm90", "sm75"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", BKL_CASES[1:5], ids=lambda c: "M{}K{}D{}".format(*c))
+@_low_precision
 def test_bank_kl_train_low_precision_tolerance(case, dtype, dev):
     s, te, bank = _inputs(case, dev, 2)
-    m = case[0]
     got = eo.bank_kl_train(s.to(dtype), te.to(dtype), bank.to(dtype), 0.1, 0.1)
     ref = bkl_train_exact(s, te, bank, 0.1, 0.1)
     base = reference.bank_kl(s.to(dtype), te.to(dtype), bank.to(dtype), 0.1, 0.1)
@@ -109,12 +119,9 @@ def test_bank_kl_train_low_precision_tolerance(case, dtype, dev):
     for name, a, b in zip(("mean_s", "mean_t"), got[3:], ref[3:]):  # expectations of unit vectors
         assert max_err(a, b) <= default_atol(dtype, 2), name
     # the gradient the training path gives, by the rule against plain PyTorch's gradient
-    gkl, gls = torch.randn(m, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
-    sd = s.to(dtype).clone().requires_grad_()
-    kl, ls, _ = reference.bank_kl(sd, te.to(dtype), bank.to(dtype), 0.1, 0.1)
-    (kl.double() * gkl + ls.double() * gls).sum().backward()
+    gkl, gls = _upstream(case[0])
     assert_tolerance(bkl_train_grad(gkl, gls, got[3], got[4], 0.1), bkl_exact(s, te, bank, 0.1, 0.1, gkl, gls)[3],
-                     sd.grad, default_atol(dtype, 1), f"grad {dtype}")
+                     _torch_bank_kl(s, te, bank, dtype, gkl, gls)[3], default_atol(dtype, 1), f"grad {dtype}")
 
 
 @pytest.mark.parametrize("mode", list(FP32_MODES))

@@ -102,6 +102,7 @@ def save_backbone(path: str, state_dict: dict, *, depth: int, last_stride: int, 
                  "state_dict": state_dict}, path)
     return arch
 
+
 def _read(path: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")

@@ -156,6 +156,11 @@ def base_file(task: str) -> str:
     return path
 
 
+def defaults(task: str) -> dict:
+    """``task``'s defaults as written in its base.yaml, flattened (``{"model.depth": 50, ...}``)."""
+    return {k: v for k, v, _ in _read(base_file(task))}
+
+
 # ------------------------------------------------------------------------------------------ loading
 def suggest(key: str, known: Iterable[str]) -> str:
     known = list(known)

@@ -10,7 +10,7 @@ import logging
 from typing import Mapping
 
 from upreid.engine.checkpoint import CheckpointError
-from upreid.engine.config import _read, base_file, flatten
+from upreid.engine.config import defaults, flatten
 
 log = logging.getLogger("upreid.trainer")
 
@@ -44,7 +44,7 @@ def check_resume(task: str, state: dict, cfg, path: str) -> list:
     now = flatten(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     # A key the checkpoint's config lacks was added to upreid after it was written; a new key's default
     # is the behaviour the code had before it (model.width 64: the published ResNet), so compare that.
-    added = {k: v for k, v, _ in _read(base_file(task)) if k not in saved}
+    added = {k: v for k, v in defaults(task).items() if k not in saved}
     if added:
         log.info("the checkpoint predates the settings %s; taken as their defaults", ", ".join(sorted(added)))
         saved.update(added)

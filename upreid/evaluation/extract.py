@@ -30,12 +30,16 @@ def extract_features(model, records, *, height: int, width: int, mean, std, batc
     """Features ``[N, D]`` (fp32, CPU) of ``records`` in their order, with their pids and camids
     (int64 tensors). ``flip``: average with the features of the mirrored images. ``amp``: 'off',
     'bf16' or 'fp16' autocast."""
-    from upreid.data.loader import build_loader
-    device = torch.device(device)
-    aug = {"height": height, "width": width, "flip_test": flip, "mean": list(mean), "std": list(std)}
-    loader = build_loader("eval", records, batch_size=batch_size, backend=backend, device=device.type, aug=aug,
-                          workers=workers)
+    loader = _eval_loader(records, height, width, mean, std, flip, batch_size, backend, device, workers)
     return features_from_loader(model, loader, device=device, amp=amp, progress=progress, desc=desc)
+
+
+def _eval_loader(records, height, width, mean, std, flip, batch_size, backend, device, workers):
+    """The evaluation pipeline's loader of ``records`` (resized, normalised; ``flip``: mirrored too)."""
+    from upreid.data.loader import build_loader
+    aug = {"height": height, "width": width, "flip_test": flip, "mean": list(mean), "std": list(std)}
+    return build_loader("eval", records, batch_size=batch_size, backend=backend, device=torch.device(device).type,
+                        aug=aug, workers=workers)
 
 
 @torch.no_grad()
@@ -77,19 +81,18 @@ def recalibrate_bn(model, records, *, height: int, width: int, mean, std, batch_
     Why: a trunk's stored statistics are bookkeeping, not learning. A random-initialised trunk's are
     mean 0 / variance 1, a pre-trained one's an EMA over augmented views; a linear probe of their
     features compares those as much as the weights. Recalibrated on the same images, two trunks
-    differ only by what their weights learned."""
+    differ only by what their weights learned. If it fails midway, the stored statistics are put back."""
     from tqdm.auto import tqdm
-    from upreid.data.loader import build_loader
     if not records:
         raise ValueError("recalibrate_bn: no images to estimate the BatchNorm statistics on")
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return 0
-    device = torch.device(device)
-    aug = {"height": height, "width": width, "flip_test": False, "mean": list(mean), "std": list(std)}
-    loader = build_loader("eval", records, batch_size=batch_size, backend=backend, device=device.type, aug=aug,
-                          workers=workers)
+    loader = _eval_loader(records, height, width, mean, std, False, batch_size, backend, device, workers)
     was_training, saved = model.training, [(m, m.momentum, m.training) for m in bns]
+    stats = [{k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running", "num_batches"))}
+             for m in bns]
+    done = False
     try:
         model.eval()
         for m in bns:
@@ -98,8 +101,11 @@ def recalibrate_bn(model, records, *, height: int, width: int, mean, std, batch_
             m.train()
         for batch in tqdm(loader, desc="BN statistics", unit="batch", leave=False, disable=not progress):
             model(batch["images"].to(device))
+        done = True
     finally:
-        for m, momentum, training in saved:
+        for (m, momentum, training), st in zip(saved, stats):
+            if not done:
+                m.load_state_dict(st, strict=False)
             m.momentum = momentum
             m.train(training)
         model.train(was_training)
