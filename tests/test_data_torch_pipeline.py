@@ -1,5 +1,7 @@
 """The Pillow + torch fallback loaders: outputs, bookkeeping consistent with pixels, rates of the
 random parts, bad images, and sample counts."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -243,3 +245,23 @@ def test_a_whole_bad_batch_stops_a_ddp_rank_and_is_skipped_alone(bad_recs, backe
             assert f"rank {rank} of 2" in str(e) and "cannot drop a whole batch under DDP" in str(e)
             assert e.path in files.values()
     assert raised >= 1           # each rank holds half of 5 images, 4 of them bad
+
+
+def _spawned_worker_body(how):
+    from upreid.data.torch_pipeline import _worker_init
+    _worker_init(0, spawned=True)
+    if how == "fail":
+        raise RuntimeError("the worker loop failed")
+    if how == "code":
+        sys.exit(3)
+
+
+@pytest.mark.parametrize("how,status", [("ok", 0), ("fail", 1), ("code", 3)])
+def test_spawned_worker_exit_keeps_its_status(how, status):
+    """A spawned worker leaves through os._exit (no C++ static destructors at teardown), with the status
+    it was leaving with: a failed worker loop must not read as a clean exit."""
+    import multiprocessing as mp
+    p = mp.get_context("spawn").Process(target=_spawned_worker_body, args=(how,))
+    p.start()
+    p.join(120)
+    assert p.exitcode == status

@@ -86,8 +86,22 @@ def _worker_init(_, spawned: bool = False):
         # test runs), which the main process then reports from close() as "DataLoader worker ...
         # killed by signal: Aborted". A forked worker never gets there: it leaves with os._exit()
         # right after multiprocessing's own cleanup. Leave the same way: by the time atexit handlers
-        # run, multiprocessing has flushed the queues and joined its threads.
-        atexit.register(os._exit, 0)
+        # run, multiprocessing has flushed the queues and joined its threads. The status is the one
+        # the process was leaving with (spawn's entry point ends in sys.exit(exitcode)), so a worker
+        # whose loop failed still reports it; leaving any other way (not through sys.exit) reports 1.
+        _exit_status["code"] = 1
+        sys.exit = functools.partial(_exit_recording_status, sys.exit)
+        atexit.register(lambda: os._exit(_exit_status["code"]))
+
+
+_exit_status = {"code": 1}
+
+
+def _exit_recording_status(real_exit, code=None):
+    """``sys.exit`` in a spawned worker: remembers the status for the atexit handler that ends the
+    process with ``os._exit`` (``None`` is 0, an int itself, anything else 1, as the interpreter maps it)."""
+    _exit_status["code"] = 0 if code is None else code if isinstance(code, int) else 1
+    real_exit(code)
 
 
 class TorchLoader(BaseLoader):
