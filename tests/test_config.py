@@ -102,6 +102,7 @@ FINETUNE_ERRORS = [
     ("optim.milestones=[90, 40]", "must be a list of increasing integers >= 1"),
     ("optim.warmup_epochs=-1", "must be a number >= 0"),
     ("data.eval_batch_size=0", "must be an integer >= 1"),
+    ("eval.k2=30", "eval.k2=30 is above eval.k1 + 1 = 21 (eval.k2 from the command line, eval.k1 from"),
 ]
 
 

@@ -81,3 +81,23 @@ def test_bad_json_destination_is_refused_before_work(tmp_path, capsys):
     assert rc == 2 and "does not exist" in err
     rc, err = run(capsys, f, "--json", tmp_path)
     assert rc == 2 and "is a folder" in err
+
+
+@pytest.mark.parametrize("opts,message", [
+    (["--rerank", "yes", "--k2", "30"], "--k2 30: re-ranking needs 1 <= k2 <= k1 + 1 = 21"),
+    (["--rerank", "both", "--k1", "0"], "--k1 0: re-ranking needs k1 >= 1"),
+    (["--rerank", "yes", "--lambda", "1.5"], "--lambda 1.5: re-ranking needs a weight in [0, 1]"),
+])
+def test_bad_rerank_settings_are_refused_before_work(tmp_path, capsys, opts, message):
+    """Refused before the plain evaluation runs: nothing printed, no --json written."""
+    out = tmp_path / "r.json"
+    rc = main(["evaluate", good(tmp_path / "f.npz"), "--no-progress", "--json", str(out), *opts])
+    cap = capsys.readouterr()
+    assert rc == 2 and message in cap.err and cap.out == "" and not out.exists(), cap.err
+
+
+def test_plots_destination_that_is_a_file_is_refused_before_work(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    rc, err = run(capsys, good(tmp_path / "f.npz"), "--plots", f)
+    assert rc == 2 and "--plots" in err and "is a file" in err

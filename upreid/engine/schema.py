@@ -247,6 +247,11 @@ def check_relations(task: str, v: Mapping, origins: Mapping) -> None:
     if v["model.width"] % 2:
         raise ConfigError(f"model.width={v['model.width']!r} ({_where(origins, 'model.width')}) must be even "
                           "(IBN-a splits the channels in halves); 64 is the published ResNet")
+    if task == "finetune" and v["eval.k2"] > v["eval.k1"] + 1:
+        raise ConfigError(f"eval.k2={v['eval.k2']} is above eval.k1 + 1 = {v['eval.k1'] + 1} "
+                          f"({_where(origins, 'eval.k2', 'eval.k1')}): re-ranking expands each query over its "
+                          "k2 nearest neighbours among the k1 + 1 it keeps; use eval.k2 <= eval.k1 + 1 "
+                          "(docs/evaluation.md says how to pick them)")
     if task == "pretrain":
         rows = layer4_rows(v["data.height"], v["model.last_stride"])
         if v["model.ic"] != "off" and v["model.stripes"] > rows:

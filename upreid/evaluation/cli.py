@@ -96,7 +96,7 @@ def _check_arrays(d: dict, path: str) -> None:
 
 
 def _check_outputs(args: argparse.Namespace) -> str | None:
-    """The problem with --device or --json, found before any work, or None."""
+    """The problem with --device, the re-ranking settings, --plots or --json, found before any work, or None."""
     import torch
 
     try:
@@ -109,6 +109,15 @@ def _check_outputs(args: argparse.Namespace) -> str | None:
         return f"--device {args.device!r}: no CUDA device is available here (torch {torch.__version__})"
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         return f"--device {args.device!r}: there are {torch.cuda.device_count()} CUDA devices"
+    if args.rerank != "no":
+        if args.k1 < 1:
+            return f"--k1 {args.k1}: re-ranking needs k1 >= 1"
+        if not 1 <= args.k2 <= args.k1 + 1:
+            return f"--k2 {args.k2}: re-ranking needs 1 <= k2 <= k1 + 1 = {args.k1 + 1} (--k1 {args.k1})"
+        if not 0.0 <= args.lambda_value <= 1.0:
+            return f"--lambda {args.lambda_value}: re-ranking needs a weight in [0, 1]"
+    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
+        return f"--plots {args.plots!r} is a file; give a folder for cmc.png and distances.png"
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json)) or "."
         if os.path.isdir(args.json):
