@@ -257,3 +257,23 @@ def test_run_outputs_and_export(trained, tmp_path):
     assert net.last_stride == 1 and net.depth == 18
     with pytest.raises(RunExistsError):
         export_backbone(os.path.join(out, "checkpoint.pt"), bb)
+
+
+@pytest.mark.parametrize("before,after,refused", [
+    (["model.pooling=gem"], ["model.pooling=avg"], "model.pooling: checkpoint 'gem', config 'avg'"),
+    (["model.pooling=avg"], ["model.pooling=gem"], "model.pooling: checkpoint 'avg', config 'gem'"),
+    (["model.pooling=gem"], ["model.pooling=gem", "model.gem_p=6"], "model.gem_p: checkpoint 3.0, config 6.0"),
+    (["model.pooling=avg"], ["model.pooling=avg", "model.gem_p=6"], None),   # p unused without GeM
+])
+def test_fine_tuning_resume_checks_the_pooling(before, after, refused):
+    """GeM holds a learned p: another pooling is another model (its state would not load), and another
+    starting p under GeM would be silently overwritten by the checkpoint's learned one."""
+    from upreid.engine.resume import check_resume
+    tiny = os.path.join(CONFIGS, "finetune", "tiny_cpu.yaml")
+    state = {"config": load_config("finetune", tiny, ["data.root=/x"] + before).to_dict()}
+    cfg = load_config("finetune", tiny, ["data.root=/x"] + after)
+    if refused is None:
+        assert check_resume("finetune", state, cfg, "ck.pt") == ["model.gem_p: checkpoint 3.0, config 6.0"]
+    else:
+        with pytest.raises(ckpt_io.CheckpointError, match="another model: " + refused.replace("(", r"\(")):
+            check_resume("finetune", state, cfg, "ck.pt")

@@ -18,7 +18,8 @@ log = logging.getLogger("upreid.trainer")
 MODEL = {
     "pretrain": ("model.depth", "model.width", "model.last_stride", "model.ibn", "model.dim", "model.hidden_dim",
                  "model.patch_dim", "model.queue_size"),
-    "finetune": ("model.arch", "model.depth", "model.width", "model.ibn", "model.neck", "model.mgn_dim"),
+    "finetune": ("model.arch", "model.depth", "model.width", "model.ibn", "model.neck", "model.mgn_dim",
+                 "model.pooling"),
 }
 # Keys whose change makes the resumed run see other data than the interrupted one would have: every
 # data.* key but these, the seed, and fine-tuning's init.
@@ -52,6 +53,9 @@ def check_resume(task: str, state: dict, cfg, path: str) -> list:
     if task == "pretrain" and (saved.get("model.ic") == "off") != (now.get("model.ic") == "off"):
         model.append(f"model.ic: checkpoint {saved.get('model.ic')!r}, config {now.get('model.ic')!r} "
                      "(the patch head exists only when ic is on)")
+    if task == "finetune" and now.get("model.pooling") == "gem" and saved.get("model.gem_p") != now.get("model.gem_p"):
+        model.append(f"model.gem_p: checkpoint {saved.get('model.gem_p')!r}, config {now.get('model.gem_p')!r} "
+                     "(GeM's p is a learned weight of the checkpoint; its setting is only the starting value)")
     if model:
         raise CheckpointError(f"checkpoint {path!r} is from another model: " + "; ".join(model))
     data_keys = sorted(k for k in set(saved) | set(now) if k.startswith("data.") and k not in DATA_FREE)
