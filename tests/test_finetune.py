@@ -109,3 +109,27 @@ def test_bad_images_skipped_when_asked(synth_root, tmp_path, finetune_cfg):
     s = finetune(finetune_cfg(str(root), str(tmp_path / "skip"), "train.epochs=1", "train.max_steps_per_epoch=8",
                               "data.on_bad_image=skip", "eval.rerank=false", "eval.ranklist_queries=0"))
     assert not s["interrupted"] and s["results"]["plain"]["num_query"] > 0
+
+
+def test_rank_lists_name_the_right_images_when_some_were_skipped(synth_root, tmp_path, finetune_cfg, monkeypatch):
+    """With data.on_bad_image=skip, a skipped query or gallery image has no feature row: the rank-list
+    picture must still put each row's own image beside it (every frame's colour agrees with the
+    identities in the file names), not the next record's."""
+    import shutil
+    from upreid.engine import finetune_eval
+    root = tmp_path / "synth"
+    shutil.copytree(synth_root, root)
+    bad = [sorted((root / "query").iterdir())[0], sorted((root / "bounding_box_test").iterdir())[0]]
+    for path in bad:
+        path.write_bytes(b"")
+    drawn = {}
+
+    def capture(out, query_paths, gallery_paths, lists, top=10, **kw):
+        drawn.update(query=query_paths, gallery=gallery_paths, lists=lists)
+    monkeypatch.setattr(finetune_eval, "draw_ranklist", capture)
+    finetune(finetune_cfg(str(root), str(tmp_path / "run"), "train.epochs=1", "train.max_steps_per_epoch=2",
+                          "data.on_bad_image=skip", "eval.rerank=false", "eval.ranklist_queries=8"))
+    pid = lambda p: int(os.path.basename(p).split("_")[0])  # noqa: E731
+    assert drawn and not {str(b) for b in bad} & set(map(str, drawn["query"] + drawn["gallery"]))
+    for q, (idx, matches) in zip(drawn["query"], drawn["lists"]):
+        assert matches == [pid(drawn["gallery"][i]) == pid(q) for i in idx]

@@ -20,10 +20,12 @@ log = logging.getLogger("upreid.finetune")
 
 
 def extract(model, records, cfg: dict, device: torch.device, amp: str, desc: str = "features") -> tuple:
-    """Features ``[N, D]`` (fp32, CPU) of ``records`` in order, with their pids and camids."""
+    """Features ``[N, D]`` (fp32, CPU) of ``records`` in order, with their pids, camids and the
+    positions of their records (an image skipped under ``data.on_bad_image=skip`` has no row)."""
     from upreid.data.loader import loader_from_config
     loader = loader_from_config("eval", records, cfg["data"], device=device.type)
-    return features_from_loader(model, loader, device=device, amp=amp, progress=cfg["train"]["progress"], desc=desc)
+    return features_from_loader(model, loader, device=device, amp=amp, progress=cfg["train"]["progress"], desc=desc,
+                                return_index=True)
 
 
 def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, rerank: bool,
@@ -31,8 +33,8 @@ def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, re
     """``{"plain": metrics, "rerank": metrics (when asked)}``; optionally writes the rank-list PNG."""
     e = cfg["eval"]
     progress = cfg["train"]["progress"]
-    qf, qp, qc = extract(model, dataset.query, cfg, device, amp, "query features")
-    gf, gp, gc = extract(model, dataset.gallery, cfg, device, amp, "gallery features")
+    qf, qp, qc, qi = extract(model, dataset.query, cfg, device, amp, "query features")
+    gf, gp, gc, gi = extract(model, dataset.gallery, cfg, device, amp, "gallery features")
     bins = 100 if ranklist_path else 0           # the final evaluation also draws the distance plot
     out = {"plain": evaluate(qf, gf, qp, gp, qc, gc, metric=e["metric"], progress=progress, distance_bins=bins)}
     if rerank:
@@ -40,12 +42,12 @@ def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, re
                                  k2=e["k2"], lambda_value=e["lambda_value"], progress=progress,
                                  distance_bins=bins)
     if ranklist_path and e["ranklist_queries"] > 0:
-        n = min(e["ranklist_queries"], len(dataset.query))
-        pick = torch.linspace(0, len(dataset.query) - 1, n).round().long().unique()   # spread over queries
+        n = min(e["ranklist_queries"], len(qf))
+        pick = torch.linspace(0, len(qf) - 1, n).round().long().unique()                # spread over queries
         dist = pairwise_distance(qf[pick], gf, e["metric"])                              # [n, G]
         lists = rank_lists(dist, qp[pick], gp, qc[pick], gc, e["ranklist_top"])
-        draw_ranklist(ranklist_path, [dataset.query[int(i)].path for i in pick],
-                      [r.path for r in dataset.gallery], lists, top=e["ranklist_top"])
+        draw_ranklist(ranklist_path, [dataset.query[int(qi[i])].path for i in pick],
+                      [dataset.gallery[i].path for i in gi.tolist()], lists, top=e["ranklist_top"])
         log.info("rank lists of %d queries written to %s", len(pick), ranklist_path)
     if ranklist_path:
         log.info("plots written: %s", write_plots(os.path.dirname(os.path.abspath(ranklist_path)), out,

@@ -26,12 +26,14 @@ SPLITS = ("query+gallery", "query", "gallery", "train")
 
 def extract_features(model, records, *, height: int, width: int, mean, std, batch_size: int = 128,
                      flip: bool = False, backend: str = "auto", device="cpu", amp: str = "off",
-                     workers: int = 2, progress: bool = True, desc: str = "features") -> tuple:
+                     workers: int = 2, progress: bool = True, desc: str = "features",
+                     return_index: bool = False) -> tuple:
     """Features ``[N, D]`` (fp32, CPU) of ``records`` in their order, with their pids and camids
     (int64 tensors). ``flip``: average with the features of the mirrored images. ``amp``: 'off',
-    'bf16' or 'fp16' autocast."""
+    'bf16' or 'fp16' autocast. ``return_index``: see :func:`features_from_loader`."""
     loader = _eval_loader(records, height, width, mean, std, flip, batch_size, backend, device, workers)
-    return features_from_loader(model, loader, device=device, amp=amp, progress=progress, desc=desc)
+    return features_from_loader(model, loader, device=device, amp=amp, progress=progress, desc=desc,
+                                return_index=return_index)
 
 
 def _eval_loader(records, height, width, mean, std, flip, batch_size, backend, device, workers):
@@ -44,9 +46,11 @@ def _eval_loader(records, height, width, mean, std, flip, batch_size, backend, d
 
 @torch.no_grad()
 def features_from_loader(model, loader, *, device, amp: str = "off", progress: bool = True,
-                         desc: str = "features") -> tuple:
+                         desc: str = "features", return_index: bool = False) -> tuple:
     """The features of an evaluation loader's images, back in record order (the loader's
-    ``index``), averaged with the mirrored images' where the batches carry them."""
+    ``index``), averaged with the mirrored images' where the batches carry them. ``return_index``:
+    also the positions of the records they belong to (ascending), which leave out any image the
+    loader skipped (``on_bad_image=skip``), so that row ``i`` is record ``index[i]``."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -67,8 +71,10 @@ def features_from_loader(model, loader, *, device, amp: str = "off", progress: b
             index.append(batch["index"].cpu())
     finally:
         model.train(was_training)
-    order = torch.argsort(torch.cat(index))
-    return torch.cat(feats)[order], torch.cat(pids)[order].long(), torch.cat(camids)[order].long()
+    index = torch.cat(index)
+    order = torch.argsort(index)
+    out = torch.cat(feats)[order], torch.cat(pids)[order].long(), torch.cat(camids)[order].long()
+    return out + (index[order].long(),) if return_index else out
 
 
 @torch.no_grad()
@@ -178,13 +184,14 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
            "std": info["std"], "flip": info["flip_test"] if flip is None else flip}
     arrays = {}
     for name, recs in groups.items():
-        f, p, c = extract_features(model, recs, **pre, batch_size=batch_size, backend=backend, device=device,
-                                   amp=amp, workers=workers, progress=progress, desc=f"{name} features")
+        f, p, c, idx = extract_features(model, recs, **pre, batch_size=batch_size, backend=backend, device=device,
+                                        amp=amp, workers=workers, progress=progress, desc=f"{name} features",
+                                        return_index=True)
         prefix = f"{name}_" if len(groups) == 2 else ""
         arrays[f"{prefix}features"] = f.numpy()
         arrays[f"{name}_pids" if prefix else "pids"] = p.numpy()
         arrays[f"{name}_camids" if prefix else "camids"] = c.numpy()
-        arrays[f"{prefix}paths"] = np.array([r.path for r in recs])
+        arrays[f"{prefix}paths"] = np.array([recs[i].path for i in idx.tolist()])
     save_npz(out, arrays)
     counts = {name: len(recs) for name, recs in groups.items()}
     log.info("wrote %s: %s features of dimension %d", out, counts, info["feat_dim"])
