@@ -66,3 +66,17 @@ def test_every_demo_scale_gives_valid_configs(name, tmp_path):
     assert f["data"]["erasing_p"] == s.finetune_erasing and f["data"]["flip_test"] == s.flip_test
     if name == "GPU":
         assert p["model"]["depth"] == 50 and p["data"]["height"] == 256 and p["train"]["device"] == "cuda"
+
+
+def test_demo_data_replaces_an_earlier_set(tmp_path):
+    """--overwrite over an earlier demo (another scale): the new set holds none of the old images."""
+    import dataclasses
+
+    from upreid.data.datasets import synth, unlabeled
+    from upreid.engine.demo import TINY, render_data
+    data = str(tmp_path / "data")
+    render_data(data, dataclasses.replace(TINY, ids=12, unlabeled=20), progress=False)
+    render_data(data, dataclasses.replace(TINY, ids=6, cameras=2, unlabeled=10), progress=False)
+    ds = synth(data)
+    assert len({r.pid for r in ds.query}) == 3 and {r.camid for r in ds.query + ds.gallery} <= {0, 1}
+    assert len(unlabeled(os.path.join(data, "unlabeled"), progress=False).train) == 10

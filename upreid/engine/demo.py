@@ -130,10 +130,18 @@ def _curves(out: str) -> str | None:
         return None
 
 
+def render_data(data: str, scale: DemoScale, progress: bool = True) -> None:
+    """Render the demo's synthetic set into ``data``, first removing a set an earlier demo left there
+    (``--overwrite``): ``generate`` writes only its own files, and a set of another scale would mix in."""
+    from upreid.data.cli import remove_set
+    from upreid.data.synthetic import generate
+    remove_set(data)
+    generate(data, synth_config(scale), workers=max(1, min(8, os.cpu_count() or 1)), progress=progress)
+
+
 def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite: bool = False,
              progress: bool = True, seed: int = 0) -> dict:
     from upreid.data.datasets import synth
-    from upreid.data.synthetic import generate
     from upreid.engine.config import load_config
     from upreid.engine.finetune import finetune
     from upreid.engine.pretrain import export_backbone, pretrain
@@ -153,7 +161,7 @@ def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite
     t = time.perf_counter()
     log.info("[1/6] rendering the synthetic dataset (%d ids, %d unlabeled images) into %s", scale.ids,
              scale.unlabeled, data)
-    generate(data, synth_config(scale), workers=max(1, min(8, os.cpu_count() or 1)), progress=progress)
+    render_data(data, scale, progress)
     times["synth"] = time.perf_counter() - t
 
     t = time.perf_counter()
