@@ -277,3 +277,17 @@ def test_fine_tuning_resume_checks_the_pooling(before, after, refused):
     else:
         with pytest.raises(ckpt_io.CheckpointError, match="another model: " + refused.replace("(", r"\(")):
             check_resume("finetune", state, cfg, "ck.pt")
+
+
+def test_a_missing_optional_package_is_one_line_not_a_traceback(images, tmp_path, capsys, monkeypatch):
+    """data.backend=dali without DALI: the install hint as the run's one error line (exit status 1)."""
+    from upreid.data import dali_pipeline
+    from upreid.utils.deps import MissingDependencyError
+
+    def missing():
+        raise MissingDependencyError(dali_pipeline.INSTALL_HINT)
+    monkeypatch.setattr(dali_pipeline, "import_dali", missing)
+    rc = cli_main(["pretrain", "--config", TINY, f"data.root={images}", f"train.output={tmp_path / 'run'}",
+                   "data.backend=dali", "train.steps=1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "NVIDIA DALI is not installed" in err and "Traceback" not in err, err

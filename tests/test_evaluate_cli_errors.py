@@ -101,3 +101,11 @@ def test_plots_destination_that_is_a_file_is_refused_before_work(tmp_path, capsy
     f.write_text("x")
     rc, err = run(capsys, good(tmp_path / "f.npz"), "--plots", f)
     assert rc == 2 and "--plots" in err and "is a file" in err
+
+
+
+def test_a_file_that_is_not_an_npz_gets_no_advice_to_unpickle_it(tmp_path, capsys):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"garbage")
+    rc, err = run(capsys, junk)
+    assert rc == 2 and "not an .npz file" in err and "allow_pickle" not in err

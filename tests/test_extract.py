@@ -104,6 +104,31 @@ def test_bad_input_is_named(tmp_path, capsys):
         extract_to_npz(tv, str(tmp_path / "x.npz"), data=str(tmp_path), split="val")
 
 
+@pytest.mark.parametrize("opts,message", [
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--device", "meta"], "--device 'meta': only cpu and cuda are supported"),
+    (["--height", "0"], "'height' must be at least 1 pixel"),
+    (["--width", "-2"], "'width' must be at least 1 pixel"),
+])
+def test_bad_options_are_refused_before_any_work(tmp_path, capsys, opts, message):
+    """Refused with one line naming the option, before the model is loaded or any image read; a size of 0
+    is not silently read as "the checkpoint's"."""
+    torch.save({"state_dict": ResNet(18).state_dict()}, tmp_path / "tv.pth")
+    out = tmp_path / "x.npz"
+    rc = extract_main(["extract", str(tmp_path / "tv.pth"), "--out", str(out), "--images", str(tmp_path), *opts])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err and not out.exists(), err
+
+
+def test_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    torch.save({"state_dict": ResNet(18).state_dict()}, tmp_path / "tv.pth")
+    for out, message in ((tmp_path, "is a folder; give a file name"),
+                         (tmp_path / "missing" / "x.npz", "does not exist")):
+        rc = extract_main(["extract", str(tmp_path / "tv.pth"), "--out", str(out), "--images", str(tmp_path / "none")])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"--out {str(out)!r}" in err and message in err, err
+
+
 def test_exported_backbone_features_are_the_pooled_trunk_on_lup_normalised_images(tmp_path):
     from upreid.data.augment import LUP_MEAN, LUP_STD
     from upreid.data.imageio import decode_pil

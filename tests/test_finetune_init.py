@@ -126,7 +126,28 @@ def test_not_a_resnet_and_not_a_file(tmp_path):
         load_trunk(ResNet(18), path)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="cannot be read: it is not a PyTorch file"):
         load_trunk(ResNet(18), str(junk))
     with pytest.raises(CheckpointError, match="does not exist"):
         load_trunk(ResNet(18), str(tmp_path / "absent.pth"))
+
+
+
+class _NotAWeight:
+    pass
+
+
+def test_a_file_of_python_objects_is_refused_without_advice_to_unpickle_it(tmp_path):
+    """torch's refusal advises weights_only=False (running the file's code); the message keeps only the
+    specific cause and says what to do instead. A text file is named as not a PyTorch file at all."""
+    path = str(tmp_path / "objects.pth")
+    torch.save({"state_dict": ResNet(18).state_dict(), "extra": _NotAWeight()}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_trunk(ResNet(18), path)
+    text = str(e.value)
+    assert "holds Python objects" in text and "_NotAWeight" in text and "weights_only" not in text
+    yaml_file = tmp_path / "config.yaml"
+    yaml_file.write_text("model:\n  depth: 18\n")
+    with pytest.raises(CheckpointError, match="not a PyTorch file") as e:
+        load_trunk(ResNet(18), str(yaml_file))
+    assert "weights_only" not in str(e.value)

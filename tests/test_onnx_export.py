@@ -65,4 +65,9 @@ def test_bad_input_is_named(tmp_path, capsys):
         export_onnx(str(tmp_path / "other.pth"), str(tmp_path / "x.onnx"))
     with pytest.raises(ValueError, match="'check_batch' must be >= 1, got 0"):
         export_onnx(absent, str(tmp_path / "x.onnx"), check_batch=0)
+    with pytest.raises(ValueError, match="'height' must be at least 1 pixel"):
+        export_onnx(absent, str(tmp_path / "x.onnx"), height=0)
     assert not os.path.exists(tmp_path / "x.onnx")
+    assert export_main(["export-onnx", absent, str(tmp_path / "missing" / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "OUT.onnx" in err and "does not exist" in err and "Traceback" not in err

@@ -142,3 +142,53 @@ def test_oracle_study_pretrains_on_labelled_pools_and_compares_with_the_study(tm
     import csv
     rows = list(csv.DictReader(open(tmp_path / "o.csv")))
     assert len(rows) == 4 and all(0.0 <= float(r["mAP"]) <= 1.0 and int(r["pretrain_steps"]) > 0 for r in rows)
+
+
+def test_independent_moco_views_geometry(monkeypatch):
+    """The cross-check's own augmentation: a full-image crop without the random pixel changes is the
+    normalised image itself, and with the flip its mirror."""
+    import torch
+    from benchmarks import crosscheck_moco as cc
+    monkeypatch.setattr(cc, "CROP", (1.0, 1.0))
+    monkeypatch.setattr(cc, "RATIO", (0.5, 0.5))       # any aspect: a full-area crop is clamped to the image
+    for name in ("GRAY_P", "BLUR_P", "ERASE_P"):
+        monkeypatch.setattr(cc, name, 0.0)
+    x = torch.randint(0, 256, (3, 3, 16, 8), dtype=torch.uint8)
+    norm = (x.float() / 255 - torch.tensor(cc.MEAN).view(1, 3, 1, 1)) / torch.tensor(cc.STD).view(1, 3, 1, 1)
+    monkeypatch.setattr(cc, "FLIP_P", 0.0)
+    assert torch.allclose(cc.views(x, torch.Generator().manual_seed(0)), norm, atol=1e-5)
+    monkeypatch.setattr(cc, "FLIP_P", 1.0)
+    assert torch.allclose(cc.views(x, torch.Generator().manual_seed(0)), norm.flip(-1), atol=1e-5)
+    monkeypatch.setattr(cc, "ERASE_P", 1.0)
+    erased = cc.views(x, torch.Generator().manual_seed(0))
+    assert all(((erased[i] == 0).all(0)).any() for i in range(3))     # a region set to the mean pixel
+
+
+def test_independent_moco_crosscheck_runs_and_compares_with_the_study(tmp_path, capsys):
+    """benchmarks/crosscheck_moco.py at the tiny scale: it pre-trains (the trunk moves off its
+    initialisation), probes and fine-tunes, writes a row per seed, and puts the study's rows beside."""
+    import csv
+
+    import torch
+    from benchmarks import crosscheck_moco as cc
+    from upreid.engine import demo
+    tag = study.scale_tag("tiny", demo.TINY)
+    study_csv = str(tmp_path / "study.csv")
+    for v in ("random", "moco"):
+        for i, m in enumerate((0.2, 0.3)):
+            study.append_csv(study_csv, {"scale": tag, "variant": v, "seed": i, "mAP": m, "Rank-1": m,
+                                         "probe_mAP": 0.05, "probe_bn_mAP": 0.05})
+    work = str(tmp_path / "cc")
+    assert cc.main(["--scale", "tiny", "--seeds", "0", "1", "--work", work, "--csv", str(tmp_path / "c.csv"),
+                    "--study-csv", study_csv]) == 0
+    out = capsys.readouterr().out
+    assert "| study: moco (the package) | 2 |" in out and "| moco, independent | 2 |" in out
+    assert "| moco | mAP |" in out
+    rows = list(csv.DictReader(open(tmp_path / "c.csv")))
+    assert [int(r["seed"]) for r in rows] == [0, 1]
+    assert all(0.0 <= float(r["probe_bn_mAP"]) <= 1.0 and float(r["final_loss"]) > 0 for r in rows)
+    trunk = torch.load(os.path.join(work, "moco-independent_s0", "trunk.pt"), weights_only=False)["state_dict"]
+    torch.manual_seed(0)
+    from upreid.models.resnet import ResNet
+    init = ResNet(demo.TINY.pretrain_depth, last_stride=1, width=demo.TINY.width).state_dict()
+    assert not torch.equal(trunk["conv1.weight"], init["conv1.weight"])

@@ -23,6 +23,8 @@ from typing import Iterator, List
 import numpy as np
 import torch
 
+from upreid.utils.deps import MissingDependencyError
+
 from .base import BaseLoader, note_dali_pipeline_built
 from .imageio import BadImageError, read_bytes
 
@@ -41,7 +43,7 @@ def import_dali():
         import nvidia.dali.math as dmath
         import nvidia.dali.types as types
     except ImportError as e:
-        raise ImportError(f"{INSTALL_HINT} ({e})") from None
+        raise MissingDependencyError(f"{INSTALL_HINT} ({e})") from None
     return dali, fn, types, dmath
 
 

@@ -108,10 +108,34 @@ def _read(path: str):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError as e:
+        if not _pickled(path):
+            raise CheckpointError(f"checkpoint {path!r} cannot be read: it is not a PyTorch file (neither the zip "
+                                  "archive nor the legacy pickle torch.save writes: some other file, or a damaged "
+                                  "one)") from None
+        # torch's text advises weights_only=False, i.e. running the file's pickled code: not ours to give
+        raise CheckpointError(f"checkpoint {path!r} cannot be read: it holds Python objects besides tensors and "
+                              "plain containers, which upreid does not load (unpickling them could run code from "
+                              "the file). If it "
+                              "comes from a source you trust, load it in Python, keep its state_dict, and "
+                              f"torch.save that ({_last_line(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path!r} cannot be read (corrupt, truncated or not a "
                               f"PyTorch file): {first}") from None
+
+
+def _pickled(path: str) -> bool:
+    """A torch.save file: a zip archive, or the legacy format, which starts with a pickle protocol mark."""
+    with open(path, "rb") as f:
+        return zipfile.is_zipfile(path) or f.read(1) == b"\x80"
+
+
+def _last_line(e: Exception) -> str:
+    """The specific part of torch's weights-only refusal (e.g. the unsupported global), without its advice."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip() and "weights_only" not in x
+             and "Weights only" not in x and "documentation" not in x and "file an issue" not in x]
+    return lines[-1] if lines else type(e).__name__
 
 
 def verify(obj, path: str) -> None:

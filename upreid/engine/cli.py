@@ -62,8 +62,9 @@ def errors() -> tuple:
     from upreid.engine.checkpoint import CheckpointError
     from upreid.engine.config import ConfigError
     from upreid.engine.trainer import NonFiniteLossError, OutputError, RunExistsError
+    from upreid.utils.deps import MissingDependencyError
     return (ConfigError, DatasetError, BadImageError, CheckpointError, RunExistsError, OutputError,
-            NonFiniteLossError, FileExistsError, ValueError, NotImplementedError)
+            NonFiniteLossError, FileExistsError, ValueError, NotImplementedError, MissingDependencyError)
 
 
 def run_task(args) -> int:

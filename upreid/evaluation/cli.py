@@ -37,6 +37,10 @@ def load_features(path: str) -> dict:
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+        if not zipfile.is_zipfile(path) and "pickled" in str(exc):
+            # numpy reads any non-.npy, non-zip bytes as a pickle and advises allow_pickle: not ours to give
+            raise FeaturesError(f"{path}: not an .npz file (upreid extract writes one; this is some other file, "
+                                "or a damaged one)") from None
         raise FeaturesError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise FeaturesError(f"{path}: holds a single array, not an .npz archive of named arrays")
@@ -97,18 +101,11 @@ def _check_arrays(d: dict, path: str) -> None:
 
 def _check_outputs(args: argparse.Namespace) -> str | None:
     """The problem with --device, the re-ranking settings, --plots or --json, found before any work, or None."""
-    import torch
+    from upreid.utils.cli_checks import device_problem, output_file_problem
 
-    try:
-        dev = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        return f"--device {args.device!r} is not a device; use cpu or cuda[:i]"
-    if dev.type not in ("cpu", "cuda"):
-        return f"--device {args.device!r}: only cpu and cuda are supported"
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        return f"--device {args.device!r}: no CUDA device is available here (torch {torch.__version__})"
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        return f"--device {args.device!r}: there are {torch.cuda.device_count()} CUDA devices"
+    problem = device_problem(args.device)
+    if problem:
+        return problem
     if args.rerank != "no":
         if args.k1 < 1:
             return f"--k1 {args.k1}: re-ranking needs k1 >= 1"
@@ -118,15 +115,7 @@ def _check_outputs(args: argparse.Namespace) -> str | None:
             return f"--lambda {args.lambda_value}: re-ranking needs a weight in [0, 1]"
     if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
         return f"--plots {args.plots!r} is a file; give a folder for cmc.png and distances.png"
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json)) or "."
-        if os.path.isdir(args.json):
-            return f"--json {args.json!r} is a folder; give a file name"
-        if not os.path.isdir(folder):
-            return f"--json {args.json!r}: the folder {folder!r} does not exist"
-        if not os.access(folder, os.W_OK):
-            return f"--json {args.json!r}: the folder {folder!r} is not writable"
-    return None
+    return output_file_problem(args.json, "--json") if args.json else None
 
 
 def _run(args: argparse.Namespace) -> int:

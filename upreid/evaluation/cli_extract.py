@@ -48,8 +48,13 @@ def run_extract(args) -> int:
     import torch
 
     from upreid.evaluation.extract import extract_to_npz
+    from upreid.utils.cli_checks import device_problem, output_file_problem
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    problem = device_problem(args.device) or output_file_problem(args.out, "--out")
+    if problem:
+        print(f"upreid extract: {problem}", file=sys.stderr)
+        return 2
     try:
         s = extract_to_npz(args.checkpoint, args.out, data=args.data, images=args.images, split=args.split,
                            flip=args.flip, height=args.height, width=args.width, backend=args.backend,

@@ -167,12 +167,14 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
     ``format``, ``counts`` per split, ``feat_dim``, ``flip``, ``height``, ``width``). Image size,
     normalisation and flip default to the checkpoint's (a fine-tuning run's config)."""
     from upreid.evaluation.feature_model import load_feature_model
+    from upreid.utils.cli_checks import check_image_size
     if split not in SPLITS:
         raise ValueError(f"extract: 'split' must be one of {SPLITS}, got {split!r}")
     if data and images:
         raise ValueError("extract: pass either --data (a dataset) or --images (a folder), not both")
     if not os.path.isfile(checkpoint):
         raise ValueError(f"extract: checkpoint {checkpoint!r} does not exist")
+    check_image_size("extract", height, width)
     groups = {"images": folder_records(images)} if images else None
     model, info = load_feature_model(checkpoint, last_stride=last_stride)
     model.to(device)
@@ -180,7 +182,8 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
     for name, recs in groups.items():
         if not recs:
             raise ValueError(f"extract: the {name} split is empty")
-    pre = {"height": height or info["height"], "width": width or info["width"], "mean": info["mean"],
+    pre = {"height": info["height"] if height is None else height, "width": info["width"] if width is None else width,
+           "mean": info["mean"],
            "std": info["std"], "flip": info["flip_test"] if flip is None else flip}
     arrays = {}
     for name, recs in groups.items():

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import os
 
+from upreid.utils.deps import MissingDependencyError
+
 log = logging.getLogger("upreid.evaluation")
 CMC_NAME, DISTANCES_NAME = "cmc.png", "distances.png"
 LABELS = {"plain": "without re-ranking", "rerank": "with re-ranking"}
@@ -17,7 +19,7 @@ def _figure(width: float, height: float):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError("evaluation plots need matplotlib: pip install matplotlib (in requirements.txt)") from None
+        raise MissingDependencyError("evaluation plots need matplotlib: pip install matplotlib (in requirements.txt)") from None
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig

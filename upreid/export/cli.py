@@ -28,6 +28,11 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run_export_onnx(args) -> int:
     from upreid.engine.checkpoint import CheckpointError
     from upreid.export.onnx import export_onnx
+    from upreid.utils.cli_checks import output_file_problem
+    problem = output_file_problem(args.out, "OUT.onnx")
+    if problem:
+        print(f"upreid export-onnx: {problem}", file=sys.stderr)
+        return 2
     try:
         s = export_onnx(args.checkpoint, args.out, height=args.height, width=args.width, opset=args.opset,
                         atol=args.atol, last_stride=args.last_stride, overwrite=args.overwrite)

@@ -14,6 +14,9 @@ import os
 import numpy as np
 import torch
 
+from upreid.utils.cli_checks import check_image_size
+from upreid.utils.deps import MissingDependencyError
+
 log = logging.getLogger("upreid.export")
 
 INPUT, OUTPUT = "images", "features"
@@ -24,7 +27,7 @@ def _require(name: str):
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise ImportError(f"ONNX export needs the {name!r} package: pip install onnx onnxruntime onnxscript "
+        raise MissingDependencyError(f"ONNX export needs the {name!r} package: pip install onnx onnxruntime onnxscript "
                           "(all in requirements.txt)") from None
 
 
@@ -73,10 +76,12 @@ def export_onnx(checkpoint: str, out: str, *, height: int | None = None, width: 
         _require(package)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"export-onnx: {out!r} exists; pass --overwrite to replace it")
+    check_image_size("export-onnx", height, width)
     if check_batch < 1:
         raise ValueError(f"export-onnx: 'check_batch' must be >= 1, got {check_batch}")
     model, info = load_feature_model(checkpoint, last_stride=last_stride)
-    h, w = height or info["height"], width or info["width"]
+    h = info["height"] if height is None else height
+    w = info["width"] if width is None else width
     example = sample_images(2, h, w, info["mean"], info["std"], seed=1)              # [2, 3, H, W]
     tmp = f"{out}.tmp.onnx"
     try:

@@ -1,0 +1,40 @@
+"""Checks of command-line arguments made before any work: the ``*_problem`` functions return the
+problem as one line naming the option, or None."""
+from __future__ import annotations
+
+import os
+
+
+def device_problem(spec: str, option: str = "--device") -> str | None:
+    """``spec`` must be cpu or an available cuda[:i]."""
+    import torch
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        return f"{option} {spec!r} is not a device; use cpu or cuda[:i]"
+    if dev.type not in ("cpu", "cuda"):
+        return f"{option} {spec!r}: only cpu and cuda are supported"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"{option} {spec!r}: no CUDA device is available here (torch {torch.__version__})"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"{option} {spec!r}: there are {torch.cuda.device_count()} CUDA devices"
+    return None
+
+
+def output_file_problem(path: str, option: str) -> str | None:
+    """``path`` must name a file (not a folder) in an existing, writable folder."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.isdir(path):
+        return f"{option} {path!r} is a folder; give a file name"
+    if not os.path.isdir(folder):
+        return f"{option} {path!r}: the folder {folder!r} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"{option} {path!r}: the folder {folder!r} is not writable"
+    return None
+
+
+def check_image_size(op: str, height: int | None, width: int | None) -> None:
+    """A requested input size must be at least 1 pixel each way (None: the checkpoint's); ValueError."""
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and v < 1:
+            raise ValueError(f"{op}: '{name}' must be at least 1 pixel (leave it out for the checkpoint's), got {v}")
