@@ -23,7 +23,7 @@ def test_base_yaml_holds_every_key_of_the_schema(task):
 def test_inheritance_overrides_and_frozen(tmp_path):
     cfg = load_config("pretrain", os.path.join(CONFIGS, "pretrain", "upreid_r50.yaml"),
                       ["optim.lr=0.05", "model.gc=cosine"])
-    assert cfg["model"]["depth"] == 50 and cfg.data.batch_size == 256 and cfg.optim.lr == 0.05
+    assert cfg["model"]["depth"] == 50 and cfg.data.batch_size == 320 and cfg.optim.lr == 0.05
     assert cfg.model.gc == "cosine" and cfg.model.queue_size == 65536      # from base.yaml
     child = tmp_path / "child.yaml"
     child.write_text(f"_base_: {os.path.abspath(PRETRAIN_TINY)}\nmodel:\n  stripes: 2\n")
