@@ -7,7 +7,8 @@ from PIL import Image
 
 from upreid.engine.finetune import lr_factor
 from upreid.engine.ranklist import GREEN, GREY, RED, draw_ranklist, frame_colour, rank_lists, ranklist_size
-from upreid.models.reid import MGN, BoT, batch_hard_triplet
+from upreid.losses.reid import batch_hard_triplet
+from upreid.models.reid import MGN, BoT
 
 
 def _img(path, colour):

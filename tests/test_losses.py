@@ -76,3 +76,63 @@ def test_normalize_option():
     b = MoCoLoss(0.2)(F.normalize(q, dim=-1), F.normalize(k, dim=-1), queue)
     assert torch.allclose(a, b)
     assert "normalize=True" in repr(MoCoLoss(normalize=True))
+
+
+@pytest.mark.parametrize("gc,ic,symmetric", [("bank_kl", True, False), ("cosine", True, True),
+                                             ("off", False, False), ("bank_kl", False, True)])
+def test_upreid_loss_is_the_papers_sum_of_its_terms(gc, ic, symmetric):
+    """L = L_cl + lambda_gc L_gc + lambda_ic L_ic, written out with the textbook formulations; only the
+    queries and the views' patches get a gradient (keys, the original's key and patches are targets)."""
+    from upreid.losses import UPReIDLoss
+    b, d, k, p, dp = 8, 16, 200, 4, 12
+    q1, q2 = feats(b, d, requires_grad=True), feats(b, d, requires_grad=True)
+    k1, k2, ko, bank = feats(b, d), feats(b, d), feats(b, d, requires_grad=True), feats(k, d)
+    u, v = feats(2 * b, p, dp, requires_grad=True), feats(2 * b, p, dp, requires_grad=True)
+    crit = UPReIDLoss(0.2, gc=gc, ic=ic, lambda_gc=0.7, lambda_ic=1.3, gc_tau_teacher=0.05, ic_temperature=0.3,
+                      symmetric=symmetric)
+    out = crit(q1, q2, k2, bank, k1=k1, k_orig=ko, patches=u, patches_orig=v)
+
+    def moco(q, key):
+        logits = torch.cat([(q * key).sum(1, keepdim=True), q @ bank.T], 1) / 0.2
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+    want = 0.5 * (moco(q1, k2) + moco(q2, k1)) if symmetric else moco(q1, k2)
+    assert abs(out["loss_cl"].item() - want.item()) < 1e-5
+    qs, teacher = torch.cat([q1, q2]), torch.cat([ko, ko]).detach()
+    if gc == "bank_kl":
+        want = want + 0.7 * F.kl_div(F.log_softmax(qs @ bank.T / 0.2, 1), F.log_softmax(teacher @ bank.T / 0.05, 1),
+                                     log_target=True, reduction="batchmean")
+    elif gc == "cosine":
+        want = want + 0.7 * (2 - 2 * (qs * teacher).sum(1)).mean()
+    if ic:
+        logits = torch.einsum("bpd,bqd->bpq", u, v.detach()) / 0.3
+        want = want + 1.3 * F.cross_entropy(logits.reshape(2 * b * p, p), torch.arange(p).repeat(2 * b))
+    assert set(out) == {"loss", "loss_cl"} | ({"loss_gc"} if gc != "off" else set()) | ({"loss_ic"} if ic else set())
+    assert abs(out["loss"].item() - want.item()) < 1e-5
+    out["loss"].backward()
+    assert ko.grad is None and v.grad is None and q1.grad is not None and (u.grad is not None) == ic
+    g = torch.autograd.grad(want, q1)[0]
+    assert max_err(q1.grad, g) < 1e-5
+
+
+def test_upreid_loss_names_what_it_misses():
+    from upreid.losses import UPReIDLoss
+    q = feats(4, 8)
+    with pytest.raises(ValueError, match=r"k_orig, patches, patches_orig needed \(gc='bank_kl', ic=True"):
+        UPReIDLoss()(q, q, q, feats(16, 8))
+    with pytest.raises(ValueError, match="k1 needed"):
+        UPReIDLoss(gc="off", ic=False, symmetric=True)(q, q, q, feats(16, 8))
+    with pytest.raises(ValueError, match="gc must be one of"):
+        UPReIDLoss(gc="kl")
+
+
+def test_reid_loss_modules():
+    from upreid.losses import CrossEntropyLabelSmooth, TripletLoss, batch_hard_triplet
+    f, pids = torch.randn(8, 6), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert TripletLoss(0.3)(f, pids).item() == pytest.approx(batch_hard_triplet(f, pids, 0.3).item())
+    logits = torch.randn(8, 4)
+    smooth = (1 - 0.1) * F.cross_entropy(logits, pids) + 0.1 * (-F.log_softmax(logits, 1).mean(1)).mean()
+    assert CrossEntropyLabelSmooth(0.1)(logits, pids).item() == pytest.approx(smooth.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="margin must be > 0 or None"):
+        TripletLoss(0.0)
+    with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\)"):
+        CrossEntropyLabelSmooth(1.0)

@@ -23,7 +23,8 @@ from upreid.engine.finetune_eval import EvalHook
 from upreid.engine.init_weights import FINETUNE_FORMAT, load_trunk
 from upreid.engine.task import Task
 from upreid.engine.trainer import Trainer, param_groups
-from upreid.models.reid import batch_hard_triplet, cross_entropy_ls, reid_model_from_config
+from upreid.losses.reid import batch_hard_triplet, cross_entropy_ls
+from upreid.models.reid import reid_model_from_config
 
 
 def lr_factor(epoch: float, warmup: float, warmup_factor: float, milestones, gamma: float) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upreid.models.resnet import BasicBlock, ResNet, check_trunk
@@ -190,24 +189,3 @@ def reid_model_from_config(model_cfg, num_classes: int, trunk: nn.Module | None 
                             neck=m["neck"], pooling=m["pooling"], gem_p=m["gem_p"],
                             test_feature=m["test_feature"], trunk=trunk, **extra)
 
-
-# ------------------------------------------------------------------------------------------- losses
-def cross_entropy_ls(logits: Tensor, target: Tensor, epsilon: float = 0.1) -> Tensor:
-    """Label-smoothed cross entropy (BoT: epsilon 0.1), computed in fp32."""
-    return F.cross_entropy(logits.float(), target, label_smoothing=epsilon)
-
-
-def batch_hard_triplet(feats: Tensor, pids: Tensor, margin: float | None = 0.3) -> Tensor:
-    """Batch-hard triplet loss (Hermans et al.) on Euclidean distances: for each anchor the farthest
-    positive and the closest negative of the batch. ``margin=None``: the soft margin log(1 + e^x)."""
-    f = feats.float()
-    sq = f.pow(2).sum(1)
-    dist = (sq[:, None] + sq[None, :] - 2 * f @ f.t()).clamp_min(1e-12).sqrt()   # [B, B]
-    same = pids[:, None] == pids[None, :]
-    hardest_pos = (dist * same).max(1).values                                    # [B]
-    hardest_neg = dist.masked_fill(same, float("inf")).min(1).values             # [B]
-    valid = torch.isfinite(hardest_neg)
-    if not bool(valid.any()):
-        return f.sum() * 0.0
-    diff = (hardest_pos - hardest_neg)[valid]
-    return F.softplus(diff).mean() if margin is None else F.relu(diff + margin).mean()

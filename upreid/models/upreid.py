@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from upreid.losses import BankKL, MoCoLoss, PatchInfoNCE
+from upreid.losses.objective import UPReIDLoss
 from upreid.utils.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, world_size
 from upreid.models.group_bn import SeededPermutation, check_groups, convert_group_bn
 from upreid.models.heads import MLPHead, roi_pool, stripe_boxes, view_stripes_on_original
@@ -106,9 +106,10 @@ class UPReID(nn.Module):
         # plain BN from 0, which leaves the global stream as it was (single-device runs draw nothing).
         self.key_shuffle = SeededPermutation(None if self.bn_groups > 1 else 0)
 
-        self.loss_cl = MoCoLoss(temperature, impl=loss_impl)
-        self.loss_gc = BankKL(gc_tau_student or temperature, gc_tau_teacher or temperature, impl=loss_impl)
-        self.loss_ic = PatchInfoNCE(ic_temperature or temperature, negatives=ic_negatives, impl=loss_impl)
+        self.criterion = UPReIDLoss(temperature, gc=gc, ic=ic != "off", lambda_gc=lambda_gc, lambda_ic=lambda_ic,
+                                    gc_tau_student=gc_tau_student, gc_tau_teacher=gc_tau_teacher,
+                                    ic_temperature=ic_temperature, ic_negatives=ic_negatives, symmetric=symmetric,
+                                    impl=loss_impl)
 
     @classmethod
     def from_config(cls, cfg: dict, trunk: nn.Module | None = None) -> "UPReID":
@@ -116,8 +117,12 @@ class UPReID(nn.Module):
         return cls(**cfg, trunk=trunk)
 
     def set_loss_impl(self, impl: str) -> None:
-        for loss in (self.loss_cl, self.loss_gc, self.loss_ic):
-            loss.impl = impl
+        self.criterion.set_impl(impl)
+
+    # the objective's terms (modules of ``criterion``), by their names in the paper's equation
+    loss_cl = property(lambda self: self.criterion.loss_cl)
+    loss_gc = property(lambda self: self.criterion.loss_gc)
+    loss_ic = property(lambda self: self.criterion.loss_ic)
 
     # ---------------------------------------------------------------- momentum encoder and queue
     @torch.no_grad()
@@ -182,24 +187,9 @@ class UPReID(nn.Module):
             need_original = self.gc != "off" or self.ic != "off"
             fo, ko = self._keys(xo) if need_original else (None, None)  # [B, C, h, w], [B, D]
 
-        out: dict = {}
-        # (a) instance contrast
-        loss_cl = self.loss_cl(q1, k2, bank)
-        if self.symmetric:
-            loss_cl = 0.5 * (loss_cl + self.loss_cl(q2, k1, bank))
-        out["loss_cl"] = loss_cl
-        total = loss_cl
-
-        # (b) global consistency of both views with the original image
-        if self.gc != "off":
-            if self.gc == "bank_kl":
-                loss_gc = self.loss_gc(zq, torch.cat([ko, ko]), bank)   # mean over 2B rows
-            else:
-                loss_gc = (2 - 2 * (zq * torch.cat([ko, ko])).sum(1)).mean()
-            out["loss_gc"] = loss_gc
-            total = total + self.lambda_gc * loss_gc
-
-        # (c) intrinsic patch contrast between the stripes of each view and of the original
+        # (c) the patch embeddings of the intrinsic contrast: the stripes of each view, and the same regions
+        # of the original (the views' stripes mapped onto it when aligned)
+        u = v = None
         if self.ic != "off":
             own = stripe_boxes(self.stripes, x1.device).expand(2 * b, -1, -1)          # [2B, P, 4]
             u = self.encoder_q.patch_head(self._stripes(fq, own))                     # [2B, P, Dp]
@@ -216,9 +206,10 @@ class UPReID(nn.Module):
                 else:
                     regions = own
                 v = self.encoder_k.patch_head(self._stripes(torch.cat([fo, fo]), regions))  # [2B, P, Dp]
-            loss_ic = self.loss_ic(u, v)
-            out["loss_ic"] = loss_ic
-            total = total + self.lambda_ic * loss_ic
+
+        # (a) instance contrast + (b) global consistency of both views with the original + (c)
+        out = self.criterion(q1, q2, k2, bank, k1=k1, k_orig=ko, patches=u, patches_orig=v)
+        if u is not None:
             with torch.no_grad():
                 out["patch_pos_sim"] = (u * v).sum(-1).mean()
 
@@ -228,7 +219,6 @@ class UPReID(nn.Module):
                 p = F.softmax(ko[:64] @ bank.T / self.loss_gc.tau_teacher, dim=1)      # [<=64, K]
                 out["bank_entropy"] = -(p * torch.log(p.clamp_min(1e-30))).sum(1).mean()
             self.dequeue_and_enqueue(torch.cat([k2, k1]) if self.symmetric else k2)
-        out["loss"] = total
         return out
 
     def backbone_state_dict(self) -> dict:
