@@ -52,23 +52,24 @@ def full_runs(images, tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_after_sigterm_is_exact(images, tmp_path, backend, pretrain_cfg, full_runs):
+@pytest.mark.parametrize("stop", [3, 5])         # inside epoch 0; inside epoch 1 (the pipeline is a new one)
+def test_resume_after_sigterm_is_exact(images, tmp_path, backend, stop, pretrain_cfg, full_runs):
     extra = (*RUN, f"data.backend={backend}")
 
     def interrupt(step, out):
-        if step == 3:
+        if step == stop:
             signal.raise_signal(signal.SIGTERM)   # handled by the engine: checkpoint, clean return
 
     part = pretrain(pretrain_cfg(images, str(tmp_path / "split"), *extra), on_step=interrupt)
-    assert part["interrupted"] and part["step"] == 3
+    assert part["interrupted"] and part["step"] == stop
     mid = ckpt_io.load(str(tmp_path / "split" / "checkpoint.pt"))
-    assert mid["step"] == 3 and int(mid["model"]["queue_ptr"]) == (3 * 4) % 16
+    assert mid["step"] == stop and int(mid["model"]["queue_ptr"]) == (stop * 4) % 16
     rest = pretrain(pretrain_cfg(images, str(tmp_path / "split"), *extra), resume="auto")
     assert rest["step"] == 6 and not rest["interrupted"]
     b = ckpt_io.load(str(tmp_path / "split" / "checkpoint.pt"))
     assert_same_state(full_runs(backend), b)
     assert not torch.equal(b["model"]["queue"], mid["model"]["queue"])   # the run did move on
-    # the metrics log continues: steps 1..3 from the first process, 4..6 from the resumed one
+    # the metrics log continues: steps 1..stop from the first process, the rest from the resumed one
     steps = [json.loads(line)["step"] for line in open(tmp_path / "split" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]
 

@@ -275,8 +275,9 @@ class DaliLoader(BaseLoader):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         dev_id = self._device_id()
-        # a pipeline rebuilt after a decoder failure gets its own random stream (not the epoch's start again)
-        seed = (self.seed * 7919 + self.rank + 104729 * self.rebuilds) % (2 ** 31)
+        # Seeded by the epoch: every epoch runs on a pipeline of its own (see __iter__). A pipeline rebuilt
+        # after a decoder failure gets its own random stream (not the epoch's start again).
+        seed = (self.seed * 7919 + self.rank + 104729 * self.rebuilds + 15485863 * self.epoch) % (2 ** 31)
         self.pipe = build_pipeline(self.kind, self._source, self.aug, batch_size=self.batch_size,
                                    device=self.dali_device, threads=self.threads, seed=seed,
                                    prefetch=self.prefetch, device_id=dev_id)
@@ -311,10 +312,14 @@ class DaliLoader(BaseLoader):
         self._build()
 
     def __iter__(self) -> Iterator[dict]:
-        if self._iter is None:
-            self._build()
-        else:
-            self._iter.reset()
+        # Every epoch on a fresh pipeline seeded by (seed, rank, epoch): its random stream then depends on
+        # the epoch alone. A run resumed in a later epoch (which passes over the epoch's consumed batches)
+        # and an epoch cut short (train.max_steps_per_epoch: the old pipeline has batches of it in flight)
+        # leave every following epoch as the uninterrupted run has it. A rebuild takes 5-70 ms on a CPU.
+        self._iter, self.pipe = None, None
+        self._source.resume = None
+        self.rebuilds = 0
+        self._build()
         samples, n_batches, delivered = 0, 0, 0       # delivered: by this pipeline since its iteration 0
         while True:
             try:
