@@ -174,6 +174,24 @@ def test_overwrite_starts_a_fresh_metrics_log(images, cfg_for, tmp_path):
     assert [json.loads(x)["step"] for x in open(os.path.join(run, "metrics.jsonl"))] == [1]
 
 
+def test_overwrite_leaves_nothing_of_the_old_run_to_resume(images, cfg_for, tmp_path):
+    """A new run over an old one (--overwrite) that dies before its first checkpoint: --resume must not
+    continue the old run (its checkpoints are gone from the start), and its results do not stay behind."""
+    run = str(tmp_path / "run")
+    pretrain(cfg_for(images, run, "train.steps=2", "train.checkpoint_every=1"))
+    assert os.path.isfile(os.path.join(run, "checkpoint.pt.prev"))
+    (tmp_path / "run" / "results.json").write_text("{}")       # as a fine-tuning run leaves it
+    (tmp_path / "run" / "notes.txt").write_text("mine")          # not the engine's: kept
+
+    def die(step, out):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg_for(images, run, "train.steps=4", "train.checkpoint_every=100"), overwrite=True, on_step=die)
+    assert sorted(set(os.listdir(run)) - {"tensorboard"}) == ["config.yaml", "metrics.jsonl", "notes.txt"]
+    with pytest.raises(ckpt_io.CheckpointError, match="does not exist"):
+        pretrain(cfg_for(images, run, "train.steps=4"), resume="auto")
+
+
 def test_output_that_cannot_be_created(images, cfg_for, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

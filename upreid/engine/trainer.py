@@ -29,6 +29,12 @@ from upreid.utils import distributed as dist
 
 log = logging.getLogger("upreid.trainer")
 CHECKPOINT_NAME = "checkpoint.pt"
+# What a finished run leaves that a new run in the same folder (--overwrite) must not inherit: the
+# checkpoints (a later --resume would continue the old run) and the final evaluation's files (they
+# would describe the old run until the new one ends). metrics.jsonl, config.yaml and init.json are
+# rewritten at the start; TensorBoard purges the old steps itself.
+PREVIOUS_RUN_FILES = (CHECKPOINT_NAME, f"{CHECKPOINT_NAME}.tmp", f"{CHECKPOINT_NAME}.prev", f"{CHECKPOINT_NAME}.prev.tmp",
+                      "results.json", "ranklist.png", "cmc.png", "distances.png")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -200,6 +206,12 @@ class Trainer:
             os.makedirs(self.out_dir, exist_ok=True)
         except OSError as e:
             raise OutputError(f"train.output={self.out_dir!r} cannot be created: {e.strerror or e}") from None
+        if self.overwrite and not self.resume:
+            gone = [n for n in PREVIOUS_RUN_FILES if os.path.isfile(os.path.join(self.out_dir, n))]
+            for name in gone:
+                os.remove(os.path.join(self.out_dir, name))
+            if gone:
+                log.info("--overwrite: removed the previous run's %s from %s", ", ".join(gone), self.out_dir)
         dump_config(self.cfg, os.path.join(self.out_dir, "config.yaml"))
 
     # -------------------------------------------------------------------- checkpoint
