@@ -309,3 +309,27 @@ def test_a_missing_optional_package_is_one_line_not_a_traceback(images, tmp_path
                    "data.backend=dali", "train.steps=1"])
     err = capsys.readouterr().err
     assert rc == 1 and "NVIDIA DALI is not installed" in err and "Traceback" not in err, err
+
+
+
+def test_fine_tuning_resume_refuses_another_epoch_length():
+    """The step's epoch and batch follow from train.max_steps_per_epoch: another value would replay
+    or skip data (and move the schedule), so it is refused like the other data settings."""
+    from upreid.engine.resume import check_resume
+    tiny = os.path.join(CONFIGS, "finetune", "tiny_cpu.yaml")
+    state = {"config": load_config("finetune", tiny, ["data.root=/x", "train.max_steps_per_epoch=2"]).to_dict()}
+    with pytest.raises(ckpt_io.CheckpointError, match="other data settings: train.max_steps_per_epoch: checkpoint 2, "
+                                                      "config None"):
+        check_resume("finetune", state, load_config("finetune", tiny, ["data.root=/x"]), "ck.pt")
+
+
+def test_resume_with_fp16_from_a_run_without_a_loss_scale(trained, images, cfg_for, tmp_path, caplog):
+    """A run written with amp off (or bf16) has no loss-scaler state: resuming it with train.amp=fp16
+    (e.g. on a GPU without bf16) starts the scaler afresh with a warning instead of failing."""
+    import shutil
+    out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    with caplog.at_level("WARNING", logger="upreid.trainer"):
+        s = pretrain(cfg_for(images, str(run), "train.steps=3", "train.amp=fp16"), resume="auto")
+    assert s["step"] == 3 and "no fp16 loss scale (it ran with train.amp=auto)" in caplog.text

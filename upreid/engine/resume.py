@@ -22,9 +22,10 @@ MODEL = {
                  "model.pooling"),
 }
 # Keys whose change makes the resumed run see other data than the interrupted one would have: every
-# data.* key but these, the seed, and fine-tuning's init.
+# data.* key but these, the seed, and fine-tuning's init and epoch length (the position in the data is
+# recomputed from the step with it: another length puts the run at another epoch and batch).
 DATA_FREE = ("data.workers", "data.on_bad_image", "data.eval_batch_size", "data.flip_test")
-OTHER_DATA = {"pretrain": ("train.seed",), "finetune": ("init", "train.seed")}
+OTHER_DATA = {"pretrain": ("train.seed",), "finetune": ("init", "train.seed", "train.max_steps_per_epoch")}
 # Keys of no consequence for the state of a run.
 FREE = ("train.output", "train.progress")
 

@@ -187,7 +187,11 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         for group, hyper in zip(self.optimizer.param_groups, fresh):
             group.update(hyper)                  # the config's hyper-parameters apply (changes were listed)
-        self.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler") or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state.get("scaler") or {})
+        else:   # amp=fp16 now, bf16 or off when the checkpoint was written: no loss scale was saved
+            log.warning("the checkpoint holds no fp16 loss scale (it ran with train.amp=%s): the scaler starts "
+                        "afresh", state.get("config", {}).get("train", {}).get("amp", "?"))
         self.task.load_state(state)
         rngs = state.get("rng") or []
         if len(rngs) == self.world:
