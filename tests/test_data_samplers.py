@@ -71,3 +71,28 @@ def test_shuffle_drop_and_shards():
 def test_shard_arguments_checked():
     with pytest.raises(ValueError, match="rank"):
         SequentialBatches(10, 2, rank=2, world=2)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_pk_reports_each_epochs_own_leftovers(world):
+    """The images no rank draws change with the epoch: each epoch reports its own count, computed here
+    from what the ranks' batches hold."""
+    pids = np.random.default_rng(1).integers(0, 9, 80)
+    parts = [PKBatches(pids, p=2, k=4, seed=0, rank=r, world=world) for r in range(world)]
+    counts = []
+    for epoch in range(6):
+        seen = {i for s in parts for b in s.batches(epoch) for i in b}
+        counts.append(len(pids) - len(seen))
+        assert parts[0].dropped(epoch) == counts[-1], epoch
+    assert len(set(counts)) > 1                      # the epochs differ, so epoch 0's count would be wrong
+
+
+def test_loader_summary_counts_the_epoch_it_ran(tmp_path):
+    from upreid.data.loader import build_loader
+    from upreid.data.testing import write_tiny
+    recs = write_tiny(str(tmp_path), n=30, ids=7)
+    L = build_loader("finetune", recs, batch_size=4, backend="torch", device="cpu", workers=0, p=2, k=4, seed=1)
+    for epoch in range(4):
+        L.set_epoch(epoch)
+        list(L)
+        assert L.summary["not_drawn"] == L.sampler.dropped(epoch)

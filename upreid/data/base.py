@@ -91,7 +91,7 @@ class BaseLoader:
     def _finish_epoch(self, samples: int, batches: int, skipped: List[str]) -> None:
         self.summary = {"epoch": self.epoch, "samples": samples, "batches": batches,
                         "skipped": len(skipped), "skipped_paths": list(skipped),
-                        "not_drawn": self.sampler.dropped(), "backend": self.backend}
+                        "not_drawn": self.sampler.dropped(self.epoch), "backend": self.backend}
         msg = (f"{self.kind} epoch {self.epoch} (rank {self.rank}/{self.world}, {self.backend}): {samples} samples "
                f"in {batches} batches, {len(skipped)} bad images skipped")
         if skipped:

@@ -37,7 +37,7 @@ class SequentialBatches:
     def num_samples(self) -> int:
         return len(self.indices)
 
-    def dropped(self) -> int:
+    def dropped(self, epoch: int = 0) -> int:
         return 0
 
 
@@ -70,8 +70,8 @@ class ShuffleBatches:
     def num_samples(self) -> int:
         return sum(len(b) for b in self.batches(0))
 
-    def dropped(self) -> int:
-        """Images of the dataset no rank sees in an epoch."""
+    def dropped(self, epoch: int = 0) -> int:
+        """Images of the dataset no rank sees in an epoch (the same count in every epoch)."""
         return self.n - self.steps * self.batch_size * self.world if self.drop_last else 0
 
 
@@ -131,7 +131,9 @@ class PKBatches:
     def num_samples(self) -> int:
         return len(self.batches(0)) * self.p * self.k
 
-    def dropped(self) -> int:
-        """Images of the dataset not drawn in epoch 0 (identities left over when fewer than P remain)."""
-        seen = {i for b in self._global(0) for i in b}
+    def dropped(self, epoch: int = 0) -> int:
+        """Images of the dataset not drawn in ``epoch`` by any rank (identities left over when fewer than P
+        remain; which ones, and how many, changes with the epoch)."""
+        g = self._global(epoch)
+        seen = {i for b in g[:len(g) // self.world * self.world] for i in b}   # what the ranks take
         return self.n - len(seen)
