@@ -209,3 +209,21 @@ def test_msmt17_path_with_spaces_and_duplicates(tmp_path, caplog):
         ds = msmt17(root)
     assert len(ds.gallery) == 2 and ds.gallery[1].path.endswith("noon 2_0001_0.jpg") and ds.gallery[1].camid == 2
     assert "1 duplicate entries" in caplog.text
+
+
+def test_identity_counts_take_pid_0_as_an_identity_where_it_is_one(caplog):
+    """Train pids are relabelled to 0..N-1 (pid 0 is an identity); in a Market-style query/gallery pid 0
+    is the distractor class, in MSMT17's it is an identity. A complete copy draws no warning."""
+    from upreid.data.datasets import _check_counts
+    from upreid.data.records import Record, ReIDDataset
+    train = [Record(f"t{i}", i % 3, 0) for i in range(6)]                     # ids 0, 1, 2
+    query = [Record(f"q{i}", i % 3, 1) for i in range(3)]                     # ids 0, 1, 2
+    gallery = [Record(f"g{i}", i % 4, 0) for i in range(8)]                   # 0 (distractors), 1, 2, 3
+    ds = ReIDDataset("x", "/x", train, query, gallery)
+    with caplog.at_level(logging.WARNING):
+        _check_counts(ds, {"train": (6, 3), "query": (3, 3), "gallery": (8, 4)}, distractors=False)
+        assert caplog.text == ""
+        _check_counts(ds, {"train": (6, 3), "gallery": (8, 3)})             # Market-style: 0 is no identity
+        assert caplog.text == ""
+        _check_counts(ds, {"train": (6, 4)})
+    assert "found 3 train identities" in caplog.text

@@ -117,14 +117,17 @@ def _check_not_empty(ds: ReIDDataset, where: dict, layout: str) -> None:
                                f"(junk images, pid -1, are dropped). Expected layout: {layout}")
 
 
-def _check_counts(ds: ReIDDataset, expected: Optional[dict]) -> None:
+def _check_counts(ds: ReIDDataset, expected: Optional[dict], distractors: bool = True) -> None:
+    """Warn when a split's image or identity count is not a complete copy's. Train pids are relabelled
+    to 0..N-1, so pid 0 is an identity there; in query and gallery it is the distractor class when the
+    layout has one (``distractors``; Market-style), and an identity otherwise (MSMT17)."""
     if not expected:
         return
     for split, recs in ds.splits():
         n_img, n_ids = expected.get(split, (None, None))
         check_expected(ds.name, split, len(recs), n_img, ds.root)
         if n_ids is not None:
-            ids = len({r.pid for r in recs if r.pid != 0})
+            ids = len({r.pid for r in recs if r.pid != 0 or split == "train" or not distractors})
             if ids != n_ids:
                 log.warning("%s: found %d %s identities under %s, a complete copy has %d",
                             ds.name, ids, split, ds.root, n_ids)
@@ -214,7 +217,7 @@ def msmt17(root: str, *, combine_trainval: bool = True, check_files: bool = True
     ds = ReIDDataset("msmt17", root, relabel(train), query, gallery)
     _check_not_empty(ds, {"train": "list_train.txt", "query": "list_query.txt", "gallery": "list_gallery.txt"},
                      MSMT17_LAYOUT)
-    _check_counts(ds, EXPECTED["msmt17"] if combine_trainval else None)
+    _check_counts(ds, EXPECTED["msmt17"] if combine_trainval else None, distractors=False)
     return ds
 
 
