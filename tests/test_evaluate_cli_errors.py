@@ -77,10 +77,18 @@ def test_bad_device(tmp_path, capsys, device, message):
 
 def test_bad_json_destination_is_refused_before_work(tmp_path, capsys):
     f = good(tmp_path / "f.npz")
-    rc, err = run(capsys, f, "--json", tmp_path / "missing" / "r.json")
-    assert rc == 2 and "does not exist" in err
+    (tmp_path / "afile").write_text("x")
+    rc, err = run(capsys, f, "--json", tmp_path / "afile" / "r.json")
+    assert rc == 2 and "is a file, not a folder" in err
     rc, err = run(capsys, f, "--json", tmp_path)
     assert rc == 2 and "is a folder" in err
+
+
+def test_json_folder_is_created_as_the_docs_example_expects(tmp_path, capsys):
+    """`upreid evaluate feats.npz --json eval/results.json` (docs/evaluation.md) with no eval/ yet."""
+    out = tmp_path / "eval" / "sub" / "results.json"
+    rc, err = run(capsys, good(tmp_path / "f.npz"), "--json", out)
+    assert rc == 0 and out.is_file() and (tmp_path / "eval" / "sub" / "cmc.png").is_file(), err
 
 
 @pytest.mark.parametrize("opts,message", [

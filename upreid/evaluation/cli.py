@@ -115,7 +115,7 @@ def _check_outputs(args: argparse.Namespace) -> str | None:
             return f"--lambda {args.lambda_value}: re-ranking needs a weight in [0, 1]"
     if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
         return f"--plots {args.plots!r} is a file; give a folder for cmc.png and distances.png"
-    return output_file_problem(args.json, "--json") if args.json else None
+    return output_file_problem(args.json, "--json", create_folder=True) if args.json else None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -152,6 +152,7 @@ def _run(args: argparse.Namespace) -> int:
         print(format_table(res, title))
         results["rerank" if rr else "plain"] = res
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     if plots:

@@ -21,12 +21,18 @@ def device_problem(spec: str, option: str = "--device") -> str | None:
     return None
 
 
-def output_file_problem(path: str, option: str) -> str | None:
-    """``path`` must name a file (not a folder) in an existing, writable folder."""
+def output_file_problem(path: str, option: str, create_folder: bool = False) -> str | None:
+    """``path`` must name a file (not a folder) in a writable folder, which must exist unless
+    ``create_folder`` (then the nearest existing folder above it must be writable: the caller creates it)."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
         return f"{option} {path!r} is a folder; give a file name"
-    if not os.path.isdir(folder):
+    if create_folder:
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            return f"{option} {path!r}: {folder!r} is a file, not a folder"
+    elif not os.path.isdir(folder):
         return f"{option} {path!r}: the folder {folder!r} does not exist"
     if not os.access(folder, os.W_OK):
         return f"{option} {path!r}: the folder {folder!r} is not writable"
