@@ -106,3 +106,39 @@ def test_torch_compile_inductor():
     assert abs(out.item() - (loss.mean() + 0.01 * lse.mean()).item()) < 1e-5
     out.backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_opcheck_backward_ops_on_strided_inputs():
+    """Gradients come back contiguous whatever the inputs' strides, in the kernels and in the fakes
+    (a fake that copied a transposed input's strides made inductor's backward fail its stride assert)."""
+    qt, kt, st = feats(5, 6).t(), feats(5, 6).t(), feats(5, 6).t()          # [6, 5] transposed views
+    pos, bank, t = torch.arange(6), feats(8, 5), feats(6, 5)
+    _, lse = torch.ops.upreid.info_nce(qt, kt, pos, bank, 0.1, 1)
+    torch.library.opcheck(torch.ops.upreid._info_nce_backward.default,
+                          (torch.ones(6), torch.zeros(6), qt, kt, pos, bank, lse, 0.1, 1))
+    _, ls, lt = torch.ops.upreid.bank_kl(st, t, bank, 0.1, 0.2)
+    torch.library.opcheck(torch.ops.upreid._bank_kl_backward.default,
+                          (torch.ones(6), torch.zeros(6), st, t, bank, ls, lt, 0.1, 0.2))
+    _, ls, _, ms, mt = torch.ops.upreid._bank_kl_train(st, t, bank, 0.1, 0.2)
+    torch.library.opcheck(torch.ops.upreid._bank_kl_train_backward.default,
+                          (torch.ones(6), torch.zeros(6), st, ms, mt, 0.1))
+    empty = feats(5, 0).t()                                                    # [0, 5]: the early return
+    _, lse0 = torch.ops.upreid.info_nce(empty, kt, pos[:0], None, 0.1, 1)
+    torch.library.opcheck(torch.ops.upreid._info_nce_backward.default,
+                          (torch.ones(0), torch.zeros(0), empty, kt, pos[:0], None, lse0, 0.1, 1))
+
+
+@pytest.mark.parametrize("loss", ["info_nce", "bank_kl"])
+def test_torch_compile_inductor_backward_through_a_transposed_input(loss):
+    from upreid import ops
+    x = torch.randn(8, 5, requires_grad=True)
+    keys, pos, bank, teacher = torch.randn(6, 8), torch.randint(0, 6, (5,)), torch.randn(7, 8), torch.randn(5, 8)
+    if loss == "info_nce":
+        def f(x):
+            return ops.info_nce(x.t(), keys, pos, bank, 0.2, 0)[0].sum()
+    else:
+        def f(x):
+            return ops.bank_kl(x.t(), teacher, bank, 0.2, 0.1)[0].sum()
+    want = torch.autograd.grad(f(x), x)[0]
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(x), x)[0]
+    assert torch.allclose(got, want, atol=1e-5)

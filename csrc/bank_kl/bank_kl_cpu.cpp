@@ -67,7 +67,7 @@ at::Tensor bank_kl_backward_cpu(const at::Tensor& grad_kl, const at::Tensor& gra
   const int64_t M = student.size(0);
   const auto acc = acc_dtype(student.scalar_type());
   const auto opts = student.options().dtype(acc);
-  if (M == 0 || student.size(1) == 0) return at::zeros_like(student);
+  if (M == 0 || student.size(1) == 0) return at::zeros(student.sizes(), student.options());  // contiguous, as the fake says
   at::Tensor ss = student.to(acc).mul(1.0 / tau_student).contiguous();
   at::Tensor ts = teacher.to(acc).mul(1.0 / tau_teacher).contiguous();
   at::Tensor bk = bank.contiguous();

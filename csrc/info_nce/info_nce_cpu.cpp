@@ -144,8 +144,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
   check_info_nce_backward_args(grad_loss, grad_lse, lse, query, op);
   const auto opts = query.options().dtype(p.acc);
   if (p.M == 0 || p.D == 0 || !(need_gq || need_gk)) {
-    return {need_gq ? at::zeros_like(query) : skipped_grad(query),
-            need_gk ? at::zeros_like(keys) : skipped_grad(keys)};
+    return {need_gq ? at::zeros(query.sizes(), query.options()) : skipped_grad(query),
+            need_gk ? at::zeros(keys.sizes(), keys.options()) : skipped_grad(keys)};
   }
   at::Tensor gl = grad_loss.to(p.acc).contiguous();
   at::Tensor coef = (gl + grad_lse.to(p.acc)).contiguous();  // d(loss + lse)/d(softmax logits)

@@ -111,8 +111,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
   check_info_nce_backward_args(grad_loss, grad_lse, lse, query, op);
   const int64_t M = query.size(0), D = query.size(1), N = keys.size(0);
   if (M == 0 || D == 0 || !(need_gq || need_gk)) {
-    return {need_gq ? at::zeros_like(query) : skipped_grad(query),
-            need_gk ? at::zeros_like(keys) : skipped_grad(keys)};
+    return {need_gq ? at::zeros(query.sizes(), query.options()) : skipped_grad(query),
+            need_gk ? at::zeros(keys.sizes(), keys.options()) : skipped_grad(keys)};
   }
   const bool all_keys = group_size == 0 || group_size == N;
   if (need_gk && !all_keys) {

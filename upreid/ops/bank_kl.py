@@ -67,7 +67,7 @@ if _lib.HAS_EXTENSION:
     @torch.library.register_fake("upreid::_bank_kl_backward")
     def _bank_kl_backward_fake(grad_kl, grad_lse_student, student, teacher, bank, lse_student,
                                lse_teacher, tau_student, tau_teacher):
-        return torch.empty_like(student)
+        return student.new_empty(tuple(student.shape))      # contiguous, as the kernels write it
 
     @torch.library.register_fake("upreid::_bank_kl_train")
     def _bank_kl_train_fake(student, teacher, bank, tau_student, tau_teacher):
@@ -78,7 +78,7 @@ if _lib.HAS_EXTENSION:
     @torch.library.register_fake("upreid::_bank_kl_train_backward")
     def _bank_kl_train_backward_fake(grad_kl, grad_lse_student, student, mean_student,
                                      mean_teacher, tau_student):
-        return torch.empty_like(student)
+        return student.new_empty(tuple(student.shape))      # contiguous, as the kernels write it
 
     def _setup_context(ctx, inputs, output):
         student, teacher, bank, tau_student, tau_teacher = inputs

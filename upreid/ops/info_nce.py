@@ -75,9 +75,10 @@ if _lib.HAS_EXTENSION:
         return query.new_empty((m,), dtype=_acc(query)), query.new_empty((m,), dtype=_acc(query))
 
     def _grads_fake(query, keys, need_grad_query, need_grad_keys):
-        # A gradient not asked for is an empty [0, D] tensor.
-        gq = torch.empty_like(query) if need_grad_query else query.new_empty((0, query.shape[1]))
-        gk = torch.empty_like(keys) if need_grad_keys else keys.new_empty((0, keys.shape[1]))
+        # A gradient not asked for is an empty [0, D] tensor. Gradients are contiguous whatever the
+        # inputs' strides (the kernels write them row-major): not empty_like, which keeps a view's strides.
+        gq = query.new_empty(tuple(query.shape)) if need_grad_query else query.new_empty((0, query.shape[1]))
+        gk = keys.new_empty(tuple(keys.shape)) if need_grad_keys else keys.new_empty((0, keys.shape[1]))
         return gq, gk
 
     @torch.library.register_fake("upreid::_info_nce_backward")
