@@ -136,3 +136,15 @@ def test_reid_loss_modules():
         TripletLoss(0.0)
     with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\)"):
         CrossEntropyLabelSmooth(1.0)
+
+
+def test_reference_losses_compile_as_one_graph():
+    """impl='reference' (also the fallback without upreid._C) under torch.compile(fullgraph=True): the
+    argument checks trace (their messages close over strings, not tensors), and values equal eager."""
+    q, k, queue = feats(4, 8), feats(4, 8), feats(9, 8)
+    for loss, args in ((InfoNCE(0.1, impl="reference"), (q, k, torch.arange(4))),
+                       (MoCoLoss(0.1, impl="reference"), (q, k, queue)),
+                       (BankKL(0.1, 0.2, impl="reference"), (q, k, queue)),
+                       (PatchInfoNCE(0.1, impl="reference"), (feats(2, 3, 8), feats(2, 3, 8)))):
+        torch._dynamo.reset()
+        assert torch.allclose(torch.compile(loss, fullgraph=True)(*args), loss(*args), atol=1e-6), loss

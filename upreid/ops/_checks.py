@@ -1,7 +1,7 @@
 """Argument checks of the training operators in Python, with the messages of ``csrc/common/checks.h``.
 
 The pure-PyTorch references (also the fallback when ``upreid._C`` is absent) and the fake kernels run
-them, so that every path rejects what the compiled operators reject, with the same words. Checks go
+them, so that every path rejects what the compiled operators reject, with the same words. Size checks go
 through ``torch._check``, which works on symbolic shapes; the index-range check reads data and is
 skipped where there is none to read (fake/meta tensors, tracing under ``torch.compile``).
 """
@@ -33,33 +33,37 @@ def _num(v: float) -> str:
     return f"{v:g}"  # as C++ streams a double: 0, -0.1, nan, inf
 
 
+# Rank, dtype and device are static even under torch.compile: plain checks. A size can be symbolic:
+# torch._check, with a message closure that holds only strings (a closure over a tensor cannot be traced
+# by Dynamo, which breaks fullgraph compilation of the references).
 def dim(t: Tensor, n: int, op: str, name: str, layout: str) -> None:
-    torch._check(t.dim() == n, lambda: f"{op}: '{name}' must be {n}-D {layout}, got shape {_shape(t)}")
+    if t.dim() != n:
+        raise RuntimeError(f"{op}: '{name}' must be {n}-D {layout}, got shape {_shape(t)}")
 
 
 def feature_dtype(t: Tensor, op: str, name: str) -> None:
-    torch._check(t.dtype in FEATURE_DTYPES, lambda: (
-        f"{op}: '{name}' must be a floating tensor (float32, float16, bfloat16 or float64), got "
-        f"{_name(t.dtype)}"))
+    if t.dtype not in FEATURE_DTYPES:
+        raise RuntimeError(f"{op}: '{name}' must be a floating tensor (float32, float16, bfloat16 or float64), "
+                           f"got {_name(t.dtype)}")
 
 
 def index_dtype(t: Tensor, op: str, name: str) -> None:
-    torch._check(t.dtype == torch.int64, lambda: f"{op}: '{name}' must be int64, got {_name(t.dtype)}")
+    if t.dtype != torch.int64:
+        raise RuntimeError(f"{op}: '{name}' must be int64, got {_name(t.dtype)}")
 
 
 def like(t: Tensor, name: str, ref: Tensor, ref_name: str, op: str, same_dtype: bool = True) -> None:
-    torch._check(t.device == ref.device, lambda: (
-        f"{op}: '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; all tensors must be "
-        "on one device"))
-    if same_dtype:
-        torch._check(t.dtype == ref.dtype, lambda: (
-            f"{op}: '{name}' has dtype {_name(t.dtype)} but '{ref_name}' has dtype "
-            f"{_name(ref.dtype)}; feature tensors must share one dtype"))
+    if t.device != ref.device:
+        raise RuntimeError(f"{op}: '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; all tensors "
+                           "must be on one device")
+    if same_dtype and t.dtype != ref.dtype:
+        raise RuntimeError(f"{op}: '{name}' has dtype {_name(t.dtype)} but '{ref_name}' has dtype "
+                           f"{_name(ref.dtype)}; feature tensors must share one dtype")
 
 
 def size(t: Tensor, d: int, expected, name: str, what: str, op: str) -> None:
-    torch._check(t.shape[d] == expected, lambda: (
-        f"{op}: '{name}' has {t.shape[d]} {what} (shape {_shape(t)}) but {expected} were expected"))
+    msg = f"{op}: '{name}' has {t.shape[d]} {what} (shape {_shape(t)}) but {expected} were expected"
+    torch._check(t.shape[d] == expected, lambda: msg)
 
 
 def positive_finite(v: float, op: str, name: str) -> None:
