@@ -77,6 +77,17 @@ def test_duplicates_and_exact_ties(dtype):
     assert torch.equal(out[:, 150 - 60:180 - 60], out[:, 150 - 60:151 - 60].expand(-1, 30))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_duplicates_of_continuous_features(seed):
+    """Exact copies of unit-norm features off any grid (as a gallery holding the same crop twice): the
+    copies are exactly 0 apart in the operator and in the reference alike, so their neighbour order and
+    the final distances agree."""
+    torch.manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(30, 512), dim=1)
+    f = torch.cat([x[:8], x[:8], x])
+    check(k_reciprocal_rerank(f, 8, 6, 3, 0.3), ref.k_reciprocal_rerank(f, 8, 6, 3, 0.3))
+
+
 def test_all_identical_features():
     # Every distance 0: the original divides 0 by 0; upreid treats a zero row maximum as 1.
     x = torch.ones(30, 4)

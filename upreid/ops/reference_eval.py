@@ -99,13 +99,19 @@ def k_reciprocal_rerank_dense(q_g, q_q, g_g, k1: int = 20, k2: int = 6,
 
 
 def euclidean_distances(a, b, same: bool = False) -> np.ndarray:
-    """Euclidean distances in float64 (``same``: ``a is b``, the diagonal is exactly 0)."""
+    """Euclidean distances in float64 from the differences themselves, not |a|^2 + |b|^2 - 2ab: identical
+    rows are exactly 0 apart and mirrored pairs exactly equal, so duplicates tie as they do in the
+    operators (the expanded form left ~1e-8 between copies, which reordered their neighbours). Row blocks
+    of at most 4M differences bound the memory. ``same``: ``a is b``, the diagonal is exactly 0."""
     a, b = _np(a, np.float64), _np(b, np.float64)
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    out = np.empty((a.shape[0], b.shape[0]))
+    step = max(1, (1 << 22) // max(1, b.shape[0] * a.shape[1]))
+    for i in range(0, a.shape[0], step):
+        diff = a[i:i + step, None, :] - b[None, :, :]
+        out[i:i + step] = np.sqrt((diff * diff).sum(-1))
     if same:
-        sq = (sq + sq.T) / 2.0  # exactly symmetric, as a distance is
-        np.fill_diagonal(sq, 0.0)
-    return np.sqrt(np.maximum(sq, 0.0))
+        np.fill_diagonal(out, 0.0)
+    return out
 
 
 def k_reciprocal_rerank(features, num_query: int, k1: int = 20, k2: int = 6,
