@@ -170,10 +170,14 @@ def test_non_finite_features_and_distances(bad):
     x[7, 2] = bad
     with pytest.raises(RuntimeError, match="'features' contains NaN or Inf"):
         k_reciprocal_rerank(x, 10)
-    qg, qq, gg = torch.rand(5, 9), torch.rand(5, 5), torch.rand(9, 9)
-    gg[3, 4] = bad
-    with pytest.raises(RuntimeError, match="'g_g' contains NaN or Inf"):
-        k_reciprocal_rerank_dense(qg, qq, gg)
+    for name in ("q_g", "q_q", "g_g"):          # the message names the input that holds it, alone
+        d = {"q_g": torch.rand(5, 9), "q_q": torch.rand(5, 5), "g_g": torch.rand(9, 9)}
+        d[name][3, 4] = bad
+        for impl in ("fused", "reference"):
+            with pytest.raises((RuntimeError, ValueError)) as e:
+                k_reciprocal_rerank_dense(d["q_g"], d["q_q"], d["g_g"], impl=impl)
+            assert f"'{name}' contains NaN or Inf" in str(e.value), (impl, str(e.value))
+            assert sum(f"'{other}'" in str(e.value) for other in d) == 1, str(e.value)
 
 
 def test_dense_mismatched_shapes_and_empty_gallery():

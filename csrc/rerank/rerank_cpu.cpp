@@ -196,22 +196,24 @@ at::Tensor rerank_dense(const at::Tensor& q_g, const at::Tensor& q_q, const at::
   nb.rowmax.assign(N, T(0));
   constexpr int64_t kBlk = 64;
   const int64_t qblocks = (Q + kBlk - 1) / kBlk, gblocks = (G + kBlk - 1) / kBlk;
-  std::atomic<bool> finite(true);
+  // which of the three inputs held a NaN or Inf (bit 0: q_g, 1: q_q, 2: g_g), to name it
+  std::atomic<int> nonfinite(0);
   at::parallel_for(0, qblocks + gblocks, 1, [&](int64_t b0, int64_t b1) {
     TopK<T> tk(kBlk, K);
-    bool ok = true;
+    bool ok[3] = {true, true, true};
     for (int64_t b = b0; b < b1; ++b) {
       const bool query = b < qblocks;
       const int64_t r0 = query ? b * kBlk : Q + (b - qblocks) * kBlk;
       const int64_t r1 = std::min(query ? Q : N, r0 + kBlk), nr = r1 - r0;
       std::fill(tk.cnt.begin(), tk.cnt.end(), 0);
       std::fill(tk.rmax.begin(), tk.rmax.end(), T(0));
-      auto column_block = [&](const T* src, int64_t rows, int64_t ld, int64_t c0, int64_t j_off) {
+      auto column_block = [&](const T* src, int64_t rows, int64_t ld, int64_t c0, int64_t j_off, int which) {
         // src[j * ld + c0 + r] is B[r0 + r, j_off + j] for r < nr, j < rows.
+        bool& fine = ok[which];
         for (int64_t j = 0; j < rows; ++j) {
           const T* v = src + j * ld + c0;
           for (int64_t r = 0; r < nr; ++r) {
-            ok &= std::isfinite(v[r]);
+            fine &= std::isfinite(v[r]);
             const T d = v[r] * v[r];
             tk.rmax[r] = std::max(tk.rmax[r], d);
             tk.push(r, d, static_cast<int32_t>(j_off + j));
@@ -219,12 +221,12 @@ at::Tensor rerank_dense(const at::Tensor& q_g, const at::Tensor& q_q, const at::
         }
       };
       if (query) {
-        column_block(pqq, Q, Q, r0, 0);
+        column_block(pqq, Q, Q, r0, 0, 1);
         for (int64_t r = 0; r < nr; ++r) {
           const T* v = pqg + (r0 + r) * G;
           float* orow = o + (r0 + r) * G;
           for (int64_t g = 0; g < G; ++g) {
-            ok &= std::isfinite(v[g]);
+            ok[0] &= std::isfinite(v[g]);
             const T d = v[g] * v[g];
             tk.rmax[r] = std::max(tk.rmax[r], d);
             tk.push(r, d, static_cast<int32_t>(Q + g));
@@ -232,8 +234,8 @@ at::Tensor rerank_dense(const at::Tensor& q_g, const at::Tensor& q_q, const at::
           }
         }
       } else {
-        column_block(pqg, Q, G, r0 - Q, 0);
-        column_block(pgg, G, G, r0 - Q, Q);
+        column_block(pqg, Q, G, r0 - Q, 0, 0);
+        column_block(pgg, G, G, r0 - Q, Q, 2);
       }
       for (int64_t r = 0; r < nr; ++r) {
         nb.rowmax[r0 + r] = tk.rmax[r];
@@ -241,10 +243,11 @@ at::Tensor rerank_dense(const at::Tensor& q_g, const at::Tensor& q_q, const at::
         std::copy(tk.val.begin() + r * K, tk.val.begin() + (r + 1) * K, nb.d2.begin() + (r0 + r) * K);
       }
     }
-    if (!ok) finite = false;
+    nonfinite.fetch_or((ok[0] ? 0 : 1) | (ok[1] ? 0 : 2) | (ok[2] ? 0 : 4));
   });
-  TORCH_CHECK(finite.load(), "upreid::k_reciprocal_rerank_dense: 'q_g', 'q_q' or 'g_g' contains NaN ",
-              "or Inf; every distance must be finite");
+  const int bad = nonfinite.load();
+  TORCH_CHECK(bad == 0, "upreid::k_reciprocal_rerank_dense: '", (bad & 1) ? "q_g" : (bad & 2) ? "q_q" : "g_g",
+              "' contains NaN or Inf; every distance must be finite");
   rerank_cpu::rerank_sparse<T>(nb, dist2, /*symmetric=*/false, Q, k1, k2, lambda, rerank_half_k(k1), o);
   return out;
 }
