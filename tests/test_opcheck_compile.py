@@ -142,3 +142,42 @@ def test_torch_compile_inductor_backward_through_a_transposed_input(loss):
     want = torch.autograd.grad(f(x), x)[0]
     got = torch.autograd.grad(torch.compile(f, fullgraph=True)(x), x)[0]
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def _error(fn):
+    try:
+        fn()
+    except RuntimeError as e:
+        return str(e).split("\n")[0]
+    return None
+
+
+EVAL_BAD = [
+    ("k_reciprocal_rerank", lambda: (torch.randn(12, 4), 20, 5, 3, 0.3)),             # num_query >= N
+    ("k_reciprocal_rerank", lambda: (torch.randn(12, 4), 3, 5, 9, 0.3)),              # k2 > k1 + 1
+    ("k_reciprocal_rerank", lambda: (torch.randn(12), 3, 5, 3, 0.3)),                 # not 2-D
+    ("k_reciprocal_rerank", lambda: (torch.randn(12, 4), 3, 5, 3, 1.5)),              # lambda
+    ("k_reciprocal_rerank_dense", lambda: (torch.rand(3, 5), torch.rand(3, 3), torch.rand(4, 4), 5, 3, 0.3)),
+    ("k_reciprocal_rerank_dense", lambda: (torch.rand(0, 5), torch.rand(0, 0), torch.rand(5, 5), 5, 3, 0.3)),
+    ("k_reciprocal_rerank_dense", lambda: (torch.rand(3, 5), torch.rand(3, 3).double(), torch.rand(5, 5), 5, 3, 0.3)),
+    ("rank_metrics", lambda: (torch.rand(3, 5), torch.arange(3), torch.arange(4), torch.zeros(3, dtype=torch.long),
+                              torch.ones(5, dtype=torch.long), 10)),                    # g_pids too short
+    ("rank_metrics", lambda: (torch.rand(3, 5), torch.arange(3.0), torch.arange(5), torch.zeros(3, dtype=torch.long),
+                              torch.ones(5, dtype=torch.long), 10)),                    # float pids
+    ("rank_metrics", lambda: (torch.rand(3, 5), torch.arange(3), torch.arange(5), torch.zeros(3, dtype=torch.long),
+                              torch.ones(5, dtype=torch.long), 0)),                     # max_rank
+]
+
+
+@pytest.mark.parametrize("name,make", EVAL_BAD)
+def test_evaluation_fakes_refuse_what_the_operators_refuse_in_their_words(name, make):
+    """Under torch.compile the fake kernel runs first: it must give the operator's own message, not a
+    shape error of its output (e.g. a negative gallery size)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    op = getattr(torch.ops.upreid, name)
+    real = _error(lambda: op(*make()))
+    assert real is not None
+    with FakeTensorMode() as mode:
+        args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in make()]
+        fake = _error(lambda: op(*args))
+    assert fake == real

@@ -136,3 +136,68 @@ def no_grad_buffer(t: Tensor | None, op: str, name: str, why: str) -> None:
     """A buffer or target that receives no gradient must not ask for one (a silent None grad)."""
     if t is not None and t.requires_grad:
         raise ValueError(f"{op}: '{name}' requires grad, but {why}; pass {name}.detach()")
+
+
+# ------------------------------------------------------------------- evaluation operators (fakes)
+def rerank_params(k1: int, k2: int, lambda_value: float, op: str) -> None:
+    """``check_params`` of csrc/rerank/rerank.cpp."""
+    if k1 < 1:
+        raise RuntimeError(f"{op}: 'k1' must be >= 1, got {k1}")
+    if not 1 <= k2 <= k1 + 1:
+        raise RuntimeError(f"{op}: 'k2' must be in [1, k1 + 1] = [1, {k1 + 1}], got {k2}")
+    if not (math.isfinite(lambda_value) and 0.0 <= lambda_value <= 1.0):
+        raise RuntimeError(f"{op}: 'lambda_value' must be in [0, 1], got {_num(lambda_value)}")
+
+
+def rerank_features(features: Tensor, num_query: int, k1: int, k2: int, lambda_value: float,
+                    op: str = "upreid::k_reciprocal_rerank") -> None:
+    """The data-free checks of ``check_rerank_features_args``, in its order (the fake kernel runs them)."""
+    dim(features, 2, op, "features", "[N, D] (queries first, then gallery)")
+    feature_dtype(features, op, "features")
+    n = features.shape[0]
+    msg = (f"{op}: 'num_query' must be in (0, N) = (0, {n}) so that queries and gallery are both non-empty, "
+           f"got {num_query}")
+    torch._check(num_query > 0, lambda: msg)
+    torch._check(num_query < n, lambda: msg)
+    rerank_params(k1, k2, lambda_value, op)
+
+
+def rerank_dense(q_g: Tensor, q_q: Tensor, g_g: Tensor, k1: int, k2: int, lambda_value: float,
+                 op: str = "upreid::k_reciprocal_rerank_dense") -> None:
+    """The data-free checks of ``check_rerank_dense_args``, in its order."""
+    dim(q_g, 2, op, "q_g", "[Q, G]")
+    dim(q_q, 2, op, "q_q", "[Q, Q]")
+    dim(g_g, 2, op, "g_g", "[G, G]")
+    feature_dtype(q_g, op, "q_g")
+    like(q_q, "q_q", q_g, "q_g", op)
+    like(g_g, "g_g", q_g, "q_g", op)
+    q, g, shape = q_g.shape[0], q_g.shape[1], _shape(q_g)
+    torch._check(q > 0, lambda: f"{op}: no queries ('q_g' has shape {shape})")
+    torch._check(g > 0, lambda: f"{op}: the gallery is empty ('q_g' has shape {shape})")
+    size(q_q, 0, q, "q_q", "rows", op)
+    size(q_q, 1, q, "q_q", "columns", op)
+    size(g_g, 0, g, "g_g", "rows", op)
+    size(g_g, 1, g, "g_g", "columns", op)
+    rerank_params(k1, k2, lambda_value, op)
+
+
+def rank_metrics(distmat: Tensor, q_pids: Tensor, g_pids: Tensor, q_camids: Tensor, g_camids: Tensor,
+                 max_rank: int, op: str = "upreid::rank_metrics") -> None:
+    """The data-free checks of ``check_rank_metrics_args``, in its order."""
+    dim(distmat, 2, op, "distmat", "[Q, G]")
+    feature_dtype(distmat, op, "distmat")
+    q, g, shape = distmat.shape[0], distmat.shape[1], _shape(distmat)
+    if max_rank < 1:
+        raise RuntimeError(f"{op}: 'max_rank' must be >= 1, got {max_rank}")
+    torch._check(g > 0 or q == 0, lambda: (f"{op}: the gallery is empty ('distmat' has shape {shape}); at least "
+                                           "one gallery item is needed"))
+    rows, cols = "distmat rows (queries)", "distmat columns (gallery)"
+    for t, n, name, n_name in ((q_pids, q, "q_pids", rows), (g_pids, g, "g_pids", cols),
+                               (q_camids, q, "q_camids", rows), (g_camids, g, "g_camids", cols)):
+        dim(t, 1, op, name, "[n]")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise RuntimeError(f"{op}: '{name}' must be an integer tensor, got {_name(t.dtype)}")
+        msg = f"{op}: '{name}' has {t.shape[0]} entries but {n_name} has {n}; the lengths must match"
+        torch._check(t.shape[0] == n, lambda: msg)
+    for name, t in (("q_pids", q_pids), ("g_pids", g_pids), ("q_camids", q_camids), ("g_camids", g_camids)):
+        like(t, name, distmat, "distmat", op, same_dtype=False)

@@ -14,6 +14,7 @@ from torch import Tensor
 import upreid.ops._dispatch as _dispatch
 import upreid.ops._lib as _lib
 import upreid.ops.reference_eval as reference
+from upreid.ops import _checks
 
 
 def rank_metrics(
@@ -52,6 +53,7 @@ if _lib.HAS_EXTENSION:
 
     @torch.library.register_fake("upreid::rank_metrics")
     def _rank_metrics_fake(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
+        _checks.rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank)   # those that need no data
         q = distmat.shape[0]
         f32 = torch.float32
         return (distmat.new_empty((max_rank,), dtype=f32), distmat.new_empty((q,), dtype=f32),

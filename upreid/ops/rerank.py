@@ -15,6 +15,7 @@ from torch import Tensor
 import upreid.ops._dispatch as _dispatch
 import upreid.ops._lib as _lib
 import upreid.ops.reference_eval as reference
+from upreid.ops import _checks
 
 
 def k_reciprocal_rerank(
@@ -82,9 +83,11 @@ if _lib.HAS_EXTENSION:
 
     @torch.library.register_fake("upreid::k_reciprocal_rerank")
     def _rerank_fake(features, num_query, k1, k2, lambda_value):
+        _checks.rerank_features(features, num_query, k1, k2, lambda_value)   # those that need no data
         n = features.shape[0]
         return features.new_empty((num_query, n - num_query), dtype=torch.float32)
 
     @torch.library.register_fake("upreid::k_reciprocal_rerank_dense")
     def _rerank_dense_fake(q_g, q_q, g_g, k1, k2, lambda_value):
+        _checks.rerank_dense(q_g, q_q, g_g, k1, k2, lambda_value)
         return q_g.new_empty(q_g.shape, dtype=torch.float32)
