@@ -123,6 +123,10 @@ def test_upreid_loss_names_what_it_misses():
         UPReIDLoss(gc="off", ic=False, symmetric=True)(q, q, q, feats(16, 8))
     with pytest.raises(ValueError, match="gc must be one of"):
         UPReIDLoss(gc="kl")
+    with pytest.raises(ValueError, match="tau_student must be a finite number > 0, got 0.0"):
+        UPReIDLoss(0.2, gc_tau_student=0.0)                 # 0 is a value, not "use the default"
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0.0"):
+        UPReIDLoss(0.2, ic_temperature=0.0)
 
 
 def test_reid_loss_modules():
@@ -148,3 +152,20 @@ def test_reference_losses_compile_as_one_graph():
                        (PatchInfoNCE(0.1, impl="reference"), (feats(2, 3, 8), feats(2, 3, 8)))):
         torch._dynamo.reset()
         assert torch.allclose(torch.compile(loss, fullgraph=True)(*args), loss(*args), atol=1e-6), loss
+
+
+def test_a_temperature_that_requires_grad_is_refused_by_the_fused_ops():
+    """The fused operators take temperatures as numbers: a learnable one would silently get no
+    gradient. The reference implementation differentiates it."""
+    from upreid import ops
+    from upreid.ops import HAS_EXTENSION
+    if not HAS_EXTENSION:
+        pytest.skip("upreid._C is not built")
+    q, k, bank = feats(4, 8, requires_grad=True), feats(6, 8), feats(9, 8)
+    t = torch.tensor(0.1, requires_grad=True)
+    with pytest.raises(ValueError, match="'temperature' is a tensor that requires grad"):
+        ops.info_nce(q, k, torch.arange(4), bank, t)
+    with pytest.raises(ValueError, match="'tau_teacher' is a tensor that requires grad"):
+        ops.bank_kl(q, feats(4, 8), bank, 0.1, t)
+    ops.info_nce(q, k, torch.arange(4), bank, t, impl="reference")[0].sum().backward()
+    assert t.grad is not None and t.grad.item() != 0

@@ -53,9 +53,11 @@ class UPReIDLoss(nn.Module):
                 raise ValueError(f"UPReIDLoss: {name} must be >= 0, got {lam}")
         self.gc, self.ic, self.symmetric = gc, bool(ic), bool(symmetric)
         self.lambda_gc, self.lambda_ic = float(lambda_gc), float(lambda_ic)
+        def tau(t):   # None: the instance contrast's; any given value is validated, 0 included
+            return temperature if t is None else t
         self.loss_cl = MoCoLoss(temperature, impl=impl)
-        self.loss_gc = BankKL(gc_tau_student or temperature, gc_tau_teacher or temperature, impl=impl)
-        self.loss_ic = PatchInfoNCE(ic_temperature or temperature, negatives=ic_negatives, impl=impl)
+        self.loss_gc = BankKL(tau(gc_tau_student), tau(gc_tau_teacher), impl=impl)
+        self.loss_ic = PatchInfoNCE(tau(ic_temperature), negatives=ic_negatives, impl=impl)
 
     def set_impl(self, impl: str) -> None:
         for loss in (self.loss_cl, self.loss_gc, self.loss_ic):

@@ -132,6 +132,14 @@ def bank_kl(student: Tensor, teacher: Tensor, bank: Tensor, tau_student: float, 
         f"{op}: 'bank' is empty; a distribution over zero rows is undefined"))
 
 
+def plain_number(v, op: str, name: str) -> None:
+    """The fused operators take temperatures as numbers: a tensor asking for a gradient would silently
+    get none."""
+    if isinstance(v, Tensor) and v.requires_grad:
+        raise ValueError(f"{op}: '{name}' is a tensor that requires grad, but the fused operator takes it as a "
+                         "number and no gradient would reach it; pass a float, or impl='reference' to learn it")
+
+
 def no_grad_buffer(t: Tensor | None, op: str, name: str, why: str) -> None:
     """A buffer or target that receives no gradient must not ask for one (a silent None grad)."""
     if t is not None and t.requires_grad:

@@ -42,6 +42,8 @@ def _check_targets(teacher: Tensor, bank: Tensor) -> None:
 
 
 def _fused(student, teacher, bank, tau_student, tau_teacher):
+    _checks.plain_number(tau_student, "upreid::bank_kl", "tau_student")
+    _checks.plain_number(tau_teacher, "upreid::bank_kl", "tau_teacher")
     args = (student, teacher, bank, float(tau_student), float(tau_teacher))
     if (torch.is_grad_enabled() and student.requires_grad
             and _lib.has_kernel("_bank_kl_train", student.device)):

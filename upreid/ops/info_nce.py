@@ -51,6 +51,7 @@ _BANK_WHY = "the bank is a buffer that receives no gradient"
 
 
 def _fused(query, keys, positive, bank, temperature, group_size):
+    _checks.plain_number(temperature, "upreid::info_nce", "temperature")
     if (bank is not None and torch.is_grad_enabled() and query.requires_grad
             and _lib.has_kernel("_info_nce_train", query.device)):
         # Training: the forward also returns the softmax-weighted bank mean, which saves the backward
