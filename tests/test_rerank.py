@@ -317,3 +317,17 @@ def test_cuda_low_precision_non_finite_and_wide_gallery():
     gpu = k_reciprocal_rerank(x.cuda(), 200, 20, 6, 0.3).cpu()
     cpu = k_reciprocal_rerank(x, 200, 20, 6, 0.3)
     torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=0)
+
+
+def test_features_far_from_the_origin_rank_as_centred_ones():
+    """Distances ignore a common offset; the fp32 |x|^2 + |y|^2 - 2xy form does not, unless the
+    features are centred first (an offset of 1000 moved results by 0.3 and changed top-10 lists)."""
+    x = clustered(120, 8, 15, dtype=torch.float32)
+    check(k_reciprocal_rerank(x + 1000, 30, 10, 3), ref.k_reciprocal_rerank(x.double() + 1000, 30, 10, 3),
+          tie_tol=1e-5)
+
+
+def test_finite_features_too_large_for_fp32_distances_are_named():
+    x = clustered(40, 8, 6, dtype=torch.float32) * 1e20
+    with pytest.raises(RuntimeError, match="too large for fp32 distances"):
+        k_reciprocal_rerank(x, 10)
