@@ -23,8 +23,6 @@ the table compares each variant with the study's random-init and UP-ReID rows at
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import shutil
 import statistics
@@ -164,36 +162,17 @@ def table(rows: list, reference: list) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", choices=("cpu", "tiny"), default="cpu")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap = study.side_study_parser(__doc__, "runs/study_oracle", CSV, [0, 1, 2])
     ap.add_argument("--variants", nargs="+", choices=list(POOLS), default=list(POOLS))
-    ap.add_argument("--work", default="runs/study_oracle", help="folder of the runs (resumable)")
-    ap.add_argument("--csv", default=str(CSV), help="CSV the per-run rows are appended to ('' = none)")
-    ap.add_argument("--study-csv", default=str(study.CSV), help="the pre-training study's CSV (reference rows)")
-    ap.add_argument("--table", default=None, help="markdown table (default: --work/table.md)")
-    ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from upreid.engine import demo
-    scale = {"cpu": demo.CPU, "tiny": demo.TINY}[args.scale]
-    scale_name = study.scale_tag(args.scale, scale)
-    data, rerank = study.study_data(args.work, scale, args.progress)
-
-    def one(variant, seed):
+    def one(scale, variant, seed, data, rerank):
         row = run_one(scale, variant, seed, data, args.work, rerank, args.progress)
         print(f"{variant} seed {seed}: direct {100 * row['direct_mAP']:.2f}, probe {100 * row['probe_bn_mAP']:.2f}, "
               f"fine-tuned mAP {100 * row['mAP']:.2f}", end="", flush=True)
         return row
 
-    rows = study.run_resumable(args.work, args.seeds, args.variants, one, scale_name, args.csv, FIELDS, scale.device)
-    reference = study.csv_rows(args.study_csv, scale_name) if os.path.exists(args.study_csv) else []
-    text = table(rows, reference)
-    with open(args.table or os.path.join(args.work, "table.md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
-    return 0
+    return study.side_study(args, args.variants, one, FIELDS, table)
 
 
 if __name__ == "__main__":

@@ -321,6 +321,38 @@ def study_data(work: str, scale, progress: bool) -> tuple:
     return data, rerank_settings([r.pid for r in ds.query], [r.pid for r in ds.gallery])
 
 
+def side_study_parser(doc: str, work: str, csv_path, seeds: list) -> argparse.ArgumentParser:
+    """The options of a study that compares its runs with this study's rows (study_oracle.py,
+    crosscheck_moco.py): scale, seeds, work folder, CSVs, table, progress."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=("cpu", "tiny"), default="cpu")
+    ap.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    ap.add_argument("--work", default=work, help="folder of the runs (resumable)")
+    ap.add_argument("--csv", default=str(csv_path), help="CSV the per-run rows are appended to ('' = none)")
+    ap.add_argument("--study-csv", default=str(CSV), help="the pre-training study's CSV (reference rows)")
+    ap.add_argument("--table", default=None, help="markdown table (default: --work/table.md)")
+    ap.add_argument("--progress", action="store_true")
+    return ap
+
+
+def side_study(args, variants: list, run, fields: list, table) -> int:
+    """Run ``run(scale, variant, seed, data, rerank) -> row`` resumably for every seed and variant on the
+    study's data at ``args.scale``, then write and print ``table(rows, this study's rows at that scale)``."""
+    from upreid.engine import demo
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    scale = {"cpu": demo.CPU, "tiny": demo.TINY}[args.scale]
+    scale_name = scale_tag(args.scale, scale)
+    data, rerank = study_data(args.work, scale, args.progress)
+    rows = run_resumable(args.work, args.seeds, variants, lambda v, seed: run(scale, v, seed, data, rerank),
+                         scale_name, args.csv, fields, scale.device)
+    reference = csv_rows(args.study_csv, scale_name) if os.path.exists(args.study_csv) else []
+    text = table(rows, reference)
+    with open(args.table or os.path.join(args.work, "table.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return 0
+
+
 def run_resumable(work: str, seeds, variants, run, scale_name: str, csv_path: str, fields: list, device) -> list:
     """``run(variant, seed) -> row`` for every seed x variant not yet in ``work/runs.jsonl``; each
     finished row is kept there (so an interrupted study continues) and appended to ``csv_path`` ('' =

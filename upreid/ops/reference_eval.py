@@ -13,10 +13,11 @@ small inputs only.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
+
+from upreid.ops import _checks
 
 
 def _np(x, dtype=None) -> np.ndarray:
@@ -30,12 +31,11 @@ def _np(x, dtype=None) -> np.ndarray:
 
 
 def check_rerank_params(k1: int, k2: int, lambda_value: float, op: str) -> None:
-    if k1 < 1:
-        raise ValueError(f"{op}: 'k1' must be >= 1, got {k1}")
-    if not 1 <= k2 <= k1 + 1:
-        raise ValueError(f"{op}: 'k2' must be in [1, k1 + 1] = [1, {k1 + 1}], got {k2}")
-    if not (math.isfinite(lambda_value) and 0.0 <= lambda_value <= 1.0):
-        raise ValueError(f"{op}: 'lambda_value' must be in [0, 1], got {lambda_value}")
+    """The operators' checks of k1, k2 and lambda, as the references' ValueError."""
+    try:
+        _checks.rerank_params(k1, k2, lambda_value, op)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
 
 
 def _check_finite(x: np.ndarray, op: str, name: str) -> None:
