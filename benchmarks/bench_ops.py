@@ -88,6 +88,9 @@ def make_inputs(s: Shape, dtype, device):
     return (student, feats(s.m), feats(s.k)), (student,)
 
 
+IMPLS = ("fused", "reference", "compiled")     # compiled: torch.compile(reference)
+
+
 def forward_fn(s: Shape, impl: str) -> Callable:
     if s.op == "info_nce":
         ref = lambda q, k, p, b: reference.info_nce(q, k, p, b, 0.1, s.group)[0]  # noqa: E731
@@ -99,6 +102,8 @@ def forward_fn(s: Shape, impl: str) -> Callable:
         return fused
     if impl == "reference":
         return ref
+    if impl != "compiled":
+        raise ValueError(f"bench_ops: impl must be one of {IMPLS}, got {impl!r}")
     # The timed backward-only pass replays one graph (retain_graph), which donated buffers forbid.
     import torch._functorch.config
 
@@ -219,27 +224,33 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--shapes", default="quick", choices=sorted(SHAPES))
     ap.add_argument("--only", default="", help="substring filter on the shape names")
-    ap.add_argument("--impls", default="fused,reference,compiled")
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--csv", default=str(RESULTS_CSV))
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
+    impls = args.impls.split(",")
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:
+        ap.error(f"--impls: unknown {unknown}; choose from {list(IMPLS)}")
     dtype = getattr(torch, args.dtype)
     env = env_fields(args.device)
     print(f"# {env['device']} | torch {env['torch']} | threads {env['threads']} | commit {env['commit']}")
     header = f"{'shape':58s} {'impl':9s} {'pass':8s} {'median ms':>10s} {'iqr':>8s} {'TFLOP/s':>8s} {'peak MiB':>9s}"
     print(header)
-    out_rows = []
+    out_rows, failed = [], []
     for s in SHAPES[args.shapes]:
         if args.only and args.only not in s.name:
             continue
         base = {}
-        for impl in args.impls.split(","):
+        for impl in impls:
             try:
                 rows = bench_shape(s, impl, dtype, args.device, args.warmup, args.repeat)
             except Exception as exc:  # a baseline that cannot run (e.g. out of memory) is reported
                 print(f"{s.label():58s} {impl:9s} failed: {type(exc).__name__}: {exc}"[:200])
+                if impl == "fused":   # the operator itself failed: the run fails, whatever else ran
+                    failed.append(f"{s.label()}: {type(exc).__name__}: {exc}"[:300])
                 continue
             # Timings on a shared machine depend on its load: recorded with the rows.
             load = f"loadavg={os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
@@ -260,7 +271,14 @@ def main(argv=None):
     if not args.no_csv and out_rows:
         path = append_rows(out_rows, args.csv)
         print(f"appended {len(out_rows)} rows to {path}")
+    if failed:
+        print(f"bench_ops: the fused operator failed on {len(failed)} shape(s): {failed[:3]}", file=sys.stderr)
+        return 1
+    if not out_rows:
+        print("bench_ops: no row was measured (check --only and --shapes)", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
