@@ -146,6 +146,10 @@ def test_a_file_of_python_objects_is_refused_without_advice_to_unpickle_it(tmp_p
         load_trunk(ResNet(18), path)
     text = str(e.value)
     assert "holds Python objects" in text and "_NotAWeight" in text and "weights_only" not in text
+    for name, data in (("hello.pth", b"hello\n"), ("random.pth", bytes(range(256)) * 4)):
+        (tmp_path / name).write_bytes(data)                 # the legacy unpickler's KeyError / IndexError
+        with pytest.raises(CheckpointError, match="cannot be read"):
+            load_trunk(ResNet(18), str(tmp_path / name))
     yaml_file = tmp_path / "config.yaml"
     yaml_file.write_text("model:\n  depth: 18\n")
     with pytest.raises(CheckpointError, match="not a PyTorch file") as e:

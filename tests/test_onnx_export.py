@@ -39,7 +39,7 @@ def test_onnx_round_trip_matches_pytorch_with_dynamic_batch(tmp_path, capsys):
     d = cfg["data"]
     meta = read_metadata(out)
     assert meta == {"height": d["height"], "width": d["width"], "mean": list(d["mean"]), "std": list(d["std"]),
-                    "feat_dim": 512, "source_format": "upreid-finetune"}
+                    "feat_dim": 512, "source_format": "upreid-finetune", "flip_test": d["flip_test"]}
     import onnxruntime as ort
     sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     (inp,) = sess.get_inputs()
@@ -54,6 +54,11 @@ def test_onnx_round_trip_matches_pytorch_with_dynamic_batch(tmp_path, capsys):
     # an existing file is not replaced without --overwrite
     assert export_main(["export-onnx", ckpt, out]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
+    # an opset the exporter cannot produce is refused, not silently replaced by its own
+    other = str(tmp_path / "o11.onnx")
+    assert export_main(["export-onnx", ckpt, other, "--opset", "11"]) == 2
+    assert "asked for opset 11, but the exporter wrote opset" in capsys.readouterr().err
+    assert not os.path.exists(other) and not os.path.exists(other + ".tmp.onnx")
 
 
 def test_bad_input_is_named(tmp_path, capsys):

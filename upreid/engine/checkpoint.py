@@ -119,7 +119,8 @@ def _read(path: str):
                               "the file). If it "
                               "comes from a source you trust, load it in Python, keep its state_dict, and "
                               f"torch.save that ({_last_line(e)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as e:
+        # (KeyError, IndexError: what the legacy unpickler raises on some text or random bytes)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path!r} cannot be read (corrupt, truncated or not a "
                               f"PyTorch file): {first}") from None

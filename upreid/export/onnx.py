@@ -55,10 +55,16 @@ def read_metadata(path: str) -> dict:
     return {p.key: json.loads(p.value) for p in model.metadata_props}
 
 
-def _write_metadata(path: str, meta: dict) -> None:
+def _write_metadata(path: str, meta: dict, opset: int) -> None:
+    """Add ``meta`` to the file's metadata; refuse a file whose default-domain opset is not ``opset``
+    (torch.onnx falls back to its own version when it cannot convert, and says so only in a log)."""
     import json
     onnx = _require("onnx")
     model = onnx.load(path)
+    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        raise RuntimeError(f"export-onnx: asked for opset {opset}, but the exporter wrote opset {got} (it could "
+                           f"not convert to {opset}); the file was not written. Use --opset {got}")
     for k, v in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, json.dumps(v)
@@ -90,9 +96,12 @@ def export_onnx(checkpoint: str, out: str, *, height: int | None = None, width: 
             torch.onnx.export(model, (example,), tmp, input_names=[INPUT], output_names=[OUTPUT],
                               dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False,
                               external_data=False)
+        # flip_test: the features are meant to be averaged with the mirrored image's (upreid extract
+        # does it for such a run); the graph holds one image's features, the caller averages
         meta = {"height": h, "width": w, "mean": list(info["mean"]), "std": list(info["std"]),
-                "feat_dim": info["feat_dim"], "source_format": info["format"]}
-        _write_metadata(tmp, meta)
+                "feat_dim": info["feat_dim"], "source_format": info["format"],
+                "flip_test": bool(info.get("flip_test", False))}
+        _write_metadata(tmp, meta, opset)
         images = sample_images(check_batch, h, w, info["mean"], info["std"], seed=2)   # another batch size
         with torch.no_grad():
             want = model(images).numpy()
