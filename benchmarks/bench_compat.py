@@ -4,6 +4,7 @@ benchmarks/results/compat.csv (device, commit, load average).
 
     python benchmarks/bench_compat.py                                # Market1501 rank, small re-rank
     python benchmarks/bench_compat.py --rank-workload msmt17 --rerank-workload cuhk03
+    python benchmarks/bench_compat.py --csv OUT/compat.csv             # rows into another CSV
 
 The fast-reid / torchreid ``evaluate_rank`` transcription (:func:`published_evaluate_rank`) follows
 their published algorithm: argsort of every query's row, matches, per query the same-camera
@@ -112,17 +113,18 @@ def main(argv=None) -> int:
     p.add_argument("--rerank-workload", choices=sorted(WORKLOADS), default="small")
     p.add_argument("--skip", default="", help="comma list of rank,rerank to leave out")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--csv", default=str(COMPAT_CSV), help="the CSV the rows are appended to")
     p.add_argument("--no-csv", action="store_true", help="print only")
     args = p.parse_args(argv)
     env = env_fields("cpu")
     print(f"{env['device']}, {env['threads']} threads, torch {env['torch']}")
-    rows, skip = [], set(args.skip.split(","))
+    rows, skip = [], set(bench_eval.comma_list(p, "--skip", args.skip, ("rank", "rerank")))
     if "rank" not in skip:
         rows += rank_rows(env, args.rank_workload, args.repeats)
     if "rerank" not in skip:
         rows += rerank_rows(env, args.rerank_workload, args.repeats)
     if not args.no_csv and rows:
-        print(f"appended {len(rows)} rows to {append_rows(rows, COMPAT_CSV)}")
+        print(f"appended {len(rows)} rows to {append_rows(rows, args.csv)}")
     return 0
 
 

@@ -3,7 +3,7 @@ pipelines, DALI vs the Pillow + torch fallback, on synthetic Market-like JPEGs (
 256 x 128 outputs). Rows are appended to benchmarks/results/data.csv.
 
     python benchmarks/bench_data.py                       # CPU, 2 threads, every pipeline and backend
-    python benchmarks/bench_data.py --device cuda --impl dali --batch 256 --images 4096
+    python benchmarks/bench_data.py --device cuda --impl dali --batch 256 --images 4096 --csv OUT/data.csv
     python benchmarks/bench_data.py --baseline DIR        # raw-pixel / colour-histogram NN mAP of a synth set
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ from upreid.data.testing import write_tiny  # noqa: E402
 CSV = os.path.join(HERE, "results", "data.csv")
 FIELDS = ["timestamp", "commit", "device", "torch", "dali", "pipeline", "impl", "batch", "threads", "images",
           "epochs", "samples_per_s", "seconds"]
+PIPELINES = ("pretrain", "finetune", "eval")
 
 
 def commit() -> str:
@@ -68,10 +69,10 @@ def run(kind, recs, impl, device, batch, threads, epochs):
     return n, dt
 
 
-def append(rows):
-    os.makedirs(os.path.dirname(CSV), exist_ok=True)
-    new = not os.path.exists(CSV)
-    with open(CSV, "a", newline="") as f:
+def append(rows, path=CSV):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             w.writeheader()
@@ -154,12 +155,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--impl", nargs="+", default=["torch", "dali"], choices=["dali", "torch"])
-    ap.add_argument("--pipeline", nargs="+", default=["pretrain", "finetune", "eval"])
+    ap.add_argument("--pipeline", nargs="+", default=list(PIPELINES), choices=PIPELINES)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="DALI threads / DataLoader workers")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--data", help="folder of JPEGs to reuse (default: render into a temp folder)")
+    ap.add_argument("--csv", default=CSV, help="the CSV the rows are appended to")
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument("--baseline", metavar="SYNTH_ROOT", help="only measure the NN baselines of a synth dataset")
     args = ap.parse_args(argv)
@@ -191,8 +193,11 @@ def main(argv=None):
             print(f"{kind:>9} {impl:>6} {args.device:>5} batch {args.batch:>4} threads {args.threads}: "
                   f"{n / dt:9.1f} samples/s ({n} in {dt:.2f} s)")
     if rows and not args.no_csv:
-        append(rows)
-        print(f"appended {len(rows)} rows to {os.path.relpath(CSV)}")
+        append(rows, args.csv)
+        print(f"appended {len(rows)} rows to {os.path.relpath(args.csv)}")
+    if not rows:
+        print("bench_data: no row was measured (DALI not installed?)", file=sys.stderr)
+        return 1
     return 0
 
 

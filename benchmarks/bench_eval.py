@@ -6,7 +6,10 @@ benchmarks/results/results.csv.
     python benchmarks/bench_eval.py                          # Market1501-size, CPU
     python benchmarks/bench_eval.py --workload msmt17 --repeats 1
     python benchmarks/bench_eval.py --workload small --reference rerank_dense,rank
-    python benchmarks/bench_eval.py --device cuda
+    python benchmarks/bench_eval.py --device cuda --csv OUT/results.csv
+
+The references run on the CPU whatever --device says: their rows name the CPU and their peak memory
+is the CPU's (resident set), measured in a fresh process.
 
 Workloads are random features with a protocol's shape: identities as Gaussian clusters (centre +
 noise, L2-normalised), cameras uniform. The references are dense O(N^2) and run only where asked
@@ -33,6 +36,7 @@ from upreid.ops.rerank import k_reciprocal_rerank, k_reciprocal_rerank_dense  # 
 from upreid.utils.memory import peak_bytes  # noqa: E402
 
 WORKLOADS = {  # name: (queries, gallery, dim, identities, cameras)
+    "tiny": (40, 200, 64, 10, 3),      # tests: seconds
     "small": (700, 3300, 2048, 150, 6),
     "market1501": (3368, 15913, 2048, 750, 6),
     "msmt17": (11659, 82161, 2048, 3060, 15),
@@ -96,14 +100,20 @@ def build_calls(name, feats, pids, camids, q, device):
             return lambda: rank_metrics(dist, *lab, 50)
         dist = 1.0 - qf @ gf.t()  # [Q, G] cosine distance
         if name == "rank_ref":
-            return lambda: ref.rank_metrics(dist.cpu(), *[t.cpu() for t in lab], 50)
+            dist, lab = dist.cpu(), [t.cpu() for t in lab]   # a CPU reference: no copy in its time
+            return lambda: ref.rank_metrics(dist, *lab, 50)
         return lambda: rank_metrics(dist, *lab, 50)
     raise ValueError(name)
 
 
+OPS = ("rerank", "rerank_dense", "rank", "rank_worst")
+REFERENCES = ("rerank_dense", "rank")          # ops with a (CPU, NumPy) reference
+
+
 def peak_of(name, workload, device):
-    """Peak memory of the first call, in a fresh process on CPU (a warm allocator hides it)."""
-    if torch.device(device).type == "cuda":
+    """Peak memory of the first call: the CUDA allocator's for an op on the GPU; the resident set in a
+    fresh process for one on the CPU, the references included (a warm allocator hides it)."""
+    if torch.device(device).type == "cuda" and not name.endswith("_ref"):
         feats, pids, camids, q = make(workload, device)
         fn = build_calls(name, feats, pids, camids, q, device)
         return peak_bytes(fn, device)
@@ -126,11 +136,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="market1501")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--ops", default="rerank,rerank_dense,rank",
-                   help="comma list of rerank, rerank_dense, rank, rank_worst")
+    p.add_argument("--ops", default="rerank,rerank_dense,rank", help=f"comma list of {', '.join(OPS)}")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--reference", default="",
-                   help="comma list of ops whose reference to time too (rerank_dense, rank)")
+                   help=f"comma list of ops whose reference to time too ({', '.join(REFERENCES)})")
+    p.add_argument("--csv", default=str(RESULTS_CSV), help="the CSV the rows are appended to")
     p.add_argument("--no-csv", action="store_true", help="print only")
     p.add_argument("--peak-of", help=argparse.SUPPRESS)  # internal: one CPU peak measurement
     args = p.parse_args(argv)
@@ -145,8 +155,10 @@ def main(argv=None) -> int:
             pass
         print(json.dumps(peak_bytes(fn, "cpu")))
         return 0
-    ops = set(args.ops.split(","))
+    ops = comma_list(p, "--ops", args.ops, OPS)
+    refs = comma_list(p, "--reference", args.reference, REFERENCES)
     env = env_fields(args.device)
+    cpu_env = env_fields("cpu")                # the references' rows
     feats, pids, camids, q = make(args.workload, args.device)
     n, d = feats.shape
     g = n - q
@@ -167,8 +179,7 @@ def main(argv=None) -> int:
              "rank_worst": ("rank_metrics", "upreid", "float32",
                             "max_rank=50; worst case: uniform random distances, positives - 0.3"),
              "rank_ref": ("rank_metrics", "reference", "float32", "NumPy sort-based (stable)")}
-    todo = [o for o in ("rerank", "rerank_dense", "rank", "rank_worst") if o in ops]
-    todo += [o + "_ref" for o in ("rerank_dense", "rank") if o in args.reference.split(",")]
+    todo = [o for o in OPS if o in ops] + [o + "_ref" for o in REFERENCES if o in refs]
     for name in todo:
         is_ref = name.endswith("_ref")
         dev = "cpu" if is_ref else args.device
@@ -179,10 +190,22 @@ def main(argv=None) -> int:
         del fn
         peak = peak_of(name, args.workload, args.device)
         bench, impl, dtype, extra = names[name]
-        rows.append(row(env, bench, impl, cfg, dtype, med, iqr, peak, extra))
+        rows.append(row(cpu_env if is_ref else env, bench, impl, cfg, dtype, med, iqr, peak, extra))
     if not args.no_csv and rows:
-        print(f"appended {len(rows)} rows to {append_rows(rows, RESULTS_CSV)}")
+        print(f"appended {len(rows)} rows to {append_rows(rows, args.csv)}")
+    if not rows:
+        print("bench_eval: no row was measured (check --ops and --reference)", file=sys.stderr)
+        return 1
     return 0
+
+
+def comma_list(parser, flag: str, value: str, known) -> list:
+    """The names of a comma list (empty items skipped); an unknown name is an argparse error."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        parser.error(f"{flag}: unknown {unknown}; choose from {list(known)}")
+    return names
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ Two contenders in the same run:
 
 CPU (now):  python benchmarks/bench_pretrain.py                       (ResNet-18, 128x64, batch 16)
 GPU:        python benchmarks/bench_pretrain.py --device cuda         (ResNet-50, 256x128, batch 256)
-Rows go to benchmarks/results/results.csv through benchmarks/common.py; 'extra' holds the data-wait
-and loss fractions of the step.
+Rows go to benchmarks/results/results.csv (or --csv PATH) through benchmarks/common.py; 'config' holds
+every setting of the run (steps, warm-up, workers, compile, the data backend that ran), 'extra' the
+data-wait and loss fractions of the step.
 """
 from __future__ import annotations
 
@@ -25,12 +26,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import append_rows, env_fields  # noqa: E402
+from benchmarks.common import RESULTS_CSV, append_rows, env_fields  # noqa: E402
 from upreid.engine.config import load_config  # noqa: E402
 from upreid.engine.pretrain import list_images  # noqa: E402
 from upreid.data.base import StepStream  # noqa: E402
-from upreid.data.loader import loader_from_config  # noqa: E402
+from upreid.data.loader import loader_from_config, resolve_backend  # noqa: E402
 from upreid.models import UPReID  # noqa: E402
+
+
+IMPLS = ("upreid", "plain")
 
 
 def make_images(folder: str, n: int, h: int, w: int, seed: int = 0) -> str:
@@ -51,7 +55,10 @@ def sync(device):
 
 def run(impl: str, args, device, root: str) -> dict:
     upreid = impl == "upreid"
-    backend = args.backend if upreid else ("torch" if args.plain_backend == "auto" else args.plain_backend)
+    backend = resolve_backend(args.backend if upreid else
+                              ("torch" if args.plain_backend == "auto" else args.plain_backend))
+    if device.type == "cuda":   # this implementation's peak, not the largest of the run so far
+        torch.cuda.reset_peak_memory_stats(device)
     cfg = load_config("pretrain", None, [
         f"model.depth={args.depth}", f"model.queue_size={args.queue}", f"data.root={root}",
         f"data.height={args.height}", f"data.width={args.width}", f"data.batch_size={args.batch}",
@@ -94,7 +101,7 @@ def run(impl: str, args, device, root: str) -> dict:
     return {"impl": impl, "step_ms": step_ms, "iqr_ms": float(np.subtract(*np.percentile(times, [75, 25]))) * 1e3,
             "samples_per_s": args.batch / (step_ms / 1e3), "data_frac": float(np.sum(waits) / np.sum(times)),
             "loss_frac": loss_ms / step_ms, "backend": backend, "channels_last": channels_last,
-            "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
+            "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
 
 
 def time_losses(model: UPReID, args, device, reps: int = 5) -> float:
@@ -130,13 +137,23 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     ap.add_argument("--backend", default="auto", help="upreid's data.backend (auto = DALI when installed)")
     ap.add_argument("--plain-backend", default="auto", help="the plain loop's data.backend (auto = torch)")
-    ap.add_argument("--impls", default="upreid,plain")
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--data", help="folder of images (default: generated in a temp folder)")
     ap.add_argument("--images", type=int, help="images to generate")
     ap.add_argument("--machine", help="device name for the CSV (default: detected)")
+    ap.add_argument("--csv", default=str(RESULTS_CSV), help="the CSV the rows are appended to")
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown or not impls:
+        ap.error(f"--impls: unknown {unknown}; choose from {list(IMPLS)}")
+    for name in ("backend", "plain_backend"):
+        try:
+            resolve_backend(getattr(args, name))
+        except ValueError as e:
+            ap.error(f"--{name.replace('_', '-')}: {e}")
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.depth = args.depth or (50 if gpu else 18)
@@ -146,26 +163,29 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or make_images(os.path.join(tmp, "images"), args.images or args.batch * 4,
                                         args.height, args.width)
-        rows, results = [], []
-        for impl in args.impls.split(","):
+        rows, results = [], {}
+        images = len(list_images(root))
+        for impl in impls:
             r = run(impl, args, device, root)
-            results.append(r)
+            results[impl] = r
             print(json.dumps(r))
             env = env_fields(device)
             if args.machine:
                 env["device"] = args.machine
             rows.append({**env, "benchmark": "pretrain_step", "impl": impl,
                          "config": f"resnet{args.depth} {args.height}x{args.width} batch {args.batch} "
-                                   f"queue {args.queue} hidden {args.hidden}",
+                                   f"queue {args.queue} hidden {args.hidden} images {images} steps {args.steps} "
+                                   f"warmup {args.warmup} workers {args.workers} "
+                                   f"compile {int(args.compile and impl == 'upreid')} backend {r['backend']}",
                          "dtype": "bf16" if gpu else "fp32", "pass": "train_step", "median_ms": f"{r['step_ms']:.1f}",
                          "iqr_ms": f"{r['iqr_ms']:.1f}", "peak_mem_mb": f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] else "",
                          "extra": json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                                               if k in ("samples_per_s", "data_frac", "loss_frac", "backend",
                                                        "channels_last")})})
     if len(results) == 2:
-        print(f"speed-up upreid / plain: {results[0]['samples_per_s'] / results[1]['samples_per_s']:.2f}x")
+        print(f"speed-up upreid / plain: {results['upreid']['samples_per_s'] / results['plain']['samples_per_s']:.2f}x")
     if not args.no_csv:
-        print("appended to", append_rows(rows))
+        print("appended to", append_rows(rows, args.csv))
     return 0
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import os
-import platform
-import subprocess
 from pathlib import Path
 
 import torch
+
+from upreid.utils.environment import device_name, git_commit
 
 RESULTS_CSV = Path(__file__).resolve().parent / "results" / "results.csv"
 
@@ -20,37 +19,6 @@ FIELDS = [
     "timestamp", "commit", "device", "torch", "cuda", "threads", "benchmark", "impl", "config",
     "dtype", "pass", "median_ms", "iqr_ms", "peak_mem_mb", "tflops", "gbps", "extra",
 ]
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
-            capture_output=True, text=True,
-        ).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name(device: str | torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU {cpu} x{os.cpu_count()}"
 
 
 def env_fields(device: str | torch.device) -> dict:

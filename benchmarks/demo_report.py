@@ -3,8 +3,9 @@
     upreid demo --out runs/demo && python benchmarks/demo_report.py runs/demo
 
 Appends one row per (method, re-ranking) to ``benchmarks/results/demo.csv`` with the device, versions,
-commit, wall time per stage and the demo's scale, and copies the rank lists of both fine-tunings and
-the training curves to ``benchmarks/results/demo_*.png`` (the README shows them).
+commit, time and load of the demo's run (as its summary.json records them), wall time per stage and the
+demo's scale, and copies the rank lists of both fine-tunings and the training curves to
+``benchmarks/results/demo_*.png`` (the README shows them).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import os
 import shutil
 import sys
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -27,6 +30,22 @@ FIELDS = ["timestamp", "commit", "device", "torch", "threads", "load_avg_1m", "s
 PICTURES = {"finetune_upreid/ranklist.png": "demo_ranklist_upreid.png",
             "finetune_random/ranklist.png": "demo_ranklist_random.png",
             "curves_pretrain.png": "demo_curves_pretrain.png", "curves_finetune.png": "demo_curves_finetune.png"}
+RUN_FIELDS = ("timestamp", "commit", "device", "torch", "threads", "load_avg_1m")   # summary.json's
+
+
+def run_env(summary: dict, path: str) -> dict:
+    """The run's device, commit, versions, time and load from its summary.json; an older summary that
+    lacks them is labelled with this machine's, with a note saying so."""
+    if all(k in summary for k in RUN_FIELDS):
+        return {k: summary[k] for k in RUN_FIELDS}
+    gpu = bool(summary.get("cuda"))
+    env = env_fields("cuda" if gpu and torch.cuda.is_available() else "cpu")
+    if gpu and not torch.cuda.is_available():
+        env["device"] = "a CUDA GPU (name not recorded)"
+    env["load_avg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else ""
+    print(f"note: {path} predates the run's device/commit/time fields; its rows carry this machine's "
+          f"({env['device']}, commit {env['commit']}, {env['timestamp']})")
+    return {**env, **{k: summary[k] for k in RUN_FIELDS if k in summary}}
 
 
 def rows_of(summary: dict, env: dict) -> list:
@@ -58,9 +77,7 @@ def main(argv=None) -> int:
     except (OSError, json.JSONDecodeError) as e:
         print(f"error: cannot read {path!r} ({e}); run `upreid demo --out {args.demo}` first", file=sys.stderr)
         return 1
-    env = env_fields("cuda" if summary.get("cuda") else "cpu")
-    env["load_avg_1m"] = round(os.getloadavg()[0], 2)
-    rows = rows_of(summary, env)
+    rows = rows_of(summary, run_env(summary, path))
     new = not os.path.exists(args.csv) or os.path.getsize(args.csv) == 0
     with open(args.csv, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")

@@ -2,7 +2,7 @@
 
     python benchmarks/report.py                      # newest run of each device: markdown table
     python benchmarks/report.py --plot out.png       # also a bar chart (needs matplotlib)
-    python benchmarks/report.py --benchmark info_nce --device H100
+    python benchmarks/report.py --benchmark info_nce --device H100   # one operator, one device
 
 Every table line names the commit and timestamp of the rows it was made from, so a number quoted in
 the README can be traced back to its CSV row.
@@ -96,10 +96,11 @@ def plot(rows: list[dict], out: Path) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--csv", default=str(RESULTS_CSV))
+    ap.add_argument("--benchmark", choices=OPS, help="one operator's rows (default: all of them)")
     ap.add_argument("--device", default="", help="substring of the device name")
     ap.add_argument("--plot", default="", help="write a PNG bar chart here")
     args = ap.parse_args(argv)
-    rows = newest_runs(load(Path(args.csv)), args.device)
+    rows = newest_runs(load(Path(args.csv)), args.device, (args.benchmark,) if args.benchmark else OPS)
     print(table(rows))
     if args.plot:
         plot(rows, Path(args.plot))

@@ -2,8 +2,10 @@
 exit status, so that an unattended GPU run (benchmarks/run_device.sh) cannot read as OK."""
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_ops  # noqa: E402
@@ -31,3 +33,134 @@ def test_bench_ops_fails_when_the_fused_operator_fails(monkeypatch, capsys):
 def test_bench_ops_fails_when_nothing_was_measured(capsys):
     assert bench_ops.main(["--only", "no-such-shape", "--no-csv"]) == 1
     assert "no row was measured" in capsys.readouterr().err
+
+
+def _csv_rows(path):
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("flag,value", [("--ops", "rerank,rernak"), ("--reference", "rerank")])
+def test_bench_eval_refuses_an_unknown_op(capsys, flag, value):
+    from benchmarks import bench_eval
+    with pytest.raises(SystemExit) as e:
+        bench_eval.main(["--workload", "tiny", flag, value, "--no-csv"])
+    bad = value.split(",")[-1]
+    assert e.value.code == 2 and f"{flag}: unknown ['{bad}']" in capsys.readouterr().err
+
+
+def test_bench_eval_fails_when_nothing_was_measured(capsys):
+    from benchmarks import bench_eval
+    assert bench_eval.main(["--workload", "tiny", "--ops", "", "--no-csv"]) == 1
+    assert "no row was measured" in capsys.readouterr().err
+
+
+def test_bench_eval_measures_the_cpu_references_on_the_cpu_in_a_gpu_run(tmp_path, monkeypatch):
+    """--device cuda, faked on the CPU: the op's row names the GPU with the allocator's peak, the
+    reference's row names the CPU with a resident-set peak from a fresh CPU process."""
+    from benchmarks import bench_eval
+    real_make, real_peak, peaks = bench_eval.make, bench_eval.peak_bytes, []
+    monkeypatch.setattr(bench_eval, "make", lambda w, device, seed=0: real_make(w, "cpu", seed))
+    monkeypatch.setattr(bench_eval, "sync", lambda device: None)
+    monkeypatch.setattr(bench_eval, "env_fields",
+                        lambda device: {"device": f"dev:{torch.device(device).type}", "threads": 1, "torch": "t"})
+
+    def fake_peak(fn, device):
+        peaks.append(str(device))
+        return 7 * 2**20 if torch.device(device).type == "cuda" else real_peak(fn, device)
+    monkeypatch.setattr(bench_eval, "peak_bytes", fake_peak)
+    path = tmp_path / "r.csv"
+    assert bench_eval.main(["--workload", "tiny", "--device", "cuda", "--ops", "rank", "--reference", "rank",
+                            "--repeats", "1", "--csv", str(path)]) == 0
+    rows = {r["impl"]: r for r in _csv_rows(path)}
+    assert rows["upreid"]["device"] == "dev:cuda" and rows["upreid"]["peak_mem_mb"] == "7.0"
+    assert rows["reference"]["device"] == "dev:cpu" and peaks == ["cuda"]   # the reference: not the allocator
+
+
+def test_bench_eval_writes_rows_to_the_csv_given(tmp_path):
+    from benchmarks import bench_eval
+    path = tmp_path / "out" / "eval.csv"
+    assert bench_eval.main(["--workload", "tiny", "--ops", "rank", "--repeats", "1", "--csv", str(path)]) == 0
+    rows = _csv_rows(path)
+    assert [r["benchmark"] for r in rows] == ["rank_metrics"] and rows[0]["commit"] and rows[0]["device"]
+
+
+def test_bench_compat_writes_rows_to_the_csv_given_and_refuses_an_unknown_skip(tmp_path, capsys):
+    from benchmarks import bench_compat
+    path = tmp_path / "compat.csv"
+    assert bench_compat.main(["--rank-workload", "tiny", "--rerank-workload", "tiny", "--repeats", "1",
+                              "--csv", str(path)]) == 0
+    assert {r["benchmark"] for r in _csv_rows(path)} == {"evaluate_rank", "re_ranking"}
+    with pytest.raises(SystemExit) as e:
+        bench_compat.main(["--skip", "rnak", "--no-csv"])
+    assert e.value.code == 2 and "--skip: unknown ['rnak']" in capsys.readouterr().err
+
+
+def test_bench_data_refuses_an_unknown_pipeline(capsys):
+    from benchmarks import bench_data
+    with pytest.raises(SystemExit) as e:
+        bench_data.main(["--pipeline", "pretrian", "--no-csv"])
+    assert e.value.code == 2 and "invalid choice: 'pretrian'" in capsys.readouterr().err
+
+
+def test_bench_data_writes_rows_to_the_csv_given(tmp_path):
+    from benchmarks import bench_data
+    path = tmp_path / "data.csv"
+    assert bench_data.main(["--device", "cpu", "--impl", "torch", "--pipeline", "eval", "--images", "16",
+                            "--batch", "8", "--epochs", "1", "--threads", "1", "--csv", str(path)]) == 0
+    rows = _csv_rows(path)
+    assert [(r["pipeline"], r["impl"], r["images"]) for r in rows] == [("eval", "torch", "16")]
+
+
+def test_bench_pretrain_refuses_an_unknown_implementation(capsys):
+    from benchmarks import bench_pretrain
+    with pytest.raises(SystemExit) as e:
+        bench_pretrain.main(["--impls", "upreid,foo", "--no-csv"])
+    assert e.value.code == 2 and "unknown ['foo']" in capsys.readouterr().err
+
+
+def test_bench_pretrain_resets_the_cuda_peak_for_each_implementation(monkeypatch):
+    from benchmarks import bench_pretrain
+    resets = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    monkeypatch.setattr(bench_pretrain, "load_config", stop)   # the rest of the step needs a GPU
+    args = SimpleNamespace(backend="torch", plain_backend="auto", depth=18, queue=64, height=128, width=64, batch=4,
+                           workers=1, hidden=32)
+    for impl in bench_pretrain.IMPLS:
+        with pytest.raises(Stop):
+            bench_pretrain.run(impl, args, torch.device("cuda"), "unused")
+    assert len(resets) == len(bench_pretrain.IMPLS)
+
+
+def test_bench_pretrain_rows_record_the_settings_and_the_backend_that_ran(tmp_path):
+    from benchmarks import bench_pretrain
+    from upreid.data.loader import resolve_backend
+    path = tmp_path / "r.csv"
+    assert bench_pretrain.main(["--device", "cpu", "--impls", "upreid", "--backend", "auto", "--depth", "18",
+                                "--height", "128", "--width", "64", "--batch", "4", "--steps", "1", "--warmup", "0",
+                                "--queue", "64", "--hidden", "32", "--workers", "1", "--images", "8",
+                                "--csv", str(path)]) == 0
+    (row,) = _csv_rows(path)
+    for setting in ("batch 4", "images 8", "steps 1", "warmup 0", "workers 1", "compile 0",
+                    f"backend {resolve_backend('auto')}"):
+        assert setting in row["config"], (setting, row["config"])
+    assert "auto" not in row["config"] + row["extra"]
+
+
+def test_report_filters_by_benchmark(tmp_path, capsys):
+    from benchmarks import report
+    from benchmarks.common import append_rows
+    path = tmp_path / "r.csv"
+    append_rows([{"timestamp": "t", "device": "GPU", "benchmark": op, "impl": "fused", "config": f"{op}-shape",
+                  "dtype": "float32", "pass": "fwd+bwd", "median_ms": "1.0", "peak_mem_mb": "1"}
+                 for op in ("info_nce", "bank_kl")], path)
+    report.main(["--csv", str(path), "--benchmark", "bank_kl"])
+    out = capsys.readouterr().out
+    assert "bank_kl-shape" in out and "info_nce-shape" not in out

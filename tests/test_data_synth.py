@@ -167,3 +167,11 @@ def test_naive_nearest_neighbour_is_weak(tmp_path):
     col = average_precision_map(-np.sqrt(hq) @ np.sqrt(hg).T, qp, qc, gp, gc)
     assert raw < 0.5 and col < 0.5, (raw, col)
     assert raw > 0 and col > 0
+
+
+def test_cli_refuses_a_negative_seed(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="upreid")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["synth", "--root", str(tmp_path / "d"), "--seed", "-1"])
+    assert args.func(args) == 2 and "--seed must be >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -80,3 +80,17 @@ def test_demo_data_replaces_an_earlier_set(tmp_path):
     ds = synth(data)
     assert len({r.pid for r in ds.query}) == 3 and {r.camid for r in ds.query + ds.gallery} <= {0, 1}
     assert len(unlabeled(os.path.join(data, "unlabeled"), progress=False).train) == 10
+
+
+def test_run_environment_names_the_device_commit_and_time_of_the_run():
+    """What summary.json records of the run (benchmarks/demo_report.py copies it into its rows)."""
+    import datetime
+
+    import torch
+
+    from upreid.engine.demo import run_environment
+    env = run_environment("cpu")
+    assert env["device"].startswith("CPU ") and env["torch"] == torch.__version__
+    assert env["commit"] and datetime.datetime.fromisoformat(env["timestamp"]).tzinfo is not None
+    if torch.cuda.is_available():
+        assert run_environment("cuda")["device"] == torch.cuda.get_device_name()

@@ -192,3 +192,44 @@ def test_independent_moco_crosscheck_runs_and_compares_with_the_study(tmp_path, 
     from upreid.models.resnet import ResNet
     init = ResNet(demo.TINY.pretrain_depth, last_stride=1, width=demo.TINY.width).state_dict()
     assert not torch.equal(trunk["conv1.weight"], init["conv1.weight"])
+
+
+def _demo_summary(**run):
+    res = {k: 0.5 for k in ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP")}
+    return {"scale": {"ids": 24}, "rerank": {"k1": 4, "k2": 1}, "threads": 8, "cuda": True,
+            "results": {"upreid": {"plain": res, "rerank": res}}, "seconds": {"total": 10.0}, **run}
+
+
+def test_demo_report_labels_rows_with_the_demo_runs_machine(tmp_path, capsys):
+    """A GPU demo's summary reported on another machine: its rows carry the run's device, commit and
+    time, not the reporting machine's (which need not have CUDA at all)."""
+    import csv
+    import json
+
+    from benchmarks import demo_report
+    run = {"device": "NVIDIA H100 80GB HBM3", "commit": "abc1234", "torch": "2.9.0+cu128",
+           "timestamp": "2025-01-02T03:04:05+00:00", "load_avg_1m": 1.5}
+    (tmp_path / "summary.json").write_text(json.dumps(_demo_summary(**run)))
+    path = tmp_path / "d.csv"
+    assert demo_report.main([str(tmp_path), "--csv", str(path), "--pictures", ""]) == 0
+    rows = list(csv.DictReader(open(path, newline="")))
+    assert len(rows) == 2 and "note:" not in capsys.readouterr().out
+    for r in rows:
+        assert {k: r[k] for k in run} == {k: str(v) for k, v in run.items()} and r["threads"] == "8"
+
+
+def test_demo_report_notes_an_old_summary_without_the_run_fields(tmp_path, capsys):
+    import csv
+    import json
+
+    import torch
+
+    from benchmarks import demo_report
+    (tmp_path / "summary.json").write_text(json.dumps(_demo_summary()))     # "cuda": true, no device
+    path = tmp_path / "d.csv"
+    assert demo_report.main([str(tmp_path), "--csv", str(path), "--pictures", ""]) == 0
+    assert "predates the run's device/commit/time fields" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(path, newline="")))
+    assert len(rows) == 2 and all(r["commit"] and r["threads"] == "8" for r in rows)
+    if not torch.cuda.is_available():
+        assert rows[0]["device"] == "a CUDA GPU (name not recorded)"

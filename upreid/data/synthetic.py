@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -347,6 +347,8 @@ class SynthConfig:
             raise ValueError(f"synth: --occlusion must be a probability in [0, 1], got {self.occlusion_p}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"synth: --quality must be a JPEG quality in 1..100, got {self.quality}")
+        if self.seed < 0:     # numpy's generators take non-negative seeds only
+            raise ValueError(f"synth: --seed must be >= 0, got {self.seed}")
 
 
 def plan(cfg: SynthConfig) -> List[Tuple[str, str, Optional[int], int, Tuple[int, ...]]]:

@@ -139,6 +139,17 @@ def render_data(data: str, scale: DemoScale, progress: bool = True) -> None:
     generate(data, synth_config(scale), workers=max(1, min(8, os.cpu_count() or 1)), progress=progress)
 
 
+def run_environment(device: str) -> dict:
+    """Where and with what the demo ran, for summary.json (benchmarks/demo_report.py copies it into
+    its rows): the device it used, the commit of this source tree, torch, the time and the load."""
+    import datetime
+
+    from upreid.utils.environment import device_name, git_commit
+    return {"device": device_name(device), "commit": git_commit(), "torch": torch.__version__,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+
+
 def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite: bool = False,
              progress: bool = True, seed: int = 0) -> dict:
     from upreid.data.datasets import synth
@@ -202,7 +213,7 @@ def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite
 
     table = _table(rows)
     payload = {"scale": dataclasses.asdict(scale), "seed": seed, "rerank": rr, "results": rows, "seconds": times,
-               "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+               "threads": torch.get_num_threads(), "cuda": scale.device == "cuda", **run_environment(scale.device)}
     tmp = os.path.join(out, "summary.json.tmp")
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2)
