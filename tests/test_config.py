@@ -113,6 +113,11 @@ def test_finetune_settings_refused_at_load(override, message):
     assert message in str(e.value)
 
 
+def test_k2_is_checked_only_where_re_ranking_runs():
+    cfg = load_config("finetune", FINETUNE_TINY, ["eval.rerank=false", "eval.k2=30"])
+    assert cfg.eval.k2 == 30
+
+
 def test_on_bad_image_is_a_setting_of_both_tasks():
     assert load_config("pretrain", None, ["data.on_bad_image=skip"]).data.on_bad_image == "skip"
     assert load_config("finetune", None, ["data.on_bad_image=skip"]).data.on_bad_image == "skip"

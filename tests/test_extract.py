@@ -120,10 +120,31 @@ def test_bad_options_are_refused_before_any_work(tmp_path, capsys, opts, message
     assert rc == 2 and message in err and "Traceback" not in err and not out.exists(), err
 
 
+def test_output_folder_is_created_and_a_missing_package_is_one_line(tmp_path, capsys, monkeypatch):
+    torch.save({"state_dict": ResNet(18).state_dict()}, tmp_path / "tv.pth")
+    write_images = __import__("upreid.data.testing", fromlist=["write_tiny"]).write_tiny
+    write_images(str(tmp_path / "imgs"), n=4, ids=2)
+    out = tmp_path / "feats" / "sub" / "x.npz"
+    rc = extract_main(["extract", str(tmp_path / "tv.pth"), "--out", str(out), "--images", str(tmp_path / "imgs"),
+                       "--height", "64", "--width", "32", "--backend", "torch", "--no-progress"])
+    assert rc == 0 and out.is_file(), capsys.readouterr().err
+    from upreid.data import dali_pipeline
+    from upreid.utils.deps import MissingDependencyError
+
+    def missing():
+        raise MissingDependencyError(dali_pipeline.INSTALL_HINT)
+    monkeypatch.setattr(dali_pipeline, "import_dali", missing)
+    rc = extract_main(["extract", str(tmp_path / "tv.pth"), "--out", str(tmp_path / "y.npz"), "--images",
+                       str(tmp_path / "imgs"), "--height", "64", "--width", "32", "--backend", "dali", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "NVIDIA DALI is not installed" in err and "Traceback" not in err, err
+
+
 def test_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
     torch.save({"state_dict": ResNet(18).state_dict()}, tmp_path / "tv.pth")
+    (tmp_path / "afile").write_text("x")
     for out, message in ((tmp_path, "is a folder; give a file name"),
-                         (tmp_path / "missing" / "x.npz", "does not exist")):
+                         (tmp_path / "afile" / "x.npz", "is a file, not a folder")):
         rc = extract_main(["extract", str(tmp_path / "tv.pth"), "--out", str(out), "--images", str(tmp_path / "none")])
         err = capsys.readouterr().err
         assert rc == 2 and f"--out {str(out)!r}" in err and message in err, err

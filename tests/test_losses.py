@@ -152,6 +152,11 @@ def test_reference_losses_compile_as_one_graph():
                        (PatchInfoNCE(0.1, impl="reference"), (feats(2, 3, 8), feats(2, 3, 8)))):
         torch._dynamo.reset()
         assert torch.allclose(torch.compile(loss, fullgraph=True)(*args), loss(*args), atol=1e-6), loss
+    # a second batch size makes torch.compile recompile with symbolic sizes: the checks still trace
+    compiled = torch.compile(MoCoLoss(0.1, impl="reference"), fullgraph=True)
+    for b in (4, 5, 7):
+        q, k = feats(b, 8), feats(b, 8)
+        assert torch.allclose(compiled(q, k, queue), MoCoLoss(0.1, impl="reference")(q, k, queue), atol=1e-6)
 
 
 def test_a_temperature_that_requires_grad_is_refused_by_the_fused_ops():

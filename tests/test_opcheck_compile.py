@@ -181,3 +181,12 @@ def test_evaluation_fakes_refuse_what_the_operators_refuse_in_their_words(name, 
         args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in make()]
         fake = _error(lambda: op(*args))
     assert fake == real
+
+
+def test_rerank_wrapper_compiles_as_one_graph():
+    """The wrapper's origin shift (the row nearest the mean, picked by index_select) traces: no
+    data-dependent Python integer."""
+    from upreid.ops import k_reciprocal_rerank
+    x = torch.randn(40, 6) + 100
+    f = torch.compile(lambda f: k_reciprocal_rerank(f, 10, 8, 3), fullgraph=True)
+    torch.testing.assert_close(f(x), k_reciprocal_rerank(x, 10, 8, 3), atol=1e-6, rtol=0)

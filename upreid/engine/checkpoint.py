@@ -121,7 +121,8 @@ def _read(path: str):
                               f"torch.save that ({_last_line(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as e:
         # (KeyError, IndexError: what the legacy unpickler raises on some text or random bytes)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = "" if isinstance(e, (KeyError, IndexError)) else str(e).strip()   # a bare key says nothing
+        first = text.splitlines()[0] if text else type(e).__name__
         raise CheckpointError(f"checkpoint {path!r} cannot be read (corrupt, truncated or not a "
                               f"PyTorch file): {first}") from None
 

@@ -247,7 +247,7 @@ def check_relations(task: str, v: Mapping, origins: Mapping) -> None:
     if v["model.width"] % 2:
         raise ConfigError(f"model.width={v['model.width']!r} ({_where(origins, 'model.width')}) must be even "
                           "(IBN-a splits the channels in halves); 64 is the published ResNet")
-    if task == "finetune" and v["eval.k2"] > v["eval.k1"] + 1:
+    if task == "finetune" and v["eval.rerank"] and v["eval.k2"] > v["eval.k1"] + 1:
         raise ConfigError(f"eval.k2={v['eval.k2']} is above eval.k1 + 1 = {v['eval.k1'] + 1} "
                           f"({_where(origins, 'eval.k2', 'eval.k1')}): re-ranking expands each query over its "
                           "k2 nearest neighbours among the k1 + 1 it keeps; use eval.k2 <= eval.k1 + 1 "

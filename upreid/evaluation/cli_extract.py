@@ -48,10 +48,11 @@ def run_extract(args) -> int:
     import torch
 
     from upreid.evaluation.extract import extract_to_npz
+    from upreid.utils.deps import MissingDependencyError
     from upreid.utils.cli_checks import device_problem, output_file_problem
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    problem = device_problem(args.device) or output_file_problem(args.out, "--out")
+    problem = device_problem(args.device) or output_file_problem(args.out, "--out", create_folder=True)
     if problem:
         print(f"upreid extract: {problem}", file=sys.stderr)
         return 2
@@ -60,7 +61,7 @@ def run_extract(args) -> int:
                            flip=args.flip, height=args.height, width=args.width, backend=args.backend,
                            device=args.device, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
                            last_stride=args.last_stride, progress=not args.no_progress)
-    except (CheckpointError, DatasetError, ValueError, OSError) as e:
+    except (CheckpointError, DatasetError, ValueError, OSError, MissingDependencyError) as e:
         print(f"upreid extract: {e}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{n} {k}" for k, n in s["counts"].items())

@@ -83,8 +83,7 @@ class UPReID(nn.Module):
         except ValueError:
             raise ValueError(f"UPReID: bn_groups must be an integer >= 1 (1 = plain BatchNorm), got {bn_groups!r}") \
                 from None
-        self.m, self.symmetric, self.gc, self.ic = momentum, symmetric, gc, ic
-        self.lambda_gc, self.lambda_ic, self.stripes = lambda_gc, lambda_ic, stripes
+        self.m, self.ic, self.stripes = momentum, ic, stripes
         self.roi_samples, self.shuffle_bn, self.temperature = roi_samples, shuffle_bn, temperature
 
         if trunk is None:
@@ -123,6 +122,16 @@ class UPReID(nn.Module):
     loss_cl = property(lambda self: self.criterion.loss_cl)
     loss_gc = property(lambda self: self.criterion.loss_gc)
     loss_ic = property(lambda self: self.criterion.loss_ic)
+
+    # The objective's settings live in ``criterion`` alone; the model reads (and a user may set) them here.
+    def _criterion_setting(name: str):
+        return property(lambda self: getattr(self.criterion, name),
+                        lambda self, value: setattr(self.criterion, name, value))
+    gc = _criterion_setting("gc")
+    symmetric = _criterion_setting("symmetric")
+    lambda_gc = _criterion_setting("lambda_gc")
+    lambda_ic = _criterion_setting("lambda_ic")
+    del _criterion_setting
 
     # ---------------------------------------------------------------- momentum encoder and queue
     @torch.no_grad()

@@ -2,7 +2,8 @@
 
 The pure-PyTorch references (also the fallback when ``upreid._C`` is absent) and the fake kernels run
 them, so that every path rejects what the compiled operators reject, with the same words. Size checks go
-through ``torch._check``, which works on symbolic shapes; the index-range check reads data and is
+through :func:`require` (``torch._check`` while compiling, which works on symbolic shapes); the
+index-range check reads data and is
 skipped where there is none to read (fake/meta tensors, tracing under ``torch.compile``).
 """
 from __future__ import annotations
@@ -34,8 +35,7 @@ def _num(v: float) -> str:
 
 
 # Rank, dtype and device are static even under torch.compile: plain checks. A size can be symbolic:
-# torch._check, with a message closure that holds only strings (a closure over a tensor cannot be traced
-# by Dynamo, which breaks fullgraph compilation of the references).
+# require() below.
 def dim(t: Tensor, n: int, op: str, name: str, layout: str) -> None:
     if t.dim() != n:
         raise RuntimeError(f"{op}: '{name}' must be {n}-D {layout}, got shape {_shape(t)}")
@@ -61,9 +61,19 @@ def like(t: Tensor, name: str, ref: Tensor, ref_name: str, op: str, same_dtype: 
                            f"{_name(ref.dtype)}; feature tensors must share one dtype")
 
 
+def require(cond, message) -> None:
+    """``cond`` or RuntimeError(``message()``). While torch.compile traces, a plain ``torch._check``
+    (which takes symbolic shapes) without the message: formatting a symbolic size in a message cannot be
+    traced, and a message closure over tensors breaks a full graph."""
+    if torch.compiler.is_compiling():
+        torch._check(cond)
+    elif not cond:
+        raise RuntimeError(message())
+
+
 def size(t: Tensor, d: int, expected, name: str, what: str, op: str) -> None:
-    msg = f"{op}: '{name}' has {t.shape[d]} {what} (shape {_shape(t)}) but {expected} were expected"
-    torch._check(t.shape[d] == expected, lambda: msg)
+    require(t.shape[d] == expected,
+            lambda: f"{op}: '{name}' has {t.shape[d]} {what} (shape {_shape(t)}) but {expected} were expected")
 
 
 def positive_finite(v: float, op: str, name: str) -> None:
@@ -103,9 +113,9 @@ def info_nce(query: Tensor, keys: Tensor, positive: Tensor, bank: Tensor | None,
     if group_size < 0:
         raise RuntimeError(f"{op}: 'group_size' must be >= 0 (0 = all keys), got {group_size}")
     if group_size > 0:
-        torch._check(n % group_size == 0, lambda: (
-            f"{op}: the number of keys ({n}) must be divisible by 'group_size' ({group_size})"))
-    torch._check(m == 0 or n > 0, lambda: f"{op}: 'keys' is empty but {m} query rows need a positive key")
+        require(n % group_size == 0,
+                lambda: f"{op}: the number of keys ({n}) must be divisible by 'group_size' ({group_size})")
+    require(m == 0 or n > 0, lambda: f"{op}: 'keys' is empty but {m} query rows need a positive key")
     index_range(positive, n, op, "positive", "keys")
     if bank is not None:
         dim(bank, 2, op, "bank", "[K, D]")
@@ -128,8 +138,7 @@ def bank_kl(student: Tensor, teacher: Tensor, bank: Tensor, tau_student: float, 
     size(bank, 1, d, "bank", "features per row", op)
     positive_finite(tau_student, op, "tau_student")
     positive_finite(tau_teacher, op, "tau_teacher")
-    torch._check(m == 0 or bank.shape[0] > 0, lambda: (
-        f"{op}: 'bank' is empty; a distribution over zero rows is undefined"))
+    require(m == 0 or bank.shape[0] > 0, lambda: f"{op}: 'bank' is empty; a distribution over zero rows is undefined")
 
 
 def plain_number(v, op: str, name: str) -> None:
@@ -163,10 +172,8 @@ def rerank_features(features: Tensor, num_query: int, k1: int, k2: int, lambda_v
     dim(features, 2, op, "features", "[N, D] (queries first, then gallery)")
     feature_dtype(features, op, "features")
     n = features.shape[0]
-    msg = (f"{op}: 'num_query' must be in (0, N) = (0, {n}) so that queries and gallery are both non-empty, "
-           f"got {num_query}")
-    torch._check(num_query > 0, lambda: msg)
-    torch._check(num_query < n, lambda: msg)
+    require(0 < num_query < n, lambda: (f"{op}: 'num_query' must be in (0, N) = (0, {n}) so that queries and "
+                                        f"gallery are both non-empty, got {num_query}"))
     rerank_params(k1, k2, lambda_value, op)
 
 
@@ -179,9 +186,9 @@ def rerank_dense(q_g: Tensor, q_q: Tensor, g_g: Tensor, k1: int, k2: int, lambda
     feature_dtype(q_g, op, "q_g")
     like(q_q, "q_q", q_g, "q_g", op)
     like(g_g, "g_g", q_g, "q_g", op)
-    q, g, shape = q_g.shape[0], q_g.shape[1], _shape(q_g)
-    torch._check(q > 0, lambda: f"{op}: no queries ('q_g' has shape {shape})")
-    torch._check(g > 0, lambda: f"{op}: the gallery is empty ('q_g' has shape {shape})")
+    q, g = q_g.shape[0], q_g.shape[1]
+    require(q > 0, lambda: f"{op}: no queries ('q_g' has shape {_shape(q_g)})")
+    require(g > 0, lambda: f"{op}: the gallery is empty ('q_g' has shape {_shape(q_g)})")
     size(q_q, 0, q, "q_q", "rows", op)
     size(q_q, 1, q, "q_q", "columns", op)
     size(g_g, 0, g, "g_g", "rows", op)
@@ -194,18 +201,18 @@ def rank_metrics(distmat: Tensor, q_pids: Tensor, g_pids: Tensor, q_camids: Tens
     """The data-free checks of ``check_rank_metrics_args``, in its order."""
     dim(distmat, 2, op, "distmat", "[Q, G]")
     feature_dtype(distmat, op, "distmat")
-    q, g, shape = distmat.shape[0], distmat.shape[1], _shape(distmat)
+    q, g = distmat.shape[0], distmat.shape[1]
     if max_rank < 1:
         raise RuntimeError(f"{op}: 'max_rank' must be >= 1, got {max_rank}")
-    torch._check(g > 0 or q == 0, lambda: (f"{op}: the gallery is empty ('distmat' has shape {shape}); at least "
-                                           "one gallery item is needed"))
+    require(g > 0 or q == 0, lambda: (f"{op}: the gallery is empty ('distmat' has shape {_shape(distmat)}); at "
+                                      "least one gallery item is needed"))
     rows, cols = "distmat rows (queries)", "distmat columns (gallery)"
     for t, n, name, n_name in ((q_pids, q, "q_pids", rows), (g_pids, g, "g_pids", cols),
                                (q_camids, q, "q_camids", rows), (g_camids, g, "g_camids", cols)):
         dim(t, 1, op, name, "[n]")
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise RuntimeError(f"{op}: '{name}' must be an integer tensor, got {_name(t.dtype)}")
-        msg = f"{op}: '{name}' has {t.shape[0]} entries but {n_name} has {n}; the lengths must match"
-        torch._check(t.shape[0] == n, lambda: msg)
+        require(t.shape[0] == n, lambda: f"{op}: '{name}' has {t.shape[0]} entries but {n_name} has {n}; the "
+                                         "lengths must match")
     for name, t in (("q_pids", q_pids), ("g_pids", g_pids), ("q_camids", q_camids), ("g_camids", g_camids)):
         like(t, name, distmat, "distmat", op, same_dtype=False)

@@ -48,21 +48,26 @@ def k_reciprocal_rerank(
 def _fused(features, num_query, k1, k2, lambda_value):
     x = features
     if x.dim() == 2 and x.is_floating_point() and x.shape[0] > 0:
-        # Distances do not change under a translation; moving the origin into the data first keeps the
-        # operator's fp32 |x|^2 + |y|^2 - 2 x.y accurate for features far from it (all offset by 1000
-        # left errors of 0.3 and other top-10s). The new origin is the row nearest the mean, not the
-        # mean itself: subtracting a row keeps features that are exact in fp32 exact (copies stay
-        # copies, equal distances stay equal). Low precision is widened first, as the operator would,
-        # so that fp16 features still give exactly what their fp32 values give.
+        # The operator's distances |x|^2 + |y|^2 - 2 x.y are computed in fp32 (fp64 for fp64 features).
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if not torch.compiler.is_compiling():
+            big = float(x.abs().amax())
+            limit = (torch.finfo(acc).max / max(1, x.shape[1])) ** 0.5 / 4
+            if big > limit and big != float("inf"):
+                raise RuntimeError(f"upreid::k_reciprocal_rerank: the features are finite but too large for "
+                                   f"{'fp64' if acc == torch.float64 else 'fp32'} distances (largest magnitude "
+                                   f"{big:.3g}, above {limit:.3g} for D = {x.shape[1]}): L2-normalise or rescale "
+                                   "them")
+        # Distances do not change under a translation; moving the origin into the data first keeps them
+        # accurate for features far from it (all offset by 1000 left errors of 0.3 and other top-10s).
+        # The new origin is the row nearest the mean, not the mean itself: subtracting a row keeps
+        # features that are exact in fp32 exact (copies stay copies, equal distances stay equal). Low
+        # precision is widened first, as the operator would, so that fp16 features still give exactly
+        # what their fp32 values give. One [N, D] copy; the score |x|^2 - 2 x.mean needs none.
         x = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).contiguous()
-        centre = ((x - x.mean(0, keepdim=True)) ** 2).sum(1).argmin()
-        x = x - x[centre]
-    out = torch.ops.upreid.k_reciprocal_rerank(x, int(num_query), int(k1), int(k2), float(lambda_value))
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
-        raise RuntimeError("upreid::k_reciprocal_rerank: the features are finite but too large for fp32 "
-                           f"distances (largest magnitude {float(features.abs().max()):.3g}; squared distances "
-                           "overflow): L2-normalise or rescale them")
-    return out
+        score = torch.linalg.vector_norm(x, dim=1) ** 2 - 2 * (x @ x.mean(0))
+        x = x - x.index_select(0, score.argmin().view(1))
+    return torch.ops.upreid.k_reciprocal_rerank(x, int(num_query), int(k1), int(k2), float(lambda_value))
 
 
 def _reference(features, num_query, k1, k2, lambda_value):
