@@ -22,7 +22,6 @@ from __future__ import annotations
 import glob
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -182,28 +181,16 @@ def run_one(scale, seed: int, data: str, work: str, rerank: dict, progress: bool
 def table(rows: list, reference: list) -> str:
     """Mean ± sample std (raw values) of the independent MoCo beside the study's random and moco rows,
     and its difference from the study's moco with two standard errors."""
-    def vals(rs, variant, key):
-        return [100 * float(r[key]) for r in sorted(rs, key=lambda r: int(r["seed"]))
-                if r["variant"] == variant and r.get(key) not in (None, "")]
-
-    def cell(v):
-        if not v:
-            return "-"
-        sd = statistics.stdev(v) if len(v) > 1 else float("nan")
-        return f"{statistics.mean(v):.2f} ± {sd:.2f} ({', '.join(f'{x:.2f}' for x in v)})"
-
+    vals = study._values
     out = ["| pre-training | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
     for name, rs, v in (("study: random", reference, "random"), ("study: moco (the package)", reference, "moco"),
                         ("moco, independent", rows, VARIANT)):
         if vals(rs, v, "mAP"):
-            out.append(f"| {name} | {len(vals(rs, v, 'mAP'))} | " + " | ".join(cell(vals(rs, v, k)) for k in KEYS) + " |")
+            out.append(f"| {name} | {len(vals(rs, v, 'mAP'))} | " + " | ".join(study.cell(vals(rs, v, k)) for k in KEYS)
+                       + " |")
     out += ["", "| independent - package | metric | difference | 2 SE | exceeds 2 SE |", "|---|---|---|---|---|"]
-    for key in KEYS:
-        x, y = vals(rows, VARIANT, key), vals(reference, "moco", key)
-        if len(x) > 1 and len(y) > 1:
-            d = statistics.mean(x) - statistics.mean(y)
-            se = (statistics.variance(x) / len(x) + statistics.variance(y) / len(y)) ** 0.5
-            out.append(f"| moco | {key} | {d:+.2f} | {2 * se:.2f} | {'yes' if abs(d) > 2 * se else 'no'} |")
+    out += [r for key in KEYS if (r := study.difference_row("moco", key, vals(rows, VARIANT, key),
+                                                               vals(reference, "moco", key)))]
     return "\n".join(out)
 
 

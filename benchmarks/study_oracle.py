@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -134,30 +133,17 @@ def table(rows: list, reference: list) -> str:
     """Mean ± sample std (raw values) per variant, the study's random and UP-ReID rows first (their
     direct transfer is their untrained / pre-trained trunk's nearest neighbour), then each variant's
     difference from random init with two standard errors."""
-    def cell(vals):
-        if not vals:
-            return "-"
-        sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-        return f"{statistics.mean(vals):.2f} ± {sd:.2f} ({', '.join(f'{x:.2f}' for x in vals)})"
-
-    def vals(rs, variant, key):
-        return [100 * float(r[key]) for r in sorted(rs, key=lambda r: r["seed"])
-                if r["variant"] == variant and r.get(key) not in (None, "")]
-
+    vals = study._values
     ref = [dict(r, direct_mAP=r.get("frozen_mAP")) for r in reference]
     out = ["| initialisation | seeds | direct transfer mAP | probe mAP (BN re-estimated) | fine-tuned mAP | "
            "fine-tuned Rank-1 |", "|---|---|---|---|---|---|"]
     for name, rs, v in [(f"study: {v}", ref, v) for v in ("random", "upreid")] + [(v, rows, v) for v in POOLS]:
         if vals(rs, v, "mAP"):
-            out.append(f"| {name} | {len(vals(rs, v, 'mAP'))} | " + " | ".join(cell(vals(rs, v, k)) for k in KEYS) + " |")
+            out.append(f"| {name} | {len(vals(rs, v, 'mAP'))} | " + " | ".join(study.cell(vals(rs, v, k)) for k in KEYS)
+                       + " |")
     out += ["", "| variant - study's random init | metric | difference | 2 SE | exceeds 2 SE |", "|---|---|---|---|---|"]
-    for v in POOLS:
-        for key in ("mAP", "Rank-1"):
-            x, y = vals(rows, v, key), vals(ref, "random", key)
-            if len(x) > 1 and len(y) > 1:
-                d = statistics.mean(x) - statistics.mean(y)
-                se = (statistics.variance(x) / len(x) + statistics.variance(y) / len(y)) ** 0.5
-                out.append(f"| {v} | {key} | {d:+.2f} | {2 * se:.2f} | {'yes' if abs(d) > 2 * se else 'no'} |")
+    out += [r for v in POOLS for key in ("mAP", "Rank-1")
+            if (r := study.difference_row(v, key, vals(rows, v, key), vals(ref, "random", key)))]
     return "\n".join(out)
 
 

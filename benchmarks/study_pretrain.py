@@ -163,8 +163,27 @@ KEYS = ("mAP", "Rank-1", "mAP_rerank", "Rank-1_rerank", "frozen_mAP", "probe_mAP
 
 def _values(rows: list, variant: str, key: str) -> list:
     """The variant's values of ``key`` in %, by seed; rows without it (older runs) are left out."""
-    return [100 * r[key] for r in sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
+    return [100 * float(r[key]) for r in sorted((r for r in rows if r["variant"] == variant),
+                                                key=lambda r: int(r["seed"]))
             if r.get(key) not in (None, "")]
+
+
+def cell(vals: list) -> str:
+    """``mean ± sample std (raw values)``, or ``-`` for none."""
+    if not vals:
+        return "-"
+    sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+    return f"{statistics.mean(vals):.2f} ± {sd:.2f} ({', '.join(f'{x:.2f}' for x in vals)})"
+
+
+def difference_row(label: str, key: str, x: list, y: list) -> str | None:
+    """``| label | key | mean(x) - mean(y) | 2 SE | exceeds 2 SE |`` with SE = sqrt(s1^2/n1 + s2^2/n2);
+    None when either side has fewer than two values."""
+    if len(x) < 2 or len(y) < 2:
+        return None
+    d = statistics.mean(x) - statistics.mean(y)
+    se = (statistics.variance(x) / len(x) + statistics.variance(y) / len(y)) ** 0.5
+    return f"| {label} | {key} | {d:+.2f} | {2 * se:.2f} | {'yes' if abs(d) > 2 * se else 'no'} |"
 
 
 def table(rows: list) -> str:
@@ -173,17 +192,9 @@ def table(rows: list) -> str:
     the training split's features)."""
     out = ["| initialisation | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
     for v in VARIANTS:
-        if not any(r["variant"] == v for r in rows):
-            continue
-        cells = []
-        for k in KEYS:
-            vals = _values(rows, v, k)
-            if not vals:
-                cells.append("-")
-                continue
-            sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-            cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f} ({', '.join(f'{x:.2f}' for x in vals)})")
-        out.append(f"| {v} | {len(_values(rows, v, 'mAP'))} | " + " | ".join(cells) + " |")
+        if any(r["variant"] == v for r in rows):
+            out.append(f"| {v} | {len(_values(rows, v, 'mAP'))} | "
+                       + " | ".join(cell(_values(rows, v, k)) for k in KEYS) + " |")
     return "\n".join(out)
 
 
@@ -199,15 +210,11 @@ def differences(rows: list, pairs=None) -> str:
                                       ("moco-sbn", "moco"), ("upreid-sbn", "upreid"), ("upreid-sbn", "moco-sbn"))]
     out = ["| comparison | metric | difference | 2 SE | exceeds 2 SE |", "|---|---|---|---|---|"]
     for a, b in pairs:
-        if a not in present or b not in present:
-            continue
-        for k in ("mAP", "Rank-1", "probe_mAP", "probe_bn_mAP"):
-            x, y = _values(rows, a, k), _values(rows, b, k)
-            if len(x) < 2 or len(y) < 2:
-                continue
-            d = statistics.mean(x) - statistics.mean(y)
-            se = (statistics.variance(x) / len(x) + statistics.variance(y) / len(y)) ** 0.5
-            out.append(f"| {a} - {b} | {k} | {d:+.2f} | {2 * se:.2f} | {'yes' if abs(d) > 2 * se else 'no'} |")
+        if a in present and b in present:
+            for k in ("mAP", "Rank-1", "probe_mAP", "probe_bn_mAP"):
+                row = difference_row(f"{a} - {b}", k, _values(rows, a, k), _values(rows, b, k))
+                if row:
+                    out.append(row)
     return "\n".join(out)
 
 
