@@ -88,6 +88,12 @@ def test_cuhk03_variants(tmp_path):
     assert len(cuhk03_np(str(tmp_path), "detected").train) == 1
     with pytest.raises(DatasetError, match="variant"):
         cuhk03_np(str(tmp_path), "both")
+    # by name, as data.dataset takes them (fine-tuning could only reach the detected boxes)
+    assert len(build_dataset("cuhk03-np/labeled", str(tmp_path)).train) == 2
+    assert len(build_dataset("cuhk03-np", str(tmp_path)).train) == 1
+    assert len(build_dataset("cuhk03-np/detected", str(tmp_path)).train) == 1
+    from upreid.engine.config import load_config
+    assert load_config("finetune", None, ["data.dataset=cuhk03-np/labeled"]).data.dataset == "cuhk03-np/labeled"
 
 
 def make_msmt(root, v2=False):

@@ -284,8 +284,8 @@ def test_run_outputs_and_export(trained, tmp_path):
     (["model.pooling=avg"], ["model.pooling=avg", "model.gem_p=6"], None),   # p unused without GeM
 ])
 def test_fine_tuning_resume_checks_the_pooling(before, after, refused):
-    """GeM holds a learned p: another pooling is another model (its state would not load), and another
-    starting p under GeM would be silently overwritten by the checkpoint's learned one."""
+    """GeM saves its p in the checkpoint: another pooling is another model (its state would not load), and another
+    p under GeM would be silently overwritten by the checkpoint's."""
     from upreid.engine.resume import check_resume
     tiny = os.path.join(CONFIGS, "finetune", "tiny_cpu.yaml")
     state = {"config": load_config("finetune", tiny, ["data.root=/x"] + before).to_dict()}

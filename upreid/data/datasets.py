@@ -320,7 +320,9 @@ def synth(root: str) -> ReIDDataset:
 
 DATASETS: Dict[str, Callable[..., ReIDDataset]] = {
     "market1501": market1501,
-    "cuhk03-np": cuhk03_np,
+    "cuhk03-np": cuhk03_np,                                          # the detected boxes, as published
+    "cuhk03-np/detected": lambda root, **kw: cuhk03_np(root, "detected", **kw),
+    "cuhk03-np/labeled": lambda root, **kw: cuhk03_np(root, "labeled", **kw),
     "msmt17": msmt17,
     "personx": personx,
     "market-style": market_style,

@@ -56,7 +56,7 @@ def check_resume(task: str, state: dict, cfg, path: str) -> list:
                      "(the patch head exists only when ic is on)")
     if task == "finetune" and now.get("model.pooling") == "gem" and saved.get("model.gem_p") != now.get("model.gem_p"):
         model.append(f"model.gem_p: checkpoint {saved.get('model.gem_p')!r}, config {now.get('model.gem_p')!r} "
-                     "(GeM's p is a learned weight of the checkpoint; its setting is only the starting value)")
+                     "(GeM's p is a parameter saved in the checkpoint: loading it would override the new setting)")
     if model:
         raise CheckpointError(f"checkpoint {path!r} is from another model: " + "; ".join(model))
     data_keys = sorted(k for k in set(saved) | set(now) if k.startswith("data.") and k not in DATA_FREE)

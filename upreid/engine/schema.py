@@ -204,7 +204,8 @@ PRETRAIN = {
     "train.steps": optional(integer(1)), "train.compile": boolean(),
 }
 
-FINETUNE_DATASETS = ("market1501", "cuhk03-np", "msmt17", "personx", "market-style", "synth")
+FINETUNE_DATASETS = ("market1501", "cuhk03-np", "cuhk03-np/detected", "cuhk03-np/labeled", "msmt17", "personx",
+                     "market-style", "synth")
 FINETUNE = {
     "init": optional(text()),
     "model.arch": one_of("bot", "mgn"), "model.depth": one_of(*DEPTHS), "model.width": integer(2), "model.last_stride": one_of(1, 2),
