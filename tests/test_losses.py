@@ -174,3 +174,13 @@ def test_a_temperature_that_requires_grad_is_refused_by_the_fused_ops():
         ops.bank_kl(q, feats(4, 8), bank, 0.1, t)
     ops.info_nce(q, k, torch.arange(4), bank, t, impl="reference")[0].sum().backward()
     assert t.grad is not None and t.grad.item() != 0
+
+
+def test_upreid_model_reads_its_objective_settings_from_the_criterion():
+    """The objective's settings live once, in UPReID.criterion: setting them on the model changes the
+    loss (an earlier copy on the model was left behind by the criterion)."""
+    from upreid.models.upreid import UPReID
+    m = UPReID(depth=18, width=16, dim=16, hidden_dim=32, patch_dim=16, queue_size=32, lambda_gc=0.5)
+    assert m.lambda_gc == m.criterion.lambda_gc == 0.5 and m.gc == m.criterion.gc == "bank_kl"
+    m.lambda_ic, m.symmetric = 0.25, True
+    assert m.criterion.lambda_ic == 0.25 and m.criterion.symmetric is True
