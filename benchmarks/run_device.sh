@@ -6,7 +6,8 @@
 #   bash benchmarks/run_device.sh OUTDIR [STAGES]
 #
 # STAGES: a comma list of build, cuda-tests, tests, bench, bench-extra (default: all of them in that
-# order). A device command may run 10 minutes at most: on a lease, call the stages in two or three
+# order), and two stages run only when named: bench-eval (bench_eval.py, the Market1501-sized
+# workload) and bench-pretrain (bench_pretrain.py's GPU settings); their GPU run times are unknown. A device command may run 10 minutes at most: on a lease, call the stages in two or three
 # commands (e.g. "build,cuda-tests", then "bench,bench-extra", then "tests"); the build stays on the
 # machine while it is warm. cuda-tests runs the tests marked cuda (the kernels against references);
 # tests runs the rest of the fast tier. Neither stops at the first failure: a lease reports them all.
@@ -66,6 +67,16 @@ if want bench-extra; then
   # shellcheck disable=SC2086
   python benchmarks/bench_ops.py --device cuda $BENCH_EXTRA --csv "$OUT/results.csv" 2>&1 | tee "$OUT/bench_extra.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "run_device: extra benchmark FAILED"; status=1; }
+fi
+
+if want bench-eval; then
+  python benchmarks/bench_eval.py --device cuda --workload market1501 --reference rerank_dense,rank \
+    --csv "$OUT/results.csv" 2>&1 | tee "$OUT/bench_eval.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "run_device: evaluation benchmark FAILED"; status=1; }
+fi
+if want bench-pretrain; then
+  python benchmarks/bench_pretrain.py --device cuda --csv "$OUT/results.csv" 2>&1 | tee "$OUT/bench_pretrain.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "run_device: pre-training benchmark FAILED"; status=1; }
 fi
 
 [ $status -eq 0 ] && echo "run_device: OK ($STAGES)" || echo "run_device: FAIL ($STAGES)"
