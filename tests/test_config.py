@@ -163,3 +163,10 @@ def test_layer4_rows_match_the_model():
         net = ResNet(18, last_stride=stride).eval()
         with torch.no_grad():
             assert net(torch.zeros(1, 3, height, 32)).shape[2] == layer4_rows(height, stride)
+
+
+def test_base_must_be_one_path(tmp_path):
+    f = tmp_path / "e.yaml"
+    f.write_text("_base_: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="_base_ must be one file path"):
+        load_config("finetune", str(f))

@@ -32,3 +32,14 @@ def test_two_process_gloo_finetune(synth_root, tmp_path):
     assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])   # per-rank streams
     res = json.load(open(os.path.join(out, "results.json")))
     assert 0.0 < res["final"]["plain"]["mAP"] <= 1.0
+    # resumed by another number of processes: refused (the step would be read against other epoch lengths)
+    from upreid.engine.config import load_config
+    from upreid.engine.finetune import finetune
+    cfg = load_config("finetune", TINY, [f"data.root={synth_root}", f"train.output={out}", "model.arch=mgn",
+                                         "model.mgn_dim=16", "data.p=4", "data.k=2", "train.epochs=2",
+                                         "train.max_steps_per_epoch=2", "train.progress=false", "data.backend=torch",
+                                         "eval.rerank=false", "eval.ranklist_queries=2"])
+    before = open(os.path.join(out, "checkpoint.pt"), "rb").read()
+    with pytest.raises(ckpt_io.CheckpointError, match=r"written by 2 process\(es\), this run has 1"):
+        finetune(cfg, resume="auto")
+    assert open(os.path.join(out, "checkpoint.pt"), "rb").read() == before

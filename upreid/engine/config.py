@@ -124,6 +124,9 @@ def _read(path: str, seen: tuple = ()) -> list[tuple[str, Any, str]]:
         raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(data).__name__}")
     items: list = []
     base = data.pop("_base_", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"config file {path!r}: _base_ must be one file path (a string), got "
+                          f"{type(base).__name__} {base!r}; chain several files through their own _base_")
     if base:
         items += _read(os.path.join(os.path.dirname(path), str(base)), seen + (path,))
     origin = os.path.basename(path)

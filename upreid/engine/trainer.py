@@ -137,6 +137,15 @@ class Trainer:
             path = self.ckpt_path if self.resume == "auto" else self.resume
             state = ckpt_io.load(path, expect=self.task.format)
             check_resume(self.task.name, state, self.cfg, path)
+            saved_world = state.get("world_size")
+            if saved_world is not None and saved_world != self.world:
+                # data.batch_size is per process: another count is another global batch, so the saved step
+                # would be read against other epoch lengths (an epoch replayed or skipped, the schedule moved)
+                raise ckpt_io.CheckpointError(
+                    f"checkpoint {path!r} was written by {saved_world} process(es), this run has {self.world}: "
+                    f"the step's place in the data depends on the number of processes (the batch is per "
+                    f"process); resume with {saved_world} (e.g. torchrun --nproc_per_node={saved_world}), or "
+                    "start a new run")
             threads = state.get("threads")
             if threads is not None and threads != torch.get_num_threads():
                 log.warning("the checkpoint was written with %d CPU threads, this run has %d: the resumed run "
@@ -196,8 +205,8 @@ class Trainer:
         rngs = state.get("rng") or []
         if len(rngs) == self.world:
             ckpt_io.set_rng_state(rngs[self.rank])
-        else:
-            log.warning("checkpoint was written by %d ranks, this run has %d: RNG states reseeded "
+        else:   # a checkpoint without RNG states (the world size itself was checked when it was read)
+            log.warning("checkpoint holds %d RNG states, this run has %d ranks: RNG states reseeded "
                         "(the data order and augmentations still follow the step)", len(rngs), self.world)
             ckpt_io.seed_everything(self.cfg["train"]["seed"] * 1000 + self.rank + self.start_step)
         if self.is_main:
