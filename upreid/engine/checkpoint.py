@@ -116,9 +116,8 @@ def _read(path: str):
         # torch's text advises weights_only=False, i.e. running the file's pickled code: not ours to give
         raise CheckpointError(f"checkpoint {path!r} cannot be read: it holds Python objects besides tensors and "
                               "plain containers, which upreid does not load (unpickling them could run code from "
-                              "the file). If it "
-                              "comes from a source you trust, load it in Python, keep its state_dict, and "
-                              f"torch.save that ({_last_line(e)})") from None
+                              "the file). If it comes from a source you trust, load it in Python, keep its "
+                              f"state_dict, and torch.save that ({_last_line(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as e:
         # (KeyError, IndexError: what the legacy unpickler raises on some text or random bytes)
         text = "" if isinstance(e, (KeyError, IndexError)) else str(e).strip()   # a bare key says nothing

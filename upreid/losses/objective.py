@@ -19,8 +19,7 @@ from torch import Tensor, nn
 
 from upreid.losses.contrastive import BankKL, MoCoLoss, PatchInfoNCE
 
-GC_MODES = ("off", "bank_kl", "cosine")
-IC_NEGATIVES = ("image", "batch")
+GC_MODES = ("bank_kl", "cosine", "off")
 
 
 class UPReIDLoss(nn.Module):

@@ -28,13 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from upreid.losses.objective import UPReIDLoss
+from upreid.losses.objective import GC_MODES, UPReIDLoss
 from upreid.utils.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, world_size
 from upreid.models.group_bn import SeededPermutation, check_groups, convert_group_bn
 from upreid.models.heads import MLPHead, roi_pool, stripe_boxes, view_stripes_on_original
 from upreid.models.resnet import ResNet, check_trunk
 
-GC_MODES = ("bank_kl", "cosine", "off")
 IC_MODES = ("aligned", "unaligned", "off")
 BATCH_KEYS = ("original", "view1", "view2", "box1", "box2", "flip1", "flip2")
 

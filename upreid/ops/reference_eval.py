@@ -13,7 +13,6 @@ small inputs only.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

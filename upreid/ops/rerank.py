@@ -47,11 +47,12 @@ def k_reciprocal_rerank(
 
 def _fused(features, num_query, k1, k2, lambda_value):
     x = features
-    if x.dim() == 2 and x.is_floating_point() and x.shape[0] > 0:
+    if x.dim() == 2 and x.is_floating_point() and x.numel() > 0:
         # The operator's distances |x|^2 + |y|^2 - 2 x.y are computed in fp32 (fp64 for fp64 features).
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         if not torch.compiler.is_compiling():
-            big = float(x.abs().amax())
+            lo, hi = torch.aminmax(x)                     # no [N, D] temporary, as abs() would make
+            big = max(-float(lo), float(hi))
             limit = (torch.finfo(acc).max / max(1, x.shape[1])) ** 0.5 / 4
             if big > limit and big != float("inf"):
                 raise RuntimeError(f"upreid::k_reciprocal_rerank: the features are finite but too large for "
