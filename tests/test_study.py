@@ -51,6 +51,22 @@ def test_tiny_study_writes_table_chart_and_resumes(tmp_path, capsys):
         g = got[(r["variant"], r["seed"])]
         assert float(g["probe_mAP"]) == pytest.approx(r["probe_mAP"], abs=1e-6)
         assert float(g["probe_bn_mAP"]) == pytest.approx(r["probe_bn_mAP"], abs=1e-6)
+    # camera BN on the same runs: the plain numbers are the runs' own, the camera-BN ones are in range
+    from benchmarks import study_camera_bn as cbn
+    cbn_csv, cbn_table = str(tmp_path / "cbn.csv"), str(tmp_path / "cbn.md")
+    assert cbn.main(["--scale", "tiny", "--work", work, "--seeds", "0", "1", "--variants", "random", "moco",
+                     "--csv", cbn_csv, "--table", cbn_table]) == 0
+    got = {(r["variant"], int(r["seed"])): r for r in csv.DictReader(open(cbn_csv))}
+    assert set(got) == {("random", 0), ("random", 1), ("moco", 0), ("moco", 1)}
+    for r in rows:
+        g = got[(r["variant"], r["seed"])]
+        assert float(g["ft_mAP"]) == pytest.approx(r["mAP"], abs=1e-6)
+        assert float(g["trunk_mAP"]) == pytest.approx(r["frozen_mAP"], abs=1e-6)
+        assert 0.0 < float(g["ft_cbn_mAP"]) <= 1.0 and 0.0 < float(g["trunk_cbn_mAP"]) <= 1.0
+    text = open(cbn_table).read()
+    assert "| moco | 2 |" in text and "| random: camera BN - plain | ft_mAP |" in text and "LDA on pixels" in text
+    assert cbn.main(["--scale", "tiny", "--work", work, "--seeds", "7", "--csv", ""]) == 1   # no such runs
+    assert "run benchmarks/study_pretrain.py" in capsys.readouterr().err
 
 
 def test_demo_report_names_a_folder_without_a_demo(tmp_path, capsys):

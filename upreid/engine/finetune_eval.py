@@ -12,7 +12,7 @@ import torch
 from upreid.engine.ranklist import draw_ranklist, rank_lists
 from upreid.engine.task import Hook
 from upreid.evaluation import evaluate, pairwise_distance
-from upreid.evaluation.extract import features_from_loader
+from upreid.evaluation.extract import camera_bn_features, features_from_loader, split_rows
 from upreid.evaluation.plots import write_plots
 from upreid.utils import distributed as dist
 
@@ -21,11 +21,28 @@ log = logging.getLogger("upreid.finetune")
 
 def extract(model, records, cfg: dict, device: torch.device, amp: str, desc: str = "features") -> tuple:
     """Features ``[N, D]`` (fp32, CPU) of ``records`` in order, with their pids, camids and the
-    positions of their records (an image skipped under ``data.on_bad_image=skip`` has no row)."""
+    positions of their records (an image skipped under ``data.on_bad_image=skip`` has no row).
+    Under ``eval.camera_bn``, each camera's images are extracted with BatchNorm statistics of their own
+    (:func:`upreid.evaluation.extract.camera_bn_features`)."""
     from upreid.data.loader import loader_from_config
-    loader = loader_from_config("eval", records, cfg["data"], device=device.type)
-    return features_from_loader(model, loader, device=device, amp=amp, progress=cfg["train"]["progress"], desc=desc,
-                                return_index=True)
+
+    def make_loader(recs, batch_size=None):
+        d = cfg["data"] if batch_size is None else {**cfg["data"], "eval_batch_size": batch_size}
+        return loader_from_config("eval", recs, d, device=device.type)
+    kw = dict(device=device, amp=amp, progress=cfg["train"]["progress"], desc=desc)
+    if cfg["eval"].get("camera_bn"):
+        return camera_bn_features(model, records, make_loader, **kw)
+    return features_from_loader(model, make_loader(records), **kw, return_index=True)
+
+
+def query_gallery_features(model, dataset, cfg: dict, device: torch.device, amp: str) -> tuple:
+    """``(query (features, pids, camids, record positions), gallery (the same))``. Under camera BN, a
+    camera's query and gallery images share its statistics (one pass over both)."""
+    if not cfg["eval"].get("camera_bn"):
+        return (extract(model, dataset.query, cfg, device, amp, "query features"),
+                extract(model, dataset.gallery, cfg, device, amp, "gallery features"))
+    both = extract(model, list(dataset.query) + list(dataset.gallery), cfg, device, amp, "query and gallery features")
+    return split_rows(both, len(dataset.query))
 
 
 def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, rerank: bool,
@@ -33,8 +50,7 @@ def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, re
     """``{"plain": metrics, "rerank": metrics (when asked)}``; optionally writes the rank-list PNG."""
     e = cfg["eval"]
     progress = cfg["train"]["progress"]
-    qf, qp, qc, qi = extract(model, dataset.query, cfg, device, amp, "query features")
-    gf, gp, gc, gi = extract(model, dataset.gallery, cfg, device, amp, "gallery features")
+    (qf, qp, qc, qi), (gf, gp, gc, gi) = query_gallery_features(model, dataset, cfg, device, amp)
     bins = 100 if ranklist_path else 0           # the final evaluation also draws the distance plot
     out = {"plain": evaluate(qf, gf, qp, gp, qc, gc, metric=e["metric"], progress=progress, distance_bins=bins)}
     if rerank:

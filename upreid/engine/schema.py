@@ -223,7 +223,7 @@ FINETUNE = {
     **_TRAIN_COMMON,
     "train.max_steps_per_epoch": optional(integer(1)),
     "eval.every": integer(0), "eval.rerank": boolean(), "eval.metric": one_of("cosine", "euclidean"),
-    "eval.k1": integer(1), "eval.k2": integer(1), "eval.lambda_value": prob(),
+    "eval.k1": integer(1), "eval.k2": integer(1), "eval.lambda_value": prob(), "eval.camera_bn": boolean(),
     "eval.ranklist_queries": integer(0), "eval.ranklist_top": integer(1),
 }
 

@@ -183,7 +183,7 @@ def score_features(fq, fg, qp, gp, qc, gc, *, metric: str, rerank: dict | None =
 
 def frozen_trunk_baseline(dataset, trunk: str, height: int, width: int, *, last_stride: int = 1,
                           flip: bool = True, rerank: dict | None = None, device: str = "cpu",
-                          linear_probe: bool = False, bn_records=None) -> dict:
+                          linear_probe: bool = False, bn_records=None, camera_bn: bool = False) -> dict:
     """The features of a pre-trained trunk file (global average pooling, no fine-tuning) on
     ``dataset``'s query and gallery, scored like the other rows: what the pre-training alone learned
     about identity, before any label is seen. ``linear_probe``: also ``"lda"``, the metrics of the
@@ -191,8 +191,10 @@ def frozen_trunk_baseline(dataset, trunk: str, height: int, width: int, *, last_
     much identity the features hold linearly, whatever their raw distances say. ``bn_records``: first
     re-estimate the trunk's BatchNorm statistics on these images (:func:`recalibrate_bn`), so that
     trunks compared on the same images differ only by their weights (a random trunk's stored
-    statistics are mean 0 / variance 1, which alone changes what a probe finds)."""
-    from upreid.evaluation.extract import extract_features, recalibrate_bn
+    statistics are mean 0 / variance 1, which alone changes what a probe finds). ``camera_bn``: each
+    camera's images (query and gallery together; the training split's for the probe) extracted with
+    BatchNorm statistics of their own (:func:`upreid.evaluation.extract.camera_bn_features`)."""
+    from upreid.evaluation.extract import extract_features, recalibrate_bn, split_rows
     from upreid.evaluation.feature_model import load_feature_model
 
     model, info = load_feature_model(trunk, last_stride=last_stride)
@@ -201,11 +203,16 @@ def frozen_trunk_baseline(dataset, trunk: str, height: int, width: int, *, last_
                workers=0, progress=False)
     if bn_records is not None:
         recalibrate_bn(model, bn_records, **{k: v for k, v in pre.items() if k != "flip"})
-    fq, qp, qc = extract_features(model, dataset.query, desc="query features", **pre)
-    fg, gp, gc = extract_features(model, dataset.gallery, desc="gallery features", **pre)
+    if camera_bn:
+        both = extract_features(model, list(dataset.query) + list(dataset.gallery), desc="query and gallery features",
+                                camera_bn=True, return_index=True, **pre)
+        (fq, qp, qc, _), (fg, gp, gc, _) = split_rows(both, len(dataset.query))
+    else:
+        fq, qp, qc = extract_features(model, dataset.query, desc="query features", **pre)
+        fg, gp, gc = extract_features(model, dataset.gallery, desc="gallery features", **pre)
     out = score_features(fq, fg, qp, gp, qc, gc, metric="cosine", rerank=rerank)
     if linear_probe:
-        ft, tp, tc = extract_features(model, dataset.train, desc="train features", **pre)
+        ft, tp, tc = extract_features(model, dataset.train, desc="train features", camera_bn=camera_bn, **pre)
         lm, settings = fit_linear_metric(ft.numpy(), tp.numpy(), tc.numpy(), what=f"the features of {trunk}")
         out["lda"] = score_features(lm.transform(fq.numpy()), lm.transform(fg.numpy()), qp, gp, qc, gc,
                                     metric="cosine")["plain"]

@@ -37,6 +37,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast (default off)")
     p.add_argument("--last-stride", type=int, choices=(1, 2), default=1,
                    help="layer-4 stride of trunk-only files (default 1, the ReID convention)")
+    p.add_argument("--camera-bn", action="store_true",
+                   help="camera-based BatchNorm: re-estimate the statistics on each camera's images (query and "
+                        "gallery together) and extract that camera's features with them; needs Market-style "
+                        "names (the camera) and at least 2 images per camera")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_extract)
     return p
@@ -60,13 +64,15 @@ def run_extract(args) -> int:
         s = extract_to_npz(args.checkpoint, args.out, data=args.data, images=args.images, split=args.split,
                            flip=args.flip, height=args.height, width=args.width, backend=args.backend,
                            device=args.device, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
-                           last_stride=args.last_stride, progress=not args.no_progress)
+                           last_stride=args.last_stride, progress=not args.no_progress,
+                           camera_bn=args.camera_bn)
     except (CheckpointError, DatasetError, ValueError, OSError, MissingDependencyError) as e:
         print(f"upreid extract: {e}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{n} {k}" for k, n in s["counts"].items())
     print(f"wrote {s['out']}: {counts} features of dimension {s['feat_dim']} ({s['format']} checkpoint, "
-          f"{s['height']}x{s['width']}, flip {'on' if s['flip'] else 'off'})")
+          f"{s['height']}x{s['width']}, flip {'on' if s['flip'] else 'off'}"
+          f"{', camera BN' if s['camera_bn'] else ''})")
     return 0
 
 

@@ -27,10 +27,17 @@ SPLITS = ("query+gallery", "query", "gallery", "train")
 def extract_features(model, records, *, height: int, width: int, mean, std, batch_size: int = 128,
                      flip: bool = False, backend: str = "auto", device="cpu", amp: str = "off",
                      workers: int = 2, progress: bool = True, desc: str = "features",
-                     return_index: bool = False) -> tuple:
+                     return_index: bool = False, camera_bn: bool = False) -> tuple:
     """Features ``[N, D]`` (fp32, CPU) of ``records`` in their order, with their pids and camids
     (int64 tensors). ``flip``: average with the features of the mirrored images. ``amp``: 'off',
-    'bf16' or 'fp16' autocast. ``return_index``: see :func:`features_from_loader`."""
+    'bf16' or 'fp16' autocast. ``return_index``: see :func:`features_from_loader`. ``camera_bn``:
+    BatchNorm statistics of each camera's images (:func:`camera_bn_features`)."""
+    if camera_bn:
+        out = camera_bn_features(
+            model, records, lambda sub, batch_size: _eval_loader(sub, height, width, mean, std, flip, batch_size,
+                                                                 backend, device, workers),
+            device=device, amp=amp, progress=progress, desc=desc)
+        return out if return_index else out[:3]
     loader = _eval_loader(records, height, width, mean, std, flip, batch_size, backend, device, workers)
     return features_from_loader(model, loader, device=device, amp=amp, progress=progress, desc=desc,
                                 return_index=return_index)
@@ -78,6 +85,17 @@ def features_from_loader(model, loader, *, device, amp: str = "off", progress: b
 
 
 @torch.no_grad()
+def balanced_batch_size(n: int, batch_size: int) -> int:
+    """The smallest batch size that cuts ``n`` images into no more batches than ``batch_size`` does, so
+    that the last batch is as full as it can be: precise BN averages the batches' statistics with equal
+    weights (129 images at 128 become 65 + 64, not 128 + 1; a batch of one image gives a BatchNorm1d
+    no variance to measure)."""
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"balanced_batch_size: need n >= 1 and batch_size >= 1, got {n}, {batch_size}")
+    batches = -(-n // batch_size)
+    return -(-n // batches)
+
+
 def recalibrate_bn(model, records, *, height: int, width: int, mean, std, batch_size: int = 128,
                    backend: str = "auto", device="cpu", workers: int = 2, progress: bool = True) -> int:
     """Re-estimate every BatchNorm's running mean and variance of ``model`` as the plain average of its
@@ -88,16 +106,32 @@ def recalibrate_bn(model, records, *, height: int, width: int, mean, std, batch_
     mean 0 / variance 1, a pre-trained one's an EMA over augmented views; a linear probe of their
     features compares those as much as the weights. Recalibrated on the same images, two trunks
     differ only by what their weights learned. If it fails midway, the stored statistics are put back."""
-    from tqdm.auto import tqdm
     if not records:
         raise ValueError("recalibrate_bn: no images to estimate the BatchNorm statistics on")
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    loader = _eval_loader(records, height, width, mean, std, False, balanced_batch_size(len(records), batch_size),
+                          backend, device, workers)
+    return recalibrate_bn_from_loader(model, loader, device=device, progress=progress)
+
+
+def _bn_layers(model) -> list:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def _bn_statistics(bns: list) -> list:
+    return [{k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running", "num_batches"))}
+            for m in bns]
+
+
+@torch.no_grad()
+def recalibrate_bn_from_loader(model, loader, *, device="cpu", progress: bool = True) -> int:
+    """:func:`recalibrate_bn` over the ``images`` of an evaluation loader's batches. A batch of one
+    image is left out where others exist (a BatchNorm1d cannot measure a variance on it)."""
+    from tqdm.auto import tqdm
+    bns = _bn_layers(model)
     if not bns:
         return 0
-    loader = _eval_loader(records, height, width, mean, std, False, batch_size, backend, device, workers)
     was_training, saved = model.training, [(m, m.momentum, m.training) for m in bns]
-    stats = [{k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running", "num_batches"))}
-             for m in bns]
+    stats = _bn_statistics(bns)
     done = False
     try:
         model.eval()
@@ -105,8 +139,16 @@ def recalibrate_bn(model, records, *, height: int, width: int, mean, std, batch_
             m.reset_running_stats()
             m.momentum = None            # cumulative moving average: the plain mean over the batches
             m.train()
+        used, single = 0, None
         for batch in tqdm(loader, desc="BN statistics", unit="batch", leave=False, disable=not progress):
+            if batch["images"].shape[0] < 2:
+                single = batch
+                continue
             model(batch["images"].to(device))
+            used += 1
+        if not used:
+            raise ValueError("recalibrate_bn: BatchNorm statistics need at least 2 images"
+                             + ("; the loader gave one" if single is not None else "; the loader gave none"))
         done = True
     finally:
         for (m, momentum, training), st in zip(saved, stats):
@@ -116,6 +158,68 @@ def recalibrate_bn(model, records, *, height: int, width: int, mean, std, batch_
             m.train(training)
         model.train(was_training)
     return len(bns)
+
+
+def split_rows(out: tuple, n_first: int) -> tuple:
+    """Cut ``(features, pids, camids, index)`` of records ``A + B`` (``len(A) = n_first``) into the rows of
+    ``A`` and those of ``B``, each with positions in its own list."""
+    first = out[3] < n_first
+    a = tuple(x[first] for x in out)
+    b = tuple(x[~first] for x in out[:3]) + (out[3][~first] - n_first,)
+    return a, b
+
+
+MIN_CAMERA_IMAGES = 2       # camera BN: fewer images give no variance to estimate
+FEW_CAMERA_IMAGES = 16      # below this, a camera's statistics are noisy (warned)
+
+
+def camera_bn_features(model, records, make_loader, *, device="cpu", amp: str = "off", progress: bool = True,
+                       desc: str = "features") -> tuple:
+    """Features of ``records`` with camera-based BatchNorm at test time: for each camera, every
+    BatchNorm's statistics are re-estimated on that camera's images (:func:`recalibrate_bn`) and its
+    images are extracted with them, so that what a camera adds to every image it sees (colour cast,
+    brightness, background) is normalised away per camera (camera-based BN, Zhuang et al., ECCV 2020).
+    Transductive: it uses the images being scored and their camera ids, never their identities.
+
+    ``make_loader(records)`` builds an evaluation loader of a camera's records (``batch_size`` given
+    as a keyword). Returns ``(features, pids, camids, index)`` as :func:`features_from_loader` with
+    ``return_index``, rows in record order. The model's own statistics are put back afterwards."""
+    unknown = [r.path for r in records if r.camid < 0]
+    if unknown:
+        raise ValueError(f"camera BN needs every image's camera; {len(unknown)} of {len(records)} images have "
+                         f"none (e.g. {unknown[0]!r}: not a Market-style name such as 0002_c1s1_000451_03.jpg)")
+    groups: dict = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r.camid, []).append(i)
+    small = {c + 1: len(ix) for c, ix in sorted(groups.items()) if len(ix) < MIN_CAMERA_IMAGES}
+    if small:
+        raise ValueError(f"camera BN needs at least {MIN_CAMERA_IMAGES} images per camera to estimate its "
+                         f"statistics; camera (1-based: images) {small} has fewer. Evaluate without camera BN, "
+                         "or with more images of that camera")
+    few = {c + 1: len(ix) for c, ix in sorted(groups.items()) if len(ix) < FEW_CAMERA_IMAGES}
+    if few:
+        log.warning("camera BN: statistics from fewer than %d images are noisy; camera (1-based: images) %s",
+                    FEW_CAMERA_IMAGES, few)
+    bns = _bn_layers(model)
+    if not bns:
+        raise ValueError("camera BN: the model has no BatchNorm layer to re-estimate per camera")
+    stats = _bn_statistics(bns)
+    parts = []
+    try:
+        for cam, ix in sorted(groups.items()):
+            sub = [records[i] for i in ix]
+            bs = balanced_batch_size(len(sub), 128)
+            recalibrate_bn_from_loader(model, make_loader(sub, batch_size=bs), device=device, progress=progress)
+            f, p, c, idx = features_from_loader(model, make_loader(sub, batch_size=bs), device=device, amp=amp,
+                                                progress=progress, desc=f"{desc}, camera {cam + 1}",
+                                                return_index=True)
+            parts.append((f, p, c, torch.as_tensor(ix, dtype=torch.long)[idx]))
+    finally:
+        for m, st in zip(bns, stats):
+            m.load_state_dict(st, strict=False)
+    index = torch.cat([x[3] for x in parts])
+    order = torch.argsort(index)
+    return tuple(torch.cat([x[j] for x in parts])[order] for j in range(3)) + (index[order],)
 
 
 def folder_records(root: str) -> list:
@@ -162,10 +266,13 @@ def _dataset_records(data: str | None, info: dict, split: str) -> dict:
 def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images: str | None = None,
                    split: str = "query+gallery", flip: bool | None = None, height: int | None = None,
                    width: int | None = None, backend: str = "auto", device: str = "cpu", batch_size: int = 128,
-                   workers: int = 2, amp: str = "off", last_stride: int = 1, progress: bool = True) -> dict:
+                   workers: int = 2, amp: str = "off", last_stride: int = 1, progress: bool = True,
+                   camera_bn: bool = False) -> dict:
     """Extract and write features (see the module docstring); returns a summary (``out``,
-    ``format``, ``counts`` per split, ``feat_dim``, ``flip``, ``height``, ``width``). Image size,
-    normalisation and flip default to the checkpoint's (a fine-tuning run's config)."""
+    ``format``, ``counts`` per split, ``feat_dim``, ``flip``, ``height``, ``width``, ``camera_bn``). Image
+    size, normalisation and flip default to the checkpoint's (a fine-tuning run's config).
+    ``camera_bn``: camera-based BatchNorm (:func:`camera_bn_features`); query and gallery images of a
+    camera share its statistics."""
     from upreid.evaluation.feature_model import load_feature_model
     from upreid.utils.cli_checks import check_image_size
     if split not in SPLITS:
@@ -185,11 +292,18 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
     pre = {"height": info["height"] if height is None else height, "width": info["width"] if width is None else width,
            "mean": info["mean"],
            "std": info["std"], "flip": info["flip_test"] if flip is None else flip}
+    kw = dict(**pre, batch_size=batch_size, backend=backend, device=device, amp=amp, workers=workers,
+              progress=progress, return_index=True)
+    if camera_bn and len(groups) == 2:       # one pass over both splits: a camera's statistics from all its images
+        recs = groups["query"] + groups["gallery"]
+        f, p, c, idx = extract_features(model, recs, **kw, desc="query and gallery features", camera_bn=True)
+        split = dict(zip(("query", "gallery"), split_rows((f, p, c, idx), len(groups["query"]))))
+    else:
+        split = {}
     arrays = {}
     for name, recs in groups.items():
-        f, p, c, idx = extract_features(model, recs, **pre, batch_size=batch_size, backend=backend, device=device,
-                                        amp=amp, workers=workers, progress=progress, desc=f"{name} features",
-                                        return_index=True)
+        f, p, c, idx = split[name] if split else extract_features(model, recs, **kw, desc=f"{name} features",
+                                                                  camera_bn=camera_bn)
         prefix = f"{name}_" if len(groups) == 2 else ""
         arrays[f"{prefix}features"] = f.numpy()
         arrays[f"{name}_pids" if prefix else "pids"] = p.numpy()
@@ -199,4 +313,4 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
     counts = {name: len(recs) for name, recs in groups.items()}
     log.info("wrote %s: %s features of dimension %d", out, counts, info["feat_dim"])
     return {"out": out, "format": info["format"], "counts": counts, "feat_dim": info["feat_dim"],
-            "flip": pre["flip"], "height": pre["height"], "width": pre["width"]}
+            "flip": pre["flip"], "height": pre["height"], "width": pre["width"], "camera_bn": camera_bn}

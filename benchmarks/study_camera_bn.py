@@ -1,0 +1,157 @@
+"""What does camera-based BatchNorm at test time buy? The pre-training study's models, evaluated again.
+
+Camera-based BN (``eval.camera_bn``, ``upreid extract --camera-bn``) extracts each test camera's images
+with BatchNorm statistics re-estimated on that camera's images alone, so that what a camera adds to
+every image (colour cast, brightness, background) is normalised away. This script trains nothing: it
+takes the runs that ``study_pretrain.py`` left under ``--work`` and scores, per variant and seed,
+
+  ft_mAP, ft_Rank-1            the fine-tuned model as fine-tuning evaluated it (no re-ranking)
+  ft_cbn_mAP, ft_cbn_Rank-1    the same model with camera BN
+  trunk_mAP, trunk_cbn_mAP     the trunk before fine-tuning (the pre-trained one; for random init the
+                               seeded random trunk), nearest neighbour on its pooled features
+
+and, once for the split, the linear metric on pixels (LDA, as the demo's row) against the same metric on
+camera-centred pixels (each camera's mean image subtracted): camera BN uses the camera ids, so the
+linear baseline is given them too. One CSV row per (variant, seed) in
+``benchmarks/results/study_camera_bn.csv``; the table (mean ± sample std, raw values, differences with
+two standard errors) goes to ``--table``.
+
+    python benchmarks/study_camera_bn.py --work runs/study_cpu2 --seeds 0 1 2 3 4 \\
+        --table benchmarks/results/study_camera_bn_table.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import study_pretrain as study  # noqa: E402
+from benchmarks.common import env_fields  # noqa: E402
+
+CSV = Path(__file__).resolve().parent / "results" / "study_camera_bn.csv"
+FIELDS = ["timestamp", "commit", "device", "torch", "threads", "work", "variant", "seed", "ft_mAP", "ft_Rank-1",
+          "ft_cbn_mAP", "ft_cbn_Rank-1", "trunk_mAP", "trunk_cbn_mAP", "lda_mAP", "lda_cam_mAP"]
+KEYS = ("ft_mAP", "ft_cbn_mAP", "ft_Rank-1", "ft_cbn_Rank-1", "trunk_mAP", "trunk_cbn_mAP")
+
+
+def camera_centred(x: np.ndarray, cams: np.ndarray) -> np.ndarray:
+    """``x`` with each camera's mean row subtracted from that camera's rows."""
+    out = x.astype(np.float32, copy=True)
+    for c in np.unique(cams):
+        out[cams == c] -= out[cams == c].mean(0)
+    return out
+
+
+def pixel_rows(ds, height: int, width: int) -> dict:
+    """mAP of LDA on pixels and on camera-centred pixels (query and gallery centred together)."""
+    from upreid.evaluation.baselines import fit_linear_metric, load_pixels, score_features
+    tr = load_pixels(ds.train, height, width)
+    te = np.concatenate([load_pixels(ds.query, height, width), load_pixels(ds.gallery, height, width)])
+    tp, tc = (np.array([getattr(r, k) for r in ds.train]) for k in ("pid", "camid"))
+    recs = list(ds.query) + list(ds.gallery)
+    pids, cams = (np.array([getattr(r, k) for r in recs]) for k in ("pid", "camid"))
+    nq, out = len(ds.query), {}
+    for key, a, b in (("lda_mAP", tr, te), ("lda_cam_mAP", camera_centred(tr, tc), camera_centred(te, cams))):
+        lm, _ = fit_linear_metric(a, tp, tc, what="pixels")
+        f = lm.transform(b)
+        out[key] = score_features(f[:nq], f[nq:], pids[:nq], pids[nq:], cams[:nq], cams[nq:],
+                                  metric="cosine")["plain"]["mAP"]
+    return out
+
+
+def score_run(ds, run: str, variant: str, scale) -> dict:
+    """The fine-tuned model and the trunk before fine-tuning of one study run, plain and with camera BN."""
+    from upreid.evaluation.baselines import frozen_trunk_baseline, score_features
+    from upreid.evaluation.extract import extract_features, split_rows
+    from upreid.evaluation.feature_model import load_feature_model
+    model, info = load_feature_model(os.path.join(run, "finetune", "checkpoint.pt"))
+    recs = list(ds.query) + list(ds.gallery)
+    pre = dict(height=info["height"], width=info["width"], mean=info["mean"], std=info["std"],
+               flip=info["flip_test"], workers=0, progress=False, return_index=True)
+    row = {}
+    for tag, cbn in (("ft", False), ("ft_cbn", True)):
+        (fq, qp, qc, _), (fg, gp, gc, _) = split_rows(extract_features(model, recs, camera_bn=cbn, **pre), len(ds.query))
+        res = score_features(fq, fg, qp, gp, qc, gc, metric="cosine")["plain"]
+        row[f"{tag}_mAP"], row[f"{tag}_Rank-1"] = res["mAP"], res["cmc"][0]
+    trunk = os.path.join(run, "random_trunk.pt" if study.VARIANTS[variant] is None else "backbone.pt")
+    for tag, cbn in (("trunk", False), ("trunk_cbn", True)):
+        res = frozen_trunk_baseline(ds, trunk, scale.pretrain_height, scale.pretrain_width, flip=scale.flip_test,
+                                    camera_bn=cbn)
+        row[f"{tag}_mAP"] = res["plain"]["mAP"]
+    return row
+
+
+def table(rows: list, pixels: dict) -> str:
+    out = ["| initialisation | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
+    variants = [v for v in study.VARIANTS if any(r["variant"] == v for r in rows)]
+    for v in variants:
+        out.append(f"| {v} | {len(study._values(rows, v, 'ft_mAP'))} | "
+                   + " | ".join(study.cell(study._values(rows, v, k)) for k in KEYS) + " |")
+    out += ["", f"LDA on pixels: {100 * pixels['lda_mAP']:.2f} mAP; LDA on camera-centred pixels: "
+                f"{100 * pixels['lda_cam_mAP']:.2f} mAP (one split, no seed).", "",
+            "| comparison | metric | difference | 2 SE | exceeds 2 SE |", "|---|---|---|---|---|"]
+    for v in variants:
+        for a, b in (("ft_cbn_mAP", "ft_mAP"), ("ft_cbn_Rank-1", "ft_Rank-1"), ("trunk_cbn_mAP", "trunk_mAP")):
+            r = study.difference_row(f"{v}: camera BN - plain", a.replace("_cbn", ""), study._values(rows, v, a),
+                                     study._values(rows, v, b))
+            if r:
+                out.append(r)
+    for v in variants:
+        if v != "random" and "random" in variants:
+            for k in ("ft_cbn_mAP", "ft_cbn_Rank-1", "trunk_cbn_mAP"):
+                r = study.difference_row(f"{v} - random, camera BN", k.replace("_cbn", ""), study._values(rows, v, k),
+                                         study._values(rows, "random", k))
+                if r:
+                    out.append(r)
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from upreid.data.datasets import synth
+    from upreid.engine import demo
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="runs/study_cpu2", help="the pre-training study's --work folder")
+    ap.add_argument("--scale", choices=("cpu", "tiny"), default="cpu", help="the study's scale")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--variants", nargs="+", choices=list(study.VARIANTS), default=["random", "upreid"])
+    ap.add_argument("--csv", default=str(CSV), help="CSV the rows are appended to ('' = none)")
+    ap.add_argument("--table", default=None, help="markdown table (default: --work/camera_bn_table.md)")
+    args = ap.parse_args(argv)
+    scale = {"cpu": demo.CPU, "tiny": demo.TINY}[args.scale]
+    data = os.path.join(args.work, "data")
+    missing = [f"{v}_s{s}" for v in args.variants for s in args.seeds
+               if not os.path.isfile(os.path.join(args.work, f"{v}_s{s}", "finetune", "checkpoint.pt"))]
+    if not os.path.isfile(os.path.join(data, "meta.json")) or missing:
+        print(f"study_camera_bn: {args.work!r} lacks the study's data or runs {missing[:5]}; run "
+              "benchmarks/study_pretrain.py with the same --work, --seeds and --variants first", file=sys.stderr)
+        return 1
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    ds = synth(data)
+    pixels = pixel_rows(ds, scale.pretrain_height, scale.pretrain_width)
+    rows = []
+    for v in args.variants:
+        for s in args.seeds:
+            row = {**env_fields("cpu"), "work": args.work, "variant": v, "seed": s, **pixels,
+                   **score_run(ds, os.path.join(args.work, f"{v}_s{s}"), v, scale)}
+            print(f"{v} seed {s}: " + ", ".join(f"{k} {100 * row[k]:.2f}" for k in KEYS), flush=True)
+            rows.append(row)
+            if args.csv:
+                study.append_csv(args.csv, row, FIELDS)
+    text = table([{k: str(v) for k, v in r.items()} for r in rows], pixels)
+    path = args.table or os.path.join(args.work, "camera_bn_table.md")
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print(text)
+    print(f"table written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
