@@ -9,6 +9,9 @@ takes the runs that ``study_pretrain.py`` left under ``--work`` and scores, per 
   ft_cbn_mAP, ft_cbn_Rank-1    the same model with camera BN
   trunk_mAP, trunk_cbn_mAP     the trunk before fine-tuning (the pre-trained one; for random init the
                                seeded random trunk), nearest neighbour on its pooled features
+  cbn_ft_mAP, cbn_ft_Rank-1    with ``--train``: the same initialisation fine-tuned again with the demo's
+                               recipe and camera BN in training too (``model.camera_bn=true``), evaluated
+                               with camera BN (the run is kept under ``--work/<run>/finetune_cbn``)
 
 and, once for the split, the linear metric on pixels (LDA, as the demo's row) against the same metric on
 camera-centred pixels (each camera's mean image subtracted): camera BN uses the camera ids, so the
@@ -16,7 +19,7 @@ linear baseline is given them too. One CSV row per (variant, seed) in
 ``benchmarks/results/study_camera_bn.csv``; the table (mean ± sample std, raw values, differences with
 two standard errors) goes to ``--table``.
 
-    python benchmarks/study_camera_bn.py --work runs/study_cpu2 --seeds 0 1 2 3 4 \\
+    python benchmarks/study_camera_bn.py --work runs/study_cpu2 --seeds 0 1 2 3 4 --train \\
         --table benchmarks/results/study_camera_bn_table.md
 """
 from __future__ import annotations
@@ -35,8 +38,9 @@ from benchmarks.common import env_fields  # noqa: E402
 
 CSV = Path(__file__).resolve().parent / "results" / "study_camera_bn.csv"
 FIELDS = ["timestamp", "commit", "device", "torch", "threads", "work", "variant", "seed", "ft_mAP", "ft_Rank-1",
-          "ft_cbn_mAP", "ft_cbn_Rank-1", "trunk_mAP", "trunk_cbn_mAP", "lda_mAP", "lda_cam_mAP"]
-KEYS = ("ft_mAP", "ft_cbn_mAP", "ft_Rank-1", "ft_cbn_Rank-1", "trunk_mAP", "trunk_cbn_mAP")
+          "ft_cbn_mAP", "ft_cbn_Rank-1", "trunk_mAP", "trunk_cbn_mAP", "lda_mAP", "lda_cam_mAP", "cbn_ft_mAP", "cbn_ft_Rank-1"]
+KEYS = ("ft_mAP", "ft_cbn_mAP", "cbn_ft_mAP", "ft_Rank-1", "ft_cbn_Rank-1", "cbn_ft_Rank-1", "trunk_mAP",
+        "trunk_cbn_mAP")
 
 
 def camera_centred(x: np.ndarray, cams: np.ndarray) -> np.ndarray:
@@ -62,6 +66,26 @@ def pixel_rows(ds, height: int, width: int) -> dict:
         out[key] = score_features(f[:nq], f[nq:], pids[:nq], pids[nq:], cams[:nq], cams[nq:],
                                   metric="cosine")["plain"]["mAP"]
     return out
+
+
+def finetune_with_camera_bn(data: str, run: str, variant: str, scale, seed: int) -> dict:
+    """The run's initialisation fine-tuned again, camera BN in training and evaluation (resumable: a
+    finished run is read back)."""
+    import json
+
+    from upreid.engine import demo
+    from upreid.engine.config import load_config
+    from upreid.engine.finetune import finetune
+    out = os.path.join(run, "finetune_cbn")
+    done = os.path.join(out, "results.json")
+    if not os.path.isfile(done):
+        init = None if study.VARIANTS[variant] is None else os.path.join(run, "backbone.pt")
+        cfg = load_config("finetune", None, demo.finetune_overrides(scale, data, out, init, seed) + [
+            "model.camera_bn=true", "eval.camera_bn=true", "eval.rerank=false", "eval.ranklist_queries=0",
+            "train.progress=false"])
+        finetune(cfg, overwrite=True)
+    res = json.load(open(done))["final"]["plain"]
+    return {"cbn_ft_mAP": res["mAP"], "cbn_ft_Rank-1": res["Rank-1"]}
 
 
 def score_run(ds, run: str, variant: str, scale) -> dict:
@@ -96,16 +120,22 @@ def table(rows: list, pixels: dict) -> str:
                 f"{100 * pixels['lda_cam_mAP']:.2f} mAP (one split, no seed).", "",
             "| comparison | metric | difference | 2 SE | exceeds 2 SE |", "|---|---|---|---|---|"]
     for v in variants:
-        for a, b in (("ft_cbn_mAP", "ft_mAP"), ("ft_cbn_Rank-1", "ft_Rank-1"), ("trunk_cbn_mAP", "trunk_mAP")):
-            r = study.difference_row(f"{v}: camera BN - plain", a.replace("_cbn", ""), study._values(rows, v, a),
+        for a, b, label in (("ft_cbn_mAP", "ft_mAP", "camera BN - plain"),
+                            ("ft_cbn_Rank-1", "ft_Rank-1", "camera BN - plain"),
+                            ("trunk_cbn_mAP", "trunk_mAP", "camera BN - plain"),
+                            ("cbn_ft_mAP", "ft_cbn_mAP", "camera BN in training too - at test only"),
+                            ("cbn_ft_Rank-1", "ft_cbn_Rank-1", "camera BN in training too - at test only")):
+            r = study.difference_row(f"{v}: {label}", b.replace("_cbn", ""), study._values(rows, v, a),
                                      study._values(rows, v, b))
             if r:
                 out.append(r)
     for v in variants:
         if v != "random" and "random" in variants:
-            for k in ("ft_cbn_mAP", "ft_cbn_Rank-1", "trunk_cbn_mAP"):
-                r = study.difference_row(f"{v} - random, camera BN", k.replace("_cbn", ""), study._values(rows, v, k),
-                                         study._values(rows, "random", k))
+            for k, label in (("ft_cbn_mAP", "camera BN"), ("ft_cbn_Rank-1", "camera BN"),
+                             ("trunk_cbn_mAP", "camera BN"), ("cbn_ft_mAP", "camera BN in training too"),
+                             ("cbn_ft_Rank-1", "camera BN in training too")):
+                r = study.difference_row(f"{v} - random, {label}", k.replace("cbn_", "").replace("_cbn", ""),
+                                         study._values(rows, v, k), study._values(rows, "random", k))
                 if r:
                     out.append(r)
     return "\n".join(out)
@@ -121,6 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", choices=("cpu", "tiny"), default="cpu", help="the study's scale")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--variants", nargs="+", choices=list(study.VARIANTS), default=["random", "upreid"])
+    ap.add_argument("--train", action="store_true",
+                    help="also fine-tune each initialisation again with camera BN in training (cbn_ft_*)")
     ap.add_argument("--csv", default=str(CSV), help="CSV the rows are appended to ('' = none)")
     ap.add_argument("--table", default=None, help="markdown table (default: --work/camera_bn_table.md)")
     args = ap.parse_args(argv)
@@ -140,7 +172,9 @@ def main(argv=None) -> int:
         for s in args.seeds:
             row = {**env_fields("cpu"), "work": args.work, "variant": v, "seed": s, **pixels,
                    **score_run(ds, os.path.join(args.work, f"{v}_s{s}"), v, scale)}
-            print(f"{v} seed {s}: " + ", ".join(f"{k} {100 * row[k]:.2f}" for k in KEYS), flush=True)
+            if args.train:
+                row.update(finetune_with_camera_bn(data, os.path.join(args.work, f"{v}_s{s}"), v, scale, s))
+            print(f"{v} seed {s}: " + ", ".join(f"{k} {100 * row[k]:.2f}" for k in KEYS if k in row), flush=True)
             rows.append(row)
             if args.csv:
                 study.append_csv(args.csv, row, FIELDS)

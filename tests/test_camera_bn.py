@@ -114,8 +114,8 @@ def test_finetuning_evaluation_and_extract_agree_under_camera_bn(synth_root, fin
         for k in ("mAP", "Rank-1", "mINP"):
             assert mine[mode][k] == pytest.approx(final[mode][k], abs=1e-6), (mode, k)
     plain = str(tmp_path / "p.npz")
-    assert extract_main(["extract", run["checkpoint"], "--out", plain, "--backend", "torch", "--device", "cpu",
-                         "--no-progress", "--workers", "0"]) == 0
+    assert extract_main(["extract", run["checkpoint"], "--out", plain, "--no-camera-bn", "--backend", "torch",
+                         "--device", "cpu", "--no-progress", "--workers", "0"]) == 0
     with np.load(npz) as a, np.load(plain) as b:
         assert a["query_features"].shape == b["query_features"].shape
         assert not np.allclose(a["query_features"], b["query_features"], atol=1e-3)
@@ -139,3 +139,127 @@ def test_extract_refuses_camera_bn_on_names_without_a_camera(tmp_path, capsys):
     assert code == 2
     assert "needs every image's camera; 3 of 3 images have none" in capsys.readouterr().err
     assert not (tmp_path / "o.npz").exists()
+
+
+# ----------------------------------------------------------------------------- camera BN in training
+def test_camera_batchnorm_equals_batchnorm_on_each_cameras_images():
+    """Output, gradients and running statistics of CameraBatchNorm against nn.BatchNorm2d run on each
+    camera's images separately; plain BatchNorm without cameras and in eval mode."""
+    from upreid.models.group_bn import CameraBatchNorm, camera_groups
+    torch.manual_seed(0)
+    x = torch.randn(10, 3, 4, 5) * 2 + 1
+    cams = torch.tensor([5, 2, 5, 5, 7, 2, 7, 5, 2, 2])                # unequal groups, unsorted ids
+    bn = CameraBatchNorm(3, momentum=0.25)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, 0.5, -1.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    xa = x.clone().requires_grad_()
+    with camera_groups(bn, cams):
+        y = bn(xa)
+    assert bn.groups_of_batch is None                                     # cleared after the block
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    ref = torch.nn.BatchNorm2d(3, momentum=0.25)
+    ref.load_state_dict({k: v for k, v in bn.state_dict().items() if "running" not in k and "num_batches" not in k},
+                        strict=False)
+    xb = x.clone().requires_grad_()
+    out = torch.empty_like(x)
+    means, variances = [], []
+    for c in cams.unique():
+        m = cams == c
+        r = torch.nn.BatchNorm2d(3, momentum=0.25)
+        r.load_state_dict(ref.state_dict())
+        r.weight, r.bias = ref.weight, ref.bias                           # shared parameters
+        o = r(xb[m])
+        out = out.index_put((m.nonzero()[:, 0],), o)
+        means.append(x[m].mean((0, 2, 3)))
+        variances.append(x[m].var((0, 2, 3), unbiased=True))
+    (out * w).sum().backward()
+    torch.testing.assert_close(y, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, 0.25 * torch.stack(means).mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, 0.75 + 0.25 * torch.stack(variances).mean(0), rtol=1e-5, atol=1e-6)
+    assert int(bn.num_batches_tracked) == 1
+    plain = torch.nn.BatchNorm2d(3, momentum=0.25)
+    plain.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(bn(x), plain(x))                           # no cameras: plain BatchNorm
+    bn.eval(), plain.eval()
+    with camera_groups(bn, cams):
+        torch.testing.assert_close(bn(x), plain(x))                       # eval: the running statistics
+    bn.train()
+    with camera_groups(bn, cams):
+        with torch.no_grad():
+            yb = bn(x.bfloat16())
+    assert yb.dtype == torch.bfloat16 and torch.allclose(yb.float(), y.detach(), atol=0.1)
+    with camera_groups(bn, cams[:4]), pytest.raises(ValueError, match="4 camera ids for a batch of 10"):
+        bn(x)
+    with camera_groups(bn, torch.tensor([0, 1])), pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(torch.randn(2, 3, 1, 1))
+    with pytest.raises(ValueError, match=r"camids must be \[B\]"):
+        with camera_groups(bn, cams.view(2, 5)):
+            pass
+
+
+def test_convert_camera_bn_keeps_the_state_dict_and_leaves_batchnorm1d():
+    from upreid.models.group_bn import CameraBatchNorm, camera_groups, convert_camera_bn
+    from upreid.models.reid import build_reid_model
+    torch.manual_seed(0)
+    model = build_reid_model("bot", 5, depth=18, width=8, last_stride=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {id(p) for p in model.parameters()}
+    convert_camera_bn(model)
+    kinds = {type(m) for m in model.modules()}
+    assert CameraBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds and torch.nn.BatchNorm1d in kinds
+    assert {id(p) for p in model.parameters()} == params
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    x = torch.randn(6, 3, 64, 32)
+    model.train()
+    with camera_groups(model, torch.tensor([0, 0, 0, 1, 1, 1])):
+        a = model(x)["triplet"][0]
+    with camera_groups(model, torch.tensor([0, 1, 0, 1, 0, 1])):      # other groups, other features
+        b = model(x)["triplet"][0]
+    assert not torch.allclose(a, b, atol=1e-4)
+    plain = torch.nn.Linear(3, 3)
+    with camera_groups(plain, torch.tensor([0, 1])):                    # no such layer: nothing to set
+        pass
+
+
+def test_camera_bn_in_training_needs_it_at_evaluation(synth_root, finetune_cfg, tmp_path):
+    from upreid.engine.schema import ConfigError
+    with pytest.raises(ConfigError, match="model.camera_bn=true with eval.camera_bn=false"):
+        finetune_cfg(synth_root, str(tmp_path), "model.camera_bn=true")
+
+
+@pytest.mark.slow
+def test_finetuning_with_camera_bn_trains_evaluates_and_extracts_the_same(synth_root, finetune_cfg, tmp_path, capsys):
+    """``model.camera_bn=true``: training batches are normalised per camera (the features differ from a
+    plain run of the same seed), the checkpoint loads into a plain model, ``upreid extract`` applies
+    camera BN by default for it and reproduces the run's numbers, and resuming with another setting is
+    refused."""
+    from upreid.engine.checkpoint import CheckpointError
+    from upreid.engine.finetune import finetune
+    from upreid.evaluation.cli import main as evaluate_main
+    from upreid.evaluation.cli_extract import main as extract_main
+    common = ("eval.camera_bn=true", "data.backend=torch", "eval.ranklist_queries=0")
+    cbn = finetune(finetune_cfg(synth_root, str(tmp_path / "cbn"), "model.camera_bn=true", *common))
+    plain = finetune(finetune_cfg(synth_root, str(tmp_path / "plain"), *common))
+    a = torch.load(cbn["checkpoint"], weights_only=False)["model"]
+    b = torch.load(plain["checkpoint"], weights_only=False)["model"]
+    assert set(a) == set(b)
+    assert not torch.allclose(a["trunk.layer1.0.bn1.running_mean"], b["trunk.layer1.0.bn1.running_mean"])
+    npz = str(tmp_path / "f.npz")
+    assert extract_main(["extract", cbn["checkpoint"], "--out", npz, "--backend", "torch", "--device", "cpu",
+                         "--no-progress", "--workers", "0"]) == 0
+    assert "camera BN" in capsys.readouterr().out                       # the run's eval.camera_bn
+    res = str(tmp_path / "r.json")
+    assert evaluate_main(["evaluate", npz, "--json", res, "--no-progress"]) == 0
+    final = json.load(open(os.path.join(cbn["output"], "results.json")))["final"]
+    assert json.load(open(res))["plain"]["mAP"] == pytest.approx(final["plain"]["mAP"], abs=1e-6)
+    assert extract_main(["extract", cbn["checkpoint"], "--out", npz, "--no-camera-bn", "--backend", "torch",
+                         "--device", "cpu", "--no-progress", "--workers", "0"]) == 0
+    assert "camera BN" not in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="model.camera_bn"):
+        finetune(finetune_cfg(synth_root, str(tmp_path / "cbn"), *common), resume=cbn["checkpoint"])

@@ -55,7 +55,7 @@ def test_tiny_study_writes_table_chart_and_resumes(tmp_path, capsys):
     from benchmarks import study_camera_bn as cbn
     cbn_csv, cbn_table = str(tmp_path / "cbn.csv"), str(tmp_path / "cbn.md")
     assert cbn.main(["--scale", "tiny", "--work", work, "--seeds", "0", "1", "--variants", "random", "moco",
-                     "--csv", cbn_csv, "--table", cbn_table]) == 0
+                     "--train", "--csv", cbn_csv, "--table", cbn_table]) == 0
     got = {(r["variant"], int(r["seed"])): r for r in csv.DictReader(open(cbn_csv))}
     assert set(got) == {("random", 0), ("random", 1), ("moco", 0), ("moco", 1)}
     for r in rows:
@@ -63,8 +63,14 @@ def test_tiny_study_writes_table_chart_and_resumes(tmp_path, capsys):
         assert float(g["ft_mAP"]) == pytest.approx(r["mAP"], abs=1e-6)
         assert float(g["trunk_mAP"]) == pytest.approx(r["frozen_mAP"], abs=1e-6)
         assert 0.0 < float(g["ft_cbn_mAP"]) <= 1.0 and 0.0 < float(g["trunk_cbn_mAP"]) <= 1.0
+        assert 0.0 < float(g["cbn_ft_mAP"]) <= 1.0
+        saved = __import__("json").load(open(os.path.join(work, f"{r['variant']}_s{r['seed']}", "finetune_cbn",
+                                                          "results.json")))
+        assert saved["config"]["model"]["camera_bn"] and saved["config"]["eval"]["camera_bn"]
+        assert saved["init"]["format"] == ("random" if r["variant"] == "random" else "upreid-backbone")
     text = open(cbn_table).read()
     assert "| moco | 2 |" in text and "| random: camera BN - plain | ft_mAP |" in text and "LDA on pixels" in text
+    assert "| moco - random, camera BN in training too | ft_mAP |" in text
     assert cbn.main(["--scale", "tiny", "--work", work, "--seeds", "7", "--csv", ""]) == 1   # no such runs
     assert "run benchmarks/study_pretrain.py" in capsys.readouterr().err
 

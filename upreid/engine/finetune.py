@@ -12,6 +12,7 @@ resumed run continues exactly. Evaluation (:class:`upreid.engine.finetune_eval.E
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -24,6 +25,7 @@ from upreid.engine.init_weights import FINETUNE_FORMAT, load_trunk
 from upreid.engine.task import Task
 from upreid.engine.trainer import Trainer, param_groups
 from upreid.losses.reid import batch_hard_triplet, cross_entropy_ls
+from upreid.models.group_bn import camera_groups, convert_camera_bn
 from upreid.models.reid import reid_model_from_config
 
 
@@ -35,7 +37,12 @@ def lr_factor(epoch: float, warmup: float, warmup_factor: float, milestones, gam
 
 
 def build_model(cfg, num_classes: int) -> nn.Module:
-    return reid_model_from_config(cfg["model"], num_classes)
+    """The fine-tuning model; under ``model.camera_bn`` its BatchNorm2d layers take each camera's
+    statistics in training (:class:`upreid.models.group_bn.CameraBatchNorm`)."""
+    model = reid_model_from_config(cfg["model"], num_classes)
+    if cfg["model"].get("camera_bn"):
+        convert_camera_bn(model)
+    return model
 
 
 def initialise(model: nn.Module, init) -> dict:
@@ -99,12 +106,16 @@ class FinetuneTask(Task):
                                    o["milestones"], o["gamma"])
 
     def to_device(self, batch, device, memory_format):
-        return {"images": batch["images"].to(device, non_blocking=True).contiguous(memory_format=memory_format),
-                "pids": batch["pids"].to(device, non_blocking=True).long()}
+        out = {"images": batch["images"].to(device, non_blocking=True).contiguous(memory_format=memory_format),
+               "pids": batch["pids"].to(device, non_blocking=True).long()}
+        if self.cfg["model"]["camera_bn"]:
+            out["camids"] = batch["camids"].to(device, non_blocking=True).long()
+        return out
 
     def forward(self, net, batch):
         l, pids = self.cfg["loss"], batch["pids"]
-        out = net(batch["images"])
+        with camera_groups(net, batch["camids"]) if "camids" in batch else contextlib.nullcontext():
+            out = net(batch["images"])
         loss_id = sum(cross_entropy_ls(z, pids, l["label_smoothing"]) for z in out["logits"]) / len(out["logits"])
         loss_tri = sum(batch_hard_triplet(f, pids, l["margin"]) for f in out["triplet"]) / len(out["triplet"])
         loss = l["id_weight"] * loss_id + l["triplet_weight"] * loss_tri

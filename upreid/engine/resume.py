@@ -19,7 +19,7 @@ MODEL = {
     "pretrain": ("model.depth", "model.width", "model.last_stride", "model.ibn", "model.dim", "model.hidden_dim",
                  "model.patch_dim", "model.queue_size"),
     "finetune": ("model.arch", "model.depth", "model.width", "model.ibn", "model.neck", "model.mgn_dim",
-                 "model.pooling"),
+                 "model.pooling", "model.camera_bn"),
 }
 # Keys whose change makes the resumed run see other data than the interrupted one would have: every
 # data.* key but these, the seed, and fine-tuning's init and epoch length (the position in the data is

@@ -211,6 +211,7 @@ FINETUNE = {
     "model.arch": one_of("bot", "mgn"), "model.depth": one_of(*DEPTHS), "model.width": integer(2), "model.last_stride": one_of(1, 2),
     "model.ibn": boolean(), "model.neck": boolean(), "model.pooling": one_of("avg", "max", "gem"),
     "model.gem_p": POSITIVE, "model.test_feature": one_of("bn", "pre"), "model.mgn_dim": integer(1),
+    "model.camera_bn": boolean(),
     **_DATA_COMMON,
     "data.dataset": one_of(*FINETUNE_DATASETS), "data.p": integer(2), "data.k": integer(2),
     "data.pad": integer(0), "data.eval_batch_size": integer(1), "data.flip_test": boolean(),
@@ -253,6 +254,10 @@ def check_relations(task: str, v: Mapping, origins: Mapping) -> None:
                           f"({_where(origins, 'eval.k2', 'eval.k1')}): re-ranking expands each query over its "
                           "k2 nearest neighbours among the k1 + 1 it keeps; use eval.k2 <= eval.k1 + 1 "
                           "(docs/evaluation.md says how to pick them)")
+    if task == "finetune" and v["model.camera_bn"] and not v["eval.camera_bn"]:
+        raise ConfigError(f"model.camera_bn=true with eval.camera_bn=false ({_where(origins, 'model.camera_bn', 'eval.camera_bn')}): "
+                          "a model trained on each camera's own BatchNorm statistics must be evaluated the same "
+                          "way; set eval.camera_bn=true")
     if task == "pretrain":
         rows = layer4_rows(v["data.height"], v["model.last_stride"])
         if v["model.ic"] != "off" and v["model.stripes"] > rows:

@@ -37,10 +37,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast (default off)")
     p.add_argument("--last-stride", type=int, choices=(1, 2), default=1,
                    help="layer-4 stride of trunk-only files (default 1, the ReID convention)")
-    p.add_argument("--camera-bn", action="store_true",
-                   help="camera-based BatchNorm: re-estimate the statistics on each camera's images (query and "
-                        "gallery together) and extract that camera's features with them; needs Market-style "
-                        "names (the camera) and at least 2 images per camera")
+    cbn = p.add_mutually_exclusive_group()
+    cbn.add_argument("--camera-bn", dest="camera_bn", action="store_true", default=None,
+                     help="camera-based BatchNorm: re-estimate the statistics on each camera's images (query and "
+                          "gallery together) and extract that camera's features with them; needs Market-style "
+                          "names (the camera) and at least 2 images per camera (default: the run's eval.camera_bn)")
+    cbn.add_argument("--no-camera-bn", dest="camera_bn", action="store_false", help="no camera-based BatchNorm")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_extract)
     return p

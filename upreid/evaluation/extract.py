@@ -267,12 +267,12 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
                    split: str = "query+gallery", flip: bool | None = None, height: int | None = None,
                    width: int | None = None, backend: str = "auto", device: str = "cpu", batch_size: int = 128,
                    workers: int = 2, amp: str = "off", last_stride: int = 1, progress: bool = True,
-                   camera_bn: bool = False) -> dict:
+                   camera_bn: bool | None = None) -> dict:
     """Extract and write features (see the module docstring); returns a summary (``out``,
     ``format``, ``counts`` per split, ``feat_dim``, ``flip``, ``height``, ``width``, ``camera_bn``). Image
     size, normalisation and flip default to the checkpoint's (a fine-tuning run's config).
-    ``camera_bn``: camera-based BatchNorm (:func:`camera_bn_features`); query and gallery images of a
-    camera share its statistics."""
+    ``camera_bn``: camera-based BatchNorm (:func:`camera_bn_features`; default: the run's
+    ``eval.camera_bn``); query and gallery images of a camera share its statistics."""
     from upreid.evaluation.feature_model import load_feature_model
     from upreid.utils.cli_checks import check_image_size
     if split not in SPLITS:
@@ -292,6 +292,7 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
     pre = {"height": info["height"] if height is None else height, "width": info["width"] if width is None else width,
            "mean": info["mean"],
            "std": info["std"], "flip": info["flip_test"] if flip is None else flip}
+    camera_bn = info.get("camera_bn", False) if camera_bn is None else camera_bn
     kw = dict(**pre, batch_size=batch_size, backend=backend, device=device, amp=amp, workers=workers,
               progress=progress, return_index=True)
     if camera_bn and len(groups) == 2:       # one pass over both splits: a camera's statistics from all its images

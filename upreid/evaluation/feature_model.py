@@ -44,7 +44,8 @@ class TrunkFeatures(nn.Module):
 
 def load_feature_model(path: str, last_stride: int = 1, pooling: str = "avg") -> tuple[nn.Module, dict]:
     """``(model in eval mode on the CPU, info)``; ``info`` has ``format``, ``arch``, ``feat_dim`` and
-    the preprocessing the model expects: ``height``, ``width``, ``mean``, ``std``, ``flip_test``.
+    the preprocessing the model expects: ``height``, ``width``, ``mean``, ``std``, ``flip_test``, and
+    ``camera_bn`` (the run evaluated with camera-based BN).
     ``last_stride`` and ``pooling`` apply to trunk-only files (a fine-tuned model keeps its own)."""
     from upreid.engine import checkpoint as ckpt_io
     from upreid.engine.init_weights import FINETUNE_FORMAT, load_trunk, read_trunk_state
@@ -60,7 +61,8 @@ def load_feature_model(path: str, last_stride: int = 1, pooling: str = "avg") ->
         info = {"format": FINETUNE_FORMAT, "arch": {**{k: m[k] for k in ("arch", "depth", "ibn", "last_stride")},
                                                      "width": m.get("width", 64)},
                 "height": d["height"], "width": d["width"], "mean": tuple(d["mean"]), "std": tuple(d["std"]),
-                "flip_test": bool(d["flip_test"]), "step": obj.get("step"), "dataset": d["dataset"],
+                "flip_test": bool(d["flip_test"]), "camera_bn": bool(cfg.get("eval", {}).get("camera_bn", False)),
+                "step": obj.get("step"), "dataset": d["dataset"],
                 "root": d["root"]}
     else:
         arch = meta["arch"]
@@ -77,7 +79,7 @@ def load_feature_model(path: str, last_stride: int = 1, pooling: str = "avg") ->
         info = {"format": fmt, "arch": {"depth": arch["depth"], "width": arch.get("width") or 64,
                                         "ibn": bool(arch["ibn"]), "last_stride": last_stride,
                                         "pooling": pooling},
-                "height": 256, "width": 128, "mean": tuple(mean), "std": tuple(std), "flip_test": False,
+                "height": 256, "width": 128, "mean": tuple(mean), "std": tuple(std), "flip_test": False, "camera_bn": False,
                 "step": meta.get("step")}
     model.eval()
     info["feat_dim"] = int(model.feat_dim)

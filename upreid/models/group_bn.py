@@ -10,8 +10,17 @@ running-statistics update per forward. :func:`convert_group_bn` swaps the BatchN
 module for it, as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does (same parameters and buffers, so
 state dicts are unchanged). :class:`SeededPermutation` draws the shuffles from its own generator,
 whose state is part of the owning module's state dict (a resumed run draws the same permutations).
+
+Camera-based BN (Zhuang et al., "Rethinking the Distribution Gap of Person Re-identification with
+Camera-based Batch Normalization", ECCV 2020) uses the same idea with groups of unequal size: in
+fine-tuning (``model.camera_bn``), each camera's images of a batch are normalised with that camera's
+statistics (:class:`CameraBatchNorm`, given the batch's cameras by :func:`camera_groups`), so that the
+network never sees what a camera adds to all its images; at test time each test camera's statistics
+are re-estimated on its images (``eval.camera_bn``).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +84,87 @@ class GroupBatchNorm(_BatchNorm):
         return y.to(x.dtype).reshape(x.shape)
 
 
+class CameraBatchNorm(_BatchNorm):
+    """BatchNorm2d whose training-mode statistics are computed per camera: the images of each camera in
+    the batch are normalised with their own mean and (biased) variance, i.e. the output equals running
+    ``nn.BatchNorm2d`` on each camera's images separately; the affine parameters are shared. The
+    cameras are given for each forward by :func:`camera_groups`; without them, and in eval mode, it is
+    plain BatchNorm. Running statistics are updated once per forward with the mean over the batch's
+    cameras of their means and unbiased variances, at the layer's ``momentum`` (as
+    :class:`GroupBatchNorm`). Statistics in fp32 for half-precision inputs."""
+
+    def __init__(self, num_features: int, **kw):
+        super().__init__(num_features, **kw)
+        self.groups_of_batch: tuple | None = None          # (group index per image [B], number of groups)
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"CameraBatchNorm: expected a 4D input [B, C, H, W], got {x.dim()}D")
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        if self.groups_of_batch is None or not batch_stats:
+            return super().forward(x)
+        self._check_input_dim(x)
+        gid, g = self.groups_of_batch
+        b, c = x.shape[0], x.shape[1]
+        if gid.shape[0] != b:
+            raise ValueError(f"CameraBatchNorm: {gid.shape[0]} camera ids for a batch of {b} images")
+        spatial = x.shape[2] * x.shape[3]
+        if spatial < 2:
+            raise ValueError(f"CameraBatchNorm: expected more than 1 value per channel and camera when "
+                             f"training, got input size {list(x.shape)} (a camera may have one image)")
+        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        count = torch.bincount(gid, minlength=g).to(xs.dtype).unsqueeze(1) * spatial        # [G, 1]
+        zeros = xs.new_zeros(g, c)
+        mean = zeros.index_add(0, gid, xs.sum((2, 3))) / count                              # [G, C]
+        d = xs - mean[gid][:, :, None, None]                                                # [B, C, H, W]
+        var = zeros.index_add(0, gid, (d * d).sum((2, 3))) / count                          # biased, [G, C]
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * (count / (count - 1))).mean(0).to(self.running_var.dtype), m)
+        scale = torch.rsqrt(var + self.eps)                                                 # [G, C]
+        if self.weight is not None:
+            scale = scale * self.weight
+        y = d * scale[gid][:, :, None, None]
+        if self.bias is not None:
+            y = y + self.bias.view(1, c, 1, 1)
+        return y.to(x.dtype)
+
+
+@contextlib.contextmanager
+def camera_groups(module: nn.Module, camids: Tensor):
+    """Within the block, every :class:`CameraBatchNorm` of ``module`` normalises each camera's images of
+    the batch (``camids [B]``, any integer ids) with their own statistics. One host sync per call (the
+    number of distinct cameras); nothing is set when ``module`` has no such layer."""
+    layers = [m for m in module.modules() if isinstance(m, CameraBatchNorm)]
+    if not layers:
+        yield
+        return
+    if camids.dim() != 1:
+        raise ValueError(f"camera_groups: camids must be [B], got shape {list(camids.shape)}")
+    ids, gid = torch.unique(camids, return_inverse=True)
+    for m in layers:
+        m.groups_of_batch = (gid, int(ids.numel()))
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.groups_of_batch = None
+
+
+def convert_camera_bn(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` of ``module`` by a :class:`CameraBatchNorm` with the same
+    parameters, buffers and settings (state dicts are unchanged; see :func:`convert_group_bn`).
+    BatchNorm1d (the BNNeck, whose camera could hold one image of a batch) is left plain."""
+    return _swap_bn(module, (nn.BatchNorm2d,), lambda m: CameraBatchNorm(
+        m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine, track_running_stats=m.track_running_stats,
+        device=_device_of(m), dtype=_dtype_of(m)))
+
+
 def check_groups(groups) -> int:
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"BatchNorm groups must be an integer >= 1, got {groups!r}")
@@ -87,13 +177,19 @@ def convert_group_bn(module: nn.Module, groups: int) -> nn.Module:
     a new object when ``module`` itself is a BatchNorm); set ``groups`` on those already converted.
     Other normalisations (InstanceNorm of IBN-a, SyncBatchNorm, LayerNorm) are left alone."""
     check_groups(groups)
-    if isinstance(module, GroupBatchNorm):
-        module.groups = groups
-        return module
-    if type(module) in _PLAIN_BN:
-        new = GroupBatchNorm(module.num_features, groups, eps=module.eps, momentum=module.momentum,
-                             affine=module.affine, track_running_stats=module.track_running_stats,
-                             device=_device_of(module), dtype=_dtype_of(module))
+    for m in module.modules():
+        if isinstance(m, GroupBatchNorm):
+            m.groups = groups
+    return _swap_bn(module, _PLAIN_BN, lambda m: GroupBatchNorm(
+        m.num_features, groups, eps=m.eps, momentum=m.momentum, affine=m.affine,
+        track_running_stats=m.track_running_stats, device=_device_of(m), dtype=_dtype_of(m)))
+
+
+def _swap_bn(module: nn.Module, types: tuple, make) -> nn.Module:
+    """``module`` with every BatchNorm whose exact type is in ``types`` replaced by ``make(bn)``, which
+    takes over its Parameters and running-statistics buffers (the same objects) and training mode."""
+    if type(module) in types:
+        new = make(module)
         if module.affine:
             new.weight, new.bias = module.weight, module.bias            # the same Parameters
         if module.track_running_stats:
@@ -102,7 +198,7 @@ def convert_group_bn(module: nn.Module, groups: int) -> nn.Module:
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        new = convert_group_bn(child, groups)
+        new = _swap_bn(child, types, make)
         if new is not child:
             setattr(module, name, new)
     return module
