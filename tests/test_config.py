@@ -170,3 +170,36 @@ def test_base_must_be_one_path(tmp_path):
     f.write_text("_base_: [a.yaml]\n")
     with pytest.raises(ConfigError, match="_base_ must be one file path"):
         load_config("finetune", str(f))
+
+
+def test_recipes_are_found_in_the_checkout_first_then_in_an_installed_copy(tmp_path):
+    """A non-editable install (a wheel) puts the recipes under <prefix>/share/upreid/configs; the first
+    root holding both tasks' base.yaml wins, and with none the checkout's path is named."""
+    from upreid.engine.config import config_roots, find_config_root
+    roots = [str(tmp_path / n) for n in ("checkout", "prefix", "user")]
+    for r in roots[1:]:
+        for task in ("pretrain", "finetune"):
+            os.makedirs(os.path.join(r, task))
+            open(os.path.join(r, task, "base.yaml"), "w").close()
+    os.makedirs(os.path.join(roots[0], "pretrain"))           # a half checkout does not count
+    open(os.path.join(roots[0], "pretrain", "base.yaml"), "w").close()
+    assert find_config_root(roots) == roots[1]
+    assert find_config_root([roots[0]]) == roots[0]
+    got = config_roots()
+    assert got[0] == CONFIGS and all(r.endswith(os.path.join("share", "upreid", "configs")) for r in got[1:])
+
+
+def test_the_wheel_installs_every_recipe():
+    """pyproject's data-files take every YAML under configs/ (a new recipe is not forgotten)."""
+    import glob
+    tomllib = pytest.importorskip("tomllib")
+    root = os.path.dirname(CONFIGS)
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        data_files = tomllib.load(f)["tool"]["setuptools"]["data-files"]
+    installed = {os.path.relpath(p, root) for pats in data_files.values() for pat in pats
+                 for p in glob.glob(os.path.join(root, pat))}
+    every = {os.path.relpath(p, root) for p in glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True)}
+    assert installed == every and every
+    for dest, pats in data_files.items():
+        for pat in pats:
+            assert dest == "share/upreid/" + os.path.dirname(pat), (dest, pat)

@@ -19,8 +19,30 @@ import yaml
 from upreid.engine.schema import SPECS, ConfigError, check_relations
 
 TASKS = ("pretrain", "finetune")
-CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "configs")
+
+
+def config_roots() -> list:
+    """Where the recipes are looked for, in order: the checkout this package runs from (an editable
+    install), then the copies a wheel installs under ``<prefix>/share/upreid/configs`` (pyproject's
+    data-files) for this environment and the user's base."""
+    import site
+    import sys
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+    prefixes = [sys.prefix, getattr(site, "USER_BASE", None) or ""]
+    return [checkout] + [os.path.join(p, "share", "upreid", "configs") for p in prefixes if p]
+
+
+def find_config_root(roots=None) -> str:
+    """The first of ``roots`` (default :func:`config_roots`) that holds both tasks' base.yaml; the first
+    root when none does (loading then names what is missing)."""
+    roots = config_roots() if roots is None else roots
+    for r in roots:
+        if all(os.path.isfile(os.path.join(r, t, "base.yaml")) for t in TASKS):
+            return r
+    return roots[0]
+
+
+CONFIG_ROOT = find_config_root()
 
 
 # ------------------------------------------------------------------------------------- frozen object
@@ -154,8 +176,9 @@ def base_file(task: str) -> str:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     path = os.path.join(CONFIG_ROOT, task, "base.yaml")
     if not os.path.isfile(path):
-        raise ConfigError(f"the defaults of {task} ({path!r}) are missing: upreid must be used from a "
-                          "checkout (or an editable install) that has the configs/ folder")
+        raise ConfigError(f"the defaults of {task} ({path!r}) are missing, and no installed copy was found in "
+                          f"{', '.join(config_roots()[1:])}: use upreid from a checkout (an editable install) "
+                          "that has the configs/ folder, or reinstall it (pip install --no-build-isolation .)")
     return path
 
 
