@@ -94,3 +94,36 @@ def test_run_environment_names_the_device_commit_and_time_of_the_run():
     assert env["commit"] and datetime.datetime.fromisoformat(env["timestamp"]).tzinfo is not None
     if torch.cuda.is_available():
         assert run_environment("cuda")["device"] == torch.cuda.get_device_name()
+
+
+def test_commit_stamp_ignores_the_benchmarks_own_results(tmp_path):
+    """A benchmark appending its rows to a tracked results CSV does not mark its own commit dirty; a
+    change of a source file does; outside a checkout the commit is unknown."""
+    import subprocess
+
+    from upreid.utils.environment import git_commit
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "benchmarks" / "results" / "rows.csv").write_text("a\n")
+    (tmp_path / "src" / "code.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    sub = str(tmp_path / "src")
+    assert git_commit(sub) == head
+    (tmp_path / "benchmarks" / "results" / "rows.csv").write_text("a\n1\n")
+    (tmp_path / "new_untracked.txt").write_text("")
+    assert git_commit(sub) == head
+    (tmp_path / "src" / "code.py").write_text("x = 2\n")
+    assert git_commit(sub) == head + "-dirty"
+    assert git_commit(sub, ignore=("src", "benchmarks/results")) == head
+    outside = tmp_path.parent / "not_a_checkout"
+    outside.mkdir()
+    assert git_commit(str(outside)) == "unknown"

@@ -9,15 +9,21 @@ import subprocess
 import torch
 
 
-def git_commit() -> str:
-    """Short commit of the checkout this package runs from (``-dirty`` with uncommitted changes to
-    tracked files); ``unknown`` outside a git checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
+RESULTS = ("benchmarks/results",)   # what the benchmarks write: not a change of the source
+
+
+def git_commit(cwd: str | None = None, ignore=RESULTS) -> str:
+    """Short commit of the checkout this package runs from (or ``cwd``'s), with ``-dirty`` when tracked
+    files have uncommitted changes outside ``ignore`` (folders relative to the top of the checkout:
+    by default the benchmarks' results, which a run appending its own rows changes itself);
+    ``unknown`` outside a git checkout."""
+    here = cwd or os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
+        spec = [":(top)"] + [f":(top,exclude){p}" for p in ignore]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *spec], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
