@@ -95,7 +95,7 @@ class CameraBatchNorm(_BatchNorm):
 
     def __init__(self, num_features: int, **kw):
         super().__init__(num_features, **kw)
-        self.groups_of_batch: tuple | None = None          # (group index per image [B], number of groups)
+        self.groups_of_batch: Tensor | None = None         # [G, B] one-hot: image b is camera g's
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() != 4:
@@ -106,20 +106,21 @@ class CameraBatchNorm(_BatchNorm):
         if self.groups_of_batch is None or not batch_stats:
             return super().forward(x)
         self._check_input_dim(x)
-        gid, g = self.groups_of_batch
         b, c = x.shape[0], x.shape[1]
-        if gid.shape[0] != b:
-            raise ValueError(f"CameraBatchNorm: {gid.shape[0]} camera ids for a batch of {b} images")
+        if self.groups_of_batch.shape[1] != b:
+            raise ValueError(f"CameraBatchNorm: {self.groups_of_batch.shape[1]} camera ids for a batch of {b} images")
         spatial = x.shape[2] * x.shape[3]
         if spatial < 2:
             raise ValueError(f"CameraBatchNorm: expected more than 1 value per channel and camera when "
                              f"training, got input size {list(x.shape)} (a camera may have one image)")
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        count = torch.bincount(gid, minlength=g).to(xs.dtype).unsqueeze(1) * spatial        # [G, 1]
-        zeros = xs.new_zeros(g, c)
-        mean = zeros.index_add(0, gid, xs.sum((2, 3))) / count                              # [G, C]
-        d = xs - mean[gid][:, :, None, None]                                                # [B, C, H, W]
-        var = zeros.index_add(0, gid, (d * d).sum((2, 3))) / count                          # biased, [G, C]
+        # per-camera sums and gathers as products with the [G, B] one-hot matrix: deterministic on CUDA,
+        # unlike scatter-adds (and the backward of indexing)
+        onehot = self.groups_of_batch.to(xs.dtype)                                          # [G, B]
+        count = onehot.sum(1, keepdim=True) * spatial                                       # [G, 1]
+        mean = (onehot @ xs.sum((2, 3))) / count                                            # [G, C]
+        d = xs - (onehot.t() @ mean)[:, :, None, None]                                      # [B, C, H, W]
+        var = (onehot @ (d * d).sum((2, 3))) / count                                        # biased, [G, C]
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -129,7 +130,7 @@ class CameraBatchNorm(_BatchNorm):
         scale = torch.rsqrt(var + self.eps)                                                 # [G, C]
         if self.weight is not None:
             scale = scale * self.weight
-        y = d * scale[gid][:, :, None, None]
+        y = d * (onehot.t() @ scale)[:, :, None, None]
         if self.bias is not None:
             y = y + self.bias.view(1, c, 1, 1)
         return y.to(x.dtype)
@@ -146,9 +147,10 @@ def camera_groups(module: nn.Module, camids: Tensor):
         return
     if camids.dim() != 1:
         raise ValueError(f"camera_groups: camids must be [B], got shape {list(camids.shape)}")
-    ids, gid = torch.unique(camids, return_inverse=True)
+    ids = torch.unique(camids)                                                      # sorted, [G]
+    onehot = (ids.unsqueeze(1) == camids.unsqueeze(0)).float()                      # [G, B]
     for m in layers:
-        m.groups_of_batch = (gid, int(ids.numel()))
+        m.groups_of_batch = onehot
     try:
         yield
     finally:
