@@ -195,8 +195,12 @@ def test_camera_batchnorm_equals_batchnorm_on_each_cameras_images():
     assert yb.dtype == torch.bfloat16 and torch.allclose(yb.float(), y.detach(), atol=0.1)
     with camera_groups(bn, cams[:4]), pytest.raises(ValueError, match="4 camera ids for a batch of 10"):
         bn(x)
-    with camera_groups(bn, torch.tensor([0, 1])), pytest.raises(ValueError, match="more than 1 value per channel"):
-        bn(torch.randn(2, 3, 1, 1))
+    pooled = torch.randn(4, 3, 1, 1)                 # [B, C, 1, 1] (MGN's reductions): plain BatchNorm
+    plain.train()
+    plain.load_state_dict(bn.state_dict())
+    with camera_groups(bn, torch.tensor([0, 1, 1, 2])):
+        torch.testing.assert_close(bn(pooled), plain(pooled))
+    torch.testing.assert_close(bn.running_var, plain.running_var)
     with pytest.raises(ValueError, match=r"camids must be \[B\]"):
         with camera_groups(bn, cams.view(2, 5)):
             pass
@@ -225,6 +229,63 @@ def test_convert_camera_bn_keeps_the_state_dict_and_leaves_batchnorm1d():
     plain = torch.nn.Linear(3, 3)
     with camera_groups(plain, torch.tensor([0, 1])):                    # no such layer: nothing to set
         pass
+
+
+def test_mgn_trains_under_camera_bn():
+    """MGN's reductions see pooled [B, C, 1, 1] maps, where a camera may hold one image: they stay plain."""
+    from upreid.models.group_bn import camera_groups, convert_camera_bn
+    from upreid.models.reid import build_reid_model
+    torch.manual_seed(0)
+    model = convert_camera_bn(build_reid_model("mgn", 4, depth=18, width=8, dim=16)).train()
+    x = torch.randn(5, 3, 64, 32, requires_grad=True)
+    with camera_groups(model, torch.tensor([3, 0, 3, 1, 0])):          # camera 1 holds one image
+        out = model(x)
+    loss = sum(z.sum() for z in out["logits"]) + sum(f.pow(2).sum() for f in out["triplet"])
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_camera_bn_batches_follow_the_batch_size_and_one_split_uses_both_splits_statistics(synth_root, tmp_path):
+    from upreid.engine import checkpoint as ckpt_io
+    from upreid.evaluation.extract import _eval_loader, camera_bn_features, extract_to_npz
+    ds = synth(synth_root)
+    recs = list(ds.query) + list(ds.gallery)
+    model = Pooled(_net())
+    sizes = []
+
+    def make_loader(sub, batch_size):
+        sizes.append(batch_size)
+        return _eval_loader(sub, 64, 32, MEAN, STD, False, batch_size, "torch", "cpu", 0)
+    f, _, _, _ = camera_bn_features(model, recs, make_loader, progress=False, batch_size=4)
+    assert sizes and max(sizes) <= 4
+    ref, _, _ = extract_features(model, recs, camera_bn=True, batch_size=4, **PRE)
+    torch.testing.assert_close(f, ref)
+    trunk = str(tmp_path / "t.pt")
+    ckpt_io.save_backbone(trunk, model.trunk.state_dict(), depth=18, width=8, last_stride=1)
+    kw = dict(data=f"synth:{synth_root}", height=64, width=32, backend="torch", workers=0, progress=False,
+              camera_bn=True, flip=False)
+    extract_to_npz(trunk, str(tmp_path / "both.npz"), **kw)
+    extract_to_npz(trunk, str(tmp_path / "q.npz"), split="query", **kw)
+    with np.load(tmp_path / "both.npz") as a, np.load(tmp_path / "q.npz") as b:
+        np.testing.assert_allclose(b["features"], a["query_features"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(b["paths"], a["query_paths"])
+
+
+def test_finetuning_refuses_camera_bn_before_training_when_a_camera_cannot_be_estimated(
+        synth_root, finetune_cfg, tmp_path, monkeypatch):
+    from upreid.data.records import Record
+    from upreid.engine import finetune as ft
+    real = ft.load_dataset
+
+    def one_query_without_camera(cfg):
+        d = real(cfg)
+        d.query[0] = Record(d.query[0].path, d.query[0].pid, -1)
+        return d
+    monkeypatch.setattr(ft, "load_dataset", one_query_without_camera)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="camera BN needs every image's camera; 1 of .* query and gallery"):
+        ft.finetune(finetune_cfg(synth_root, str(out), "eval.camera_bn=true", "data.backend=torch"))
+    assert not (out / "checkpoint.pt").exists()
 
 
 def test_camera_bn_in_training_needs_it_at_evaluation(synth_root, finetune_cfg, tmp_path):

@@ -39,7 +39,7 @@ def test_onnx_round_trip_matches_pytorch_with_dynamic_batch(tmp_path, capsys):
     d = cfg["data"]
     meta = read_metadata(out)
     assert meta == {"height": d["height"], "width": d["width"], "mean": list(d["mean"]), "std": list(d["std"]),
-                    "feat_dim": 512, "source_format": "upreid-finetune", "flip_test": d["flip_test"]}
+                    "feat_dim": 512, "source_format": "upreid-finetune", "flip_test": d["flip_test"], "camera_bn": False}
     import onnxruntime as ort
     sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     (inp,) = sess.get_inputs()

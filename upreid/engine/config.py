@@ -23,13 +23,30 @@ TASKS = ("pretrain", "finetune")
 
 def config_roots() -> list:
     """Where the recipes are looked for, in order: the checkout this package runs from (an editable
-    install), then the copies a wheel installs under ``<prefix>/share/upreid/configs`` (pyproject's
-    data-files) for this environment and the user's base."""
+    install), then the copies a wheel installs under ``<data>/share/upreid/configs`` (pyproject's
+    data-files), for the install schemes pip may have used: this environment's (``sys.prefix``, and
+    the scheme's data path, e.g. /usr/local on Debian's system Python), the user's (``pip install
+    --user``), and the folder above the one this package was installed in (``--prefix``, ``--target``)."""
     import site
     import sys
-    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
-    prefixes = [sys.prefix, getattr(site, "USER_BASE", None) or ""]
-    return [checkout] + [os.path.join(p, "share", "upreid", "configs") for p in prefixes if p]
+    import sysconfig
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))          # .../upreid
+    up = os.path.dirname
+    checkout = os.path.join(up(package), "configs")
+    data = [sys.prefix, sysconfig.get_path("data"), getattr(site, "USER_BASE", None) or ""]
+    try:
+        data.append(sysconfig.get_path("data", f"{os.name}_user"))
+    except KeyError:
+        pass
+    # --prefix P puts the package in P/lib/pythonX.Y/site-packages/upreid and the data in P; --target T
+    # puts it in T/upreid and the data in T
+    data += [up(up(up(up(package)))), up(package)]
+    out = [checkout]
+    for d in data:
+        r = os.path.join(d, "share", "upreid", "configs") if d else ""
+        if r and r not in out:
+            out.append(r)
+    return out
 
 
 def find_config_root(roots=None) -> str:

@@ -73,6 +73,9 @@ class FinetuneTask(Task):
         from upreid.data.loader import loader_from_config
         cfg, t, d = self.cfg, self.cfg["train"], self.cfg["data"]
         self.dataset = load_dataset(cfg)
+        if cfg["eval"]["camera_bn"]:          # refused now, not after the training
+            from upreid.evaluation.extract import check_camera_groups
+            check_camera_groups(list(self.dataset.query) + list(self.dataset.gallery), "query and gallery")
         self.num_classes = len({r.pid for r in self.dataset.train})
         self.model = build_model(cfg, self.num_classes)
         self.init = initialise(self.model, cfg["init"]) if state is None else dict(state.get("init") or {})

@@ -31,7 +31,7 @@ def extract(model, records, cfg: dict, device: torch.device, amp: str, desc: str
         return loader_from_config("eval", recs, d, device=device.type)
     kw = dict(device=device, amp=amp, progress=cfg["train"]["progress"], desc=desc)
     if cfg["eval"].get("camera_bn"):
-        return camera_bn_features(model, records, make_loader, **kw)
+        return camera_bn_features(model, records, make_loader, batch_size=cfg["data"]["eval_batch_size"], **kw)
     return features_from_loader(model, make_loader(records), **kw, return_index=True)
 
 

@@ -36,7 +36,7 @@ def extract_features(model, records, *, height: int, width: int, mean, std, batc
         out = camera_bn_features(
             model, records, lambda sub, batch_size: _eval_loader(sub, height, width, mean, std, flip, batch_size,
                                                                  backend, device, workers),
-            device=device, amp=amp, progress=progress, desc=desc)
+            device=device, amp=amp, progress=progress, desc=desc, batch_size=batch_size)
         return out if return_index else out[:3]
     loader = _eval_loader(records, height, width, mean, std, flip, batch_size, backend, device, workers)
     return features_from_loader(model, loader, device=device, amp=amp, progress=progress, desc=desc,
@@ -173,33 +173,44 @@ MIN_CAMERA_IMAGES = 2       # camera BN: fewer images give no variance to estima
 FEW_CAMERA_IMAGES = 16      # below this, a camera's statistics are noisy (warned)
 
 
-def camera_bn_features(model, records, make_loader, *, device="cpu", amp: str = "off", progress: bool = True,
-                       desc: str = "features") -> tuple:
-    """Features of ``records`` with camera-based BatchNorm at test time: for each camera, every
-    BatchNorm's statistics are re-estimated on that camera's images (:func:`recalibrate_bn`) and its
-    images are extracted with them, so that what a camera adds to every image it sees (colour cast,
-    brightness, background) is normalised away per camera (camera-based BN, Zhuang et al., ECCV 2020).
-    Transductive: it uses the images being scored and their camera ids, never their identities.
-
-    ``make_loader(records)`` builds an evaluation loader of a camera's records (``batch_size`` given
-    as a keyword). Returns ``(features, pids, camids, index)`` as :func:`features_from_loader` with
-    ``return_index``, rows in record order. The model's own statistics are put back afterwards."""
+def check_camera_groups(records, what: str | None = None) -> dict:
+    """``{camera: [positions in records]}`` for camera BN; a :class:`ValueError` naming the problem when
+    an image has no camera or a camera has fewer than ``MIN_CAMERA_IMAGES`` images (a warning below
+    ``FEW_CAMERA_IMAGES``)."""
+    of = f" of the {what}" if what else ""
     unknown = [r.path for r in records if r.camid < 0]
+    off = "evaluate without it (eval.camera_bn=false, upreid extract --no-camera-bn)"
     if unknown:
-        raise ValueError(f"camera BN needs every image's camera; {len(unknown)} of {len(records)} images have "
-                         f"none (e.g. {unknown[0]!r}: not a Market-style name such as 0002_c1s1_000451_03.jpg)")
+        raise ValueError(f"camera BN needs every image's camera; {len(unknown)} of {len(records)} images{of} "
+                         f"have none (e.g. {unknown[0]!r}: not a Market-style name such as "
+                         f"0002_c1s1_000451_03.jpg); {off}")
     groups: dict = {}
     for i, r in enumerate(records):
         groups.setdefault(r.camid, []).append(i)
     small = {c + 1: len(ix) for c, ix in sorted(groups.items()) if len(ix) < MIN_CAMERA_IMAGES}
     if small:
         raise ValueError(f"camera BN needs at least {MIN_CAMERA_IMAGES} images per camera to estimate its "
-                         f"statistics; camera (1-based: images) {small} has fewer. Evaluate without camera BN, "
-                         "or with more images of that camera")
+                         f"statistics; camera (1-based: images{of}) {small} has fewer; {off}, or add "
+                         "images of that camera")
     few = {c + 1: len(ix) for c, ix in sorted(groups.items()) if len(ix) < FEW_CAMERA_IMAGES}
     if few:
-        log.warning("camera BN: statistics from fewer than %d images are noisy; camera (1-based: images) %s",
-                    FEW_CAMERA_IMAGES, few)
+        log.warning("camera BN: statistics from fewer than %d images are noisy; camera (1-based: images%s) %s",
+                    FEW_CAMERA_IMAGES, of, few)
+    return groups
+
+
+def camera_bn_features(model, records, make_loader, *, device="cpu", amp: str = "off", progress: bool = True,
+                       desc: str = "features", batch_size: int = 128) -> tuple:
+    """Features of ``records`` with camera-based BatchNorm at test time: for each camera, every
+    BatchNorm's statistics are re-estimated on that camera's images (:func:`recalibrate_bn`) and its
+    images are extracted with them, so that what a camera adds to every image it sees (colour cast,
+    brightness, background) is normalised away per camera (camera-based BN, Zhuang et al., ECCV 2020).
+    Transductive: it uses the images being scored and their camera ids, never their identities.
+
+    ``make_loader(records, batch_size=n)`` builds an evaluation loader of a camera's records; the
+    batches are at most ``batch_size`` (:func:`balanced_batch_size`). Returns ``(features, pids, camids, index)`` as :func:`features_from_loader` with
+    ``return_index``, rows in record order. The model's own statistics are put back afterwards."""
+    groups = check_camera_groups(records)
     bns = _bn_layers(model)
     if not bns:
         raise ValueError("camera BN: the model has no BatchNorm layer to re-estimate per camera")
@@ -208,7 +219,7 @@ def camera_bn_features(model, records, make_loader, *, device="cpu", amp: str = 
     try:
         for cam, ix in sorted(groups.items()):
             sub = [records[i] for i in ix]
-            bs = balanced_batch_size(len(sub), 128)
+            bs = balanced_batch_size(len(sub), batch_size)
             recalibrate_bn_from_loader(model, make_loader(sub, batch_size=bs), device=device, progress=progress)
             f, p, c, idx = features_from_loader(model, make_loader(sub, batch_size=bs), device=device, amp=amp,
                                                 progress=progress, desc=f"{desc}, camera {cam + 1}",
@@ -272,7 +283,8 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
     ``format``, ``counts`` per split, ``feat_dim``, ``flip``, ``height``, ``width``, ``camera_bn``). Image
     size, normalisation and flip default to the checkpoint's (a fine-tuning run's config).
     ``camera_bn``: camera-based BatchNorm (:func:`camera_bn_features`; default: the run's
-    ``eval.camera_bn``); query and gallery images of a camera share its statistics."""
+    ``eval.camera_bn``); query and gallery images of a camera share its statistics, also when only
+    one of the two splits is written (the training split and an image folder use their own)."""
     from upreid.evaluation.feature_model import load_feature_model
     from upreid.utils.cli_checks import check_image_size
     if split not in SPLITS:
@@ -295,16 +307,20 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
     camera_bn = info.get("camera_bn", False) if camera_bn is None else camera_bn
     kw = dict(**pre, batch_size=batch_size, backend=backend, device=device, amp=amp, workers=workers,
               progress=progress, return_index=True)
-    if camera_bn and len(groups) == 2:       # one pass over both splits: a camera's statistics from all its images
-        recs = groups["query"] + groups["gallery"]
-        f, p, c, idx = extract_features(model, recs, **kw, desc="query and gallery features", camera_bn=True)
-        split = dict(zip(("query", "gallery"), split_rows((f, p, c, idx), len(groups["query"]))))
-    else:
-        split = {}
+    # Camera BN on a dataset's query or gallery: a camera's statistics come from all its test images, query
+    # and gallery together (as fine-tuning's evaluation), in one pass; only the asked splits are written.
+    both = None
+    if camera_bn and not images and split in ("query", "gallery", "query+gallery"):
+        both = groups if len(groups) == 2 else _dataset_records(data, info, "query+gallery")
+    rows_of = {}
+    if both is not None:
+        out_rows = extract_features(model, both["query"] + both["gallery"], **kw, desc="query and gallery features",
+                                    camera_bn=True)
+        rows_of = dict(zip(("query", "gallery"), split_rows(out_rows, len(both["query"]))))
     arrays = {}
     for name, recs in groups.items():
-        f, p, c, idx = split[name] if split else extract_features(model, recs, **kw, desc=f"{name} features",
-                                                                  camera_bn=camera_bn)
+        f, p, c, idx = rows_of[name] if rows_of else extract_features(model, recs, **kw, desc=f"{name} features",
+                                                                      camera_bn=camera_bn)
         prefix = f"{name}_" if len(groups) == 2 else ""
         arrays[f"{prefix}features"] = f.numpy()
         arrays[f"{name}_pids" if prefix else "pids"] = p.numpy()

@@ -100,7 +100,11 @@ def export_onnx(checkpoint: str, out: str, *, height: int | None = None, width: 
         # does it for such a run); the graph holds one image's features, the caller averages
         meta = {"height": h, "width": w, "mean": list(info["mean"]), "std": list(info["std"]),
                 "feat_dim": info["feat_dim"], "source_format": info["format"],
-                "flip_test": bool(info.get("flip_test", False))}
+                "flip_test": bool(info.get("flip_test", False)), "camera_bn": bool(info.get("camera_bn", False))}
+        if meta["camera_bn"]:
+            log.warning("%s was evaluated with camera-based BN (statistics of each test camera); the ONNX graph "
+                        "holds the stored statistics, so its features are not the run's evaluation features",
+                        checkpoint)
         _write_metadata(tmp, meta, opset)
         images = sample_images(check_batch, h, w, info["mean"], info["std"], seed=2)   # another batch size
         with torch.no_grad():

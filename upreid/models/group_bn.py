@@ -89,9 +89,11 @@ class CameraBatchNorm(_BatchNorm):
     the batch are normalised with their own mean and (biased) variance, i.e. the output equals running
     ``nn.BatchNorm2d`` on each camera's images separately; the affine parameters are shared. The
     cameras are given for each forward by :func:`camera_groups`; without them, and in eval mode, it is
-    plain BatchNorm. Running statistics are updated once per forward with the mean over the batch's
-    cameras of their means and unbiased variances, at the layer's ``momentum`` (as
-    :class:`GroupBatchNorm`). Statistics in fp32 for half-precision inputs."""
+    plain BatchNorm, and so it is on pooled ``[B, C, 1, 1]`` inputs (MGN's reductions), where a camera
+    with one image of the batch would have no variance (as the BNNeck's BatchNorm1d, left plain).
+    Running statistics are updated once per forward with the mean over the batch's cameras of their
+    means and unbiased variances, at the layer's ``momentum`` (as :class:`GroupBatchNorm`). Statistics
+    in fp32 for half-precision inputs."""
 
     def __init__(self, num_features: int, **kw):
         super().__init__(num_features, **kw)
@@ -110,9 +112,8 @@ class CameraBatchNorm(_BatchNorm):
         if self.groups_of_batch.shape[1] != b:
             raise ValueError(f"CameraBatchNorm: {self.groups_of_batch.shape[1]} camera ids for a batch of {b} images")
         spatial = x.shape[2] * x.shape[3]
-        if spatial < 2:
-            raise ValueError(f"CameraBatchNorm: expected more than 1 value per channel and camera when "
-                             f"training, got input size {list(x.shape)} (a camera may have one image)")
+        if spatial < 2:          # a pooled [B, C, 1, 1] input (MGN's reductions): a camera may hold one value
+            return super().forward(x)
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
         # per-camera sums and gathers as products with the [G, B] one-hot matrix: deterministic on CUDA,
         # unlike scatter-adds (and the backward of indexing)
