@@ -20,6 +20,7 @@ linear baseline is given them too. One CSV row per (variant, seed) in
 two standard errors) goes to ``--table``.
 
     python benchmarks/study_camera_bn.py --work runs/study_cpu2 --seeds 0 1 2 3 4 --train \\
+        --variants random moco upreid \\
         --table benchmarks/results/study_camera_bn_table.md
 """
 from __future__ import annotations

@@ -324,3 +324,46 @@ def test_finetuning_with_camera_bn_trains_evaluates_and_extracts_the_same(synth_
     assert "camera BN" not in capsys.readouterr().out
     with pytest.raises(CheckpointError, match="model.camera_bn"):
         finetune(finetune_cfg(synth_root, str(tmp_path / "cbn"), *common), resume=cbn["checkpoint"])
+
+
+def test_camera_bn_at_batch_size_one_and_with_unreadable_images(synth_root, tmp_path):
+    """A batch size of 1 estimates each camera's statistics on batches of 2 (as a batch size of 2 does;
+    the extraction itself does not depend on the batching); a camera whose images are all unreadable but
+    one is named."""
+    from upreid.data.testing import corrupt_files
+    from upreid.evaluation.extract import camera_bn_features
+    ds = synth(synth_root)
+    recs = list(ds.query) + list(ds.gallery)
+    model = Pooled(_net())
+    one, _, _ = extract_features(model, recs, camera_bn=True, batch_size=1, **PRE)
+    two, _, _ = extract_features(model, recs, camera_bn=True, batch_size=2, **PRE)
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
+    bad = list(corrupt_files(str(tmp_path)).values())
+    cam0 = [r for r in recs if r.camid == 0][:1]
+    broken = cam0 + [Record(p, 1, 0) for p in bad[:2]] + [r for r in recs if r.camid != 0]
+
+    def make_loader(sub, batch_size):
+        from upreid.data.loader import build_loader
+        aug = {"height": 64, "width": 32, "flip_test": False, "mean": MEAN, "std": STD}
+        return build_loader("eval", sub, batch_size=batch_size, backend="torch", device="cpu", aug=aug, workers=0,
+                            on_bad_image="skip")
+    with pytest.raises(ValueError, match=r"statistics of camera 1 \(3 images\) could not be estimated"):
+        camera_bn_features(model, broken, make_loader, progress=False)
+
+
+def test_frozen_trunk_baseline_applies_camera_bn(synth_root, tmp_path):
+    from upreid.engine import checkpoint as ckpt_io
+    from upreid.evaluation.baselines import frozen_trunk_baseline, score_features
+    from upreid.evaluation.extract import split_rows
+    from upreid.evaluation.feature_model import load_feature_model
+    ds = synth(synth_root)
+    trunk = str(tmp_path / "t.pt")
+    ckpt_io.save_backbone(trunk, _net().state_dict(), depth=18, width=8, last_stride=1)
+    got = frozen_trunk_baseline(ds, trunk, 64, 32, flip=False, camera_bn=True)["plain"]
+    plain = frozen_trunk_baseline(ds, trunk, 64, 32, flip=False)["plain"]
+    model, info = load_feature_model(trunk)
+    both = extract_features(model, list(ds.query) + list(ds.gallery), height=64, width=32, mean=info["mean"],
+                            std=info["std"], workers=0, progress=False, camera_bn=True, return_index=True)
+    (fq, qp, qc, _), (fg, gp, gc, _) = split_rows(both, len(ds.query))
+    want = score_features(fq, fg, qp, gp, qc, gc, metric="cosine")["plain"]
+    assert got["mAP"] == pytest.approx(want["mAP"], abs=1e-9) and got["mAP"] != pytest.approx(plain["mAP"], abs=1e-6)

@@ -187,6 +187,17 @@ def test_recipes_are_found_in_the_checkout_first_then_in_an_installed_copy(tmp_p
     assert find_config_root([roots[0]]) == roots[0]
     got = config_roots()
     assert got[0] == CONFIGS and all(r.endswith(os.path.join("share", "upreid", "configs")) for r in got[1:])
+    import sys
+    import sysconfig
+
+    import upreid
+    pkg = os.path.dirname(os.path.abspath(upreid.__file__))
+    up = os.path.dirname
+    share = os.path.join("share", "upreid", "configs")
+    for data in (sys.prefix, sysconfig.get_path("data"),     # the environment, its scheme's data path,
+                 up(up(up(up(pkg)))),                         # --prefix P: P/lib/pythonX.Y/site-packages/upreid
+                 up(pkg)):                                    # --target T: T/upreid
+        assert os.path.join(data, share) in got, data
 
 
 def test_the_wheel_installs_every_recipe():

@@ -61,6 +61,16 @@ def test_onnx_round_trip_matches_pytorch_with_dynamic_batch(tmp_path, capsys):
     assert not os.path.exists(other) and not os.path.exists(other + ".tmp.onnx")
 
 
+def test_a_camera_bn_run_is_exported_with_its_flag_and_a_warning(tmp_path, caplog):
+    import logging
+    ckpt, out = str(tmp_path / "ft.pt"), str(tmp_path / "reid.onnx")
+    finetune_checkpoint(ckpt, "eval.camera_bn=true")
+    with caplog.at_level(logging.WARNING, logger="upreid.export"):
+        export_onnx(ckpt, out)
+    assert read_metadata(out)["camera_bn"] is True
+    assert "evaluated with camera-based BN" in caplog.text
+
+
 def test_bad_input_is_named(tmp_path, capsys):
     absent = str(tmp_path / "absent.pt")
     assert export_main(["export-onnx", absent, str(tmp_path / "x.onnx")]) == 2

@@ -220,7 +220,13 @@ def camera_bn_features(model, records, make_loader, *, device="cpu", amp: str = 
         for cam, ix in sorted(groups.items()):
             sub = [records[i] for i in ix]
             bs = balanced_batch_size(len(sub), batch_size)
-            recalibrate_bn_from_loader(model, make_loader(sub, batch_size=bs), device=device, progress=progress)
+            stats_bs = balanced_batch_size(len(sub), max(2, batch_size))     # statistics need 2 images a batch
+            try:
+                recalibrate_bn_from_loader(model, make_loader(sub, batch_size=stats_bs), device=device,
+                                           progress=progress)
+            except ValueError as e:          # e.g. all but one of its images unreadable (on_bad_image=skip)
+                raise ValueError(f"camera BN: the statistics of camera {cam + 1} ({len(sub)} images) could not be "
+                                 f"estimated: {e}") from e
             f, p, c, idx = features_from_loader(model, make_loader(sub, batch_size=bs), device=device, amp=amp,
                                                 progress=progress, desc=f"{desc}, camera {cam + 1}",
                                                 return_index=True)
