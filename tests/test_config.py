@@ -214,3 +214,12 @@ def test_the_wheel_installs_every_recipe():
     for dest, pats in data_files.items():
         for pat in pats:
             assert dest == "share/upreid/" + os.path.dirname(pat), (dest, pat)
+
+
+def test_missing_defaults_are_named_with_where_they_were_looked_for(tmp_path, monkeypatch):
+    from upreid.engine import config as cfgmod
+    monkeypatch.setattr(cfgmod, "CONFIG_ROOT", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"the defaults of finetune \('.*nowhere/finetune/base\.yaml'\) are missing, "
+                                          r"and no installed copy was found in .*share/upreid/configs.*"
+                                          r"editable install.*pip install --no-build-isolation \."):
+        load_config("finetune", None, ["data.root=/x"])

@@ -12,7 +12,7 @@ import torch
 from upreid.engine.ranklist import draw_ranklist, rank_lists
 from upreid.engine.task import Hook
 from upreid.evaluation import evaluate, pairwise_distance
-from upreid.evaluation.extract import camera_bn_features, features_from_loader, split_rows
+from upreid.evaluation.extract import camera_bn_features, features_from_loader, query_gallery_in_one_pass
 from upreid.evaluation.plots import write_plots
 from upreid.utils import distributed as dist
 
@@ -41,8 +41,8 @@ def query_gallery_features(model, dataset, cfg: dict, device: torch.device, amp:
     if not cfg["eval"].get("camera_bn"):
         return (extract(model, dataset.query, cfg, device, amp, "query features"),
                 extract(model, dataset.gallery, cfg, device, amp, "gallery features"))
-    both = extract(model, list(dataset.query) + list(dataset.gallery), cfg, device, amp, "query and gallery features")
-    return split_rows(both, len(dataset.query))
+    return query_gallery_in_one_pass(lambda recs, desc: extract(model, recs, cfg, device, amp, desc),
+                                     dataset.query, dataset.gallery)
 
 
 def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, rerank: bool,

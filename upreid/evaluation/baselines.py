@@ -194,7 +194,7 @@ def frozen_trunk_baseline(dataset, trunk: str, height: int, width: int, *, last_
     statistics are mean 0 / variance 1, which alone changes what a probe finds). ``camera_bn``: each
     camera's images (query and gallery together; the training split's for the probe) extracted with
     BatchNorm statistics of their own (:func:`upreid.evaluation.extract.camera_bn_features`)."""
-    from upreid.evaluation.extract import extract_features, recalibrate_bn, split_rows
+    from upreid.evaluation.extract import extract_features, query_gallery_in_one_pass, recalibrate_bn
     from upreid.evaluation.feature_model import load_feature_model
 
     model, info = load_feature_model(trunk, last_stride=last_stride)
@@ -204,9 +204,9 @@ def frozen_trunk_baseline(dataset, trunk: str, height: int, width: int, *, last_
     if bn_records is not None:
         recalibrate_bn(model, bn_records, **{k: v for k, v in pre.items() if k != "flip"})
     if camera_bn:
-        both = extract_features(model, list(dataset.query) + list(dataset.gallery), desc="query and gallery features",
-                                camera_bn=True, return_index=True, **pre)
-        (fq, qp, qc, _), (fg, gp, gc, _) = split_rows(both, len(dataset.query))
+        (fq, qp, qc, _), (fg, gp, gc, _) = query_gallery_in_one_pass(
+            lambda recs, desc: extract_features(model, recs, desc=desc, camera_bn=True, return_index=True, **pre),
+            dataset.query, dataset.gallery)
     else:
         fq, qp, qc = extract_features(model, dataset.query, desc="query features", **pre)
         fg, gp, gc = extract_features(model, dataset.gallery, desc="gallery features", **pre)

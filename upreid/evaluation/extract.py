@@ -169,6 +169,13 @@ def split_rows(out: tuple, n_first: int) -> tuple:
     return a, b
 
 
+def query_gallery_in_one_pass(extract, query, gallery) -> tuple:
+    """``(query rows, gallery rows)`` from one extraction of ``query + gallery``: ``extract(records,
+    desc)`` returns ``(features, pids, camids, index)``. Camera BN takes each camera's statistics from
+    the images of both splits this way."""
+    return split_rows(extract(list(query) + list(gallery), "query and gallery features"), len(query))
+
+
 MIN_CAMERA_IMAGES = 2       # camera BN: fewer images give no variance to estimate
 FEW_CAMERA_IMAGES = 16      # below this, a camera's statistics are noisy (warned)
 
@@ -320,9 +327,9 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
         both = groups if len(groups) == 2 else _dataset_records(data, info, "query+gallery")
     rows_of = {}
     if both is not None:
-        out_rows = extract_features(model, both["query"] + both["gallery"], **kw, desc="query and gallery features",
-                                    camera_bn=True)
-        rows_of = dict(zip(("query", "gallery"), split_rows(out_rows, len(both["query"]))))
+        rows_of = dict(zip(("query", "gallery"), query_gallery_in_one_pass(
+            lambda recs, desc: extract_features(model, recs, **kw, desc=desc, camera_bn=True),
+            both["query"], both["gallery"])))
     arrays = {}
     for name, recs in groups.items():
         f, p, c, idx = rows_of[name] if rows_of else extract_features(model, recs, **kw, desc=f"{name} features",
