@@ -24,6 +24,10 @@ import numpy as np
 LUP_MEAN = (0.3525, 0.3106, 0.3140)
 LUP_STD = (0.2660, 0.2522, 0.2505)
 LUMA = (0.299, 0.587, 0.114)       # ITU-R 601 luma, what DALI's hsv(saturation=0) keeps
+COLOR_GAIN = (0.75, 1.3)           # colour jitter ranges (used when color_p > 0)
+COLOR_BRIGHTNESS = (0.6, 1.35)
+COLOR_CONTRAST = (0.7, 1.2)
+NO_COLOR = (1.0, 1.0, 1.0, 1.0, 1.0)
 
 
 @dataclasses.dataclass
@@ -40,10 +44,15 @@ class PretrainAug:
     erasing_p: float = 0.5
     erasing_area: Tuple[float, float] = (0.02, 0.6)
     erasing_ratio: Tuple[float, float] = (0.3, 3.3)
+    color_p: float = 0.0
+    color_gain: Tuple[float, float] = COLOR_GAIN
+    color_brightness: Tuple[float, float] = COLOR_BRIGHTNESS
+    color_contrast: Tuple[float, float] = COLOR_CONTRAST
     mean: Tuple[float, float, float] = LUP_MEAN
     std: Tuple[float, float, float] = LUP_STD
 
     def validate(self) -> "PretrainAug":
+        _check_color(self)
         _check_range("crop_scale", self.crop_scale, 0, 1)
         _check_range("erasing_area", self.erasing_area, 0, 1)
         for name in ("grayscale_p", "blur_p", "flip_p", "erasing_p"):
@@ -63,10 +72,15 @@ class FinetuneAug:
     erasing_p: float = 0.5
     erasing_area: Tuple[float, float] = (0.02, 0.4)
     erasing_ratio: Tuple[float, float] = (0.3, 3.3)
+    color_p: float = 0.0
+    color_gain: Tuple[float, float] = COLOR_GAIN
+    color_brightness: Tuple[float, float] = COLOR_BRIGHTNESS
+    color_contrast: Tuple[float, float] = COLOR_CONTRAST
     mean: Tuple[float, float, float] = LUP_MEAN
     std: Tuple[float, float, float] = LUP_STD
 
     def validate(self) -> "FinetuneAug":
+        _check_color(self)
         _check_prob("flip_p", self.flip_p)
         _check_prob("erasing_p", self.erasing_p)
         _check_range("erasing_area", self.erasing_area, 0, 1)
@@ -91,6 +105,14 @@ class EvalAug:
 def _check_prob(name, p):
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+
+
+def _check_color(aug) -> None:
+    _check_prob("color_p", aug.color_p)
+    for name in ("color_gain", "color_brightness", "color_contrast"):
+        r = tuple(getattr(aug, name))
+        if len(r) != 2 or not 0 < r[0] <= r[1]:
+            raise ValueError(f"{name} must be (0 < min <= max), got {r}")
 
 
 def _check_range(name, r, lo, hi):
@@ -119,6 +141,14 @@ def erase_box(u_area: float, u_ratio: float, u_y: float, u_x: float, h: int, w: 
     top = min(h - eh, math.floor(u_y * (h - eh + 1)))
     left = min(w - ew, math.floor(u_x * (w - ew + 1)))
     return top, left, eh, ew
+
+
+def color_params(u, aug) -> Tuple[float, float, float, float, float]:
+    """The colour jitter's (g_r, g_g, g_b, brightness, contrast) from five U(0, 1) draws."""
+    def at(r, v):
+        return r[0] + v * (r[1] - r[0])
+    g = aug.color_gain
+    return at(g, u[0]), at(g, u[1]), at(g, u[2]), at(aug.color_brightness, u[3]), at(aug.color_contrast, u[4])
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:

@@ -170,6 +170,27 @@ def _erase(fn, types, dmath, img, aug, h, w):
     return img, box
 
 
+def _color(fn, types, dmath, img, aug):
+    """Single-shot colour jitter (augment's rule) of a uint8 HWC image; returns the image and the draws
+    (g_r, g_g, g_b, brightness, contrast), all ones where not applied. Only built when color_p > 0."""
+    do, dof = _coin(fn, types, aug.color_p)
+    u = [_uniform(fn, types) for _ in range(5)]
+
+    def at(r, v):
+        return r[0] + v * (r[1] - r[0])
+    gr, gg, gb = (at(aug.color_gain, u[i]) for i in range(3))
+    b, k = at(aug.color_brightness, u[3]), at(aug.color_contrast, u[4])
+    if do:
+        x = fn.cast(img, dtype=types.FLOAT)
+        m = fn.reductions.mean(x)
+        img = fn.cast(dmath.clamp(dmath.floor(((x - m) * k + m) * fn.stack(gr, gg, gb) * b + 0.5), 0.0, 255.0),
+                      dtype=types.UINT8)
+    else:
+        img = img
+    params = fn.stack(gr, gg, gb, b, k) * dof + (1.0 - dof)
+    return img, params
+
+
 def _pretrain_view(fn, types, dmath, img, H, W, aug):
     ua, ur, uy, ux = (_uniform(fn, types) for _ in range(4))
     s = aug.crop_scale[0] + ua * (aug.crop_scale[1] - aug.crop_scale[0])
@@ -181,6 +202,9 @@ def _pretrain_view(fn, types, dmath, img, H, W, aug):
     x0 = ux * (1.0 - bw)
     v = fn.resize(img, size=[aug.height, aug.width], roi_start=fn.stack(y0, x0),
                   roi_end=fn.stack(y0 + bh, x0 + bw), roi_relative=True)
+    color = None
+    if aug.color_p > 0:
+        v, color = _color(fn, types, dmath, v, aug)
     gray, grayf = _coin(fn, types, aug.grayscale_p)
     if gray:
         v = fn.hsv(v, saturation=0.0)
@@ -196,7 +220,7 @@ def _pretrain_view(fn, types, dmath, img, H, W, aug):
     v = _normalize(fn, types, v, aug, mirror=fn.cast(flip, dtype=types.INT32))
     v, erase = _erase(fn, types, dmath, v, aug, aug.height, aug.width)
     box = fn.stack(y0, x0, y0 + bh, x0 + bw)
-    return v, box, flipf, grayf, sigma * blurf, erase
+    return (v, box, flipf, grayf, sigma * blurf, erase) + ((color,) if color is not None else ())
 
 
 OUTPUTS = {
@@ -205,6 +229,21 @@ OUTPUTS = {
     "finetune": ["images", "flip", "shift", "erase", "index", "pids", "camids"],
     "eval": ["images", "index", "pids", "camids"],
 }
+
+
+def output_names(kind: str, aug) -> list:
+    """The pipeline's outputs in order: OUTPUTS, plus the colour draws when colour jitter is on and the
+    mirrored images under flip_test."""
+    names = list(OUTPUTS[kind])
+    if getattr(aug, "color_p", 0) > 0:
+        if kind == "pretrain":
+            names.insert(names.index("erase1") + 1, "color1")
+            names.insert(names.index("erase2") + 1, "color2")
+        else:
+            names.append("color")
+    if kind == "eval" and aug.flip_test:
+        names.insert(1, "images_flipped")
+    return names
 
 
 def build_pipeline(kind: str, source, aug, *, batch_size: int, device: str, threads: int, seed: int,
@@ -230,6 +269,10 @@ def build_pipeline(kind: str, source, aug, *, batch_size: int, device: str, thre
             return (original, *v1, *v2, idx)
         resized = fn.resize(img, size=[aug.height, aug.width])
         if kind == "finetune":
+            color = ()
+            if aug.color_p > 0:
+                resized, c = _color(fn, types, dmath, resized, aug)
+                color = (c,)
             flip, flipf = _coin(fn, types, aug.flip_p)
             p = aug.pad
             offsets = [float(v) for v in range(-p, p + 1)]
@@ -242,7 +285,7 @@ def build_pipeline(kind: str, source, aug, *, batch_size: int, device: str, thre
             v, erase = _erase(fn, types, dmath, v, aug, aug.height, aug.width)
             # mirroring after the shift == shifting the mirrored image by -dx: report the latter
             shift = fn.stack(dy, dx * (1.0 - 2.0 * flipf))
-            return (v, flipf, shift, erase, idx, *labels)
+            return (v, flipf, shift, erase, idx, *labels, *color)
         images = _normalize(fn, types, resized, aug)
         if aug.flip_test:
             return (images, _normalize(fn, types, resized, aug, mirror=1), idx, *labels)
@@ -264,9 +307,7 @@ class DaliLoader(BaseLoader):
         if kind == "finetune":
             self.batch_size = sampler.p * sampler.k
         self.threads, self.prefetch = threads, prefetch
-        self.output_map = list(OUTPUTS[kind])
-        if kind == "eval" and aug.flip_test:
-            self.output_map.insert(1, "images_flipped")
+        self.output_map = output_names(kind, aug)
         self._source = _Source(self)
         self._iter = None
         self.rebuilds = 0

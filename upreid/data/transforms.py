@@ -13,7 +13,8 @@ import math
 import numpy as np
 import torch
 
-from .augment import LUMA, EvalAug, FinetuneAug, PretrainAug, crop_box, erase_box, gaussian_kernel
+from .augment import (LUMA, NO_COLOR, EvalAug, FinetuneAug, PretrainAug, color_params, crop_box, erase_box,
+                      gaussian_kernel)
 
 
 def _to_uint8_array(img) -> np.ndarray:
@@ -53,6 +54,26 @@ def blur_u8(arr: np.ndarray, sigma: float) -> np.ndarray:
     return np.clip(np.floor(y + 0.5), 0, 255).astype(np.uint8)
 
 
+def color_u8(arr: np.ndarray, params) -> np.ndarray:
+    """Colour jitter (augment's rule): ((x - mean) k + mean) g_c b, rounded back to uint8."""
+    g = np.asarray(params[:3], np.float32)
+    b, k = np.float32(params[3]), np.float32(params[4])
+    x = arr.astype(np.float32)
+    m = np.float32(x.mean(dtype=np.float64))
+    return np.clip(np.floor(((x - m) * k + m) * g * b + np.float32(0.5)), 0, 255).astype(np.uint8)
+
+
+def _maybe_color(arr: np.ndarray, rng: np.random.Generator, aug):
+    """(image, reported draws) of the colour jitter; draws nothing when ``aug.color_p`` is 0."""
+    if aug.color_p <= 0:
+        return arr, None
+    u = rng.random(6)
+    if u[0] >= aug.color_p:
+        return arr, torch.tensor(NO_COLOR, dtype=torch.float32)
+    params = color_params(u[1:], aug)
+    return color_u8(arr, params), torch.tensor(params, dtype=torch.float32)
+
+
 def _erase(t: torch.Tensor, u: np.ndarray, area, ratio):
     _, h, w = t.shape
     top, left, eh, ew = erase_box(u[0], u[1], u[2], u[3], h, w, area, ratio)
@@ -88,6 +109,7 @@ def pretrain_view(img, rng: np.random.Generator, aug: PretrainAug) -> dict:
     W, H = img.size
     y0, x0, y1, x1 = crop_box(u[0], u[1], u[2], u[3], H, W, aug.crop_scale, aug.crop_ratio)
     arr = _to_uint8_array(resize(img, aug.height, aug.width, (x0 * W, y0 * H, x1 * W, y1 * H)))
+    arr, color = _maybe_color(arr, rng, aug)
     gray = u[4] < aug.grayscale_p
     if gray:
         arr = grayscale_u8(arr)
@@ -102,8 +124,11 @@ def pretrain_view(img, rng: np.random.Generator, aug: PretrainAug) -> dict:
     erase = torch.zeros(4)
     if u[8] < aug.erasing_p:
         erase = _erase(t, u[9:13], aug.erasing_area, aug.erasing_ratio)
-    return {"view": t, "box": torch.tensor([y0, x0, y1, x1], dtype=torch.float32), "flip": float(flip),
-            "gray": float(gray), "sigma": float(sigma), "erase": erase}
+    out = {"view": t, "box": torch.tensor([y0, x0, y1, x1], dtype=torch.float32), "flip": float(flip),
+           "gray": float(gray), "sigma": float(sigma), "erase": erase}
+    if color is not None:
+        out["color"] = color
+    return out
 
 
 def pretrain_sample(img, rng: np.random.Generator, aug: PretrainAug) -> dict:
@@ -115,12 +140,15 @@ def pretrain_sample(img, rng: np.random.Generator, aug: PretrainAug) -> dict:
         for key in ("flip", "gray", "sigma"):
             out[f"{key}{v}"] = torch.tensor(d[key], dtype=torch.float32)
         out[f"erase{v}"] = d["erase"]
+        if "color" in d:
+            out[f"color{v}"] = d["color"]
     return out
 
 
 def finetune_sample(img, rng: np.random.Generator, aug: FinetuneAug) -> dict:
     u = rng.random(8)
     arr = _to_uint8_array(resize(img, aug.height, aug.width))
+    arr, color = _maybe_color(arr, rng, aug)
     flip = u[0] < aug.flip_p
     if flip:
         arr = arr[:, ::-1]
@@ -136,8 +164,11 @@ def finetune_sample(img, rng: np.random.Generator, aug: FinetuneAug) -> dict:
     erase = torch.zeros(4)
     if u[3] < aug.erasing_p:
         erase = _erase(t, u[4:8], aug.erasing_area, aug.erasing_ratio)
-    return {"images": t, "flip": torch.tensor(float(flip)), "shift": torch.tensor([dy, dx], dtype=torch.float32),
-            "erase": erase}
+    out = {"images": t, "flip": torch.tensor(float(flip)), "shift": torch.tensor([dy, dx], dtype=torch.float32),
+           "erase": erase}
+    if color is not None:
+        out["color"] = color
+    return out
 
 
 def eval_sample(img, rng, aug: EvalAug) -> dict:

@@ -174,7 +174,8 @@ _DATA_COMMON = {
     "data.root": optional(text()), "data.backend": BACKEND, "data.height": integer(1), "data.width": integer(1),
     "data.workers": integer(0), "data.flip_p": prob(), "data.erasing_p": prob(),
     "data.erasing_area": pair(0.0, 1.0), "data.mean": numbers(3), "data.std": numbers(3, 0.0, lo_open=True),
-    "data.on_bad_image": BAD_IMAGE,
+    "data.on_bad_image": BAD_IMAGE, "data.color_p": prob(), "data.color_gain": pair(0.0, None),
+    "data.color_brightness": pair(0.0, None), "data.color_contrast": pair(0.0, None),
 }
 _TRAIN_COMMON = {
     "train.epochs": integer(1), "train.seed": integer(0), "train.device": device(), "train.amp": AMP,
