@@ -45,6 +45,8 @@ class DemoScale:
     finetune_k: int = 4
     finetune_lr: float = 1e-3     # Adam; BoT's 3.5e-4 leaves a 60-step-per-10-epoch run far from fitted
     finetune_erasing: float = 0.0  # random erasing (BoT: 0.5); at 64 x 32 it cost 15 mAP (24.7 vs 40.1, seed 0)
+    finetune_color: float = 1.0   # colour jitter p (data.color_p): the cameras differ by white balance, exposure
+                                  # and contrast (BoT: none; docs/finetuning.md has its study)
     flip_test: bool = True        # average each image's features with its mirror's (+2.4 mAP, seed 0)
     device: str = "cpu"
 
@@ -86,7 +88,8 @@ def finetune_overrides(s: DemoScale, root: str, out: str, init: str | None, seed
          f"optim.warmup_epochs={max(1, s.finetune_epochs // 8)}",
          f"optim.milestones=[{max(1, int(s.finetune_epochs * 0.75))}]", "eval.every=0",
          f"train.checkpoint_every={s.finetune_epochs}", "eval.ranklist_queries=8",
-         f"data.erasing_p={s.finetune_erasing}", f"data.flip_test={str(s.flip_test).lower()}"]
+         f"data.erasing_p={s.finetune_erasing}", f"data.color_p={s.finetune_color}",
+         f"data.flip_test={str(s.flip_test).lower()}"]
     if rerank:
         o += [f"eval.k1={rerank['k1']}", f"eval.k2={rerank['k2']}", f"eval.lambda_value={rerank['lambda_value']}"]
     if s.device == "cpu":
