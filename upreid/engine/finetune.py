@@ -97,7 +97,7 @@ class FinetuneTask(Task):
 
     def optimizer(self, model):
         o = self.cfg["optim"]
-        groups = param_groups(model, o["weight_decay"])
+        groups = param_groups(model, o["weight_decay"], o["trunk_lr_mult"], getattr(model, "NEW_LAYERS", ()))
         if o["name"] == "adam":
             return torch.optim.Adam(groups, lr=o["lr"])
         return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"])

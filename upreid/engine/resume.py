@@ -59,6 +59,13 @@ def check_resume(task: str, state: dict, cfg, path: str) -> list:
                      "(GeM's p is a parameter saved in the checkpoint: loading it would override the new setting)")
     if model:
         raise CheckpointError(f"checkpoint {path!r} is from another model: " + "; ".join(model))
+    if task == "finetune" and (float(saved.get("optim.trunk_lr_mult", 1.0)) == 1.0) != (
+            float(now.get("optim.trunk_lr_mult", 1.0)) == 1.0):
+        raise CheckpointError(
+            f"checkpoint {path!r} has another optimizer layout: optim.trunk_lr_mult: checkpoint "
+            f"{saved.get('optim.trunk_lr_mult')!r}, config {now.get('optim.trunk_lr_mult')!r} (at 1 the trunk and "
+            "the heads share the optimizer's parameter groups, otherwise they have their own). Restore the "
+            "setting, or start a new run (--overwrite, or another train.output)")
     data_keys = sorted(k for k in set(saved) | set(now) if k.startswith("data.") and k not in DATA_FREE)
     data = _diff(saved, now, data_keys + list(OTHER_DATA[task]))
     if data:

@@ -219,6 +219,7 @@ FINETUNE = {
     "loss.id_weight": NONNEG, "loss.label_smoothing": real(0.0, 1.0, hi_open=True),
     "loss.triplet_weight": NONNEG, "loss.margin": optional(real(0.0, lo_open=True)),
     "optim.name": one_of("adam", "sgd"), "optim.lr": POSITIVE, "optim.weight_decay": NONNEG,
+    "optim.trunk_lr_mult": NONNEG,
     "optim.momentum": real(0.0, 1.0, hi_open=True), "optim.warmup_epochs": NONNEG,
     "optim.warmup_factor": real(0.0, 1.0, lo_open=True), "optim.milestones": increasing_ints(1),
     "optim.gamma": POSITIVE, "optim.grad_clip": optional(POSITIVE),

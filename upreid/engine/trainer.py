@@ -81,11 +81,22 @@ def check_output(path: str) -> None:
         raise OutputError(f"train.output={path!r} cannot be created or written: no write permission in {probe!r}")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list:
-    """Weight decay on weights, none on BN parameters and biases (the usual practice for 1-d tensors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, trunk_lr_mult: float = 1.0, new_layers=()) -> list:
+    """Weight decay on weights, none on BN parameters and biases (the usual practice for 1-d tensors).
+
+    ``trunk_lr_mult`` != 1 splits the parameters in two: those of the modules named in ``new_layers``
+    (the heads an initialisation does not provide) learn at the schedule's lr, every other parameter
+    at ``trunk_lr_mult`` times it. Each group's ``lr_mult`` scales the lr in :meth:`Trainer._step`."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def pair(params, mult):
+        return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr_mult": mult},
+                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_mult": mult}]
+    if trunk_lr_mult == 1.0:
+        return pair([p for _, p in named], 1.0)
+    new = tuple(f"{m}." for m in new_layers)
+    return (pair([p for n, p in named if not n.startswith(new)], float(trunk_lr_mult))
+            + pair([p for n, p in named if n.startswith(new)], 1.0))
 
 
 class StopFlag:
@@ -252,7 +263,7 @@ class Trainer:
     def _step(self, batch) -> dict:
         lr = self.task.lr(self.step)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
                     if self.amp != "off" else contextlib.nullcontext())
         with autocast:

@@ -67,6 +67,7 @@ def _classifier(dim: int, num_classes: int) -> nn.Linear:
 class BoT(nn.Module):
     """ResNet (last stride 1) -> pooling -> f_t (triplet) -> BNNeck -> f_i -> classifier (ID loss).
     The retrieval feature is f_i (``test_feature="bn"``, BoT's choice) or f_t (``"pre"``)."""
+    NEW_LAYERS = ("neck", "classifier")        # what no initialisation provides (optim.trunk_lr_mult)
 
     def __init__(self, num_classes: int, depth: int = 50, last_stride: int = 1, ibn: bool = False,
                  neck: bool = True, pooling: str = "avg", gem_p: float = 3.0, test_feature: str = "bn",
@@ -120,6 +121,7 @@ class MGN(nn.Module):
     and add 2 and 3 horizontal stripes. Every pooled feature (3 global + 5 stripes) is reduced to
     ``dim`` by 1x1 conv + BN + ReLU and has its own classifier; the triplet loss sees the 3 reduced
     globals; the retrieval feature is the 8 reduced features concatenated (``8 * dim``)."""
+    NEW_LAYERS = ("reduce", "classifiers")     # what no initialisation provides (optim.trunk_lr_mult)
 
     def __init__(self, num_classes: int, depth: int = 50, ibn: bool = False, dim: int = 256,
                  pooling: str = "gem", gem_p: float = 3.0, trunk: ResNet | None = None, width: int = 64,
