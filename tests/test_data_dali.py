@@ -228,6 +228,18 @@ def test_gpu_matches_cpu(recs):
     assert (px(g["images"].cpu()) - px(c["images"])).abs().mean() < 1.0
     b = next(iter(build_loader("pretrain", recs, batch_size=8, backend="dali", device="cuda")))
     assert b["view1"].is_cuda and b["box1"].is_cuda and b["view1"].shape == (8, 3, 256, 128)
+    # colour jitter on GPU: the rule with the reported draws (fused multiply-adds may round 1 level apart)
+    from upreid.data.transforms import color_u8
+    ev = one("eval", recs, "dali")["images"]
+    f = next(iter(build_loader("finetune", recs, batch_size=8, k=2, backend="dali", device="cuda",
+                               aug=dict(flip_p=0.0, pad=0, erasing_p=0.0, color_p=1.0))))
+    assert f["images"].is_cuda and f["color"].shape == (8, 5)
+    for i in range(8):
+        src = px(ev[int(f["index"][i])][None])[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        exp = torch.from_numpy(color_u8(src, f["color"][i].tolist()).astype(np.float32)).permute(2, 0, 1)
+        assert (px(f["images"][i:i + 1].cpu())[0] - exp).abs().max() <= 1.01, i
+    b = next(iter(build_loader("pretrain", recs, batch_size=8, backend="dali", device="cuda", aug={"color_p": 0.5})))
+    assert b["color1"].is_cuda and b["view2"].shape == (8, 3, 256, 128)
 
 
 def test_malformed_files_named_and_skipped_without_breaking_the_epoch(recs, tmp_path):

@@ -64,6 +64,7 @@ def test_every_demo_scale_gives_valid_configs(name, tmp_path):
     assert p["train"]["steps"] == s.pretrain_steps and f["train"]["epochs"] == s.finetune_epochs
     assert (f["eval"]["k1"], f["eval"]["k2"]) == (9, 3)
     assert f["data"]["erasing_p"] == s.finetune_erasing and f["data"]["flip_test"] == s.flip_test
+    assert f["data"]["color_p"] == s.finetune_color > 0 and p["data"]["color_p"] == 0   # pre-training: LUP's views
     if name == "GPU":
         assert p["model"]["depth"] == 50 and p["data"]["height"] == 256 and p["train"]["device"] == "cuda"
 

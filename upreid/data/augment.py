@@ -12,6 +12,14 @@ original image; a view's flip flag says it was mirrored *after* cropping, so vie
 Random erasing (single shot): area ``a ~ U(area) * H * W``, aspect ``r = exp(U(log ratio))`` (h/w),
 ``eh = min(H, round(sqrt(a r)))``, ``ew = min(W, round(sqrt(a / r)))``, top-left uniform in the room
 (``floor(u * (H - eh + 1))``); the region is set to ``fill`` after normalisation (0 = the mean pixel).
+
+Colour jitter (single shot, off by default; a camera's white balance, exposure and contrast): with
+probability ``color_p``, per-channel gains ``g_c ~ U(color_gain)``, brightness ``b ~ U(color_brightness)``
+and contrast ``k ~ U(color_contrast)`` map the resized uint8 image ``x`` (mean ``m`` over all pixels and
+channels) to ``floor(((x - m) k + m) g_c b + 0.5)`` clamped to [0, 255], before any flip, shift,
+grayscale or erasing (pre-training: the two views, not the original). The draws are reported as
+``(g_r, g_g, g_b, b, k)``, all ones when not applied. At ``color_p = 0`` nothing is drawn or built, so
+every other random stream is that of a run without the option.
 """
 from __future__ import annotations
 
@@ -32,7 +40,8 @@ NO_COLOR = (1.0, 1.0, 1.0, 1.0, 1.0)
 
 @dataclasses.dataclass
 class PretrainAug:
-    """LUP augmentation (METHOD.md 2) for the two views; the original is resized and normalised only."""
+    """LUP augmentation (METHOD.md 2) for the two views; the original is resized and normalised only.
+    Colour jitter (``color_p``, not in LUP) comes after the crop, before grayscale."""
     height: int = 256
     width: int = 128
     crop_scale: Tuple[float, float] = (0.2, 1.0)
@@ -64,7 +73,8 @@ class PretrainAug:
 
 @dataclasses.dataclass
 class FinetuneAug:
-    """BoT fine-tuning augmentation: resize, flip, pad + random crop, normalise, random erasing."""
+    """BoT fine-tuning augmentation: resize, (colour jitter, off by default), flip, pad + random crop,
+    normalise, random erasing."""
     height: int = 256
     width: int = 128
     flip_p: float = 0.5

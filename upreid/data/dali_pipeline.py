@@ -10,8 +10,8 @@ counts it, rebuilds the pipeline and goes on with the epoch. Random parameters
 follow :mod:`upreid.data.augment` with DALI's random operators: crop boxes and erasing rectangles are
 computed with DALI arithmetic and returned as outputs, grayscale is ``hsv(saturation=0)`` (DALI has
 no grayscale operator), and coin flips are cast before arithmetic (``coin_flip`` has no float type).
-Per-sample branches (grayscale, blur, erasing) use DALI conditionals, so only the selected samples
-pay for them. Tensors reach torch through the DALI PyTorch plugin.
+Per-sample branches (grayscale, blur, erasing, colour jitter) use DALI conditionals, so only the
+selected samples pay for them; the colour jitter's ops are built only when ``color_p > 0``. Tensors reach torch through the DALI PyTorch plugin.
 """
 from __future__ import annotations
 

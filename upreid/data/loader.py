@@ -4,9 +4,10 @@ installed. Both backends yield the same dicts of batch-first torch tensors:
 
 pretrain  original, view1, view2 [B, 3, H, W]; box1, box2 [B, 4] normalised (y0, x0, y1, x1) crop
           boxes in the original; flip1, flip2, gray1, gray2, sigma1, sigma2 [B] (sigma 0 = not
-          blurred); erase1, erase2 [B, 4] normalised erased rectangle (zeros = none); index [B]
+          blurred); erase1, erase2 [B, 4] normalised erased rectangle (zeros = none); index [B];
+          with color_p > 0 also color1, color2 [B, 5] (gains r, g, b, brightness, contrast; ones = none)
 finetune  images [B, 3, H, W]; pids, camids, index [B]; flip [B]; shift [B, 2] (dy, dx) of the
-          pad-and-crop; erase [B, 4]
+          pad-and-crop; erase [B, 4]; with color_p > 0 also color [B, 5]
 eval      images [B, 3, H, W] (+ images_flipped with flip_test); pids, camids, index [B]
 
 Iterating a loader runs one epoch and advances its epoch counter (or call ``set_epoch``). After an

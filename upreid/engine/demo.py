@@ -46,7 +46,7 @@ class DemoScale:
     finetune_lr: float = 1e-3     # Adam; BoT's 3.5e-4 leaves a 60-step-per-10-epoch run far from fitted
     finetune_erasing: float = 0.0  # random erasing (BoT: 0.5); at 64 x 32 it cost 15 mAP (24.7 vs 40.1, seed 0)
     finetune_color: float = 1.0   # colour jitter p (data.color_p): the cameras differ by white balance, exposure
-                                  # and contrast (BoT: none; docs/finetuning.md has its study)
+                                  # and contrast (BoT: none; measured in docs/finetuning.md, "Colour jitter")
     flip_test: bool = True        # average each image's features with its mirror's (+2.4 mAP, seed 0)
     device: str = "cpu"
 
@@ -55,7 +55,7 @@ CPU = DemoScale()
 GPU = DemoScale(ids=200, cameras=6, unlabeled=4000, image_height=128, image_width=64, pretrain_depth=50,
                 width=64, pretrain_height=256, pretrain_width=128, pretrain_batch=128, pretrain_steps=300,
                 pretrain_lr=0.3, queue_size=4096, finetune_epochs=30, finetune_p=16, finetune_k=4,
-                finetune_lr=3.5e-4, finetune_erasing=0.5, device="cuda")
+                finetune_lr=3.5e-4, finetune_erasing=0.5, finetune_color=1.0, device="cuda")
 TINY = DemoScale(ids=24, cameras=3, unlabeled=64, width=16, pretrain_batch=16, pretrain_steps=4, queue_size=64,
                  finetune_epochs=2, finetune_p=4, finetune_k=4)   # tests: seconds, not results
 
