@@ -227,9 +227,14 @@ def plot(rows: list, path: str, title: str) -> str:
     fig = Figure(figsize=(1.5 + 1.3 * len(present), 3.8), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    # the probe with BN statistics re-estimated on the unlabeled images where every variant has it: with
+    # the stored ones a random trunk's untouched BN (mean 0, variance 1) flatters it (docs/finetuning.md)
+    probe = [("probe_bn_mAP", "mAP, linear probe of the trunk before fine-tuning (BN re-estimated)"),
+             ("probe_mAP", "mAP, linear probe of the trunk before fine-tuning (stored BN statistics)")]
+    probe = [p for p in probe if all(_values(rows, v, p[0]) for v in present)][:1]
     series = [(k, label, colour) for k, label, colour in (
         ("mAP", "mAP, fine-tuned", "tab:blue"), ("Rank-1", "Rank-1, fine-tuned", "tab:orange"),
-        ("probe_mAP", "mAP, linear probe of the trunk before fine-tuning", "tab:green"))
+        *((k, label, "tab:green") for k, label in probe))
         if all(_values(rows, v, k) for v in present)]
     w = 0.8 / len(series)
     for j, (k, label, colour) in enumerate(series):

@@ -29,8 +29,10 @@ def test_groups_split_the_initialised_layers_from_the_new_heads(arch):
     assert len(plain) == 2 and all(g["lr_mult"] == 1.0 for g in plain)
     groups, by_name, where = _groups_by_name(model, 0.1)
     assert len(groups) == 4 and len(where) == len(params) == sum(len(g["params"]) for g in groups)  # each once
-    heads = [n for n in by_name if n.startswith(tuple(f"{m}." for m in model.NEW_LAYERS))]
-    assert heads and len(heads) < len(by_name)
+    heads = [n for n in by_name if not n.startswith(("trunk.", "p1.", "p2.", "p3."))]   # what no init provides
+    expected = {"bot": {"neck.bn.weight", "classifier.weight"},
+                "mgn": {"reduce.0.conv.weight", "reduce.7.bn.bias", "classifiers.7.weight"}}[arch]
+    assert expected <= set(heads) and len(heads) < len(by_name)
     for name, g in by_name.items():
         assert g["lr_mult"] == (1.0 if name in heads else 0.1), name
         p = dict(model.named_parameters())[name]
@@ -72,3 +74,12 @@ def test_resume_accepts_another_fraction_but_not_another_layout():
     assert check_resume("finetune", old, load_config("finetune", tiny, ["data.root=/x"]), "ck.pt") == []
     with pytest.raises(ConfigError, match="optim.trunk_lr_mult"):
         load_config("finetune", FINETUNE_TINY, ["data.root=/x", "optim.trunk_lr_mult=-1"])
+
+
+def test_heads_that_cannot_be_found_are_refused():
+    model = BoT(10, depth=18, width=16)
+    with pytest.raises(ValueError, match=r"new layers without trainable parameters: \['nek'\]"):
+        param_groups(model, 5e-4, 0.1, ("nek", "classifier"))
+    with pytest.raises(ValueError, match="no new layers"):
+        param_groups(model, 5e-4, 0.1, ())
+    assert len(param_groups(model, 5e-4, 1.0, ())) == 2          # at 1 nothing needs telling apart
