@@ -25,6 +25,7 @@ import torch
 
 from upreid.utils.deps import MissingDependencyError
 
+from .augment import color_params
 from .base import BaseLoader, note_dali_pipeline_built
 from .imageio import BadImageError, read_bytes
 
@@ -174,12 +175,7 @@ def _color(fn, types, dmath, img, aug):
     """Single-shot colour jitter (augment's rule) of a uint8 HWC image; returns the image and the draws
     (g_r, g_g, g_b, brightness, contrast), all ones where not applied. Only built when color_p > 0."""
     do, dof = _coin(fn, types, aug.color_p)
-    u = [_uniform(fn, types) for _ in range(5)]
-
-    def at(r, v):
-        return r[0] + v * (r[1] - r[0])
-    gr, gg, gb = (at(aug.color_gain, u[i]) for i in range(3))
-    b, k = at(aug.color_brightness, u[3]), at(aug.color_contrast, u[4])
+    gr, gg, gb, b, k = color_params([_uniform(fn, types) for _ in range(5)], aug)   # DALI arithmetic
     if do:
         x = fn.cast(img, dtype=types.FLOAT)
         m = fn.reductions.mean(x)
