@@ -70,20 +70,23 @@ def pixel_rows(ds, height: int, width: int) -> dict:
 
 
 def finetune_with_camera_bn(data: str, run: str, variant: str, scale, seed: int) -> dict:
-    """The run's initialisation fine-tuned again, camera BN in training and evaluation (resumable: a
-    finished run is read back)."""
+    """The run's initialisation fine-tuned again with the run's own fine-tuning config (its recipe, even
+    where the demo's has changed since), camera BN in training and evaluation. Resumable: a finished
+    run is read back when it was made from that same config."""
     import json
 
-    from upreid.engine import demo
+    import yaml
+
     from upreid.engine.config import load_config
     from upreid.engine.finetune import finetune
     out = os.path.join(run, "finetune_cbn")
     done = os.path.join(out, "results.json")
-    if not os.path.isfile(done):
-        init = None if study.VARIANTS[variant] is None else os.path.join(run, "backbone.pt")
-        cfg = load_config("finetune", None, demo.finetune_overrides(scale, data, out, init, seed) + [
-            "model.camera_bn=true", "eval.camera_bn=true", "eval.rerank=false", "eval.ranklist_queries=0",
-            "train.progress=false"])
+    cfg = load_config("finetune", os.path.join(run, "finetune", "config.yaml"), [
+        f"train.output={out}", "model.camera_bn=true", "eval.camera_bn=true", "eval.rerank=false",
+        "eval.ranklist_queries=0", "train.progress=false"])
+    saved = os.path.join(out, "config.yaml")
+    same = os.path.isfile(saved) and yaml.safe_load(open(saved)) == yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+    if not (os.path.isfile(done) and same):
         finetune(cfg, overwrite=True)
     res = json.load(open(done))["final"]["plain"]
     return {"cbn_ft_mAP": res["mAP"], "cbn_ft_Rank-1": res["Rank-1"]}

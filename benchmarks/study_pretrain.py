@@ -371,6 +371,10 @@ def run_resumable(work: str, seeds, variants, run, scale_name: str, csv_path: st
     none) under ``fields`` with the environment's columns. Returns the rows of these seeds and variants."""
     done_path = os.path.join(work, "runs.jsonl")
     done = [json.loads(x) for x in open(done_path)] if os.path.exists(done_path) else []
+    other = sorted({r.get("scale") for r in done} - {scale_name}, key=str)
+    if other:      # runs of another recipe would be reused as this one's and set beside its rows
+        raise SystemExit(f"{work} holds runs of another recipe (scale {other[0]!r}), not the current "
+                         f"{scale_name!r}: pass another --work, or remove that folder")
     env = env_fields(device)
     for seed in seeds:
         for variant in variants:

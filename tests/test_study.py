@@ -68,11 +68,21 @@ def test_tiny_study_writes_table_chart_and_resumes(tmp_path, capsys):
                                                           "results.json")))
         assert saved["config"]["model"]["camera_bn"] and saved["config"]["eval"]["camera_bn"]
         assert saved["init"]["format"] == ("random" if r["variant"] == "random" else "upreid-backbone")
+        own = __import__("yaml").safe_load(open(os.path.join(work, f"{r['variant']}_s{r['seed']}", "finetune",
+                                                             "config.yaml")))
+        assert saved["config"]["data"] == own["data"] and saved["config"]["optim"] == own["optim"]   # its recipe
     text = open(cbn_table).read()
     assert "| moco | 2 |" in text and "| random: camera BN - plain | ft_mAP |" in text and "LDA on pixels" in text
     assert "| moco - random, camera BN in training too | ft_mAP |" in text
     assert cbn.main(["--scale", "tiny", "--work", work, "--seeds", "7", "--csv", ""]) == 1   # no such runs
     assert "run benchmarks/study_pretrain.py" in capsys.readouterr().err
+    # a work folder of another recipe is not reused as this one's
+    import dataclasses
+    from upreid.engine import demo
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(demo, "TINY", dataclasses.replace(demo.TINY, finetune_color=0.0))
+        with pytest.raises(SystemExit, match="holds runs of another recipe"):
+            study.main(args)
 
 
 def test_demo_report_names_a_folder_without_a_demo(tmp_path, capsys):

@@ -78,8 +78,11 @@ def test_resume_accepts_another_fraction_but_not_another_layout():
 
 def test_heads_that_cannot_be_found_are_refused():
     model = BoT(10, depth=18, width=16)
-    with pytest.raises(ValueError, match=r"new layers without trainable parameters: \['nek'\]"):
+    with pytest.raises(ValueError, match=r"has no layers named \['nek'\]"):
         param_groups(model, 5e-4, 0.1, ("nek", "classifier"))
-    with pytest.raises(ValueError, match="no new layers"):
+    with pytest.raises(ValueError, match="names no new layer with trainable parameters"):
         param_groups(model, 5e-4, 0.1, ())
     assert len(param_groups(model, 5e-4, 1.0, ())) == 2          # at 1 nothing needs telling apart
+    plain = BoT(10, depth=18, width=16, neck=False)                # no BNNeck: the classifier is the head
+    groups, by_name, _ = _groups_by_name(plain, 0.1)
+    assert by_name["classifier.weight"]["lr_mult"] == 1.0 and len(groups) == 4

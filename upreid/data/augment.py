@@ -17,7 +17,7 @@ Colour jitter (single shot, off by default; a camera's white balance, exposure a
 probability ``color_p``, per-channel gains ``g_c ~ U(color_gain)``, brightness ``b ~ U(color_brightness)``
 and contrast ``k ~ U(color_contrast)`` map the resized uint8 image ``x`` (mean ``m`` over all pixels and
 channels) to ``floor(((x - m) k + m) g_c b + 0.5)`` clamped to [0, 255], before any flip, shift,
-grayscale or erasing (pre-training: the two views, not the original). The draws are reported as
+grayscale, blur or erasing (pre-training: the two views, not the original). The draws are reported as
 ``(g_r, g_g, g_b, b, k)``, all ones when not applied. At ``color_p = 0`` nothing is drawn or built, so
 every other random stream is that of a run without the option.
 """

@@ -11,7 +11,8 @@ follow :mod:`upreid.data.augment` with DALI's random operators: crop boxes and e
 computed with DALI arithmetic and returned as outputs, grayscale is ``hsv(saturation=0)`` (DALI has
 no grayscale operator), and coin flips are cast before arithmetic (``coin_flip`` has no float type).
 Per-sample branches (grayscale, blur, erasing, colour jitter) use DALI conditionals, so only the
-selected samples pay for them; the colour jitter's ops are built only when ``color_p > 0``. Tensors reach torch through the DALI PyTorch plugin.
+selected samples pay for them; the colour jitter's ops are built only when ``color_p > 0``. Tensors
+reach torch through the DALI PyTorch plugin.
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@
 3. pre-train UP-ReID on its unlabeled images (CPU: a narrow ResNet-18 at 64 x 32; GPU: ResNet-50 at
    256 x 128, the real recipe for a short schedule),
 4. export the pre-trained trunk and score its features as they are (no fine-tuning),
-5. fine-tune it (BoT) and a random-initialised twin with the same settings and seed,
+5. fine-tune it (BoT, plus a colour jitter for the cameras' white balance, exposure and contrast) and
+   a random-initialised twin with the same settings and seed,
 6. evaluate all of them with and without re-ranking (k1, k2 chosen for the split's images per
    identity) and print the table; draw the training curves.
 

@@ -95,11 +95,12 @@ def param_groups(model: nn.Module, weight_decay: float, trunk_lr_mult: float = 1
     if trunk_lr_mult == 1.0:
         return pair([p for _, p in named], 1.0)
     new = tuple(f"{m}." for m in new_layers)
-    unmatched = [m for m in new_layers if not any(n.startswith(f"{m}.") for n, _ in named)]
-    if not new_layers or unmatched:      # the heads would silently learn at the trunk's rate
-        raise ValueError(f"optim.trunk_lr_mult={trunk_lr_mult}: {type(model).__name__} names "
-                         + (f"new layers without trainable parameters: {unmatched}" if new_layers else
-                            "no new layers (NEW_LAYERS)") + "; the heads cannot be told from the trunk")
+    unknown = [m for m in new_layers if not hasattr(model, m)]
+    if unknown or not any(n.startswith(new) for n, _ in named):   # the heads would learn at the trunk's rate
+        raise ValueError(f"optim.trunk_lr_mult={trunk_lr_mult}: {type(model).__name__} "
+                         + (f"has no layers named {unknown}" if unknown else
+                            "names no new layer with trainable parameters (NEW_LAYERS)")
+                         + "; the heads cannot be told from the trunk")
     return (pair([p for n, p in named if not n.startswith(new)], float(trunk_lr_mult))
             + pair([p for n, p in named if n.startswith(new)], 1.0))
 
