@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import env_fields  # noqa: E402
+from upreid.engine.demo import TINY  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["timestamp", "commit", "device", "torch", "threads", "load_avg_1m", "scale", "k1", "k2", "method",
@@ -76,6 +78,13 @@ def main(argv=None) -> int:
             summary = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         print(f"error: cannot read {path!r} ({e}); run `upreid demo --out {args.demo}` first", file=sys.stderr)
+        return 1
+    published = os.path.abspath(args.csv) == os.path.abspath(RESULTS / "demo.csv") or (
+        args.pictures and os.path.abspath(args.pictures) == os.path.abspath(RESULTS))
+    if published and summary.get("scale") == dataclasses.asdict(TINY):
+        print(f"error: {args.demo} holds a `upreid demo --tiny` run (a smoke test, not results); it is not "
+              "recorded in benchmarks/results. Pass --csv and --pictures '' (or another folder) to record it "
+              "elsewhere", file=sys.stderr)
         return 1
     rows = rows_of(summary, run_env(summary, path))
     new = not os.path.exists(args.csv) or os.path.getsize(args.csv) == 0

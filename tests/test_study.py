@@ -250,6 +250,21 @@ def test_demo_report_labels_rows_with_the_demo_runs_machine(tmp_path, capsys):
         assert {k: r[k] for k in run} == {k: str(v) for k, v in run.items()} and r["threads"] == "8"
 
 
+def test_demo_report_keeps_a_tiny_demo_out_of_the_published_results(tmp_path, capsys):
+    import dataclasses
+    import json
+
+    from benchmarks import demo_report
+    from upreid.engine.demo import TINY
+    csv_path = demo_report.RESULTS / "demo.csv"
+    before = csv_path.read_bytes() if csv_path.exists() else None
+    (tmp_path / "summary.json").write_text(json.dumps({**_demo_summary(), "scale": dataclasses.asdict(TINY)}))
+    assert demo_report.main([str(tmp_path)]) == 1
+    assert "--tiny" in capsys.readouterr().err
+    assert (csv_path.read_bytes() if csv_path.exists() else None) == before          # nothing written
+    assert demo_report.main([str(tmp_path), "--csv", str(tmp_path / "d.csv"), "--pictures", ""]) == 0
+
+
 def test_demo_report_notes_an_old_summary_without_the_run_fields(tmp_path, capsys):
     import csv
     import json
