@@ -9,8 +9,8 @@ takes the runs that ``study_pretrain.py`` left under ``--work`` and scores, per 
   ft_cbn_mAP, ft_cbn_Rank-1    the same model with camera BN
   trunk_mAP, trunk_cbn_mAP     the trunk before fine-tuning (the pre-trained one; for random init the
                                seeded random trunk), nearest neighbour on its pooled features
-  cbn_ft_mAP, cbn_ft_Rank-1    with ``--train``: the same initialisation fine-tuned again with the demo's
-                               recipe and camera BN in training too (``model.camera_bn=true``), evaluated
+  cbn_ft_mAP, cbn_ft_Rank-1    with ``--train``: the same initialisation fine-tuned again with the run's
+                               own recipe and camera BN in training too (``model.camera_bn=true``), evaluated
                                with camera BN (the run is kept under ``--work/<run>/finetune_cbn``)
 
 and, once for the split, the linear metric on pixels (LDA, as the demo's row) against the same metric on
@@ -69,7 +69,7 @@ def pixel_rows(ds, height: int, width: int) -> dict:
     return out
 
 
-def finetune_with_camera_bn(data: str, run: str, variant: str, scale, seed: int) -> dict:
+def finetune_with_camera_bn(run: str) -> dict:
     """The run's initialisation fine-tuned again with the run's own fine-tuning config (its recipe, even
     where the demo's has changed since), camera BN in training and evaluation. Resumable: a finished
     run is read back when it was made from that same config."""
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
             row = {**env_fields("cpu"), "work": args.work, "variant": v, "seed": s, **pixels,
                    **score_run(ds, os.path.join(args.work, f"{v}_s{s}"), v, scale)}
             if args.train:
-                row.update(finetune_with_camera_bn(data, os.path.join(args.work, f"{v}_s{s}"), v, scale, s))
+                row.update(finetune_with_camera_bn(os.path.join(args.work, f"{v}_s{s}")))
             print(f"{v} seed {s}: " + ", ".join(f"{k} {100 * row[k]:.2f}" for k in KEYS if k in row), flush=True)
             rows.append(row)
             if args.csv:

@@ -120,14 +120,14 @@ def _check_prob(name, p):
 def _check_color(aug) -> None:
     _check_prob("color_p", aug.color_p)
     for name in ("color_gain", "color_brightness", "color_contrast"):
-        r = tuple(getattr(aug, name))
-        if len(r) != 2 or not 0 < r[0] <= r[1]:
-            raise ValueError(f"{name} must be (0 < min <= max), got {r}")
+        _check_range(name, getattr(aug, name), 0, None)
 
 
 def _check_range(name, r, lo, hi):
-    if len(r) != 2 or not lo < r[0] <= r[1] <= hi:
-        raise ValueError(f"{name} must be ({lo} < min <= max <= {hi}), got {tuple(r)}")
+    """``r`` = (min, max) with lo < min <= max (<= hi; None: no upper bound)."""
+    if len(r) != 2 or not (lo < r[0] <= r[1] and (hi is None or r[1] <= hi)):
+        bound = "" if hi is None else f" <= {hi}"
+        raise ValueError(f"{name} must be ({lo} < min <= max{bound}), got {tuple(r)}")
 
 
 def crop_box(u_area: float, u_ratio: float, u_y: float, u_x: float, h: int, w: int,
