@@ -61,6 +61,7 @@ def test_every_demo_scale_gives_valid_configs(name, tmp_path):
     assert p["model"]["width"] == f["model"]["width"] == s.width          # the exported trunk fits
     assert p["model"]["depth"] == f["model"]["depth"]
     assert p["optim"]["lr"] == s.pretrain_lr and f["optim"]["lr"] == s.finetune_lr
+    assert f["optim"]["name"] == s.finetune_optim == ("adam" if name == "GPU" else "sgd")
     assert p["train"]["steps"] == s.pretrain_steps and f["train"]["epochs"] == s.finetune_epochs
     assert (f["eval"]["k1"], f["eval"]["k2"]) == (9, 3)
     assert f["data"]["erasing_p"] == s.finetune_erasing and f["data"]["flip_test"] == s.flip_test
