@@ -323,6 +323,23 @@ def test_fine_tuning_resume_refuses_another_epoch_length():
         check_resume("finetune", state, load_config("finetune", tiny, ["data.root=/x"]), "ck.pt")
 
 
+@pytest.mark.parametrize("color_p,refused", [(0.0, False), (0.5, True)])
+def test_resume_refuses_other_colour_ranges_only_while_the_jitter_is_on(color_p, refused):
+    """At data.color_p = 0 no colour jitter is drawn, so other ranges leave the data stream as it was: the
+    change is applied (and listed); with the jitter on, it is another data stream and refused."""
+    from upreid.engine.resume import check_resume
+    tiny = os.path.join(CONFIGS, "finetune", "tiny_cpu.yaml")
+    base = ["data.root=/x", f"data.color_p={color_p}"]
+    state = {"config": load_config("finetune", tiny, base).to_dict()}
+    cfg = load_config("finetune", tiny, base + ["data.color_gain=[0.5,1.5]"])
+    if refused:
+        with pytest.raises(ckpt_io.CheckpointError, match="other data settings: data.color_gain"):
+            check_resume("finetune", state, cfg, "ck.pt")
+    else:
+        applied = check_resume("finetune", state, cfg, "ck.pt")
+        assert len(applied) == 1 and applied[0].startswith("data.color_gain: checkpoint"), applied
+
+
 def test_resume_with_fp16_from_a_run_without_a_loss_scale(trained, images, cfg_for, tmp_path, caplog):
     """A run written with amp off (or bf16) has no loss-scaler state: resuming it with train.amp=fp16
     (e.g. on a GPU without bf16) starts the scaler afresh with a warning instead of failing."""

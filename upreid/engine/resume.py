@@ -25,6 +25,9 @@ MODEL = {
 # data.* key but these, the seed, and fine-tuning's init and epoch length (the position in the data is
 # recomputed from the step with it: another length puts the run at another epoch and batch).
 DATA_FREE = ("data.workers", "data.on_bad_image", "data.eval_batch_size", "data.flip_test")
+# Keys that shape the data only while a switch is on: at data.color_p = 0 no colour jitter is drawn
+# (docs/data.md), so its ranges change nothing in the data stream and are applied like other settings.
+INERT_WHEN_OFF = {"data.color_p": ("data.color_gain", "data.color_brightness", "data.color_contrast")}
 OTHER_DATA = {"pretrain": ("train.seed",), "finetune": ("init", "train.seed", "train.max_steps_per_epoch")}
 # Keys of no consequence for the state of a run.
 FREE = ("train.output", "train.progress")
@@ -66,7 +69,10 @@ def check_resume(task: str, state: dict, cfg, path: str) -> list:
             f"{saved.get('optim.trunk_lr_mult')!r}, config {now.get('optim.trunk_lr_mult')!r} (at 1 the trunk and "
             "the heads share the optimizer's parameter groups, otherwise they have their own). Restore the "
             "setting, or start a new run (--overwrite, or another train.output)")
-    data_keys = sorted(k for k in set(saved) | set(now) if k.startswith("data.") and k not in DATA_FREE)
+    inert = {k for switch, keys in INERT_WHEN_OFF.items()
+             if float(saved.get(switch) or 0) == 0 and float(now.get(switch) or 0) == 0 for k in keys}
+    data_keys = sorted(k for k in set(saved) | set(now)
+                       if k.startswith("data.") and k not in DATA_FREE and k not in inert)
     data = _diff(saved, now, data_keys + list(OTHER_DATA[task]))
     if data:
         raise CheckpointError(f"checkpoint {path!r} was written with other data settings: " + "; ".join(data)
