@@ -85,10 +85,14 @@ def finetune_with_camera_bn(run: str) -> dict:
         f"train.output={out}", "model.camera_bn=true", "eval.camera_bn=true", "eval.rerank=false",
         "eval.ranklist_queries=0", "train.progress=false"])
     saved = os.path.join(out, "config.yaml")
-    same = os.path.isfile(saved) and yaml.safe_load(open(saved)) == yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+    same = False
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            same = yaml.safe_load(f) == yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
     if not (os.path.isfile(done) and same):
         finetune(cfg, overwrite=True)
-    res = json.load(open(done))["final"]["plain"]
+    with open(done) as f:
+        res = json.load(f)["final"]["plain"]
     return {"cbn_ft_mAP": res["mAP"], "cbn_ft_Rank-1": res["Rank-1"]}
 
 

@@ -231,11 +231,11 @@ def plot(rows: list, path: str, title: str) -> str:
     # the stored ones a random trunk's untouched BN (mean 0, variance 1) flatters it (docs/finetuning.md)
     probe = [("probe_bn_mAP", "mAP, linear probe of the trunk before fine-tuning (BN re-estimated)"),
              ("probe_mAP", "mAP, linear probe of the trunk before fine-tuning (stored BN statistics)")]
-    probe = [p for p in probe if all(_values(rows, v, p[0]) for v in present)][:1]
-    series = [(k, label, colour) for k, label, colour in (
-        ("mAP", "mAP, fine-tuned", "tab:blue"), ("Rank-1", "Rank-1, fine-tuned", "tab:orange"),
-        *((k, label, "tab:green") for k, label in probe))
-        if all(_values(rows, v, k) for v in present)]
+    def everywhere(key):
+        return all(_values(rows, v, key) for v in present)
+    series = [s for s in (("mAP", "mAP, fine-tuned", "tab:blue"), ("Rank-1", "Rank-1, fine-tuned", "tab:orange"))
+              if everywhere(s[0])]
+    series += [(k, label, "tab:green") for k, label in probe if everywhere(k)][:1]
     w = 0.8 / len(series)
     for j, (k, label, colour) in enumerate(series):
         for i, v in enumerate(present):
