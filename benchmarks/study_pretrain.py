@@ -8,6 +8,8 @@ Variants (pre-training objective, then the same BoT fine-tuning):
   upreid        full UP-ReID (gc + ic)
   moco+gc-sharp / upreid-sharp   the same with a sharper teacher in the global consistency
                 (gc_tau_teacher = tau / 2, the usual choice in distillation)
+  moco+gc-cos / upreid-cos   the same with the cosine reading of the global consistency
+                (model.gc=cosine: 2 - 2 cos(q_i, k_o), no bank distribution)
   moco-sbn / upreid-sbn   MoCo / UP-ReID with shuffle-BN emulated on one device (model.bn_groups=4:
                 BN statistics in 4 groups of batch / 4, the key encoder's after a seeded shuffle)
 
@@ -53,6 +55,8 @@ VARIANTS = {
     "upreid": ["model.gc=bank_kl", "model.ic=aligned"],
     "moco+gc-sharp": ["model.gc=bank_kl", "model.ic=off", "model.gc_tau_teacher=0.05"],
     "upreid-sharp": ["model.gc=bank_kl", "model.ic=aligned", "model.gc_tau_teacher=0.05"],
+    "moco+gc-cos": ["model.gc=cosine", "model.ic=off"],
+    "upreid-cos": ["model.gc=cosine", "model.ic=aligned"],
     "moco-sbn": ["model.gc=off", "model.ic=off", "model.bn_groups=4"],
     "upreid-sbn": ["model.gc=bank_kl", "model.ic=aligned", "model.bn_groups=4"],
 }
