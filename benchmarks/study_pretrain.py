@@ -211,6 +211,7 @@ def differences(rows: list, pairs=None) -> str:
         pairs += [(a, b) for a, b in (("moco+gc", "moco"), ("moco+ic", "moco"), ("upreid", "moco"),
                                       ("upreid", "moco+ic"), ("upreid", "moco+gc"), ("moco+gc-sharp", "moco+gc"),
                                       ("upreid-sharp", "upreid"), ("moco+gc-sharp", "moco"),
+                                      ("moco+gc-cos", "moco+gc"), ("upreid-cos", "upreid"), ("moco+gc-cos", "moco"),
                                       ("moco-sbn", "moco"), ("upreid-sbn", "upreid"), ("upreid-sbn", "moco-sbn"))]
     out = ["| comparison | metric | difference | 2 SE | exceeds 2 SE |", "|---|---|---|---|---|"]
     for a, b in pairs:
