@@ -33,6 +33,14 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     cfg = json.load(open(os.path.join(out, "finetune_upreid", "results.json")))["config"]["eval"]
     assert (cfg["k1"], cfg["k2"]) == (rr["k1"], rr["k2"])
     assert summary["seconds"]["total"] > 0
+    # the line under the table: UP-ReID init against random init and LDA, from the same numbers
+    res = {k: summary["results"][k]["plain"] for k in ("upreid", "random", "lda")}
+    line = next(x for x in text.splitlines() if x.startswith("pre-training, UP-ReID init - random init:"))
+    want = [100 * (res["upreid"]["mAP"] - res["random"]["mAP"]), 100 * (res["upreid"]["Rank-1"] - res["random"]["Rank-1"]),
+            100 * (res["upreid"]["mAP"] - res["lda"]["mAP"])]
+    got = [float(t) for t in line.replace(",", " ").replace(";", " ").split() if t[0] in "+-" and t[1:2].isdigit()]
+    assert got == pytest.approx(want, abs=0.006), (line, want)
+    assert line in open(os.path.join(out, "summary.txt")).read()
     assert sorted(os.listdir(out)) == ["curves_finetune.png", "curves_pretrain.png", "data", "finetune_random",
                                        "finetune_upreid", "pretrain", "summary.json", "summary.txt"]
     for png in ("curves_finetune.png", "curves_pretrain.png"):
