@@ -10,6 +10,8 @@ Variants (pre-training objective, then the same BoT fine-tuning):
                 (gc_tau_teacher = tau / 2, the usual choice in distillation)
   moco+gc-cos / upreid-cos   the same with the cosine reading of the global consistency
                 (model.gc=cosine: 2 - 2 cos(q_i, k_o), no bank distribution)
+  moco-crop10 / upreid-crop10   the same with torchvision's crops (data.crop_attempts=10, the package's
+                default; the demo's CPU pre-training keeps one clamped draw)
   moco-sbn / upreid-sbn   MoCo / UP-ReID with shuffle-BN emulated on one device (model.bn_groups=4:
                 BN statistics in 4 groups of batch / 4, the key encoder's after a seeded shuffle)
 
@@ -57,6 +59,8 @@ VARIANTS = {
     "upreid-sharp": ["model.gc=bank_kl", "model.ic=aligned", "model.gc_tau_teacher=0.05"],
     "moco+gc-cos": ["model.gc=cosine", "model.ic=off"],
     "upreid-cos": ["model.gc=cosine", "model.ic=aligned"],
+    "moco-crop10": ["model.gc=off", "model.ic=off", "data.crop_attempts=10"],
+    "upreid-crop10": ["model.gc=bank_kl", "model.ic=aligned", "data.crop_attempts=10"],
     "moco-sbn": ["model.gc=off", "model.ic=off", "model.bn_groups=4"],
     "upreid-sbn": ["model.gc=bank_kl", "model.ic=aligned", "model.bn_groups=4"],
 }
@@ -212,6 +216,7 @@ def differences(rows: list, pairs=None) -> str:
                                       ("upreid", "moco+ic"), ("upreid", "moco+gc"), ("moco+gc-sharp", "moco+gc"),
                                       ("upreid-sharp", "upreid"), ("moco+gc-sharp", "moco"),
                                       ("moco+gc-cos", "moco+gc"), ("upreid-cos", "upreid"), ("moco+gc-cos", "moco"),
+                                      ("moco-crop10", "moco"), ("upreid-crop10", "upreid"),
                                       ("moco-sbn", "moco"), ("upreid-sbn", "upreid"), ("upreid-sbn", "moco-sbn"))]
     out = ["| comparison | metric | difference | 2 SE | exceeds 2 SE |", "|---|---|---|---|---|"]
     for a, b in pairs:

@@ -109,10 +109,65 @@ def test_random_rates_and_crop_distribution():
     boxes = np.stack([d["box"].numpy() for d in draws])
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     assert area.min() >= 0.2 - 1e-6 and area.max() <= 1 + 1e-6
-    assert 0.5 < area.mean() < 0.66                 # U(0.2, 1) shrunk a little by the clamp at the border
+    # 10 attempts on a 2:1 image: only draws with s * r <= 1/2 fit, so crops are smaller than U(0.2, 1)
+    # (mean 0.367 over 50,000 draws of a rejection sampler); nearly all keep their aspect
+    assert abs(area.mean() - 0.367) < 4 * area.std() / np.sqrt(n)
     aspect = (boxes[:, 3] - boxes[:, 1]) * 64 / ((boxes[:, 2] - boxes[:, 0]) * 128)
-    free = ((boxes[:, 2] - boxes[:, 0]) < 1 - 1e-6) & ((boxes[:, 3] - boxes[:, 1]) < 1 - 1e-6)
-    assert aspect[free].min() >= 0.75 - 1e-4 and aspect[free].max() <= 4 / 3 + 1e-4
+    assert np.mean((aspect < 0.75 - 1e-4) | (aspect > 4 / 3 + 1e-4)) < 0.02
+
+
+def _rejection_crop(rng, attempts, h=128, w=64, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop rule in normalised units: draw until a crop fits, at most
+    ``attempts`` times; the last draw clamped when none did. Returns (height, width)."""
+    for _ in range(attempts):
+        s = rng.uniform(*scale)
+        r = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw, ch = np.sqrt(s * r * h / w), np.sqrt(s * w / (r * h))
+        if cw <= 1 and ch <= 1:
+            return ch, cw
+    return min(1.0, ch), min(1.0, cw)
+
+
+@pytest.mark.parametrize("attempts", [1, 3, 10])
+def test_crop_rule_matches_a_rejection_sampler(attempts):
+    """crop_box's arithmetic choice among all-drawn attempts has the distribution of drawing until one
+    fits: two-sample KS on the crop's area and log aspect, against a loop that stops at the first fit."""
+    from upreid.data.augment import crop_box
+    n, rng = 4000, np.random.default_rng(attempts)
+    ours = []
+    for _ in range(n):
+        u = rng.random(2 * attempts + 2)
+        y0, x0, y1, x1 = crop_box(list(u[0:2 * attempts:2]), list(u[1:2 * attempts:2]), u[-2], u[-1], 128, 64)
+        assert 0 <= y0 <= y1 <= 1 + 1e-9 and 0 <= x0 <= x1 <= 1 + 1e-9
+        ours.append((y1 - y0, x1 - x0))
+    ref = [_rejection_crop(rng, attempts) for _ in range(n)]
+    for f in (lambda hw: hw[0] * hw[1], lambda hw: np.log(hw[1] * 64 / (hw[0] * 128))):
+        a, b = np.sort([f(x) for x in ours]), np.sort([f(x) for x in ref])
+        grid = np.concatenate([a, b])
+        ks = np.abs(np.searchsorted(a, grid, side="right") / n - np.searchsorted(b, grid, side="right") / n).max()
+        assert ks < 1.95 * np.sqrt(2 / n), ks
+
+
+def test_one_crop_attempt_keeps_the_single_draw_rule_and_stream():
+    """crop_attempts=1 is the earlier rule (one draw, clamped) from the view's first four draws, and draws
+    nothing more: a run written before the setting existed is continued by its checkpoint as it was."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 64, 3), dtype=np.uint8))
+    aug = PretrainAug(height=16, width=8, crop_attempts=1)
+    rng, twin = np.random.default_rng(5), np.random.default_rng(5)
+    for _ in range(50):
+        d = pretrain_view(img, rng, aug)
+        u = twin.random(13)
+        s = 0.2 + u[0] * 0.8
+        r = np.exp(np.log(3 / 4) + u[1] * (np.log(4 / 3) - np.log(3 / 4)))
+        bw, bh = min(1.0, np.sqrt(s * r * 2)), min(1.0, np.sqrt(s / (2 * r)))
+        y0, x0 = u[2] * (1 - bh), u[3] * (1 - bw)
+        assert np.allclose(d["box"].numpy(), [y0, x0, y0 + bh, x0 + bw], atol=1e-6)
+        twin.bit_generator.state = rng.bit_generator.state      # on to the next view's first draw
+
+
+def test_crop_attempts_is_checked():
+    with pytest.raises(ValueError, match="crop_attempts must be an integer >= 1"):
+        PretrainAug(crop_attempts=0).validate()
 
 
 def test_finetune_flip_shift_bookkeeping(recs):

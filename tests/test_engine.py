@@ -323,6 +323,19 @@ def test_fine_tuning_resume_refuses_another_epoch_length():
         check_resume("finetune", state, load_config("finetune", tiny, ["data.root=/x"]), "ck.pt")
 
 
+def test_checkpoint_older_than_crop_attempts_ran_with_one_draw():
+    """data.crop_attempts came with a default (10) other than the behaviour before it (one clamped draw):
+    a checkpoint without it resumes with data.crop_attempts=1 and is refused under the new default."""
+    from upreid.engine.config import flatten, _nest
+    from upreid.engine.resume import check_resume
+    one = load_config("pretrain", TINY, ["data.root=/x", "data.crop_attempts=1"])
+    state = {"config": _nest({k: v for k, v in flatten(one.to_dict()).items() if k != "data.crop_attempts"})}
+    assert check_resume("pretrain", state, one, "ck.pt") == []
+    with pytest.raises(ckpt_io.CheckpointError, match="other data settings: data.crop_attempts: checkpoint 1, "
+                                                      "config 10"):
+        check_resume("pretrain", state, load_config("pretrain", TINY, ["data.root=/x"]), "ck.pt")
+
+
 @pytest.mark.parametrize("color_p,refused", [(0.0, False), (0.5, True)])
 def test_resume_refuses_other_colour_ranges_only_while_the_jitter_is_on(color_p, refused):
     """At data.color_p = 0 no colour jitter is drawn, so other ranges leave the data stream as it was: the

@@ -3,9 +3,15 @@ fallback. Both draw every random quantity with the same single-shot formulas bel
 loops, which a GPU pipeline cannot express), so their distributions agree exactly; only the random
 streams differ.
 
-RandomResizedCrop (single shot): area fraction ``s ~ U(scale)``, aspect ``r = exp(U(log ratio))`` (w/h
-in pixels), normalised crop size ``w = min(1, sqrt(s r H/W))``, ``h = min(1, sqrt(s W/(r H)))``, position
-uniform in the remaining room. The crop box is reported as normalised ``(y0, x0, y1, x1)`` in the
+RandomResizedCrop (``crop_attempts`` = N draws, torchvision's 10 by default): attempt ``i`` draws an area
+fraction ``s_i ~ U(scale)`` and an aspect ``r_i = exp(U(log ratio))`` (w/h in pixels), normalised size
+``w_i = sqrt(s_i r_i H/W)``, ``h_i = sqrt(s_i W/(r_i H))``. The first attempt that fits (``w_i <= 1`` and
+``h_i <= 1``) is the crop; when none does, the last one clamped to the image (``min(1, .)`` on both
+sides). All N are drawn whatever happens, and the choice is arithmetic, so a GPU pipeline expresses it
+without a loop. Position uniform in the remaining room. N = 1 is a single draw clamped to the image:
+on a 2:1 person image it clamps 62 % of the draws to the full width, and the mean crop covers 51 % of
+the image against 37 % with 10 attempts (docs/data.md). The crop box is reported as normalised
+``(y0, x0, y1, x1)`` in the
 original image; a view's flip flag says it was mirrored *after* cropping, so view column ``u`` in
 [0, 1] shows original column ``x0 + (1 - u if flip else u) * (x1 - x0)``.
 
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -46,6 +52,7 @@ class PretrainAug:
     width: int = 128
     crop_scale: Tuple[float, float] = (0.2, 1.0)
     crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    crop_attempts: int = 10       # RandomResizedCrop draws until one fits (torchvision: 10; 1 = one draw, clamped)
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: Tuple[float, float] = (0.1, 2.0)
@@ -63,6 +70,8 @@ class PretrainAug:
     def validate(self) -> "PretrainAug":
         _check_color(self)
         _check_range("crop_scale", self.crop_scale, 0, 1)
+        if isinstance(self.crop_attempts, bool) or not isinstance(self.crop_attempts, int) or self.crop_attempts < 1:
+            raise ValueError(f"crop_attempts must be an integer >= 1 (torchvision draws 10), got {self.crop_attempts!r}")
         _check_range("erasing_area", self.erasing_area, 0, 1)
         for name in ("grayscale_p", "blur_p", "flip_p", "erasing_p"):
             _check_prob(name, getattr(self, name))
@@ -130,13 +139,36 @@ def _check_range(name, r, lo, hi):
         raise ValueError(f"{name} must be ({lo} < min <= max{bound}), got {tuple(r)}")
 
 
-def crop_box(u_area: float, u_ratio: float, u_y: float, u_x: float, h: int, w: int,
+def crop_size(u_areas: Sequence, u_ratios: Sequence, h, w, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), *,
+              exp=math.exp, sqrt=math.sqrt, minimum=min, as_float=float):
+    """The normalised (height, width) of the RandomResizedCrop from one (area, aspect) pair of U(0, 1)
+    draws per attempt: the first attempt that fits in the image, else the last clamped to it (the
+    module's docstring). Arithmetic only, so that the same code builds the DALI graph: pass DALI's
+    ``exp``, ``sqrt``, ``min`` and a cast of a boolean node to float (``h``, ``w`` then nodes too)."""
+    if len(u_areas) != len(u_ratios) or not u_areas:
+        raise ValueError(f"crop_size: one area and one aspect draw per attempt, got {len(u_areas)} and "
+                         f"{len(u_ratios)}")
+    llo, lhi = math.log(ratio[0]), math.log(ratio[1])
+    bh = bw = None
+    for ua, ur in reversed(list(zip(u_areas, u_ratios))):    # the earliest attempt that fits wins
+        s = scale[0] + ua * (scale[1] - scale[0])
+        r = exp(llo + ur * (lhi - llo))
+        cw, ch = sqrt(s * r * h / w), sqrt(s * w / (r * h))
+        if bw is None:                                        # the last attempt: clamped to the image
+            bh, bw = minimum(1.0, ch), minimum(1.0, cw)
+        else:
+            fit = as_float((cw <= 1.0) & (ch <= 1.0))
+            bh, bw = fit * ch + (1.0 - fit) * bh, fit * cw + (1.0 - fit) * bw
+    return bh, bw
+
+
+def crop_box(u_area, u_ratio, u_y: float, u_x: float, h: int, w: int,
              scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> Tuple[float, float, float, float]:
-    """The single-shot RandomResizedCrop box from four U(0, 1) draws; normalised (y0, x0, y1, x1)."""
-    s = scale[0] + u_area * (scale[1] - scale[0])
-    r = math.exp(math.log(ratio[0]) + u_ratio * (math.log(ratio[1]) - math.log(ratio[0])))
-    bw = min(1.0, math.sqrt(s * r * h / w))
-    bh = min(1.0, math.sqrt(s * w / (r * h)))
+    """The RandomResizedCrop box, normalised (y0, x0, y1, x1): ``u_area`` and ``u_ratio`` are one U(0, 1)
+    draw each per attempt (a number: one attempt), ``u_y`` and ``u_x`` place it (:func:`crop_size`)."""
+    areas = list(u_area) if isinstance(u_area, (list, tuple, np.ndarray)) else [u_area]
+    ratios = list(u_ratio) if isinstance(u_ratio, (list, tuple, np.ndarray)) else [u_ratio]
+    bh, bw = crop_size(areas, ratios, h, w, scale, ratio)
     y0, x0 = u_y * (1.0 - bh), u_x * (1.0 - bw)
     return y0, x0, y0 + bh, x0 + bw
 

@@ -26,7 +26,7 @@ import torch
 
 from upreid.utils.deps import MissingDependencyError
 
-from .augment import color_params
+from .augment import color_params, crop_size
 from .base import BaseLoader, note_dali_pipeline_built
 from .imageio import BadImageError, read_bytes
 
@@ -190,11 +190,10 @@ def _color(fn, types, dmath, img, aug):
 
 def _pretrain_view(fn, types, dmath, img, H, W, aug):
     ua, ur, uy, ux = (_uniform(fn, types) for _ in range(4))
-    s = aug.crop_scale[0] + ua * (aug.crop_scale[1] - aug.crop_scale[0])
-    llo, lhi = math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])
-    r = dmath.exp(llo + ur * (lhi - llo))
-    bw = dmath.min(1.0, dmath.sqrt(s * r * H / W))
-    bh = dmath.min(1.0, dmath.sqrt(s * W / (r * H)))
+    more = [_uniform(fn, types) for _ in range(2 * (aug.crop_attempts - 1))]   # none for one attempt
+    bh, bw = crop_size([ua, *more[0::2]], [ur, *more[1::2]], H, W, aug.crop_scale, aug.crop_ratio,
+                       exp=dmath.exp, sqrt=dmath.sqrt, minimum=dmath.min,
+                       as_float=lambda b: fn.cast(b, dtype=types.FLOAT))
     y0 = uy * (1.0 - bh)
     x0 = ux * (1.0 - bw)
     v = fn.resize(img, size=[aug.height, aug.width], roi_start=fn.stack(y0, x0),

@@ -68,8 +68,8 @@ def build_loader(kind: str, records: Sequence[Record], *, batch_size: int, backe
 COLOR_KEYS = ("color_p", "color_gain", "color_brightness", "color_contrast")
 # The config keys of each kind's augmentation (the ``data`` section of a task config).
 _AUG_KEYS = {
-    "pretrain": ("height", "width", "grayscale_p", "blur_p", "blur_sigma", "flip_p", "erasing_p", "erasing_area",
-                 "mean", "std", *COLOR_KEYS),
+    "pretrain": ("height", "width", "crop_attempts", "grayscale_p", "blur_p", "blur_sigma", "flip_p", "erasing_p",
+                 "erasing_area", "mean", "std", *COLOR_KEYS),
     "finetune": ("height", "width", "flip_p", "pad", "erasing_p", "erasing_area", "mean", "std", *COLOR_KEYS),
     "eval": ("height", "width", "flip_test", "mean", "std"),
 }

@@ -106,8 +106,11 @@ def resize(img, height: int, width: int, box=None):
 
 def pretrain_view(img, rng: np.random.Generator, aug: PretrainAug) -> dict:
     u = rng.random(13)
+    # attempts after the first draw after the 13 (so that one attempt keeps the stream it always had)
+    more = rng.random(2 * (aug.crop_attempts - 1))
     W, H = img.size
-    y0, x0, y1, x1 = crop_box(u[0], u[1], u[2], u[3], H, W, aug.crop_scale, aug.crop_ratio)
+    y0, x0, y1, x1 = crop_box([u[0], *more[0::2]], [u[1], *more[1::2]], u[2], u[3], H, W, aug.crop_scale,
+                              aug.crop_ratio)
     arr = _to_uint8_array(resize(img, aug.height, aug.width, (x0 * W, y0 * H, x1 * W, y1 * H)))
     arr, color = _maybe_color(arr, rng, aug)
     gray = u[4] < aug.grayscale_p

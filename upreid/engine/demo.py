@@ -77,7 +77,9 @@ def pretrain_overrides(s: DemoScale, root: str, out: str, seed: int = 0) -> list
               f"model.width={s.width}", f"optim.lr={s.pretrain_lr}"]
     if s.device == "cuda":   # the UP-ReID R50 recipe, shorter
         return common + ["model.depth=50", "data.workers=8", f"optim.warmup_steps={s.pretrain_steps // 10}"]
+    # data.crop_attempts=1: the single clamped draw every CPU study row was measured with (docs/finetuning.md)
     return common + [f"model.depth={s.pretrain_depth}", "model.last_stride=1", "model.hidden_dim=256",
+                     "data.crop_attempts=1",
                      "model.momentum=0.99", f"data.height={s.pretrain_height}", f"data.width={s.pretrain_width}",
                      "data.workers=0", f"optim.warmup_steps={max(1, s.pretrain_steps // 12)}", "train.log_every=5"]
 

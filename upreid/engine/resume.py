@@ -29,6 +29,9 @@ DATA_FREE = ("data.workers", "data.on_bad_image", "data.eval_batch_size", "data.
 # (docs/data.md), so its ranges change nothing in the data stream and are applied like other settings.
 INERT_WHEN_OFF = {"data.color_p": ("data.color_gain", "data.color_brightness", "data.color_contrast")}
 OTHER_DATA = {"pretrain": ("train.seed",), "finetune": ("init", "train.seed", "train.max_steps_per_epoch")}
+# Settings added with a default other than the behaviour the code had before them: a checkpoint that
+# lacks one ran as this value (data.crop_attempts: one clamped draw per crop until it was added).
+BEFORE_ADDED = {"pretrain": {"data.crop_attempts": 1}}
 # Keys of no consequence for the state of a run.
 FREE = ("train.output", "train.progress")
 
@@ -48,8 +51,9 @@ def check_resume(task: str, state: dict, cfg, path: str) -> list:
     saved = flatten(state.get("config", {}))
     now = flatten(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     # A key the checkpoint's config lacks was added to upreid after it was written; a new key's default
-    # is the behaviour the code had before it (model.width 64: the published ResNet), so compare that.
-    added = {k: v for k, v in defaults(task).items() if k not in saved}
+    # is the behaviour the code had before it (model.width 64: the published ResNet), so compare that,
+    # or the behaviour of BEFORE_ADDED where the default is another.
+    added = {k: BEFORE_ADDED.get(task, {}).get(k, v) for k, v in defaults(task).items() if k not in saved}
     if added:
         log.info("the checkpoint predates the settings %s; taken as their defaults", ", ".join(sorted(added)))
         saved.update(added)
