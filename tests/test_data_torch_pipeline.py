@@ -162,12 +162,31 @@ def test_one_crop_attempt_keeps_the_single_draw_rule_and_stream():
         bw, bh = min(1.0, np.sqrt(s * r * 2)), min(1.0, np.sqrt(s / (2 * r)))
         y0, x0 = u[2] * (1 - bh), u[3] * (1 - bw)
         assert np.allclose(d["box"].numpy(), [y0, x0, y0 + bh, x0 + bw], atol=1e-6)
-        twin.bit_generator.state = rng.bit_generator.state      # on to the next view's first draw
+
+
+def test_crop_takes_the_first_attempt_that_fits():
+    """The choice itself, which no distribution test sees (attempts are alike, so first, last or any fit
+    are distributed the same): attempt 0 too wide, 1 and 2 fit -> attempt 1; on a wide image only the
+    height decides; nothing fits -> the last attempt clamped."""
+    from upreid.data.augment import crop_size
+    # 2:1 image: attempt 0 (s=1, r=1) is too wide, 1 (s=0.2, r=3/4) and 2 fit
+    h, w = crop_size([1.0, 0.0, 0.3], [0.5, 0.0, 0.5], 128, 64)
+    assert (h, w) == pytest.approx((np.sqrt(0.2 * 64 / (0.75 * 128)), np.sqrt(0.2 * 0.75 * 128 / 64)))
+    # 1:2 image: the height is what does not fit (s=1); attempt 1 (s=0.2, r=3/4) fits
+    h, w = crop_size([1.0, 0.0], [0.0, 0.0], 64, 128)
+    assert (h, w) == pytest.approx((np.sqrt(0.2 * 128 / (0.75 * 64)), np.sqrt(0.2 * 0.75 * 64 / 128)))
+    assert h <= 1 and w <= 1
+    # nothing fits (s=1 on a 2:1 image whatever the aspect): the last attempt, clamped
+    h, w = crop_size([1.0, 1.0], [1.0, 0.0], 128, 64)
+    assert (h, w) == pytest.approx((np.sqrt(64 / (0.75 * 128)), 1.0))
+    with pytest.raises(ValueError, match="one area and one aspect draw per attempt"):
+        crop_size([0.5], [], 128, 64)
 
 
 def test_crop_attempts_is_checked():
-    with pytest.raises(ValueError, match="crop_attempts must be an integer >= 1"):
-        PretrainAug(crop_attempts=0).validate()
+    for bad in (0, 101, 2.0, True):
+        with pytest.raises(ValueError, match=r"crop_attempts must be an integer in 1\.\.100"):
+            PretrainAug(crop_attempts=bad).validate()
 
 
 def test_finetune_flip_shift_bookkeeping(recs):

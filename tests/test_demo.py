@@ -36,8 +36,7 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     # the line under the table: UP-ReID init against random init and LDA, from the same numbers
     res = {k: summary["results"][k]["plain"] for k in ("upreid", "random", "lda")}
     line = next(x for x in text.splitlines() if x.startswith("pre-training, UP-ReID init - random init:"))
-    want = [100 * (res["upreid"]["mAP"] - res["random"]["mAP"]), 100 * (res["upreid"]["Rank-1"] - res["random"]["Rank-1"]),
-            100 * (res["upreid"]["mAP"] - res["lda"]["mAP"])]
+    want = [100 * (res["upreid"][k] - res[other][k]) for other in ("random", "lda") for k in ("mAP", "Rank-1")]
     got = [float(t) for t in line.replace(",", " ").replace(";", " ").split() if t[0] in "+-" and t[1:2].isdigit()]
     assert got == pytest.approx(want, abs=0.006), (line, want)
     assert line in open(os.path.join(out, "summary.txt")).read()
@@ -74,6 +73,8 @@ def test_every_demo_scale_gives_valid_configs(name, tmp_path):
     assert (f["eval"]["k1"], f["eval"]["k2"]) == (9, 3)
     assert f["data"]["erasing_p"] == s.finetune_erasing and f["data"]["flip_test"] == s.flip_test
     assert f["data"]["color_p"] == s.finetune_color > 0 and p["data"]["color_p"] == 0   # pre-training: LUP's views
+    # crops: torchvision's on the GPU (the recipe); one clamped draw on the CPU, as the study was measured
+    assert p["data"]["crop_attempts"] == (10 if name == "GPU" else 1)
     if name == "GPU":
         assert p["model"]["depth"] == 50 and p["data"]["height"] == 256 and p["train"]["device"] == "cuda"
 

@@ -7,7 +7,7 @@ RandomResizedCrop (``crop_attempts`` = N draws, torchvision's 10 by default): at
 fraction ``s_i ~ U(scale)`` and an aspect ``r_i = exp(U(log ratio))`` (w/h in pixels), normalised size
 ``w_i = sqrt(s_i r_i H/W)``, ``h_i = sqrt(s_i W/(r_i H))``. The first attempt that fits (``w_i <= 1`` and
 ``h_i <= 1``) is the crop; when none does, the last one clamped to the image (``min(1, .)`` on both
-sides). All N are drawn whatever happens, and the choice is arithmetic, so a GPU pipeline expresses it
+sides; torchvision takes a centre crop there, and tests the fit on sizes rounded to pixels). All N are drawn whatever happens, and the choice is arithmetic, so a GPU pipeline expresses it
 without a loop. Position uniform in the remaining room. N = 1 is a single draw clamped to the image:
 on a 2:1 person image it clamps 62 % of the draws to the full width, and the mean crop covers 51 % of
 the image against 37 % with 10 attempts (docs/data.md). The crop box is reported as normalised
@@ -42,6 +42,7 @@ COLOR_GAIN = (0.75, 1.3)           # colour jitter ranges (used when color_p > 0
 COLOR_BRIGHTNESS = (0.6, 1.35)
 COLOR_CONTRAST = (0.7, 1.2)
 NO_COLOR = (1.0, 1.0, 1.0, 1.0, 1.0)
+MAX_CROP_ATTEMPTS = 100            # each attempt is two draws and a few arithmetic nodes per view in DALI
 
 
 @dataclasses.dataclass
@@ -70,8 +71,10 @@ class PretrainAug:
     def validate(self) -> "PretrainAug":
         _check_color(self)
         _check_range("crop_scale", self.crop_scale, 0, 1)
-        if isinstance(self.crop_attempts, bool) or not isinstance(self.crop_attempts, int) or self.crop_attempts < 1:
-            raise ValueError(f"crop_attempts must be an integer >= 1 (torchvision draws 10), got {self.crop_attempts!r}")
+        a = self.crop_attempts
+        if isinstance(a, bool) or not isinstance(a, int) or not 1 <= a <= MAX_CROP_ATTEMPTS:
+            raise ValueError(f"crop_attempts must be an integer in 1..{MAX_CROP_ATTEMPTS} (torchvision draws 10), "
+                             f"got {a!r}")
         _check_range("erasing_area", self.erasing_area, 0, 1)
         for name in ("grayscale_p", "blur_p", "flip_p", "erasing_p"):
             _check_prob(name, getattr(self, name))
@@ -145,7 +148,7 @@ def crop_size(u_areas: Sequence, u_ratios: Sequence, h, w, scale=(0.2, 1.0), rat
     draws per attempt: the first attempt that fits in the image, else the last clamped to it (the
     module's docstring). Arithmetic only, so that the same code builds the DALI graph: pass DALI's
     ``exp``, ``sqrt``, ``min`` and a cast of a boolean node to float (``h``, ``w`` then nodes too)."""
-    if len(u_areas) != len(u_ratios) or not u_areas:
+    if len(u_areas) != len(u_ratios) or len(u_areas) == 0:
         raise ValueError(f"crop_size: one area and one aspect draw per attempt, got {len(u_areas)} and "
                          f"{len(u_ratios)}")
     llo, lhi = math.log(ratio[0]), math.log(ratio[1])
@@ -166,8 +169,7 @@ def crop_box(u_area, u_ratio, u_y: float, u_x: float, h: int, w: int,
              scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> Tuple[float, float, float, float]:
     """The RandomResizedCrop box, normalised (y0, x0, y1, x1): ``u_area`` and ``u_ratio`` are one U(0, 1)
     draw each per attempt (a number: one attempt), ``u_y`` and ``u_x`` place it (:func:`crop_size`)."""
-    areas = list(u_area) if isinstance(u_area, (list, tuple, np.ndarray)) else [u_area]
-    ratios = list(u_ratio) if isinstance(u_ratio, (list, tuple, np.ndarray)) else [u_ratio]
+    areas, ratios = np.atleast_1d(u_area).tolist(), np.atleast_1d(u_ratio).tolist()
     bh, bw = crop_size(areas, ratios, h, w, scale, ratio)
     y0, x0 = u_y * (1.0 - bh), u_x * (1.0 - bw)
     return y0, x0, y0 + bh, x0 + bw

@@ -190,7 +190,10 @@ def _color(fn, types, dmath, img, aug):
 
 def _pretrain_view(fn, types, dmath, img, H, W, aug):
     ua, ur, uy, ux = (_uniform(fn, types) for _ in range(4))
-    more = [_uniform(fn, types) for _ in range(2 * (aug.crop_attempts - 1))]   # none for one attempt
+    more = []                    # the attempts after the first: one operator for all (none for one attempt)
+    if aug.crop_attempts > 1:
+        extra = fn.random.uniform(range=[0.0, 1.0], shape=[2 * (aug.crop_attempts - 1)], dtype=types.FLOAT)
+        more = [extra[i] for i in range(2 * (aug.crop_attempts - 1))]
     bh, bw = crop_size([ua, *more[0::2]], [ur, *more[1::2]], H, W, aug.crop_scale, aug.crop_ratio,
                        exp=dmath.exp, sqrt=dmath.sqrt, minimum=dmath.min,
                        as_float=lambda b: fn.cast(b, dtype=types.FLOAT))

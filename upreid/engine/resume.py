@@ -55,7 +55,8 @@ def check_resume(task: str, state: dict, cfg, path: str) -> list:
     # or the behaviour of BEFORE_ADDED where the default is another.
     added = {k: BEFORE_ADDED.get(task, {}).get(k, v) for k, v in defaults(task).items() if k not in saved}
     if added:
-        log.info("the checkpoint predates the settings %s; taken as their defaults", ", ".join(sorted(added)))
+        log.info("the checkpoint predates the settings %s; taken as %s", ", ".join(sorted(added)),
+                 ", ".join(f"{k}={v!r}" for k, v in sorted(added.items())))
         saved.update(added)
     model = _diff(saved, now, MODEL[task])
     if task == "pretrain" and (saved.get("model.ic") == "off") != (now.get("model.ic") == "off"):

@@ -10,6 +10,8 @@ import math
 import re
 from typing import Any, Callable, Mapping
 
+from upreid.data.augment import MAX_CROP_ATTEMPTS
+
 
 class ConfigError(ValueError):
     """A bad config: the message names the key, the value, where it came from and what is allowed."""
@@ -196,7 +198,7 @@ PRETRAIN = {
     "model.loss_impl": one_of("fused", "reference"), "model.shuffle_bn": boolean(),
     "model.bn_groups": integer(1),
     **_DATA_COMMON,
-    "data.batch_size": integer(1), "data.crop_scale_min": real(0.0, 1.0, lo_open=True), "data.crop_attempts": integer(1, 100),
+    "data.batch_size": integer(1), "data.crop_scale_min": real(0.0, 1.0, lo_open=True), "data.crop_attempts": integer(1, MAX_CROP_ATTEMPTS),
     "data.grayscale_p": prob(), "data.blur_p": prob(), "data.blur_sigma": pair(0.0, None),
     "optim.lr": POSITIVE, "optim.momentum": real(0.0, 1.0, hi_open=True), "optim.weight_decay": NONNEG,
     "optim.warmup_steps": integer(0), "optim.warmup_epochs": NONNEG, "optim.min_lr": NONNEG,
