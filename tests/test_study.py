@@ -25,6 +25,19 @@ def test_differences_flag_only_what_exceeds_two_standard_errors():
     assert "| random | 3 | 20.00 ± 1.00 (20.00, 21.00, 19.00)" in table
 
 
+def test_between_share_is_zero_for_equal_group_means_and_one_for_constant_groups():
+    import torch
+    from benchmarks.feature_shares import between_share
+    labels = torch.tensor([0, 0, 1, 1])
+    assert between_share(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]), labels) == 0.0
+    assert between_share(torch.tensor([[2.0, 1.0], [2.0, 1.0], [0.0, 1.0], [0.0, 1.0]]), labels) == pytest.approx(1.0)
+    # half the variance between the groups: means +-1 on a spread of +-1 within them
+    x = torch.tensor([[2.0], [0.0], [-2.0], [0.0]])
+    assert between_share(x, labels) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="no variance"):
+        between_share(torch.ones(4, 2), labels)
+
+
 @pytest.mark.slow
 def test_tiny_study_writes_table_chart_and_resumes(tmp_path, capsys):
     work = str(tmp_path / "study")
@@ -76,6 +89,16 @@ def test_tiny_study_writes_table_chart_and_resumes(tmp_path, capsys):
     assert "| moco - random, camera BN in training too | ft_mAP |" in text
     assert cbn.main(["--scale", "tiny", "--work", work, "--seeds", "7", "--csv", ""]) == 1   # no such runs
     assert "run benchmarks/study_pretrain.py" in capsys.readouterr().err
+    # camera and identity shares of the same trunks: one row each, shares in (0, 1), the table printed
+    from benchmarks import feature_shares as fs
+    fs_csv = str(tmp_path / "shares.csv")
+    assert fs.main(["--scale", "tiny", "--work", work, "--seeds", "0", "1", "--variants", "random", "moco",
+                    "--csv", fs_csv]) == 0
+    got = {(r["variant"], int(r["seed"])): r for r in csv.DictReader(open(fs_csv))}
+    assert set(got) == {("random", 0), ("random", 1), ("moco", 0), ("moco", 1)}
+    assert all(0.0 < float(r["camera_share"]) < 1.0 and 0.0 < float(r["identity_share"]) < 1.0
+               and int(r["cameras"]) == 3 for r in got.values())
+    assert "| moco | 2 |" in capsys.readouterr().out
     # a work folder of another recipe is not reused as this one's
     import dataclasses
     from upreid.engine import demo
