@@ -24,6 +24,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from upreid.data.augment import PretrainAug  # noqa: E402
 from upreid.data.loader import build_loader, dali_available  # noqa: E402
 from upreid.data.testing import write_tiny  # noqa: E402
 
@@ -54,9 +55,10 @@ def dali_version() -> str:
     return d.__version__
 
 
-def run(kind, recs, impl, device, batch, threads, epochs):
-    L = build_loader(kind, recs, batch_size=batch, backend=impl, device=device, workers=threads,
-                     aug={} if kind != "eval" else None)
+def run(kind, recs, impl, device, batch, threads, epochs, crop_attempts=None):
+    aug = None if kind == "eval" else ({} if kind == "finetune" or crop_attempts is None
+                                       else {"crop_attempts": crop_attempts})
+    L = build_loader(kind, recs, batch_size=batch, backend=impl, device=device, workers=threads, aug=aug)
     for _ in L:                                   # warm-up epoch (pipeline build, worker start)
         pass
     n, t0 = 0, time.perf_counter()
@@ -163,6 +165,8 @@ def main(argv=None):
     ap.add_argument("--data", help="folder of JPEGs to reuse (default: render into a temp folder)")
     ap.add_argument("--csv", default=CSV, help="the CSV the rows are appended to")
     ap.add_argument("--no-csv", action="store_true")
+    ap.add_argument("--crop-attempts", type=int, nargs="+", default=[PretrainAug.crop_attempts],
+                    help="pre-training crop rule(s) to time (data.crop_attempts; rows name it in 'pipeline')")
     ap.add_argument("--baseline", metavar="SYNTH_ROOT", help="only measure the NN baselines of a synth dataset")
     args = ap.parse_args(argv)
 
@@ -180,17 +184,18 @@ def main(argv=None):
     rows = []
     # all torch runs first: DataLoader workers forked after a DALI pipeline ran would have to be spawned
     for impl in sorted(args.impl, key=lambda i: i != "torch"):
-        for kind in args.pipeline:
+        for kind, crops in [(k, c) for k in args.pipeline for c in (args.crop_attempts if k == "pretrain" else [None])]:
             if impl == "dali" and not dali_available():
                 print(f"skip {kind}/dali: DALI not installed")
                 continue
-            n, dt = run(kind, recs, impl, args.device, args.batch, args.threads, args.epochs)
+            n, dt = run(kind, recs, impl, args.device, args.batch, args.threads, args.epochs, crops)
+            name = kind if crops is None else f"{kind}, crop_attempts={crops}"
             row = dict(timestamp=datetime.datetime.now().isoformat(timespec="seconds"), commit=commit(),
                        device=device_name(args.device), torch=torch.__version__, dali=dali_version(),
-                       pipeline=kind, impl=impl, batch=args.batch, threads=args.threads, images=args.images,
+                       pipeline=name, impl=impl, batch=args.batch, threads=args.threads, images=args.images,
                        epochs=args.epochs, samples_per_s=f"{n / dt:.1f}", seconds=f"{dt:.3f}")
             rows.append(row)
-            print(f"{kind:>9} {impl:>6} {args.device:>5} batch {args.batch:>4} threads {args.threads}: "
+            print(f"{name:>9} {impl:>6} {args.device:>5} batch {args.batch:>4} threads {args.threads}: "
                   f"{n / dt:9.1f} samples/s ({n} in {dt:.2f} s)")
     if rows and not args.no_csv:
         append(rows, args.csv)
