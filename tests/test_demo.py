@@ -102,6 +102,8 @@ def test_run_environment_names_the_device_commit_and_time_of_the_run():
     from upreid.engine.demo import run_environment
     env = run_environment("cpu")
     assert env["device"].startswith("CPU ") and env["torch"] == torch.__version__
+    # the vector ISA names the machine class a CPU run is reproducible on (one model name can have two)
+    assert env["device"].endswith(", " + torch.backends.cpu.get_cpu_capability())
     assert env["commit"] and datetime.datetime.fromisoformat(env["timestamp"]).tzinfo is not None
     if torch.cuda.is_available():
         assert run_environment("cuda")["device"] == torch.cuda.get_device_name()

@@ -30,7 +30,9 @@ def git_commit(cwd: str | None = None, ignore=RESULTS) -> str:
 
 
 def device_name(device) -> str:
-    """The GPU's name, or ``CPU <model> x<cores>``."""
+    """The GPU's name, or ``CPU <model> x<cores>, <ISA>``: the vector instruction set torch's CPU kernels
+    run with (``AVX2``, ``AVX512``, ...). Two CPUs of one model name can differ in it, and with it in the
+    rounding of every convolution: a training run is reproducible on one, not across the two."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -43,4 +45,8 @@ def device_name(device) -> str:
                     break
     except OSError:
         pass
-    return f"CPU {cpu} x{os.cpu_count()}"
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        isa = "ISA unknown"
+    return f"CPU {cpu} x{os.cpu_count()}, {isa}"
