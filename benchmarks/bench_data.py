@@ -9,7 +9,6 @@ pipelines, DALI vs the Pillow + torch fallback, on synthetic Market-like JPEGs (
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -24,6 +23,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from benchmarks.common import append_rows  # noqa: E402
 from upreid.data.augment import PretrainAug  # noqa: E402
 from upreid.data.loader import build_loader, dali_available  # noqa: E402
 from upreid.data.testing import write_tiny  # noqa: E402
@@ -69,16 +69,6 @@ def run(kind, recs, impl, device, batch, threads, epochs, crop_attempts=None):
             torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     return n, dt
-
-
-def append(rows, path=CSV):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
 
 
 def nn_baseline(root: str) -> dict:
@@ -198,7 +188,7 @@ def main(argv=None):
             print(f"{name:>9} {impl:>6} {args.device:>5} batch {args.batch:>4} threads {args.threads}: "
                   f"{n / dt:9.1f} samples/s ({n} in {dt:.2f} s)")
     if rows and not args.no_csv:
-        append(rows, args.csv)
+        append_rows(rows, args.csv, FIELDS)
         print(f"appended {len(rows)} rows to {os.path.relpath(args.csv)}")
     if not rows:
         print("bench_data: no row was measured (DALI not installed?)", file=sys.stderr)

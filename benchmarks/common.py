@@ -32,19 +32,23 @@ def env_fields(device: str | torch.device) -> dict:
     }
 
 
-def append_rows(rows: list[dict], path: Path | str = RESULTS_CSV) -> Path:
-    """Append rows (missing fields left empty, unknown fields are an error) to the CSV."""
+def append_rows(rows: list[dict], path: Path | str = RESULTS_CSV, fields: list[str] | None = None,
+                ignore_unknown: bool = False) -> Path:
+    """Append rows to the CSV under the ``fields`` header (default: the results CSV's), the header
+    written first into a new or empty file. Missing fields are left empty; unknown fields are an error,
+    or, with ``ignore_unknown``, left out (rows that carry more than their CSV records)."""
+    fields = FIELDS if fields is None else fields
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for row in rows:
-        unknown = set(row) - set(FIELDS)
-        if unknown:
-            raise KeyError(f"unknown result fields {sorted(unknown)}; known: {FIELDS}")
+        unknown = set(row) - set(fields)
+        if unknown and not ignore_unknown:
+            raise KeyError(f"unknown result fields {sorted(unknown)}; known: {fields}")
     new = not path.exists() or path.stat().st_size == 0
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k, "") for k in FIELDS})
+            writer.writerow({k: row.get(k, "") for k in fields})
     return path

@@ -10,7 +10,6 @@ demo's scale, and copies the rank lists of both fine-tunings and the training cu
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import env_fields  # noqa: E402
+from benchmarks.common import append_rows, env_fields  # noqa: E402
 from upreid.engine.demo import TINY  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,12 +86,7 @@ def main(argv=None) -> int:
               "elsewhere", file=sys.stderr)
         return 1
     rows = rows_of(summary, run_env(summary, path))
-    new = not os.path.exists(args.csv) or os.path.getsize(args.csv) == 0
-    with open(args.csv, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(rows, args.csv, FIELDS, ignore_unknown=True)
     print(f"{len(rows)} rows appended to {args.csv}")
     if args.pictures:
         for src, dst in PICTURES.items():

@@ -19,7 +19,6 @@ the study's variants (a prototype's, under another ``--work``).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import env_fields  # noqa: E402
+from benchmarks.common import append_rows, env_fields  # noqa: E402
 
 CSV = Path(__file__).resolve().parent / "results" / "feature_shares.csv"
 FIELDS = ["timestamp", "commit", "device", "torch", "threads", "variant", "seed", "images", "cameras",
@@ -105,12 +104,7 @@ def main(argv=None) -> int:
                 continue
             row = {**env, "variant": name, "seed": seed, **trunk_shares(trunk, data, scale)}
             if args.csv:
-                new = not os.path.exists(args.csv) or os.path.getsize(args.csv) == 0
-                with open(args.csv, "a", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-                    if new:
-                        w.writeheader()
-                    w.writerow(row)
+                append_rows([row], args.csv, FIELDS, ignore_unknown=True)
             table.setdefault(name, []).append(row)
             print(f"{name} seed {seed}: camera {100 * row['camera_share']:.1f} %, identity "
                   f"{100 * row['identity_share']:.1f} %", flush=True)
