@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,25 +25,12 @@ from benchmarks.common import append_rows  # noqa: E402
 from upreid.data.augment import PretrainAug  # noqa: E402
 from upreid.data.loader import build_loader, dali_available  # noqa: E402
 from upreid.data.testing import write_tiny  # noqa: E402
+from upreid.utils.environment import device_name, git_commit  # noqa: E402
 
 CSV = os.path.join(HERE, "results", "data.csv")
 FIELDS = ["timestamp", "commit", "device", "torch", "dali", "pipeline", "impl", "batch", "threads", "images",
           "epochs", "samples_per_s", "seconds"]
 PIPELINES = ("pretrain", "finetune", "eval")
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True).strip()
-    except Exception:
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU" \
-        if not torch.cuda.is_available() else f"CPU of a {torch.cuda.get_device_name()} host"
 
 
 def dali_version() -> str:
@@ -180,7 +165,7 @@ def main(argv=None):
                 continue
             n, dt = run(kind, recs, impl, args.device, args.batch, args.threads, args.epochs, crops)
             name = kind if crops is None else f"{kind}, crop_attempts={crops}"
-            row = dict(timestamp=datetime.datetime.now().isoformat(timespec="seconds"), commit=commit(),
+            row = dict(timestamp=datetime.datetime.now().isoformat(timespec="seconds"), commit=git_commit(),
                        device=device_name(args.device), torch=torch.__version__, dali=dali_version(),
                        pipeline=name, impl=impl, batch=args.batch, threads=args.threads, images=args.images,
                        epochs=args.epochs, samples_per_s=f"{n / dt:.1f}", seconds=f"{dt:.3f}")
