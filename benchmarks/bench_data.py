@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from benchmarks.common import append_rows  # noqa: E402
-from upreid.data.augment import PretrainAug  # noqa: E402
+from upreid.data.augment import MAX_CROP_ATTEMPTS, PretrainAug  # noqa: E402
 from upreid.data.loader import build_loader, dali_available  # noqa: E402
 from upreid.data.testing import write_tiny  # noqa: E402
 from upreid.utils.environment import device_name, git_commit  # noqa: E402
@@ -140,10 +140,18 @@ def main(argv=None):
     ap.add_argument("--data", help="folder of JPEGs to reuse (default: render into a temp folder)")
     ap.add_argument("--csv", default=CSV, help="the CSV the rows are appended to")
     ap.add_argument("--no-csv", action="store_true")
-    ap.add_argument("--crop-attempts", type=int, nargs="+", default=[PretrainAug.crop_attempts],
-                    help="pre-training crop rule(s) to time (data.crop_attempts; rows name it in 'pipeline')")
+    ap.add_argument("--crop-attempts", type=int, nargs="+", default=None,
+                    help="pre-training crop rule(s) to time (data.crop_attempts, 1.."
+                         f"{MAX_CROP_ATTEMPTS}; default {PretrainAug.crop_attempts}; rows name it in 'pipeline')")
     ap.add_argument("--baseline", metavar="SYNTH_ROOT", help="only measure the NN baselines of a synth dataset")
     args = ap.parse_args(argv)
+    if args.crop_attempts is None:
+        args.crop_attempts = [PretrainAug.crop_attempts]
+    elif "pretrain" not in args.pipeline:
+        ap.error("--crop-attempts applies to the pretrain pipeline, which --pipeline leaves out")
+    bad = [a for a in args.crop_attempts if not 1 <= a <= MAX_CROP_ATTEMPTS]
+    if bad:
+        ap.error(f"--crop-attempts: {bad} outside 1..{MAX_CROP_ATTEMPTS}")
 
     if args.baseline:
         for k, v in nn_baseline(args.baseline).items():

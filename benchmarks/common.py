@@ -35,8 +35,9 @@ def env_fields(device: str | torch.device) -> dict:
 def append_rows(rows: list[dict], path: Path | str = RESULTS_CSV, fields: list[str] | None = None,
                 ignore_unknown: bool = False) -> Path:
     """Append rows to the CSV under the ``fields`` header (default: the results CSV's), the header
-    written first into a new or empty file. Missing fields are left empty; unknown fields are an error,
-    or, with ``ignore_unknown``, left out (rows that carry more than their CSV records)."""
+    written first into a new or empty file; an existing file with another header is refused. Missing
+    fields are left empty; unknown fields are an error, or, with ``ignore_unknown``, left out (rows that
+    carry more than their CSV records)."""
     fields = FIELDS if fields is None else fields
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +46,12 @@ def append_rows(rows: list[dict], path: Path | str = RESULTS_CSV, fields: list[s
         if unknown and not ignore_unknown:
             raise KeyError(f"unknown result fields {sorted(unknown)}; known: {fields}")
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != list(fields):
+            raise ValueError(f"{path}: its header {header} is not this script's {list(fields)}; "
+                             "pass another CSV path (rows under another header would be misread)")
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         if new:

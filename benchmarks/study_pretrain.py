@@ -269,7 +269,8 @@ def plot(rows: list, path: str, title: str) -> str:
 
 def csv_rows(path: str, scale_name: str) -> list:
     """The CSV's runs at ``scale_name`` as run dicts (numbers parsed; a repeated variant and seed: the
-    last row)."""
+    last row). Runs from more than one device are kept and named in a warning: CPU training is
+    reproducible on one class of CPU, not across two, so such a table compares machines too."""
     out = {}
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
@@ -279,6 +280,10 @@ def csv_rows(path: str, scale_name: str) -> list:
             for k in KEYS:
                 r[k] = float(r[k]) if r.get(k) not in (None, "") else None
             out[(r["variant"], r["seed"])] = r
+    devices = sorted({r.get("device") or "unknown" for r in out.values()})
+    if len(devices) > 1:
+        print(f"warning: {path}: the {scale_name} runs come from {len(devices)} devices ({'; '.join(devices)}); "
+              "seeds do not reproduce across them", file=sys.stderr)
     return list(out.values())
 
 

@@ -113,6 +113,48 @@ def test_bench_data_writes_rows_to_the_csv_given(tmp_path):
     assert [(r["pipeline"], r["impl"], r["images"]) for r in rows] == [("eval", "torch", "16")]
 
 
+def test_bench_data_times_each_crop_rule_and_names_it(tmp_path):
+    """--crop-attempts gives one pre-training row per rule, named in 'pipeline'; the rows carry the
+    commit and the device with its CPU's vector ISA (environment.device_name)."""
+    import torch
+
+    from benchmarks import bench_data
+    path = tmp_path / "data.csv"
+    assert bench_data.main(["--device", "cpu", "--impl", "torch", "--pipeline", "pretrain", "--images", "16",
+                            "--batch", "8", "--epochs", "1", "--threads", "1", "--crop-attempts", "1", "3",
+                            "--csv", str(path)]) == 0
+    rows = _csv_rows(path)
+    assert [r["pipeline"] for r in rows] == ["pretrain, crop_attempts=1", "pretrain, crop_attempts=3"]
+    assert all(r["commit"] and r["device"].endswith(torch.backends.cpu.get_cpu_capability()) for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--crop-attempts", "0"], "--crop-attempts: [0] outside 1..100"),
+    (["--crop-attempts", "10", "101"], "--crop-attempts: [101] outside 1..100"),
+    (["--pipeline", "eval", "--crop-attempts", "3"], "applies to the pretrain pipeline"),
+])
+def test_bench_data_refuses_crop_attempts_before_measuring(argv, message, capsys):
+    from benchmarks import bench_data
+    with pytest.raises(SystemExit) as e:
+        bench_data.main(argv + ["--no-csv"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_append_rows_writes_the_fields_given_and_refuses_another_header(tmp_path):
+    """One appender for every benchmark CSV: its own fields, missing cells empty, unknown keys an error
+    unless ignored, and never rows under a header of other columns."""
+    from benchmarks.common import append_rows
+    path = tmp_path / "x.csv"
+    append_rows([{"a": 1, "b": 2}, {"b": 3}], path, fields=["a", "b"])
+    append_rows([{"a": 4, "extra": 5}], path, fields=["a", "b"], ignore_unknown=True)
+    assert path.read_text().splitlines() == ["a,b", "1,2", ",3", "4,"]
+    with pytest.raises(KeyError, match="extra"):
+        append_rows([{"a": 4, "extra": 5}], path, fields=["a", "b"])
+    with pytest.raises(ValueError, match=r"header \['a', 'b'\] is not this script's \['a', 'c'\]"):
+        append_rows([{"a": 6}], path, fields=["a", "c"])
+    assert path.read_text().splitlines() == ["a,b", "1,2", ",3", "4,"]      # nothing written by the refusals
+
+
 def test_bench_pretrain_refuses_an_unknown_implementation(capsys):
     from benchmarks import bench_pretrain
     with pytest.raises(SystemExit) as e:

@@ -109,6 +109,17 @@ def test_run_environment_names_the_device_commit_and_time_of_the_run():
         assert run_environment("cuda")["device"] == torch.cuda.get_device_name()
 
 
+def test_device_name_says_when_the_isa_is_unknown(monkeypatch):
+    import torch
+
+    from upreid.utils.environment import device_name
+
+    def no_capability():
+        raise RuntimeError("not available")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", no_capability)
+    assert device_name("cpu").endswith(", ISA unknown")
+
+
 def test_commit_stamp_ignores_the_benchmarks_own_results(tmp_path):
     """A benchmark appending its rows to a tracked results CSV does not mark its own commit dirty; a
     change of a source file does; outside a checkout the commit is unknown."""

@@ -303,3 +303,15 @@ def test_demo_report_notes_an_old_summary_without_the_run_fields(tmp_path, capsy
     assert len(rows) == 2 and all(r["commit"] and r["threads"] == "8" for r in rows)
     if not torch.cuda.is_available():
         assert rows[0]["device"] == "a CUDA GPU (name not recorded)"
+
+
+def test_csv_rows_warn_when_runs_come_from_two_devices(tmp_path, capsys):
+    """Seeds do not reproduce across CPU classes: a report that mixes them says so and names them."""
+    path = tmp_path / "s.csv"
+    study.append_csv(str(path), {"scale": "x", "variant": "random", "seed": 0, "device": "CPU A x2, AVX2"})
+    study.append_csv(str(path), {"scale": "x", "variant": "random", "seed": 1, "device": "CPU A x2, AVX2"})
+    assert len(study.csv_rows(str(path), "x")) == 2 and "warning" not in capsys.readouterr().err
+    study.append_csv(str(path), {"scale": "x", "variant": "upreid", "seed": 0, "device": "CPU A x2, AVX512"})
+    assert len(study.csv_rows(str(path), "x")) == 3
+    err = capsys.readouterr().err
+    assert "from 2 devices (CPU A x2, AVX2; CPU A x2, AVX512)" in err

@@ -30,9 +30,10 @@ def git_commit(cwd: str | None = None, ignore=RESULTS) -> str:
 
 
 def device_name(device) -> str:
-    """The GPU's name, or ``CPU <model> x<cores>, <ISA>``: the vector instruction set torch's CPU kernels
-    run with (``AVX2``, ``AVX512``, ...). Two CPUs of one model name can differ in it, and with it in the
-    rounding of every convolution: a training run is reproducible on one, not across the two."""
+    """The GPU's name, or ``CPU <model> x<cores>, <ISA>``: the vector instruction set torch's own CPU
+    kernels dispatch to (``AVX2``, ``AVX512``, ...). Two CPUs of one model name can differ in it, and a
+    training run's rounding with it. It is a necessary condition for reproducing a CPU run bit for bit,
+    not a sufficient one: oneDNN picks its convolution kernels by its own reading of the CPU."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
