@@ -234,7 +234,7 @@ def plot(rows: list, path: str, title: str) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     present = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
-    fig = Figure(figsize=(1.5 + 1.3 * len(present), 3.8), dpi=110)
+    fig = Figure(figsize=(max(6.2, 1.5 + 1.3 * len(present)), 3.8), dpi=110)   # the title's width at least
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     # the probe with BN statistics re-estimated on the unlabeled images where every variant has it: with
@@ -259,8 +259,9 @@ def plot(rows: list, path: str, title: str) -> str:
     ax.set_xticklabels(present, rotation=20, fontsize=8)
     ax.set_ylabel("% (no re-ranking)")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)           # room for the legend above the bars
-    ax.legend(fontsize=7, loc="upper center", ncol=len(series))
+    wide = len(present) >= 6                          # the legend's entries fit side by side
+    ax.set_ylim(0, ax.get_ylim()[1] * (1.3 if wide else 1.2 + 0.12 * len(series)))   # room for the legend
+    ax.legend(fontsize=7, loc="upper center", ncol=len(series) if wide else 1)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png")
