@@ -47,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import env_fields  # noqa: E402
+from benchmarks.common import append_rows, env_fields  # noqa: E402
 
 VARIANTS = {
     "random": None,
@@ -158,12 +158,7 @@ def append_csv(path: str, row: dict, fields: list = FIELDS) -> None:
                 w.writeheader()
                 w.writerows(old)
             os.replace(tmp, path)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in fields})
+    append_rows([row], path, fields, ignore_unknown=True)
 
 
 KEYS = ("mAP", "Rank-1", "mAP_rerank", "Rank-1_rerank", "frozen_mAP", "probe_mAP", "probe_bn_mAP")
