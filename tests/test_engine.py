@@ -336,6 +336,14 @@ def test_checkpoint_older_than_crop_attempts_ran_with_one_draw():
         check_resume("pretrain", state, load_config("pretrain", TINY, ["data.root=/x"]), "ck.pt")
 
 
+@pytest.mark.parametrize("value", ["0", "101", "2.5"])
+def test_config_refuses_crop_attempts_outside_its_range(value):
+    from upreid.engine.config import ConfigError
+    with pytest.raises(ConfigError, match=rf"data.crop_attempts={value} \(from the command line\): must be an "
+                                          r"integer >= 1 and <= 100"):
+        load_config("pretrain", TINY, ["data.root=/x", f"data.crop_attempts={value}"])
+
+
 @pytest.mark.parametrize("color_p,refused", [(0.0, False), (0.5, True)])
 def test_resume_refuses_other_colour_ranges_only_while_the_jitter_is_on(color_p, refused):
     """At data.color_p = 0 no colour jitter is drawn, so other ranges leave the data stream as it was: the
