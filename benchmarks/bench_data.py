@@ -149,9 +149,11 @@ def main(argv=None):
         args.crop_attempts = [PretrainAug.crop_attempts]
     elif "pretrain" not in args.pipeline:
         ap.error("--crop-attempts applies to the pretrain pipeline, which --pipeline leaves out")
-    bad = [a for a in args.crop_attempts if not 1 <= a <= MAX_CROP_ATTEMPTS]
-    if bad:
-        ap.error(f"--crop-attempts: {bad} outside 1..{MAX_CROP_ATTEMPTS}")
+    for a in args.crop_attempts:        # the pipelines' own rule (PretrainAug.validate), checked before measuring
+        try:
+            PretrainAug(crop_attempts=a).validate()
+        except ValueError as e:
+            ap.error(f"--crop-attempts {a}: {e}")
 
     if args.baseline:
         for k, v in nn_baseline(args.baseline).items():

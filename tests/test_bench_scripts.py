@@ -129,8 +129,8 @@ def test_bench_data_times_each_crop_rule_and_names_it(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--crop-attempts", "0"], "--crop-attempts: [0] outside 1..100"),
-    (["--crop-attempts", "10", "101"], "--crop-attempts: [101] outside 1..100"),
+    (["--crop-attempts", "0"], "--crop-attempts 0: crop_attempts must be an integer in 1..100"),
+    (["--crop-attempts", "10", "101"], "--crop-attempts 101: crop_attempts must be an integer in 1..100"),
     (["--pipeline", "eval", "--crop-attempts", "3"], "applies to the pretrain pipeline"),
 ])
 def test_bench_data_refuses_crop_attempts_before_measuring(argv, message, capsys):
