@@ -103,6 +103,12 @@ FINETUNE_ERRORS = [
     ("optim.warmup_epochs=-1", "must be a number >= 0"),
     ("data.eval_batch_size=0", "must be an integer >= 1"),
     ("eval.k2=30", "eval.k2=30 is above eval.k1 + 1 = 21 (eval.k2 from the command line, eval.k1 from"),
+    ("init_layers=[stem, layer5]", "init_layers=['stem', 'layer5'] (from the command line): must be a non-empty "
+                                   "list of distinct parts from ['stem', 'layer1', 'layer2', 'layer3', 'layer4']"),
+    ("init_layers=[]", "must be a non-empty list of distinct parts"),
+    ("init_layers=[layer1, layer1]", "must be a non-empty list of distinct parts"),
+    ("init_layers=layer1", "must be a non-empty list of distinct parts"),
+    ("init_layers=[stem]", "init_layers=['stem'] (init_layers from the command line, init from"),
 ]
 
 
@@ -111,6 +117,13 @@ def test_finetune_settings_refused_at_load(override, message):
     with pytest.raises(ConfigError) as e:
         load_config("finetune", FINETUNE_TINY, [override])
     assert message in str(e.value)
+
+
+def test_init_layers_are_put_in_trunk_order_and_need_an_init_file():
+    cfg = load_config("finetune", FINETUNE_TINY, ["init=trunk.pt", "init_layers=[layer2, stem, layer1]"])
+    assert list(cfg.init_layers) == ["stem", "layer1", "layer2"]
+    with pytest.raises(ConfigError, match="selects parts of an init file, but init is 'random'"):
+        load_config("finetune", FINETUNE_TINY, ["init=random", "init_layers=[stem]"])
 
 
 def test_k2_is_checked_only_where_re_ranking_runs():

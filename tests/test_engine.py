@@ -312,6 +312,23 @@ def test_a_missing_optional_package_is_one_line_not_a_traceback(images, tmp_path
 
 
 
+def test_fine_tuning_resume_refuses_other_init_layers_and_takes_old_checkpoints_as_all():
+    """init_layers decides the weights a run started from: another value is another run. A checkpoint
+    from before the key ran with the whole file, the default."""
+    from upreid.engine.resume import check_resume
+    tiny = os.path.join(CONFIGS, "finetune", "tiny_cpu.yaml")
+    saved = load_config("finetune", tiny, ["data.root=/x", "init=a.pt", "init_layers=[stem,layer1]"]).to_dict()
+    with pytest.raises(ckpt_io.CheckpointError, match=r"other data settings: init_layers: checkpoint \['stem', "
+                                                      r"'layer1'\], config \['stem', 'layer1', 'layer2', 'layer3', "
+                                                      r"'layer4'\]"):
+        check_resume("finetune", {"config": saved}, load_config("finetune", tiny, ["data.root=/x", "init=a.pt"]),
+                     "ck.pt")
+    old = load_config("finetune", tiny, ["data.root=/x", "init=a.pt"]).to_dict()
+    del old["init_layers"]
+    assert check_resume("finetune", {"config": old}, load_config("finetune", tiny, ["data.root=/x", "init=a.pt"]),
+                        "ck.pt") == []
+
+
 def test_fine_tuning_resume_refuses_another_epoch_length():
     """The step's epoch and batch follow from train.max_steps_per_epoch: another value would replay
     or skip data (and move the schedule), so it is refused like the other data settings."""

@@ -104,6 +104,47 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path, source):
     assert rep["unexpected"] == ["layer4.1.extra.weight"]
 
 
+@pytest.mark.parametrize("layers", [["stem", "layer1", "layer2"], ["layer4"], ["stem"]])
+def test_init_layers_take_only_the_parts_named(tmp_path, source, layers):
+    """init_layers: the named parts come from the file, every other part keeps the trunk's own
+    (seeded random) initialisation, and the report names the parts left random, not as missing."""
+    from upreid.engine.init_weights import trunk_part
+    path = str(tmp_path / "tv.pth")
+    torch.save(source, path)
+    torch.manual_seed(7)
+    trunk = ResNet(18)
+    fresh = {k: v.clone() for k, v in trunk.state_dict().items()}
+    rep = load_trunk(trunk, path, layers)
+    own = trunk.state_dict()
+    for k in source:
+        want = source[k] if trunk_part(k) in layers else fresh[k]
+        assert torch.equal(own[k], want), k
+    assert rep["missing"] == [] and rep["loaded"] == sum(trunk_part(k) in layers for k in source)
+    assert rep["random_layers"] == [p for p in ("stem", "layer1", "layer2", "layer3", "layer4") if p not in layers]
+    assert "random_layers" not in load_trunk(ResNet(18), path)
+
+
+def test_init_layers_still_refuse_another_architecture(tmp_path, source):
+    path = str(tmp_path / "tv.pth")
+    torch.save(source, path)
+    with pytest.raises(CheckpointError, match="depth: file 18, config model.depth=34"):
+        load_trunk(ResNet(34), path, ["stem"])
+
+
+def test_mgn_branches_follow_init_layers(tmp_path, source):
+    """Parts left random reach MGN's branches as the trunk's random weights, not the file's."""
+    path = str(tmp_path / "tv.pth")
+    torch.save(source, path)
+    from upreid.engine.finetune import initialise
+    model = MGN(num_classes=5, depth=18, dim=16)
+    rep = initialise(model, path, ["stem", "layer1", "layer2"])
+    assert rep["random_layers"] == ["layer3", "layer4"]
+    assert torch.equal(model.trunk.layer2[0].conv1.weight, source["layer2.0.conv1.weight"])
+    for branch in (model.p1, model.p2, model.p3):
+        assert not torch.equal(branch[1][0].conv1.weight, source["layer4.0.conv1.weight"])
+        assert torch.equal(branch[1][0].conv1.weight, model.trunk.layer4[0].conv1.weight)
+
+
 def test_wrong_depth_is_refused(tmp_path):
     path = str(tmp_path / "r34.pth")
     torch.save(ResNet(34).state_dict(), path)

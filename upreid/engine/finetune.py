@@ -45,10 +45,12 @@ def build_model(cfg, num_classes: int) -> nn.Module:
     return model
 
 
-def initialise(model: nn.Module, init) -> dict:
+def initialise(model: nn.Module, init, layers=None) -> dict:
+    """Load the trunk parts ``layers`` (default all) of the file ``init`` into ``model``'s trunk (and
+    MGN's branches); the report goes to ``init.json``."""
     if init in (None, "", "random"):
         return {"format": "random", "loaded": 0, "missing": [], "unexpected": []}
-    report = load_trunk(model.trunk, str(init))
+    report = load_trunk(model.trunk, str(init), layers)
     if hasattr(model, "sync_branches"):
         model.sync_branches()
     return report
@@ -78,7 +80,7 @@ class FinetuneTask(Task):
             check_camera_groups(list(self.dataset.query) + list(self.dataset.gallery), "query and gallery")
         self.num_classes = len({r.pid for r in self.dataset.train})
         self.model = build_model(cfg, self.num_classes)
-        self.init = initialise(self.model, cfg["init"]) if state is None else dict(state.get("init") or {})
+        self.init = initialise(self.model, cfg["init"], cfg["init_layers"]) if state is None else dict(state.get("init") or {})
         self.history: list = []
         loader = loader_from_config("finetune", self.dataset.train, d, device=trainer.device.type, seed=t["seed"],
                                     rank=trainer.rank, world=trainer.world)

@@ -19,6 +19,7 @@ import re
 
 from upreid.engine.checkpoint import BACKBONE_FORMAT, FORMAT as PRETRAIN_FORMAT, CheckpointError, load
 from upreid.models.checkpoint_formats import CheckpointFormatError, convert
+from upreid.engine.schema import TRUNK_PARTS
 from upreid.models.resnet import ARCHS, ResNet
 
 log = logging.getLogger("upreid.finetune")
@@ -70,9 +71,18 @@ def read_trunk_state(path: str) -> tuple[str, dict, dict]:
     return fmt, state, {"arch": infer_arch(state)}
 
 
-def load_trunk(trunk: ResNet, path: str) -> dict:
+def trunk_part(key: str) -> str:
+    """The part of a ResNet trunk a state-dict key belongs to: ``stem`` (conv1, bn1) or ``layer1``-``layer4``."""
+    head = key.split(".", 1)[0]
+    return head if head.startswith("layer") else "stem"
+
+
+def load_trunk(trunk: ResNet, path: str, layers=None) -> dict:
     """Load ``path`` into ``trunk``; returns a report (format, loaded, missing, unexpected, arch,
-    step). Raises :class:`CheckpointError` for another architecture."""
+    step, and with ``layers`` the parts kept at their random initialisation, ``random_layers``).
+    ``layers`` (default all) names the parts taken from the file (:data:`TRUNK_PARTS`); the file's
+    other tensors are left out on purpose, not counted as missing. Raises :class:`CheckpointError`
+    for another architecture, whatever ``layers`` says."""
     fmt, state, info = read_trunk_state(path)
     arch = info["arch"]
     want = {"depth": trunk.depth, "ibn": trunk.ibn, "width": getattr(trunk, "width", 64)}
@@ -87,17 +97,26 @@ def load_trunk(trunk: ResNet, path: str) -> dict:
     bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
     if bad:
         raise CheckpointError(f"init {path!r} ({fmt}): shape mismatch (key, file, model) {bad[:5]}")
-    res = trunk.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     unexpected = sorted(set(state) - set(own))
-    missing = sorted(res.missing_keys)
-    loaded = len(state) - len(unexpected)
-    if loaded == 0:
+    if len(state) == len(unexpected):
         raise CheckpointError(f"init {path!r} ({fmt}): none of its keys belongs to the trunk")
+    parts = list(TRUNK_PARTS) if layers is None else list(layers)
+    bad_parts = sorted(set(parts) - set(TRUNK_PARTS))
+    if bad_parts or not parts:
+        raise ValueError(f"init layers {parts!r}: each must be one of {list(TRUNK_PARTS)}")
+    skipped = [p for p in TRUNK_PARTS if p not in parts]
+    take = {k: v for k, v in state.items() if k in own and trunk_part(k) in parts}
+    res = trunk.load_state_dict(take, strict=False)
+    missing = sorted(k for k in res.missing_keys if trunk_part(k) in parts)
+    loaded = len(take)
     report = {"path": path, "format": fmt, "loaded": loaded, "missing": missing, "unexpected": unexpected,
               "arch": {k: v for k, v in arch.items() if k in ("depth", "width", "ibn", "last_stride")},
               "step": info.get("step")}
-    log.info("init from %s (%s): %d tensors loaded, %d missing, %d unexpected", path, fmt, loaded,
-             len(missing), len(unexpected))
+    if skipped:
+        report["random_layers"] = skipped
+    log.info("init from %s (%s): %d tensors loaded, %d missing, %d unexpected%s", path, fmt, loaded,
+             len(missing), len(unexpected), f"; kept at random init (init_layers): {', '.join(skipped)}"
+             if skipped else "")
     if missing:
         log.warning("init: keys the file lacks (left at their random init): %s%s", missing[:8],
                     " ..." if len(missing) > 8 else "")

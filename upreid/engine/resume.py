@@ -28,7 +28,7 @@ DATA_FREE = ("data.workers", "data.on_bad_image", "data.eval_batch_size", "data.
 # Keys that shape the data only while a switch is on: at data.color_p = 0 no colour jitter is drawn
 # (docs/data.md), so its ranges change nothing in the data stream and are applied like other settings.
 INERT_WHEN_OFF = {"data.color_p": ("data.color_gain", "data.color_brightness", "data.color_contrast")}
-OTHER_DATA = {"pretrain": ("train.seed",), "finetune": ("init", "train.seed", "train.max_steps_per_epoch")}
+OTHER_DATA = {"pretrain": ("train.seed",), "finetune": ("init", "init_layers", "train.seed", "train.max_steps_per_epoch")}
 # Settings added with a default other than the behaviour the code had before them: a checkpoint that
 # lacks one ran as this value (data.crop_attempts: one clamped draw per crop until it was added).
 BEFORE_ADDED = {"pretrain": {"data.crop_attempts": 1}}

@@ -157,6 +157,19 @@ def increasing_ints(lo: int) -> Setting:
     return Setting(f"a list of increasing integers >= {lo} (may be empty)", convert)
 
 
+TRUNK_PARTS = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+def trunk_parts() -> Setting:
+    """A non-empty list of distinct ResNet trunk parts, in any order."""
+    def convert(v):
+        if not isinstance(v, (list, tuple)) or not v or any(not isinstance(x, str) or x not in TRUNK_PARTS for x in v) \
+                or len(set(v)) != len(v):
+            raise _Reject
+        return [x for x in TRUNK_PARTS if x in v]
+    return Setting(f"a non-empty list of distinct parts from {list(TRUNK_PARTS)}", convert)
+
+
 def device() -> Setting:
     def convert(v):
         if not isinstance(v, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
@@ -210,7 +223,7 @@ PRETRAIN = {
 FINETUNE_DATASETS = ("market1501", "cuhk03-np", "cuhk03-np/detected", "cuhk03-np/labeled", "msmt17", "personx",
                      "market-style", "synth")
 FINETUNE = {
-    "init": optional(text()),
+    "init": optional(text()), "init_layers": trunk_parts(),
     "model.arch": one_of("bot", "mgn"), "model.depth": one_of(*DEPTHS), "model.width": integer(2), "model.last_stride": one_of(1, 2),
     "model.ibn": boolean(), "model.neck": boolean(), "model.pooling": one_of("avg", "max", "gem"),
     "model.gem_p": POSITIVE, "model.test_feature": one_of("bn", "pre"), "model.mgn_dim": integer(1),
@@ -253,6 +266,10 @@ def check_relations(task: str, v: Mapping, origins: Mapping) -> None:
     if v["model.width"] % 2:
         raise ConfigError(f"model.width={v['model.width']!r} ({_where(origins, 'model.width')}) must be even "
                           "(IBN-a splits the channels in halves); 64 is the published ResNet")
+    if task == "finetune" and v["init"] in (None, "random") and v["init_layers"] != list(TRUNK_PARTS):
+        raise ConfigError(f"init_layers={v['init_layers']!r} ({_where(origins, 'init_layers', 'init')}) selects "
+                          f"parts of an init file, but init is {v['init']!r}: set init=FILE, or leave "
+                          f"init_layers at {list(TRUNK_PARTS)}")
     if task == "finetune" and v["eval.rerank"] and v["eval.k2"] > v["eval.k1"] + 1:
         raise ConfigError(f"eval.k2={v['eval.k2']} is above eval.k1 + 1 = {v['eval.k1'] + 1} "
                           f"({_where(origins, 'eval.k2', 'eval.k1')}): re-ranking expands each query over its "
