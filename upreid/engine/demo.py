@@ -43,7 +43,7 @@ class DemoScale:
     pretrain_lr: float = 0.01     # SGD at batch 32 (0.05 made the instance-contrast loss climb after 70 steps)
     queue_size: int = 1024
     finetune_epochs: int = 30     # with SGD: UP-ReID init leads random init by 6.8 mAP here (5 seeds, every seed);
-                                  # at 45 random init catches up (docs/finetuning.md, "The optimizer and the schedule")
+                                  # at 45 random init catches up (docs/finetuning.md, "Fine-tuning length: why 30 epochs")
     finetune_p: int = 8
     finetune_k: int = 4
     finetune_optim: str = "sgd"   # optim.name: SGD, momentum 0.9 (BoT: Adam); measured in docs/finetuning.md,
