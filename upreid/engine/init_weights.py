@@ -18,8 +18,8 @@ import logging
 import re
 
 from upreid.engine.checkpoint import BACKBONE_FORMAT, FORMAT as PRETRAIN_FORMAT, CheckpointError, load
-from upreid.models.checkpoint_formats import CheckpointFormatError, convert
 from upreid.engine.schema import TRUNK_PARTS
+from upreid.models.checkpoint_formats import CheckpointFormatError, convert
 from upreid.models.resnet import ARCHS, ResNet
 
 log = logging.getLogger("upreid.finetune")
