@@ -124,6 +124,15 @@ def test_init_layers_take_only_the_parts_named(tmp_path, source, layers):
     assert "random_layers" not in load_trunk(ResNet(18), path)
 
 
+@pytest.mark.parametrize("layers", [["layer5"], [], ["stem", "stem"], "layer1"])
+def test_load_trunk_refuses_init_layers_the_config_would_refuse(tmp_path, source, layers):
+    path = str(tmp_path / "tv.pth")
+    torch.save(source, path)
+    with pytest.raises(ValueError, match=r"init_layers=.* \(from load_trunk\): must be a non-empty list of "
+                                         r"distinct parts from \['stem', 'layer1', 'layer2', 'layer3', 'layer4'\]"):
+        load_trunk(ResNet(18), path, layers)
+
+
 def test_init_layers_still_refuse_another_architecture(tmp_path, source):
     path = str(tmp_path / "tv.pth")
     torch.save(source, path)

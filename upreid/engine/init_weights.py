@@ -18,7 +18,7 @@ import logging
 import re
 
 from upreid.engine.checkpoint import BACKBONE_FORMAT, FORMAT as PRETRAIN_FORMAT, CheckpointError, load
-from upreid.engine.schema import TRUNK_PARTS
+from upreid.engine.schema import TRUNK_PARTS, trunk_parts
 from upreid.models.checkpoint_formats import CheckpointFormatError, convert
 from upreid.models.resnet import ARCHS, ResNet
 
@@ -82,7 +82,8 @@ def load_trunk(trunk: ResNet, path: str, layers=None) -> dict:
     step, and with ``layers`` the parts kept at their random initialisation, ``random_layers``).
     ``layers`` (default all) names the parts taken from the file (:data:`TRUNK_PARTS`); the file's
     other tensors are left out on purpose, not counted as missing. Raises :class:`CheckpointError`
-    for another architecture, whatever ``layers`` says."""
+    for another architecture, whatever ``layers`` says, and ``ValueError`` for a ``layers`` that
+    config key ``init_layers`` would refuse."""
     fmt, state, info = read_trunk_state(path)
     arch = info["arch"]
     want = {"depth": trunk.depth, "ibn": trunk.ibn, "width": getattr(trunk, "width", 64)}
@@ -100,10 +101,8 @@ def load_trunk(trunk: ResNet, path: str, layers=None) -> dict:
     unexpected = sorted(set(state) - set(own))
     if len(state) == len(unexpected):
         raise CheckpointError(f"init {path!r} ({fmt}): none of its keys belongs to the trunk")
-    parts = list(TRUNK_PARTS) if layers is None else list(layers)
-    bad_parts = sorted(set(parts) - set(TRUNK_PARTS))
-    if bad_parts or not parts:
-        raise ValueError(f"init layers {parts!r}: each must be one of {list(TRUNK_PARTS)}")
+    # the config's own rule for init_layers (a ConfigError, i.e. a ValueError, naming the value)
+    parts = list(TRUNK_PARTS) if layers is None else trunk_parts().check("init_layers", layers, "load_trunk")
     skipped = [p for p in TRUNK_PARTS if p not in parts]
     take = {k: v for k, v in state.items() if k in own and trunk_part(k) in parts}
     res = trunk.load_state_dict(take, strict=False)
