@@ -95,7 +95,7 @@ def render_pool(variant: str, seed: int, data: str, root: str, scale) -> tuple:
 def run_one(scale, variant: str, seed: int, data: str, work: str, rerank: dict, progress: bool) -> dict:
     from upreid.engine import checkpoint as ckpt_io
     from upreid.engine.config import load_config
-    from upreid.engine.demo import finetune_overrides
+    from upreid.engine.demo import finetune_overrides, schedule_overrides
     from upreid.engine.finetune import finetune
     from upreid.engine.init_weights import read_trunk_state
 
@@ -107,9 +107,8 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, rerank: dict, 
     t = time.perf_counter()
     pcfg = load_config("finetune", None, finetune_overrides(scale, os.path.join(run, "pool"), os.path.join(run, "pretrain"),
                                                             None, seed, rerank=rerank)
-                       + [f"train.epochs={epochs}", f"train.checkpoint_every={epochs}", f"data.k={k}",
-                          f"data.p={scale.finetune_p * scale.finetune_k // k}", "eval.ranklist_queries=0",
-                          f"optim.warmup_epochs={max(1, epochs // 8)}", f"optim.milestones=[{max(1, int(epochs * 0.75))}]"]
+                       + schedule_overrides(epochs)
+                       + [f"data.k={k}", f"data.p={scale.finetune_p * scale.finetune_k // k}", "eval.ranklist_queries=0"]
                        + prog)
     pre = finetune(pcfg, overwrite=True)
     pre_s = time.perf_counter() - t

@@ -68,7 +68,7 @@ def test_tiny_study_writes_table_chart_and_resumes(tmp_path, capsys):
     from benchmarks import study_camera_bn as cbn
     cbn_csv, cbn_table = str(tmp_path / "cbn.csv"), str(tmp_path / "cbn.md")
     assert cbn.main(["--scale", "tiny", "--work", work, "--seeds", "0", "1", "--variants", "random", "moco",
-                     "--train", "--csv", cbn_csv, "--table", cbn_table]) == 0
+                     "--train", "--epochs", "1", "--csv", cbn_csv, "--table", cbn_table]) == 0
     got = {(r["variant"], int(r["seed"])): r for r in csv.DictReader(open(cbn_csv))}
     assert set(got) == {("random", 0), ("random", 1), ("moco", 0), ("moco", 1)}
     for r in rows:
@@ -77,6 +77,11 @@ def test_tiny_study_writes_table_chart_and_resumes(tmp_path, capsys):
         assert float(g["trunk_mAP"]) == pytest.approx(r["frozen_mAP"], abs=1e-6)
         assert 0.0 < float(g["ft_cbn_mAP"]) <= 1.0 and 0.0 < float(g["trunk_cbn_mAP"]) <= 1.0
         assert 0.0 < float(g["cbn_ft_mAP"]) <= 1.0
+        assert int(g["short_epochs"]) == 1 and 0.0 < float(g["short_mAP"]) <= 1.0
+        assert 0.0 < float(g["short_cbn_mAP"]) <= 1.0 and 0.0 <= float(g["short_cbn_Rank-1"]) <= 1.0
+        short = __import__("json").load(open(os.path.join(work, f"{r['variant']}_s{r['seed']}", "finetune_e1",
+                                                          "results.json")))
+        assert short["config"]["train"]["epochs"] == 1 and short["config"]["optim"]["milestones"] == [1]
         saved = __import__("json").load(open(os.path.join(work, f"{r['variant']}_s{r['seed']}", "finetune_cbn",
                                                           "results.json")))
         assert saved["config"]["model"]["camera_bn"] and saved["config"]["eval"]["camera_bn"]
@@ -87,6 +92,11 @@ def test_tiny_study_writes_table_chart_and_resumes(tmp_path, capsys):
     text = open(cbn_table).read()
     assert "| moco | 2 |" in text and "| random: camera BN - plain | ft_mAP |" in text and "LDA on pixels" in text
     assert "| moco - random, camera BN in training too | ft_mAP |" in text
+    assert "| moco - random, shorter fine-tuning, camera BN | short_mAP |" in text and "fine-tuned again for 1 epochs" in text
+    assert float(g["lda_cam_Rank-1"]) > 0.0 and "LDA on camera-centred pixels:" in text
+    with pytest.raises(SystemExit):
+        cbn.main(["--scale", "tiny", "--work", work, "--epochs", "0", "--csv", ""])
+    assert "--epochs must be at least 1, got 0" in capsys.readouterr().err
     assert cbn.main(["--scale", "tiny", "--work", work, "--seeds", "7", "--csv", ""]) == 1   # no such runs
     assert "run benchmarks/study_pretrain.py" in capsys.readouterr().err
     # camera and identity shares of the same trunks: one row each, shares in (0, 1), the table printed

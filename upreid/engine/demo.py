@@ -86,17 +86,21 @@ def pretrain_overrides(s: DemoScale, root: str, out: str, seed: int = 0) -> list
                      "data.workers=0", f"optim.warmup_steps={max(1, s.pretrain_steps // 12)}", "train.log_every=5"]
 
 
+def schedule_overrides(epochs: int) -> list:
+    """The demo's fine-tuning schedule scaled to ``epochs``: warm-up an eighth of them, the lr step (x0.1)
+    at three quarters, one checkpoint at the end. Studies that fine-tune for another length use it too."""
+    return [f"train.epochs={epochs}", f"optim.warmup_epochs={max(1, epochs // 8)}",
+            f"optim.milestones=[{max(1, int(epochs * 0.75))}]", f"train.checkpoint_every={epochs}"]
+
+
 def finetune_overrides(s: DemoScale, root: str, out: str, init: str | None, seed: int = 0,
                        rerank: dict | None = None) -> list:
     h, w = (s.pretrain_height, s.pretrain_width)
     o = [f"data.root={root}", "data.dataset=synth", f"train.output={out}", f"init={init or 'random'}",
          f"model.depth={s.pretrain_depth}", f"model.width={s.width}", f"data.height={h}", f"data.width={w}",
-         f"data.p={s.finetune_p}", f"data.k={s.finetune_k}", f"train.epochs={s.finetune_epochs}",
+         f"data.p={s.finetune_p}", f"data.k={s.finetune_k}", *schedule_overrides(s.finetune_epochs),
          f"train.seed={seed}", f"train.device={s.device}", f"optim.name={s.finetune_optim}",
-         f"optim.lr={s.finetune_lr}",
-         f"optim.warmup_epochs={max(1, s.finetune_epochs // 8)}",
-         f"optim.milestones=[{max(1, int(s.finetune_epochs * 0.75))}]", "eval.every=0",
-         f"train.checkpoint_every={s.finetune_epochs}", "eval.ranklist_queries=8",
+         f"optim.lr={s.finetune_lr}", "eval.every=0", "eval.ranklist_queries=8",
          f"data.erasing_p={s.finetune_erasing}", f"data.color_p={s.finetune_color}",
          f"data.flip_test={str(s.flip_test).lower()}"]
     if rerank:
