@@ -12,6 +12,8 @@ Variants (pre-training objective, then the same BoT fine-tuning):
                 (model.gc=cosine: 2 - 2 cos(q_i, k_o), no bank distribution)
   moco-crop10 / upreid-crop10   the same with torchvision's crops (data.crop_attempts=10, the package's
                 default; the demo's CPU pre-training keeps one clamped draw)
+  upreid-color  full UP-ReID with the fine-tuning's colour jitter on the two views too (data.color_p=0.8;
+                the original stays unjittered, so the GC ties jittered views to it)
   moco-sbn / upreid-sbn   MoCo / UP-ReID with shuffle-BN emulated on one device (model.bn_groups=4:
                 BN statistics in 4 groups of batch / 4, the key encoder's after a seeded shuffle)
 
@@ -61,6 +63,7 @@ VARIANTS = {
     "upreid-cos": ["model.gc=cosine", "model.ic=aligned"],
     "moco-crop10": ["model.gc=off", "model.ic=off", "data.crop_attempts=10"],
     "upreid-crop10": ["model.gc=bank_kl", "model.ic=aligned", "data.crop_attempts=10"],
+    "upreid-color": ["model.gc=bank_kl", "model.ic=aligned", "data.color_p=0.8"],
     "moco-sbn": ["model.gc=off", "model.ic=off", "model.bn_groups=4"],
     "upreid-sbn": ["model.gc=bank_kl", "model.ic=aligned", "model.bn_groups=4"],
 }
