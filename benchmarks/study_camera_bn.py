@@ -19,15 +19,14 @@ every image (colour cast, brightness, background) is normalised away. Without ``
                                pre-training a head start where the fine-tuning is short?
 
 and, once for the split, mAP and Rank-1 of the linear metric on pixels (LDA, as the demo's row) against
-the same metric on camera-centred pixels (each camera's mean image subtracted): camera BN uses the camera ids, so the
-linear baseline is given them too. One CSV row per (variant, seed) in
+the same metric on camera-centred pixels (each camera's mean image subtracted): camera BN uses the
+camera ids, so the linear baseline is given them too. One CSV row per (variant, seed) in
 ``benchmarks/results/study_camera_bn.csv``; the table (mean ± sample std, raw values, differences with
-two standard errors) goes to ``--table``. Retraining (``--train``, ``--epochs``) means the script no
-longer only scores; every fine-tuning it starts is resumable.
+two standard errors) goes to ``--table``. The fine-tunings that ``--train`` and ``--epochs`` start are
+kept and reused when the script runs again with the same config.
 
-    python benchmarks/study_camera_bn.py --work runs/study_cpu2 --seeds 0 1 2 3 4 --train \\
-        --variants random moco upreid \\
-        --table benchmarks/results/study_camera_bn_table.md
+    python benchmarks/study_camera_bn.py --work runs/s4 --seeds 0 1 2 3 4 --epochs 15 \\
+        --variants random upreid --table benchmarks/results/study_camera_bn_table.md
 """
 from __future__ import annotations
 
