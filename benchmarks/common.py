@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import os
 from pathlib import Path
 
 import torch
@@ -33,11 +34,13 @@ def env_fields(device: str | torch.device) -> dict:
 
 
 def append_rows(rows: list[dict], path: Path | str = RESULTS_CSV, fields: list[str] | None = None,
-                ignore_unknown: bool = False) -> Path:
+                ignore_unknown: bool = False, widen: bool = False) -> Path:
     """Append rows to the CSV under the ``fields`` header (default: the results CSV's), the header
     written first into a new or empty file; an existing file with another header is refused. Missing
     fields are left empty; unknown fields are an error, or, with ``ignore_unknown``, left out (rows that
-    carry more than their CSV records)."""
+    carry more than their CSV records). ``widen``: a file whose columns are all among ``fields`` (written
+    before a script gained columns) is first rewritten under the full header, its rows' new cells
+    empty; a column that ``fields`` lacks is still refused."""
     fields = FIELDS if fields is None else fields
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,8 +53,19 @@ def append_rows(rows: list[dict], path: Path | str = RESULTS_CSV, fields: list[s
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
         if header != list(fields):
-            raise ValueError(f"{path}: its header {header} is not this script's {list(fields)}; "
-                             "pass another CSV path (rows under another header would be misread)")
+            if not (widen and set(header) <= set(fields)):
+                extra = sorted(set(header) - set(fields))
+                raise ValueError(f"{path}: its header {header} is not this script's {list(fields)}"
+                                 + (f" (columns {extra} are not this script's)" if widen else "")
+                                 + "; pass another CSV path (rows under another header would be misread)")
+            with open(path, newline="") as f:
+                old = list(csv.DictReader(f))
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(old)
+            os.replace(tmp, path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         if new:

@@ -3,8 +3,9 @@
     upreid demo --out runs/demo && python benchmarks/demo_report.py runs/demo
 
 Appends one row per (method, re-ranking) to ``benchmarks/results/demo.csv`` with the device, versions,
-commit, time and load of the demo's run (as its summary.json records them), wall time per stage and the
-demo's scale, and copies the rank lists of both fine-tunings and the training curves to
+commit, time and load of the demo's run (as its summary.json records them), wall time per stage, the
+demo's scale and its ``--seed`` (the column came after the first rows: an empty cell is a seed-0 demo,
+the only seed there was), and copies the rank lists of both fine-tunings and the training curves to
 ``benchmarks/results/demo_*.png`` (the README shows them).
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from upreid.engine.demo import TINY  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["timestamp", "commit", "device", "torch", "threads", "load_avg_1m", "scale", "k1", "k2", "method",
           "rerank", "mAP", "Rank-1", "Rank-5", "Rank-10", "mINP", "seconds_total", "seconds_synth",
-          "seconds_baselines", "seconds_pretrain", "seconds_finetune_upreid", "seconds_finetune_random"]
+          "seconds_baselines", "seconds_pretrain", "seconds_finetune_upreid", "seconds_finetune_random", "seed"]
 PICTURES = {"finetune_upreid/ranklist.png": "demo_ranklist_upreid.png",
             "finetune_random/ranklist.png": "demo_ranklist_random.png",
             "curves_pretrain.png": "demo_curves_pretrain.png", "curves_finetune.png": "demo_curves_finetune.png"}
@@ -58,7 +59,8 @@ def rows_of(summary: dict, env: dict) -> list:
             if mode not in res:
                 continue
             m = res[mode]
-            out.append({**env, "threads": summary["threads"], "scale": scale, "k1": rr["k1"], "k2": rr["k2"],
+            out.append({**env, "threads": summary["threads"], "scale": scale, "seed": summary.get("seed", 0),
+                        "k1": rr["k1"], "k2": rr["k2"],
                         "method": method, "rerank": mode == "rerank",
                         **{k: round(100 * m[k], 2) for k in ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP")},
                         **{f"seconds_{k}": round(v, 1) for k, v in s.items()}})
@@ -86,7 +88,13 @@ def main(argv=None) -> int:
               "elsewhere", file=sys.stderr)
         return 1
     rows = rows_of(summary, run_env(summary, path))
-    append_rows(rows, args.csv, FIELDS, ignore_unknown=True)
+    seed = summary.get("seed", 0)
+    if seed != 0 and args.pictures and os.path.abspath(args.pictures) == os.path.abspath(RESULTS):
+        print(f"error: {args.demo} holds a `upreid demo --seed {seed}` run; the pictures in benchmarks/results are "
+              "the seed-0 demo's that the README shows. Pass --pictures '' (rows only) or another folder",
+              file=sys.stderr)
+        return 1
+    append_rows(rows, args.csv, FIELDS, ignore_unknown=True, widen=True)
     print(f"{len(rows)} rows appended to {args.csv}")
     if args.pictures:
         for src, dst in PICTURES.items():

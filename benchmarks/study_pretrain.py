@@ -146,22 +146,7 @@ def scale_tag(name: str, scale) -> str:
 def append_csv(path: str, row: dict, fields: list = FIELDS) -> None:
     """Append ``row`` under the ``fields`` header; a file written with fewer columns (an older version
     of this script) is rewritten first with the full header, its rows' new cells left empty."""
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
-            f.seek(0)
-            header = next(csv.reader(f))
-        if header != fields:
-            unknown = sorted(set(header) - set(fields))
-            if unknown:
-                raise ValueError(f"{path}: columns {unknown} are not this script's; pass another --csv")
-            tmp = path + ".tmp"
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(old)
-            os.replace(tmp, path)
-    append_rows([row], path, fields, ignore_unknown=True)
+    append_rows([row], path, fields, ignore_unknown=True, widen=True)
 
 
 KEYS = ("mAP", "Rank-1", "mAP_rerank", "Rank-1_rerank", "frozen_mAP", "probe_mAP", "probe_bn_mAP")

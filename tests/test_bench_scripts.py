@@ -155,6 +155,21 @@ def test_append_rows_writes_the_fields_given_and_refuses_another_header(tmp_path
     assert path.read_text().splitlines() == ["a,b", "1,2", ",3", "4,"]      # nothing written by the refusals
 
 
+def test_append_rows_widens_an_older_header_only_when_asked(tmp_path):
+    """A CSV written before its script gained a column: rewritten under the full header (old rows keep
+    their cells, the new one empty), then appended; a column the script does not know is still refused."""
+    from benchmarks.common import append_rows
+    path = tmp_path / "x.csv"
+    append_rows([{"a": 1, "b": 2}], path, fields=["a", "b"])
+    with pytest.raises(ValueError, match="is not this script's"):
+        append_rows([{"a": 3, "c": 4}], path, fields=["a", "b", "c"])          # not without widen
+    append_rows([{"a": 3, "c": 4}], path, fields=["a", "b", "c"], widen=True)
+    assert path.read_text().splitlines() == ["a,b,c", "1,2,", "3,,4"]
+    with pytest.raises(ValueError, match=r"columns \['b'\] are not this script's"):
+        append_rows([{"a": 5}], path, fields=["a", "c"], widen=True)
+    assert path.read_text().splitlines() == ["a,b,c", "1,2,", "3,,4"]
+
+
 def test_bench_pretrain_refuses_an_unknown_implementation(capsys):
     from benchmarks import bench_pretrain
     with pytest.raises(SystemExit) as e:

@@ -12,7 +12,7 @@ from upreid.engine.ranklist import ranklist_size
 @pytest.mark.slow
 def test_demo_tiny_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    assert main(["demo", "--tiny", "--out", out, "--no-progress"]) == 0
+    assert main(["demo", "--tiny", "--out", out, "--no-progress", "--seed", "1"]) == 0
     text = capsys.readouterr().out
     assert f"everything is in {out}" in text
     names = ("raw-pixel NN", "colour-hist NN", "LDA on pixels", "UP-ReID, no FT", "random init", "UP-ReID init")
@@ -33,6 +33,12 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     cfg = json.load(open(os.path.join(out, "finetune_upreid", "results.json")))["config"]["eval"]
     assert (cfg["k1"], cfg["k2"]) == (rr["k1"], rr["k2"])
     assert summary["seconds"]["total"] > 0
+    # --seed reaches the pre-training and both fine-tunings; the line under the table names it
+    assert summary["seed"] == 1 and "(no re-ranking; seed 1," in text
+    import yaml
+    assert yaml.safe_load(open(os.path.join(out, "pretrain", "config.yaml")))["train"]["seed"] == 1
+    for run in ("finetune_upreid", "finetune_random"):
+        assert json.load(open(os.path.join(out, run, "results.json")))["config"]["train"]["seed"] == 1
     # the line under the table: UP-ReID init against random init and LDA, from the same numbers
     res = {k: summary["results"][k]["plain"] for k in ("upreid", "random", "lda")}
     line = next(x for x in text.splitlines() if x.startswith("pre-training, UP-ReID init - random init:"))
@@ -53,6 +59,12 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
             assert im.format == "PNG" and im.size == ranklist_size(8, 10)   # demo: 8 queries, top 10
     assert main(["demo", "--tiny", "--out", out]) == 1                      # not into a non-empty folder
     assert "not empty" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_negative_seed_before_writing_anything(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--tiny", "--out", str(out), "--seed", "-1"]) == 1
+    assert "--seed must be an integer >= 0" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize("name", ["CPU", "GPU", "TINY"])

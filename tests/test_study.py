@@ -298,6 +298,32 @@ def test_demo_report_keeps_a_tiny_demo_out_of_the_published_results(tmp_path, ca
     assert demo_report.main([str(tmp_path), "--csv", str(tmp_path / "d.csv"), "--pictures", ""]) == 0
 
 
+def test_demo_report_records_the_seed_and_keeps_other_seeds_pictures_out_of_the_readme(tmp_path, capsys):
+    """Rows carry the demo's --seed (a CSV from before the column is widened, its old rows kept); a
+    non-zero seed's pictures would replace the seed-0 pictures the README shows, so they are refused there."""
+    import csv
+    import json
+
+    from benchmarks import demo_report
+    path = tmp_path / "d.csv"
+    old = demo_report.FIELDS[:-1]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old)
+        w.writeheader()
+        w.writerow({"method": "upreid", "mAP": "43.45"})
+    run = {"device": "CPU", "commit": "abc1234", "torch": "2", "timestamp": "t", "load_avg_1m": 1.0}
+    (tmp_path / "summary.json").write_text(json.dumps(_demo_summary(seed=3, **run)))
+    csv_before = demo_report.RESULTS / "demo.csv"
+    before = csv_before.read_bytes() if csv_before.exists() else None
+    assert demo_report.main([str(tmp_path), "--csv", str(path)]) == 1        # pictures into benchmarks/results
+    assert "`upreid demo --seed 3` run" in capsys.readouterr().err
+    assert (csv_before.read_bytes() if csv_before.exists() else None) == before
+    assert len(list(csv.DictReader(open(path, newline="")))) == 1            # nothing appended by the refusal
+    assert demo_report.main([str(tmp_path), "--csv", str(path), "--pictures", ""]) == 0
+    rows = list(csv.DictReader(open(path, newline="")))
+    assert [r["seed"] for r in rows] == ["", "3", "3"] and rows[0]["mAP"] == "43.45"
+
+
 def test_demo_report_notes_an_old_summary_without_the_run_fields(tmp_path, capsys):
     import csv
     import json
