@@ -53,19 +53,25 @@ def append_rows(rows: list[dict], path: Path | str = RESULTS_CSV, fields: list[s
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
         if header != list(fields):
-            if not (widen and set(header) <= set(fields)):
+            if not (widen and set(header) <= set(fields) and len(set(header)) == len(header)):
                 extra = sorted(set(header) - set(fields))
-                raise ValueError(f"{path}: its header {header} is not this script's {list(fields)}"
-                                 + (f" (columns {extra} are not this script's)" if widen else "")
-                                 + "; pass another CSV path (rows under another header would be misread)")
+                twice = sorted({c for c in header if header.count(c) > 1})
+                why = (f" (columns {extra} are not this script's)" if widen and extra else
+                       f" (it names {twice} twice)" if widen and twice else "")
+                raise ValueError(f"{path}: its header {header} is not this script's {list(fields)}{why}; "
+                                 "pass another CSV path (rows under another header would be misread)")
             with open(path, newline="") as f:
                 old = list(csv.DictReader(f))
             tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(old)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=fields)
+                    w.writeheader()
+                    w.writerows(old)     # a row with more cells than its header raises: the file stays as it was
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         if new:

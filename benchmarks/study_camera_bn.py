@@ -152,7 +152,7 @@ def table(rows: list, pixels: dict) -> str:
                    + " | ".join(study.cell(study._values(rows, v, k)) for k in KEYS) + " |")
     lda = {k: (f"{100 * float(pixels[k]):.2f}" if pixels.get(k) not in (None, "") else "-")
            for k in ("lda_mAP", "lda_Rank-1", "lda_cam_mAP", "lda_cam_Rank-1")}
-    short = sorted({r["short_epochs"] for r in rows if r.get("short_epochs") not in (None, "")})
+    short = sorted({r["short_epochs"] for r in rows if r.get("short_epochs") not in (None, "")}, key=int)
     out += ["", f"LDA on pixels: {lda['lda_mAP']} mAP, {lda['lda_Rank-1']} Rank-1; LDA on camera-centred pixels: "
                 f"{lda['lda_cam_mAP']} mAP, {lda['lda_cam_Rank-1']} Rank-1 (one split, no seed).",
             *([f"short_*: each initialisation fine-tuned again for {', '.join(short)} epochs (the demo's "

@@ -165,9 +165,20 @@ def test_append_rows_widens_an_older_header_only_when_asked(tmp_path):
         append_rows([{"a": 3, "c": 4}], path, fields=["a", "b", "c"])          # not without widen
     append_rows([{"a": 3, "c": 4}], path, fields=["a", "b", "c"], widen=True)
     assert path.read_text().splitlines() == ["a,b,c", "1,2,", "3,,4"]
-    with pytest.raises(ValueError, match=r"columns \['b'\] are not this script's"):
-        append_rows([{"a": 5}], path, fields=["a", "c"], widen=True)
-    assert path.read_text().splitlines() == ["a,b,c", "1,2,", "3,,4"]
+    append_rows([{"c": 5, "b": 6}], path, fields=["c", "b", "a"], widen=True)    # same columns, another order
+    assert path.read_text().splitlines() == ["c,b,a", ",2,1", "4,,3", "5,6,"]
+    with pytest.raises(ValueError, match=r"columns \['a'\] are not this script's"):
+        append_rows([{"c": 7}], path, fields=["c", "b"], widen=True)
+    assert path.read_text().splitlines() == ["c,b,a", ",2,1", "4,,3", "5,6,"]
+    bad = tmp_path / "bad.csv"                   # a row with more cells than the header: refused, file kept
+    bad.write_text("a,b\n1,2,3\n")
+    with pytest.raises(ValueError):
+        append_rows([{"a": 4}], bad, fields=["a", "b", "c"], widen=True)
+    assert bad.read_text() == "a,b\n1,2,3\n" and sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "x.csv"]
+    dup = tmp_path / "dup.csv"                   # a header naming a column twice is not widened
+    dup.write_text("a,a\n1,2\n")
+    with pytest.raises(ValueError, match=r"it names \['a'\] twice"):
+        append_rows([{"a": 4}], dup, fields=["a", "b"], widen=True)
 
 
 def test_bench_pretrain_refuses_an_unknown_implementation(capsys):

@@ -87,6 +87,11 @@ def test_every_demo_scale_gives_valid_configs(name, tmp_path):
     assert f["data"]["color_p"] == s.finetune_color > 0 and p["data"]["color_p"] == 0   # pre-training: LUP's views
     # crops: torchvision's on the GPU (the recipe); one clamped draw on the CPU, as the study was measured
     assert p["data"]["crop_attempts"] == (10 if name == "GPU" else 1)
+    # the schedule rule is the one the studies use, and no key is given twice
+    o = demo.finetune_overrides(s, "d", "f", None)
+    assert set(demo.schedule_overrides(s.finetune_epochs)) <= set(o)
+    keys = [x.split("=", 1)[0] for x in o]
+    assert len(keys) == len(set(keys))
     if name == "GPU":
         assert p["model"]["depth"] == 50 and p["data"]["height"] == 256 and p["train"]["device"] == "cuda"
 
