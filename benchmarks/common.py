@@ -62,12 +62,16 @@ def append_rows(rows: list[dict], path: Path | str = RESULTS_CSV, fields: list[s
                                  "pass another CSV path (rows under another header would be misread)")
             with open(path, newline="") as f:
                 old = list(csv.DictReader(f))
+            long = [i + 2 for i, r in enumerate(old) if None in r]     # DictReader's key for surplus cells
+            if long:
+                raise ValueError(f"{path}: line(s) {long[:5]} have more cells than its header {header}; "
+                                 "mend or move the file before adding columns to it")
             tmp = path.with_name(path.name + ".tmp")
             try:
                 with open(tmp, "w", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=fields)
                     w.writeheader()
-                    w.writerows(old)     # a row with more cells than its header raises: the file stays as it was
+                    w.writerows(old)
                 os.replace(tmp, path)
             except BaseException:
                 tmp.unlink(missing_ok=True)

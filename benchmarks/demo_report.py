@@ -80,20 +80,19 @@ def main(argv=None) -> int:
     except (OSError, json.JSONDecodeError) as e:
         print(f"error: cannot read {path!r} ({e}); run `upreid demo --out {args.demo}` first", file=sys.stderr)
         return 1
-    published = os.path.abspath(args.csv) == os.path.abspath(RESULTS / "demo.csv") or (
-        args.pictures and os.path.abspath(args.pictures) == os.path.abspath(RESULTS))
+    into_results = bool(args.pictures) and os.path.abspath(args.pictures) == os.path.abspath(RESULTS)
+    published = os.path.abspath(args.csv) == os.path.abspath(RESULTS / "demo.csv") or into_results
     if published and summary.get("scale") == dataclasses.asdict(TINY):
         print(f"error: {args.demo} holds a `upreid demo --tiny` run (a smoke test, not results); it is not "
               "recorded in benchmarks/results. Pass --csv and --pictures '' (or another folder) to record it "
               "elsewhere", file=sys.stderr)
         return 1
-    rows = rows_of(summary, run_env(summary, path))
-    seed = summary.get("seed", 0)
-    if seed != 0 and args.pictures and os.path.abspath(args.pictures) == os.path.abspath(RESULTS):
-        print(f"error: {args.demo} holds a `upreid demo --seed {seed}` run; the pictures in benchmarks/results are "
-              "the seed-0 demo's that the README shows. Pass --pictures '' (rows only) or another folder",
-              file=sys.stderr)
+    if into_results and summary.get("seed", 0) != 0:
+        print(f"error: {args.demo} holds a `upreid demo --seed {summary['seed']}` run; the pictures in "
+              "benchmarks/results are the seed-0 demo's that the README shows. Pass --pictures '' (rows only) "
+              "or another folder", file=sys.stderr)
         return 1
+    rows = rows_of(summary, run_env(summary, path))
     append_rows(rows, args.csv, FIELDS, ignore_unknown=True, widen=True)
     print(f"{len(rows)} rows appended to {args.csv}")
     if args.pictures:

@@ -172,7 +172,7 @@ def test_append_rows_widens_an_older_header_only_when_asked(tmp_path):
     assert path.read_text().splitlines() == ["c,b,a", ",2,1", "4,,3", "5,6,"]
     bad = tmp_path / "bad.csv"                   # a row with more cells than the header: refused, file kept
     bad.write_text("a,b\n1,2,3\n")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"line\(s\) \[2\] have more cells than its header \['a', 'b'\]"):
         append_rows([{"a": 4}], bad, fields=["a", "b", "c"], widen=True)
     assert bad.read_text() == "a,b\n1,2,3\n" and sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "x.csv"]
     dup = tmp_path / "dup.csv"                   # a header naming a column twice is not widened

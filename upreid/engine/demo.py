@@ -261,7 +261,7 @@ def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite
 def run_demo_cli(args) -> int:
     try:
         res = run_demo(args.out, TINY if args.tiny else None, overwrite=args.overwrite,
-                       progress=not args.no_progress, seed=getattr(args, "seed", 0))
+                       progress=not args.no_progress, seed=args.seed)
     except (FileExistsError, ValueError, RuntimeError) as e:
         import sys
         print(f"error: {e}", file=sys.stderr)
