@@ -247,12 +247,17 @@ def bad_recs(recs, tmp_path):
     return recs[:6] + [Record(p, 0, 0) for p in files.values()], files
 
 
-def test_bad_image_error_names_the_file(bad_recs):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_image_error_names_the_file(bad_recs, workers):
+    """Raised as a BadImageError naming the file, also when a worker process read it (an exception in a
+    worker reaches the main process as a RuntimeError with a traceback in its message)."""
     records, files = bad_recs
     for kind, path in files.items():
-        L = build_loader("eval", [records[0], Record(path, 0, 0)], batch_size=2, backend="torch", workers=0)
-        with pytest.raises(BadImageError, match=path.replace(".", r"\.")):
-            list(L)
+        with build_loader("eval", [records[0], Record(path, 0, 0)], batch_size=2, backend="torch",
+                          workers=workers) as L:
+            with pytest.raises(BadImageError, match=path.replace(".", r"\.")) as info:
+                list(L)
+        assert "Traceback" not in str(info.value) and info.value.path == path
 
 
 def test_bad_image_skip_is_counted(bad_recs):

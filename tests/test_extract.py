@@ -104,6 +104,36 @@ def test_bad_input_is_named(tmp_path, capsys):
         extract_to_npz(tv, str(tmp_path / "x.npz"), data=str(tmp_path), split="val")
 
 
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_an_unreadable_image_is_named_or_skipped_and_listed(tmp_path, capsys, backend):
+    """A truncated JPEG: by default one line naming the file and the option to skip it (no traceback,
+    no file); with --on-bad-image skip, every other image has its row and the skipped one is listed."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    from PIL import Image
+    torch.save({"state_dict": ResNet(18).state_dict()}, tmp_path / "tv.pth")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(5):
+        Image.new("RGB", (8, 16), (40 * i, 20, 90)).save(imgs / f"000{i}_c1s1_000001_00.jpg")
+    bad = imgs / "0002_c1s1_000001_00.jpg"
+    bad.write_bytes(bad.read_bytes()[:40])
+    out = tmp_path / "x.npz"
+    base = ["extract", str(tmp_path / "tv.pth"), "--out", str(out), "--images", str(imgs), "--height", "16",
+            "--width", "8", "--backend", backend, "--device", "cpu", "--no-progress"]
+    rc = extract_main(base)
+    err = capsys.readouterr().err
+    assert rc == 2 and str(bad) in err and "--on-bad-image skip" in err and "on_bad_image=" not in err, err
+    assert "Traceback" not in err and not out.exists()
+    assert extract_main(base + ["--on-bad-image", "skip"]) == 0
+    cap = capsys.readouterr()
+    assert "skipped 1 unreadable images image(s)" in cap.err and str(bad) in cap.err, cap.err
+    assert "4 images features" in cap.out
+    with np.load(out) as z:
+        assert z["features"].shape[0] == 4 and str(bad) not in list(z["paths"])
+        assert list(z["pids"]) == [0, 1, 3, 4]
+
+
 @pytest.mark.parametrize("opts,message", [
     (["--device", "tpu"], "--device 'tpu' is not a device"),
     (["--device", "meta"], "--device 'meta': only cpu and cuda are supported"),

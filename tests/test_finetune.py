@@ -93,7 +93,7 @@ def test_resume_after_sigterm_is_exact(synth_root, tmp_path, finetune_cfg):
         finetune(finetune_cfg(synth_root, str(tmp_path / "split"), *extra, "data.p=2"), resume="auto")
 
 
-def test_bad_images_skipped_when_asked(synth_root, tmp_path, finetune_cfg):
+def test_bad_images_skipped_when_asked(synth_root, tmp_path, finetune_cfg, capsys):
     """data.on_bad_image reaches the loaders of both training and evaluation."""
     import shutil
     root = tmp_path / "synth"
@@ -106,6 +106,13 @@ def test_bad_images_skipped_when_asked(synth_root, tmp_path, finetune_cfg):
     from upreid.data.imageio import BadImageError
     with pytest.raises(BadImageError, match=r"bad image .*bounding_box_train.*the file is empty.*on_bad_image"):
         finetune(finetune_cfg(str(root), str(tmp_path / "err"), "train.epochs=1", "train.max_steps_per_epoch=8"))
+    # the command line names its own setting, not the Python argument; one line, no traceback
+    rc = main(["finetune", "--config", FINETUNE_TINY, f"data.root={root}", f"train.output={tmp_path / 'cli'}",
+               "train.epochs=1", "train.max_steps_per_epoch=1", "data.p=4", "train.progress=false",
+               "model.width=16", "data.backend=torch", "data.workers=2"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "error: bad image" in err and "the file is empty" in err, err
+    assert "set data.on_bad_image=skip" in err and "on_bad_image='skip'" not in err and "Traceback" not in err
     s = finetune(finetune_cfg(str(root), str(tmp_path / "skip"), "train.epochs=1", "train.max_steps_per_epoch=8",
                               "data.on_bad_image=skip", "eval.rerank=false", "eval.ranklist_queries=0"))
     assert not s["interrupted"] and s["results"]["plain"]["num_query"] > 0

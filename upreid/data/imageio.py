@@ -25,7 +25,12 @@ class BadImageError(RuntimeError):
         super().__init__(f"bad image {path!r}: {reason} ("
                          + (hint or "pass on_bad_image='skip' to skip such files; they are counted in the epoch "
                             "summary") + ")")
-        self.path, self.reason = path, reason
+        self.path, self.reason, self.hint = path, reason, hint
+
+    def cli_message(self, hint: str) -> str:
+        """The message with a command line's own way to skip such files (``hint``) in place of the
+        Python argument's (an error raised with a hint of its own keeps it)."""
+        return f"bad image {self.path!r}: {self.reason} ({self.hint or hint})"
 
 
 def check_policy(policy: str) -> str:

@@ -22,9 +22,9 @@ from .transforms import SAMPLE_FNS
 
 
 class _Samples(Dataset):
-    def __init__(self, kind, records, aug, seed, rank, on_bad_image):
+    def __init__(self, kind, records, aug, seed, rank):
         self.kind, self.records, self.aug = kind, records, aug
-        self.seed, self.rank, self.skip = seed, rank, on_bad_image == "skip"
+        self.seed, self.rank = seed, rank
         self.fn = SAMPLE_FNS[kind]
 
     def __len__(self):
@@ -35,10 +35,10 @@ class _Samples(Dataset):
         rec = self.records[index]
         try:
             img = decode_pil(rec.path)
-        except BadImageError:
-            if self.skip:
-                return {"_bad": rec.path}
-            raise
+        except BadImageError as e:
+            # Reported, not raised: a worker process's exception reaches the main process re-wrapped as a
+            # RuntimeError carrying a traceback; the loader raises (or counts) it there, under its own type.
+            return {"_bad": rec.path, "_reason": e.reason}
         rng = np.random.default_rng([self.seed, 9, self.rank, epoch, pos])
         out = self.fn(img, rng, self.aug)
         out["index"] = torch.tensor(index, dtype=torch.int64)
@@ -50,7 +50,7 @@ class _Samples(Dataset):
 
 def _collate(items):
     good = [it for it in items if "_bad" not in it]
-    bad = [it["_bad"] for it in items if "_bad" in it]
+    bad = [(it["_bad"], it["_reason"]) for it in items if "_bad" in it]
     batch = default_collate(good) if good else {}
     batch["_skipped"] = bad
     return batch
@@ -112,7 +112,7 @@ class TorchLoader(BaseLoader):
         super().__init__(kind, records, sampler, aug, seed=seed, on_bad_image=on_bad_image, rank=rank, world=world)
         self.device = torch.device(device)
         self.workers, self.prefetch = workers, prefetch
-        self.dataset = _Samples(kind, self.records, aug, seed, rank, on_bad_image)
+        self.dataset = _Samples(kind, self.records, aug, seed, rank)
         self._dl = None
 
     def _dataloader(self) -> DataLoader:
@@ -141,7 +141,10 @@ class TorchLoader(BaseLoader):
     def __iter__(self) -> Iterator[dict]:
         samples, n_batches, skipped = 0, 0, []
         for batch in self._dataloader():
-            bad = batch.pop("_skipped")
+            failed = batch.pop("_skipped")
+            if failed and self.on_bad_image == "error":
+                raise BadImageError(*failed[0])
+            bad = [path for path, _ in failed]
             skipped += bad
             if not batch:
                 self._whole_batch_failed(bad)

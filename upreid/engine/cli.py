@@ -70,7 +70,11 @@ def errors() -> tuple:
             NonFiniteLossError, FileExistsError, ValueError, NotImplementedError, MissingDependencyError)
 
 
+SKIP_HINT = "set data.on_bad_image=skip to skip such files; they are counted in the epoch summary"
+
+
 def run_task(args) -> int:
+    from upreid.data.imageio import BadImageError
     from upreid.engine.config import load_config
     try:
         cfg = load_config(args.task, args.config, args.overrides)
@@ -84,6 +88,9 @@ def run_task(args) -> int:
         else:
             from upreid.engine.finetune import finetune as run
         summary = run(cfg, resume=resume, overwrite=args.overwrite)
+    except BadImageError as e:
+        print(f"error: {e.cli_message(SKIP_HINT)}", file=sys.stderr)
+        return 1
     except errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

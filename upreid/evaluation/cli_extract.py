@@ -43,15 +43,20 @@ def register(subparsers) -> argparse.ArgumentParser:
                           "gallery together) and extract that camera's features with them; needs Market-style "
                           "names (the camera) and at least 2 images per camera (default: the run's eval.camera_bn)")
     cbn.add_argument("--no-camera-bn", dest="camera_bn", action="store_false", help="no camera-based BatchNorm")
+    p.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
+                   help="an unreadable image: stop and name it (error, the default) or leave it out of the file "
+                        "and list it (skip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_extract)
     return p
 
 
 def run_extract(args) -> int:
-    from upreid.data import DatasetError
-    from upreid.engine.checkpoint import CheckpointError
     import torch
+
+    from upreid.data import DatasetError
+    from upreid.data.imageio import BadImageError
+    from upreid.engine.checkpoint import CheckpointError
 
     from upreid.evaluation.extract import extract_to_npz
     from upreid.utils.deps import MissingDependencyError
@@ -67,10 +72,17 @@ def run_extract(args) -> int:
                            flip=args.flip, height=args.height, width=args.width, backend=args.backend,
                            device=args.device, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
                            last_stride=args.last_stride, progress=not args.no_progress,
-                           camera_bn=args.camera_bn)
+                           camera_bn=args.camera_bn, on_bad_image=args.on_bad_image)
+    except BadImageError as e:
+        print(f"upreid extract: {e.cli_message('pass --on-bad-image skip to leave such images out')}", file=sys.stderr)
+        return 2
     except (CheckpointError, DatasetError, ValueError, OSError, MissingDependencyError) as e:
         print(f"upreid extract: {e}", file=sys.stderr)
         return 2
+    for name, paths in s["skipped"].items():
+        if paths:
+            shown = ", ".join(repr(x) for x in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+            print(f"skipped {len(paths)} unreadable {name} image(s), not in the file: {shown}", file=sys.stderr)
     counts = ", ".join(f"{n} {k}" for k, n in s["counts"].items())
     print(f"wrote {s['out']}: {counts} features of dimension {s['feat_dim']} ({s['format']} checkpoint, "
           f"{s['height']}x{s['width']}, flip {'on' if s['flip'] else 'off'}"

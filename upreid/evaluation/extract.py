@@ -27,28 +27,31 @@ SPLITS = ("query+gallery", "query", "gallery", "train")
 def extract_features(model, records, *, height: int, width: int, mean, std, batch_size: int = 128,
                      flip: bool = False, backend: str = "auto", device="cpu", amp: str = "off",
                      workers: int = 2, progress: bool = True, desc: str = "features",
-                     return_index: bool = False, camera_bn: bool = False) -> tuple:
+                     return_index: bool = False, camera_bn: bool = False, on_bad_image: str = "error") -> tuple:
     """Features ``[N, D]`` (fp32, CPU) of ``records`` in their order, with their pids and camids
     (int64 tensors). ``flip``: average with the features of the mirrored images. ``amp``: 'off',
     'bf16' or 'fp16' autocast. ``return_index``: see :func:`features_from_loader`. ``camera_bn``:
-    BatchNorm statistics of each camera's images (:func:`camera_bn_features`)."""
+    BatchNorm statistics of each camera's images (:func:`camera_bn_features`). ``on_bad_image``:
+    'error' (raise :class:`upreid.data.imageio.BadImageError`) or 'skip' (the image has no row; see
+    ``return_index``)."""
     if camera_bn:
         out = camera_bn_features(
             model, records, lambda sub, batch_size: _eval_loader(sub, height, width, mean, std, flip, batch_size,
-                                                                 backend, device, workers),
+                                                                 backend, device, workers, on_bad_image),
             device=device, amp=amp, progress=progress, desc=desc, batch_size=batch_size)
         return out if return_index else out[:3]
-    loader = _eval_loader(records, height, width, mean, std, flip, batch_size, backend, device, workers)
+    loader = _eval_loader(records, height, width, mean, std, flip, batch_size, backend, device, workers, on_bad_image)
     return features_from_loader(model, loader, device=device, amp=amp, progress=progress, desc=desc,
                                 return_index=return_index)
 
 
-def _eval_loader(records, height, width, mean, std, flip, batch_size, backend, device, workers):
+def _eval_loader(records, height, width, mean, std, flip, batch_size, backend, device, workers,
+                 on_bad_image: str = "error"):
     """The evaluation pipeline's loader of ``records`` (resized, normalised; ``flip``: mirrored too)."""
     from upreid.data.loader import build_loader
     aug = {"height": height, "width": width, "flip_test": flip, "mean": list(mean), "std": list(std)}
     return build_loader("eval", records, batch_size=batch_size, backend=backend, device=torch.device(device).type,
-                        aug=aug, workers=workers)
+                        aug=aug, workers=workers, on_bad_image=on_bad_image)
 
 
 @torch.no_grad()
@@ -291,13 +294,17 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
                    split: str = "query+gallery", flip: bool | None = None, height: int | None = None,
                    width: int | None = None, backend: str = "auto", device: str = "cpu", batch_size: int = 128,
                    workers: int = 2, amp: str = "off", last_stride: int = 1, progress: bool = True,
-                   camera_bn: bool | None = None) -> dict:
+                   camera_bn: bool | None = None, on_bad_image: str = "error") -> dict:
     """Extract and write features (see the module docstring); returns a summary (``out``,
-    ``format``, ``counts`` per split, ``feat_dim``, ``flip``, ``height``, ``width``, ``camera_bn``). Image
-    size, normalisation and flip default to the checkpoint's (a fine-tuning run's config).
+    ``format``, ``counts`` (rows written) and ``skipped`` (paths left out) per split, ``feat_dim``,
+    ``flip``, ``height``, ``width``, ``camera_bn``). Image size, normalisation and flip default to the
+    checkpoint's (a fine-tuning run's config).
     ``camera_bn``: camera-based BatchNorm (:func:`camera_bn_features`; default: the run's
     ``eval.camera_bn``); query and gallery images of a camera share its statistics, also when only
-    one of the two splits is written (the training split and an image folder use their own)."""
+    one of the two splits is written (the training split and an image folder use their own).
+    ``on_bad_image``: 'error' stops at an unreadable image and names it; 'skip' leaves it out (it has
+    no row in the file, and the summary lists it)."""
+    from upreid.data.imageio import check_policy
     from upreid.evaluation.feature_model import load_feature_model
     from upreid.utils.cli_checks import check_image_size
     if split not in SPLITS:
@@ -307,6 +314,7 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
     if not os.path.isfile(checkpoint):
         raise ValueError(f"extract: checkpoint {checkpoint!r} does not exist")
     check_image_size("extract", height, width)
+    check_policy(on_bad_image)
     groups = {"images": folder_records(images)} if images else None
     model, info = load_feature_model(checkpoint, last_stride=last_stride)
     model.to(device)
@@ -319,7 +327,7 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
            "std": info["std"], "flip": info["flip_test"] if flip is None else flip}
     camera_bn = info.get("camera_bn", False) if camera_bn is None else camera_bn
     kw = dict(**pre, batch_size=batch_size, backend=backend, device=device, amp=amp, workers=workers,
-              progress=progress, return_index=True)
+              progress=progress, return_index=True, on_bad_image=on_bad_image)
     # Camera BN on a dataset's query or gallery: a camera's statistics come from all its test images, query
     # and gallery together (as fine-tuning's evaluation), in one pass; only the asked splits are written.
     both = None
@@ -330,7 +338,7 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
         rows_of = dict(zip(("query", "gallery"), query_gallery_in_one_pass(
             lambda recs, desc: extract_features(model, recs, **kw, desc=desc, camera_bn=True),
             both["query"], both["gallery"])))
-    arrays = {}
+    arrays, counts, skipped = {}, {}, {}
     for name, recs in groups.items():
         f, p, c, idx = rows_of[name] if rows_of else extract_features(model, recs, **kw, desc=f"{name} features",
                                                                       camera_bn=camera_bn)
@@ -339,8 +347,13 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
         arrays[f"{name}_pids" if prefix else "pids"] = p.numpy()
         arrays[f"{name}_camids" if prefix else "camids"] = c.numpy()
         arrays[f"{prefix}paths"] = np.array([recs[i].path for i in idx.tolist()])
+        kept = set(idx.tolist())
+        counts[name] = len(kept)
+        skipped[name] = [r.path for i, r in enumerate(recs) if i not in kept]
+        if not kept:
+            raise ValueError(f"extract: every image of the {name} split ({len(recs)}) was unreadable and skipped, "
+                             f"e.g. {skipped[name][:3]}")
     save_npz(out, arrays)
-    counts = {name: len(recs) for name, recs in groups.items()}
     log.info("wrote %s: %s features of dimension %d", out, counts, info["feat_dim"])
-    return {"out": out, "format": info["format"], "counts": counts, "feat_dim": info["feat_dim"],
+    return {"out": out, "format": info["format"], "counts": counts, "skipped": skipped, "feat_dim": info["feat_dim"],
             "flip": pre["flip"], "height": pre["height"], "width": pre["width"], "camera_bn": camera_bn}
