@@ -87,6 +87,15 @@ def test_pretrain_settings_refused_at_load(override, message):
     assert message in str(e.value)
 
 
+def test_stripes_error_suggests_last_stride_1_only_where_it_is_2():
+    with pytest.raises(ConfigError) as e:
+        load_config("pretrain", PRETRAIN_TINY, ["model.stripes=5"])          # tiny_cpu: last_stride 1
+    assert "model.last_stride=1," not in str(e.value) and "or model.ic=off" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config("pretrain", PRETRAIN_TINY, ["model.stripes=5", "model.last_stride=2"])
+    assert "a larger data.height, model.last_stride=1, or model.ic=off" in str(e.value)
+
+
 FINETUNE_ERRORS = [
     ("loss.label_smoothing=1", "loss.label_smoothing=1 (from the command line): must be a number >= 0 and < 1"),
     ("loss.label_smoothing=-0.1", "must be a number >= 0 and < 1"),
@@ -151,6 +160,13 @@ def test_errors_in_files_name_the_file(tmp_path):
         load_config("pretrain", str(latin))
     with pytest.raises(ConfigError, match=r"config file '.*absent.yaml' does not exist"):
         load_config("pretrain", str(tmp_path / "absent.yaml"))
+    orphan = tmp_path / "orphan.yaml"
+    orphan.write_text("_base_: nothere.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file '.*nothere.yaml' \(the _base_ of '.*orphan.yaml'\) does not exist"):
+        load_config("pretrain", str(orphan))
+    with pytest.raises(ConfigError, match=r"unknown pretrain config key 'init' \(from base.yaml\); 'init' is a "
+                                          r"finetune setting: is this a finetune config\?"):
+        load_config("pretrain", FINETUNE_TINY)
     loop = tmp_path / "loop.yaml"
     loop.write_text("_base_: loop.yaml\n")
     with pytest.raises(ConfigError, match="_base_ cycle"):

@@ -148,7 +148,8 @@ def test_last_good_checkpoint_survives(images, cfg_for, tmp_path):
     assert ckpt_io.load(str(prev))["step"] == 1 and ckpt_io.load(str(run / "checkpoint.pt"))["step"] == 2
     _flip_tensor_bytes(str(run / "checkpoint.pt"), str(run / "checkpoint.pt"))
     with pytest.raises(ckpt_io.CheckpointError, match=r"previous checkpoint .*checkpoint.pt.prev' \(step 1\) is "
-                                                       r"intact: continue from it with --resume-from"):
+                                                       r"intact: use it instead \(a training run continues from it "
+                                                       r"with --resume-from"):
         pretrain(cfg_for(images, str(run), "train.steps=3"), resume="auto")
     s = pretrain(cfg_for(images, str(run), "train.steps=3"), resume=str(prev))
     assert s["step"] == 3 and not s["interrupted"]

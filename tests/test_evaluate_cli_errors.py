@@ -117,3 +117,11 @@ def test_a_file_that_is_not_an_npz_gets_no_advice_to_unpickle_it(tmp_path, capsy
     junk.write_bytes(b"garbage")
     rc, err = run(capsys, junk)
     assert rc == 2 and "not an .npz file" in err and "allow_pickle" not in err
+
+
+def test_a_library_error_is_one_line_without_a_repeated_prefix(tmp_path, capsys):
+    feats = np.random.default_rng(0).standard_normal((12, 4)).astype(np.float32)
+    feats[1, 2] = np.nan
+    rc, err = run(capsys, good(tmp_path / "f.npz", features=feats))
+    assert rc == 2 and err.startswith("upreid evaluate: 'query_features' contains NaN or Inf"), err
+    assert "evaluate: evaluate:" not in err and "Traceback" not in err

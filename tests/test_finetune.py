@@ -62,8 +62,11 @@ def test_cli_finetune_random_init(synth_root, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_after_sigterm_is_exact(synth_root, tmp_path, finetune_cfg):
-    extra = ("eval.rerank=false", "eval.ranklist_queries=0", "train.max_steps_per_epoch=3", "eval.every=1")
+@pytest.mark.parametrize("ema", ["0.0", "0.6"])
+def test_resume_after_sigterm_is_exact(synth_root, tmp_path, finetune_cfg, ema):
+    """Also the weight average (optim.ema_decay): saved with the checkpoint and continued exactly."""
+    extra = ("eval.rerank=false", "eval.ranklist_queries=0", "train.max_steps_per_epoch=3", "eval.every=1",
+             f"optim.ema_decay={ema}")
     full = finetune(finetune_cfg(synth_root, str(tmp_path / "full"), *extra))
     assert full["step"] == 6
 
@@ -82,6 +85,11 @@ def test_resume_after_sigterm_is_exact(synth_root, tmp_path, finetune_cfg):
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    assert ("ema" in a) == ("ema" in b) == (ema != "0.0")
+    if ema != "0.0":
+        assert a["ema"]["updates"] == b["ema"]["updates"] == 6
+        for k in a["model"]:
+            assert torch.equal(a["ema"]["state"][k], b["ema"]["state"][k]), k
     assert rest["results"]["plain"]["mAP"] == pytest.approx(full["results"]["plain"]["mAP"], abs=1e-9)
     assert [h["epoch"] for h in b["history"]] == [h["epoch"] for h in a["history"]] == [1]
     steps = [json.loads(x)["step"] for x in open(tmp_path / "split" / "metrics.jsonl")]

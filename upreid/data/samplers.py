@@ -94,7 +94,8 @@ class PKBatches:
         for i, pid in enumerate(pids):
             self.by_pid.setdefault(int(pid), []).append(i)
         if len(self.by_pid) < p:
-            raise ValueError(f"P x K sampling needs at least P={p} identities, the dataset has {len(self.by_pid)}")
+            raise ValueError(f"P x K sampling needs at least P={p} identities, the dataset has {len(self.by_pid)} "
+                             f"(set data.p to at most {len(self.by_pid)})")
         self.p, self.k, self.rank, self.world, self.seed = p, k, rank, world, seed
         self.n = len(pids)
         self._cache = {}

@@ -158,8 +158,8 @@ def _previous_hint(path: str) -> str:
         verify(obj, prev)
     except CheckpointError:
         return f"; the previous checkpoint {prev!r} is damaged too"
-    return (f"; the previous checkpoint {prev!r} (step {obj.get('step')}) is intact: continue from it "
-            f"with --resume-from {prev}")
+    return (f"; the previous checkpoint {prev!r} (step {obj.get('step')}) is intact: use it instead (a "
+            f"training run continues from it with --resume-from {prev})")
 
 
 def load(path: str, expect: str | None = FORMAT) -> dict:

@@ -106,7 +106,7 @@ def report(task: str, summary: dict) -> None:
         return
     if task == "pretrain":
         terms = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items() if k.startswith("loss"))
-        print(f"pretrain finished at step {summary['step']}/{summary['total']} ({terms}); "
+        print(f"pretrain finished at step {summary['step']}/{summary['total']}{f' ({terms})' if terms else ''}; "
               f"checkpoint {summary['checkpoint']}")
         return
     from upreid.evaluation import format_table

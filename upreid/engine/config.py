@@ -148,7 +148,8 @@ def _read(path: str, seen: tuple = ()) -> list[tuple[str, Any, str]]:
     if path in seen:
         raise ConfigError(f"config: _base_ cycle through {path}")
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
+        named = f" (the _base_ of {seen[-1]!r})" if seen else ""
+        raise ConfigError(f"config file {path!r}{named} does not exist")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
@@ -226,7 +227,10 @@ def load_config(task: str, path: str | None = None, overrides: Iterable[str] = (
     values, origins = {}, {}
     for key, value, origin in items:
         if key not in spec:
-            raise ConfigError(f"unknown {task} config key '{key}' (from {origin}){suggest(key, spec)}")
+            other = [t for t in SPECS if t != task and key in SPECS[t]]
+            hint = (f"; '{key}' is a {other[0]} setting: is this a {other[0]} config? (upreid {other[0]} "
+                    "--config ...)" if other and origin != "the command line" else suggest(key, spec))
+            raise ConfigError(f"unknown {task} config key '{key}' (from {origin}){hint}")
         values[key] = spec[key].check(key, value, origin)
         origins[key] = origin
     missing = [k for k in spec if k not in values]

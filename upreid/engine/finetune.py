@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 
 import torch
 from torch import nn
 
 from upreid.data.base import StepStream
+from upreid.engine.ema import WeightEMA
 from upreid.engine.finetune_eval import EvalHook
 from upreid.engine.init_weights import FINETUNE_FORMAT, load_trunk
-from upreid.engine.task import Task
+from upreid.engine.task import Hook, Task
 from upreid.engine.trainer import Trainer, param_groups
 from upreid.losses.reid import batch_hard_triplet, cross_entropy_ls
 from upreid.models.group_bn import camera_groups, convert_camera_bn
 from upreid.models.reid import reid_model_from_config
 
+log = logging.getLogger("upreid.finetune")
 
 def lr_factor(epoch: float, warmup: float, warmup_factor: float, milestones, gamma: float) -> float:
     """BoT schedule on a fractional epoch: linear from ``warmup_factor`` to 1 over ``warmup`` epochs,
@@ -65,6 +68,16 @@ def load_dataset(cfg):
     return build_dataset(d["dataset"], str(d["root"]))
 
 
+class EmaHook(Hook):
+    """Folds the weights into the moving average after every step."""
+
+    def __init__(self, ema: WeightEMA):
+        self.ema = ema
+
+    def after_step(self, trainer) -> None:
+        self.ema.update(trainer.model)
+
+
 class FinetuneTask(Task):
     name = "finetune"
     format = FINETUNE_FORMAT
@@ -92,6 +105,15 @@ class FinetuneTask(Task):
         self.stream = StepStream(loader, self._steps_in_epoch, trainer.start_step)
         self.batch_size = d["p"] * d["k"]
         trainer.total = sum(self.per_epoch)
+        decay = float(cfg["optim"]["ema_decay"])
+        self.ema = WeightEMA(decay) if decay > 0 else None
+        if self.ema is not None:
+            if state is not None and state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            elif state is not None:
+                log.info("the checkpoint holds no weight average (optim.ema_decay was 0): the average starts at "
+                         "the weights after the next step")
+            trainer.hooks.append(EmaHook(self.ema))
         trainer.hooks.append(EvalHook(self))
 
     def _steps_in_epoch(self, epoch: int) -> int:
@@ -136,7 +158,15 @@ class FinetuneTask(Task):
                 "acc": f"{metrics['acc']:.2f}", "lr": f"{metrics['lr']:.2g}"}
 
     def state(self) -> dict:
-        return {"num_classes": self.num_classes, "init": self.init, "history": self.history}
+        out = {"num_classes": self.num_classes, "init": self.init, "history": self.history}
+        if self.ema is not None and self.ema.state is not None:
+            out["ema"] = self.ema.state_dict()
+        return out
+
+    def evaluated(self, model):
+        """A context in which ``model`` holds the weights the run evaluates and exports: the moving
+        average under ``optim.ema_decay``, else its own."""
+        return self.ema.applied(model) if self.ema is not None else contextlib.nullcontext(model)
 
     def load_state(self, state) -> None:
         self.history = list(state.get("history") or [])

@@ -93,9 +93,10 @@ class EvalHook(Hook):
         res = None
         cfg = self.task.cfg
         if trainer.is_main:
-            res = run_evaluation(trainer.model, self.task.dataset, cfg, trainer.device, trainer.amp,
-                                 rerank=final and cfg["eval"]["rerank"],
-                                 ranklist_path=os.path.join(trainer.out_dir, "ranklist.png") if final else None)
+            with self.task.evaluated(trainer.model) as model:
+                res = run_evaluation(model, self.task.dataset, cfg, trainer.device, trainer.amp,
+                                     rerank=final and cfg["eval"]["rerank"],
+                                     ranklist_path=os.path.join(trainer.out_dir, "ranklist.png") if final else None)
             trainer.writer.write(trainer.step, {f"eval/{k}": v for k, v in summarise(res).items()})
         dist.barrier()
         return res

@@ -18,6 +18,7 @@ import logging
 import re
 
 from upreid.engine.checkpoint import BACKBONE_FORMAT, FORMAT as PRETRAIN_FORMAT, CheckpointError, load
+from upreid.engine.ema import evaluated_state
 from upreid.engine.schema import TRUNK_PARTS, trunk_parts
 from upreid.models.checkpoint_formats import CheckpointFormatError, convert
 from upreid.models.resnet import ARCHS, ResNet
@@ -59,7 +60,7 @@ def read_trunk_state(path: str) -> tuple[str, dict, dict]:
         return fmt, dict(obj["state_dict"]), {"arch": {"width": 64, **obj["arch"]}, "step": obj.get("step")}
     if fmt == FINETUNE_FORMAT:
         m = obj["config"]["model"]
-        return fmt, _strip(obj["model"], "trunk."), {"arch": {"depth": m["depth"], "ibn": m["ibn"],
+        return fmt, _strip(evaluated_state(obj), "trunk."), {"arch": {"depth": m["depth"], "ibn": m["ibn"],
                                                                 "width": m.get("width", 64)},
                                                        "step": obj.get("step")}
     if fmt is not None:

@@ -238,6 +238,7 @@ FINETUNE = {
     "optim.momentum": real(0.0, 1.0, hi_open=True), "optim.warmup_epochs": NONNEG,
     "optim.warmup_factor": real(0.0, 1.0, lo_open=True), "optim.milestones": increasing_ints(1),
     "optim.gamma": POSITIVE, "optim.grad_clip": optional(POSITIVE),
+    "optim.ema_decay": real(0.0, 1.0, hi_open=True),
     **_TRAIN_COMMON,
     "train.max_steps_per_epoch": optional(integer(1)),
     "eval.every": integer(0), "eval.rerank": boolean(), "eval.metric": one_of("cosine", "euclidean"),
@@ -286,7 +287,8 @@ def check_relations(task: str, v: Mapping, origins: Mapping) -> None:
                 f"model.stripes={v['model.stripes']} does not fit the layer-4 feature map, which has {rows} rows "
                 f"at data.height={v['data.height']} and model.last_stride={v['model.last_stride']} "
                 f"({_where(origins, 'model.stripes', 'data.height', 'model.last_stride')}): use at most {rows} "
-                "stripes, a larger data.height, model.last_stride=1, or model.ic=off")
+                "stripes, a larger data.height, " + ("model.last_stride=1, " if v["model.last_stride"] == 2 else "")
+                + "or model.ic=off")
         if v["data.batch_size"] % v["model.bn_groups"]:
             raise ConfigError(
                 f"model.bn_groups={v['model.bn_groups']} does not divide data.batch_size={v['data.batch_size']} "

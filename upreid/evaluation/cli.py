@@ -18,6 +18,8 @@ import zipfile
 
 import numpy as np
 
+from upreid.utils.cli_checks import say_error
+
 DISTANCE_BINS = 100
 SCHEMES = (
     ("query_features", "gallery_features", "query_pids", "gallery_pids", "query_camids",
@@ -125,12 +127,12 @@ def _run(args: argparse.Namespace) -> int:
 
     problem = _check_outputs(args)
     if problem:
-        print(f"upreid evaluate: {problem}", file=sys.stderr)
+        say_error("evaluate", problem)
         return 2
     try:
         data = load_features(args.features)
     except FeaturesError as exc:
-        print(f"upreid evaluate: {exc}", file=sys.stderr)
+        say_error("evaluate", exc)
         return 2
     data = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.items()}
     if args.device != "cpu":
@@ -145,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
                            lambda_value=args.lambda_value, max_rank=args.max_rank,
                            progress=not args.no_progress, distance_bins=DISTANCE_BINS if plots else 0)
         except (ValueError, RuntimeError) as exc:
-            print(f"upreid evaluate: {exc}", file=sys.stderr)
+            say_error("evaluate", exc)
             return 2
         title = f"{args.features} [{args.metric}" + (
             f", re-ranked k1={args.k1} k2={args.k2} lambda={args.lambda_value}]" if rr else "]")

@@ -60,12 +60,12 @@ def run_extract(args) -> int:
 
     from upreid.evaluation.extract import extract_to_npz
     from upreid.utils.deps import MissingDependencyError
-    from upreid.utils.cli_checks import device_problem, output_file_problem
+    from upreid.utils.cli_checks import device_problem, output_file_problem, say_error
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     problem = device_problem(args.device) or output_file_problem(args.out, "--out", create_folder=True)
     if problem:
-        print(f"upreid extract: {problem}", file=sys.stderr)
+        say_error("extract", problem)
         return 2
     try:
         s = extract_to_npz(args.checkpoint, args.out, data=args.data, images=args.images, split=args.split,
@@ -74,10 +74,10 @@ def run_extract(args) -> int:
                            last_stride=args.last_stride, progress=not args.no_progress,
                            camera_bn=args.camera_bn, on_bad_image=args.on_bad_image)
     except BadImageError as e:
-        print(f"upreid extract: {e.cli_message('pass --on-bad-image skip to leave such images out')}", file=sys.stderr)
+        say_error("extract", e.cli_message('pass --on-bad-image skip to leave such images out'))
         return 2
     except (CheckpointError, DatasetError, ValueError, OSError, MissingDependencyError) as e:
-        print(f"upreid extract: {e}", file=sys.stderr)
+        say_error("extract", e)
         return 2
     for name, paths in s["skipped"].items():
         if paths:

@@ -48,6 +48,7 @@ def load_feature_model(path: str, last_stride: int = 1, pooling: str = "avg") ->
     ``camera_bn`` (the run evaluated with camera-based BN).
     ``last_stride`` and ``pooling`` apply to trunk-only files (a fine-tuned model keeps its own)."""
     from upreid.engine import checkpoint as ckpt_io
+    from upreid.engine.ema import evaluated_state
     from upreid.engine.init_weights import FINETUNE_FORMAT, load_trunk, read_trunk_state
     from upreid.models.resnet import ResNet
 
@@ -56,13 +57,13 @@ def load_feature_model(path: str, last_stride: int = 1, pooling: str = "avg") ->
         obj = ckpt_io.load(path, expect=FINETUNE_FORMAT)
         cfg = obj["config"]
         model = reid_model_from_config(cfg["model"], int(obj["num_classes"]))
-        model.load_state_dict(obj["model"])
+        model.load_state_dict(evaluated_state(obj))
         d, m = cfg["data"], cfg["model"]
         info = {"format": FINETUNE_FORMAT, "arch": {**{k: m[k] for k in ("arch", "depth", "ibn", "last_stride")},
                                                      "width": m.get("width", 64)},
                 "height": d["height"], "width": d["width"], "mean": tuple(d["mean"]), "std": tuple(d["std"]),
                 "flip_test": bool(d["flip_test"]), "camera_bn": bool(cfg.get("eval", {}).get("camera_bn", False)),
-                "step": obj.get("step"), "dataset": d["dataset"],
+                "step": obj.get("step"), "dataset": d["dataset"], "ema": bool(obj.get("ema")),
                 "root": d["root"]}
     else:
         arch = meta["arch"]

@@ -28,16 +28,16 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run_export_onnx(args) -> int:
     from upreid.engine.checkpoint import CheckpointError
     from upreid.export.onnx import export_onnx
-    from upreid.utils.cli_checks import output_file_problem
+    from upreid.utils.cli_checks import output_file_problem, say_error
     problem = output_file_problem(args.out, "OUT.onnx")
     if problem:
-        print(f"upreid export-onnx: {problem}", file=sys.stderr)
+        say_error("export-onnx", problem)
         return 2
     try:
         s = export_onnx(args.checkpoint, args.out, height=args.height, width=args.width, opset=args.opset,
                         atol=args.atol, last_stride=args.last_stride, overwrite=args.overwrite)
     except (CheckpointError, FileExistsError, ImportError, RuntimeError, ValueError) as e:
-        print(f"upreid export-onnx: {e}", file=sys.stderr)
+        say_error("export-onnx", e)
         return 2
     print(f"wrote {s['out']}: {s['format']} checkpoint, images [N, 3, {s['height']}, {s['width']}] -> features "
           f"[N, {s['feat_dim']}]; onnxruntime matches PyTorch to {s['max_abs_err']:.1e}")

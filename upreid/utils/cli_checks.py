@@ -44,3 +44,13 @@ def check_image_size(op: str, height: int | None, width: int | None) -> None:
     for name, v in (("height", height), ("width", width)):
         if v is not None and v < 1:
             raise ValueError(f"{op}: '{name}' must be at least 1 pixel (leave it out for the checkpoint's), got {v}")
+
+
+def say_error(command: str, message) -> None:
+    """Print ``upreid COMMAND: message`` to stderr, without the library's own ``COMMAND:`` prefix
+    where the message already starts with it (``upreid evaluate: evaluate: ...``)."""
+    import sys
+    text = str(message)
+    if text.startswith(f"{command}: "):
+        text = text[len(command) + 2:]
+    print(f"upreid {command}: {text}", file=sys.stderr)
