@@ -320,7 +320,7 @@ def test_finetuning_with_camera_bn_trains_evaluates_and_extracts_the_same(synth_
     final = json.load(open(os.path.join(cbn["output"], "results.json")))["final"]
     assert json.load(open(res))["plain"]["mAP"] == pytest.approx(final["plain"]["mAP"], abs=1e-6)
     assert extract_main(["extract", cbn["checkpoint"], "--out", npz, "--no-camera-bn", "--backend", "torch",
-                         "--device", "cpu", "--no-progress", "--workers", "0"]) == 0
+                         "--device", "cpu", "--no-progress", "--workers", "0", "--overwrite"]) == 0
     assert "camera BN" not in capsys.readouterr().out
     with pytest.raises(CheckpointError, match="model.camera_bn"):
         finetune(finetune_cfg(synth_root, str(tmp_path / "cbn"), *common), resume=cbn["checkpoint"])

@@ -151,6 +151,22 @@ def test_unlabeled_tree_and_list(tmp_path):
         unlabeled(str(tmp_path / "imgs" / "c" / "none") if os.makedirs(tmp_path / "imgs/c/none") is None else "")
 
 
+def test_a_labelled_dataset_root_as_unlabeled_set_is_warned_about(tmp_path, caplog):
+    """A synthetic or Market-style root instead of its unlabeled/ folder: every image is taken (nothing
+    dropped silently), with a warning that the test split is among them."""
+    for p in ("unlabeled/1.jpg", "query/0001_c1s1_000001_00.jpg", "bounding_box_test/0001_c2s1_000001_00.jpg"):
+        touch(str(tmp_path / "ds" / p))
+    with caplog.at_level(logging.WARNING):
+        ds = unlabeled(str(tmp_path / "ds"), progress=False)
+    assert len(ds.train) == 3
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "query/, bounding_box_test/" in msg and "test images included" in msg and "unlabeled" in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert len(unlabeled(str(tmp_path / "ds" / "unlabeled"), progress=False).train) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_build_dataset_suggests(tmp_path):
     with pytest.raises(DatasetError, match="(?i)did you mean 'market1501'"):
         build_dataset("market1502", str(tmp_path))

@@ -33,7 +33,8 @@ def run(synth_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ft"))
     cfg = load_config("finetune", TINY, [f"data.root={synth_root}", f"train.output={out}", "data.p=4", "data.k=4",
                                       "train.epochs=1", "train.max_steps_per_epoch=2", "train.progress=false",
-                                      "data.backend=torch", "eval.ranklist_queries=2", "data.flip_test=true"])
+                                      "data.backend=torch", "eval.ranklist_queries=2", "data.flip_test=true",
+                                      "eval.k1=8", "eval.k2=2"])
     return finetune(cfg)
 
 
@@ -42,11 +43,16 @@ def test_extract_then_evaluate_reproduces_finetuning(run, tmp_path, capsys):
     npz = str(tmp_path / "feats.npz")
     ckpt = run["checkpoint"]
     assert extract_main(["extract", ckpt, "--out", npz, "--backend", "torch", "--no-progress", "--device", "cpu"]) == 0
-    assert "flip on" in capsys.readouterr().out          # the run's data.flip_test
+    text = capsys.readouterr().out
+    assert "flip on" in text                             # the run's data.flip_test
+    cfg = json.load(open(os.path.join(run["output"], "results.json")))["config"]["eval"]
+    assert (f"the run's own evaluation: upreid evaluate {npz} --rerank both --k1 {cfg['k1']} --k2 {cfg['k2']} "
+            f"--lambda {cfg['lambda_value']}") in text
     with np.load(npz) as z:
         assert {"query_paths", "gallery_paths"} <= set(z.files) and z["query_features"].dtype == np.float32
     res_json = str(tmp_path / "res.json")
-    assert evaluate_main(["evaluate", npz, "--rerank", "both", "--json", res_json, "--no-progress"]) == 0
+    assert evaluate_main(["evaluate", npz, "--rerank", "both", "--json", res_json, "--no-progress", "--k1",
+                          str(cfg["k1"]), "--k2", str(cfg["k2"]), "--lambda", str(cfg["lambda_value"])]) == 0
     mine = json.load(open(res_json))
     theirs = json.load(open(os.path.join(run["output"], "results.json")))["final"]
     for png in ("cmc.png", "distances.png", "ranklist.png"):     # fine-tuning's evaluation pictures
@@ -126,6 +132,11 @@ def test_an_unreadable_image_is_named_or_skipped_and_listed(tmp_path, capsys, ba
     assert rc == 2 and str(bad) in err and "--on-bad-image skip" in err and "on_bad_image=" not in err, err
     assert "Traceback" not in err and not out.exists()
     assert extract_main(base + ["--on-bad-image", "skip"]) == 0
+    cap = capsys.readouterr()
+    # an existing file is not replaced without --overwrite
+    assert extract_main(base + ["--on-bad-image", "skip"]) == 2
+    assert "exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert extract_main(base + ["--on-bad-image", "skip", "--overwrite"]) == 0
     cap = capsys.readouterr()
     assert "skipped 1 unreadable images image(s)" in cap.err and str(bad) in cap.err, cap.err
     assert "4 images features" in cap.out

@@ -221,6 +221,10 @@ def msmt17(root: str, *, combine_trainval: bool = True, check_files: bool = True
     return ds
 
 
+# Folders of a Market-style dataset's test split: a tree that holds one is a labelled dataset's root.
+TEST_SPLIT_FOLDERS = ("query", "bounding_box_test", "gallery")
+
+
 def unlabeled(root: str, *, name: str = "unlabeled", progress: bool = True) -> ReIDDataset:
     """Unlabeled pre-training images (e.g. LUPerson): a folder tree, or a list file of paths
     (relative paths are taken relative to the list file's folder)."""
@@ -231,6 +235,12 @@ def unlabeled(root: str, *, name: str = "unlabeled", progress: bool = True) -> R
         paths = _walk_images(root, progress)
         if not paths:
             raise DatasetError(f"{name}: no images under {root!r}. Expected: {UNLABELED_LAYOUT}")
+        test = [d for d in TEST_SPLIT_FOLDERS if os.path.isdir(os.path.join(root, d))]
+        if test:
+            log.warning("%s: %r holds a labelled dataset's test split (%s/): its %d images are all taken, the "
+                        "test images included. For pre-training point data.root at the unlabeled images "
+                        "alone (a synthetic set's are in %s)", name, root, "/, ".join(test), len(paths),
+                        os.path.join(root, "unlabeled"))
     else:
         raise DatasetError(f"{name}: {root!r} does not exist. Expected: {UNLABELED_LAYOUT}")
     return ReIDDataset(name, root, [Record(p, -1, -1) for p in paths], unlabeled=True)

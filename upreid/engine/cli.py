@@ -16,8 +16,9 @@ TASK_HELP = {
                  "Fine-tune a ReID model. Settings come from configs/finetune/base.yaml, a YAML config (with "
                  "_base_ inheritance) and key=value overrides, e.g. `upreid finetune --config "
                  "configs/finetune/bot_r50.yaml data.root=DIR init=CKPT`. init: an upreid pre-training "
-                 "checkpoint or exported backbone, a MoCo checkpoint (module.encoder_q.*), a torchvision "
-                 "ResNet file, or random."),
+                 "checkpoint, exported backbone or fine-tuning checkpoint, a MoCo checkpoint "
+                 "(module.encoder_q.*), a fast-reid or torchreid model, a torchvision ResNet file, or random "
+                 "(docs/finetuning.md, \"Initialisation formats\")."),
 }
 
 

@@ -42,7 +42,9 @@ def list_images(root) -> list:
     if root in (None, ""):
         raise DatasetError("data.root is not set: pass data.root=DIR (a folder tree of person images, "
                            "or a list file of image paths); `upreid synth --root DIR` makes a test set")
-    return unlabeled(str(root), progress=False).train
+    records = unlabeled(str(root), progress=False).train
+    log.info("pre-training on %d images from %s", len(records), root)
+    return records
 
 
 class PretrainTask(Task):

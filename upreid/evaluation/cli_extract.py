@@ -4,6 +4,7 @@ fine-tuning's ``init`` reads, written as the ``.npz`` that ``upreid evaluate`` r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -16,6 +17,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="upreid fine-tuning checkpoint, exported backbone, MoCo / fast-reid / torchreid / "
                         "torchvision file")
     p.add_argument("--out", required=True, metavar="FEATURES.npz", help="output file")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", metavar="NAME:ROOT",
                      help="dataset (e.g. market1501:/data/Market-1501; a bare path: Market-style folders); "
@@ -64,6 +66,8 @@ def run_extract(args) -> int:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     problem = device_problem(args.device) or output_file_problem(args.out, "--out", create_folder=True)
+    if not problem and os.path.isfile(args.out) and not args.overwrite:
+        problem = f"--out {args.out!r} exists; pass --overwrite to replace it"
     if problem:
         say_error("extract", problem)
         return 2
@@ -87,6 +91,11 @@ def run_extract(args) -> int:
     print(f"wrote {s['out']}: {counts} features of dimension {s['feat_dim']} ({s['format']} checkpoint, "
           f"{s['height']}x{s['width']}, flip {'on' if s['flip'] else 'off'}"
           f"{', camera BN' if s['camera_bn'] else ''})")
+    e = s["eval"]
+    if e and args.split == "query+gallery" and not args.images:
+        metric = f" --metric {e['metric']}" if e.get("metric", "cosine") != "cosine" else ""
+        print(f"the run's own evaluation: upreid evaluate {args.out} --rerank both{metric} --k1 {e['k1']} "
+              f"--k2 {e['k2']} --lambda {e['lambda_value']}")
     return 0
 
 

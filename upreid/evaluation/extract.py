@@ -356,4 +356,5 @@ def extract_to_npz(checkpoint: str, out: str, *, data: str | None = None, images
     save_npz(out, arrays)
     log.info("wrote %s: %s features of dimension %d", out, counts, info["feat_dim"])
     return {"out": out, "format": info["format"], "counts": counts, "skipped": skipped, "feat_dim": info["feat_dim"],
+            "eval": info.get("eval") or {},
             "flip": pre["flip"], "height": pre["height"], "width": pre["width"], "camera_bn": camera_bn}

@@ -64,6 +64,7 @@ def load_feature_model(path: str, last_stride: int = 1, pooling: str = "avg") ->
                 "height": d["height"], "width": d["width"], "mean": tuple(d["mean"]), "std": tuple(d["std"]),
                 "flip_test": bool(d["flip_test"]), "camera_bn": bool(cfg.get("eval", {}).get("camera_bn", False)),
                 "step": obj.get("step"), "dataset": d["dataset"], "ema": bool(obj.get("ema")),
+                "eval": {k: cfg["eval"][k] for k in ("metric", "k1", "k2", "lambda_value") if k in cfg.get("eval", {})},
                 "root": d["root"]}
     else:
         arch = meta["arch"]

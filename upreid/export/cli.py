@@ -18,7 +18,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="input height (default: the checkpoint's)")
     p.add_argument("--width", type=int, help="input width (default: the checkpoint's)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    p.add_argument("--atol", type=float, default=1e-4, help="largest accepted onnxruntime vs PyTorch error")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest accepted onnxruntime vs PyTorch error (default 1e-4)")
     p.add_argument("--last-stride", type=int, choices=(1, 2), default=1, help="for trunk-only files (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT.onnx if it exists")
     p.set_defaults(func=run_export_onnx)

@@ -8,6 +8,7 @@ error (and the file is not left behind).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -71,6 +72,29 @@ def _write_metadata(path: str, meta: dict, opset: int) -> None:
     onnx.save(model, path)
 
 
+# The exporter's own chatter: one INFO line per optimisation pass (onnxscript, onnx_ir), a warning per
+# torchvision operator it cannot register when torchvision is absent, the traceback of a conversion it
+# retries at another opset. The outcome is checked here (opset, onnxruntime against PyTorch), so a
+# failure is still reported, in one line.
+_EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    import warnings
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in _EXPORTER_LOGGERS]
+    try:
+        for logger, _ in saved:
+            logger.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
 def export_onnx(checkpoint: str, out: str, *, height: int | None = None, width: int | None = None,
                 opset: int = 18, last_stride: int = 1, check_batch: int = 3, atol: float = 1e-4,
                 overwrite: bool = False) -> dict:
@@ -92,7 +116,7 @@ def export_onnx(checkpoint: str, out: str, *, height: int | None = None, width: 
     tmp = f"{out}.tmp.onnx"
     try:
         batch = torch.export.Dim("batch", min=1, max=65536)
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             torch.onnx.export(model, (example,), tmp, input_names=[INPUT], output_names=[OUTPUT],
                               dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False,
                               external_data=False)
