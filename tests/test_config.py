@@ -160,6 +160,10 @@ def test_errors_in_files_name_the_file(tmp_path):
         load_config("pretrain", str(latin))
     with pytest.raises(ConfigError, match=r"config file '.*absent.yaml' does not exist"):
         load_config("pretrain", str(tmp_path / "absent.yaml"))
+    # a recipe path written relative to the checkout, used from another folder: the package's copy is named
+    with pytest.raises(ConfigError, match=r"configs/pretrain/tiny_cpu.yaml' does not exist; the package's recipe of "
+                                          r"that name is .*configs/pretrain/tiny_cpu.yaml"):
+        load_config("pretrain", str(tmp_path / "configs" / "pretrain" / "tiny_cpu.yaml"))
     orphan = tmp_path / "orphan.yaml"
     orphan.write_text("_base_: nothere.yaml\n")
     with pytest.raises(ConfigError, match=r"config file '.*nothere.yaml' \(the _base_ of '.*orphan.yaml'\) does not exist"):

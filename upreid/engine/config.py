@@ -142,6 +142,18 @@ def _nest(flat: Mapping) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- files
+def _recipe_hint(path: str) -> str:
+    """For a missing ``.../configs/TASK/NAME.yaml`` (a recipe path written relative to the checkout, used
+    from another folder): where the package's own copy of that recipe is."""
+    parts = os.path.normpath(path).split(os.sep)
+    if "configs" not in parts:
+        return ""
+    tail = parts[len(parts) - 1 - parts[::-1].index("configs") + 1:]
+    found = [os.path.join(CONFIG_ROOT, *tail)] if tail else []
+    found = [f for f in found if os.path.isfile(f)]
+    return f"; the package's recipe of that name is {found[0]}" if found else ""
+
+
 def _read(path: str, seen: tuple = ()) -> list[tuple[str, Any, str]]:
     """Flattened (key, value, origin) of a file and its bases, bases first."""
     path = os.path.abspath(path)
@@ -149,7 +161,7 @@ def _read(path: str, seen: tuple = ()) -> list[tuple[str, Any, str]]:
         raise ConfigError(f"config: _base_ cycle through {path}")
     if not os.path.isfile(path):
         named = f" (the _base_ of {seen[-1]!r})" if seen else ""
-        raise ConfigError(f"config file {path!r}{named} does not exist")
+        raise ConfigError(f"config file {path!r}{named} does not exist{_recipe_hint(path)}")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
