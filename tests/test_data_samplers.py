@@ -96,3 +96,9 @@ def test_loader_summary_counts_the_epoch_it_ran(tmp_path):
         L.set_epoch(epoch)
         list(L)
         assert L.summary["not_drawn"] == L.sampler.dropped(epoch)
+
+
+def test_too_few_identities_for_p_names_the_setting():
+    with pytest.raises(ValueError, match=r"P x K sampling needs at least P=8 identities, the dataset has 5 "
+                                         r"\(set data.p to at most 5\)"):
+        PKBatches([0, 1, 2, 3, 4] * 4, p=8, k=4)

@@ -32,6 +32,7 @@ from upreid.models.reid import reid_model_from_config
 
 log = logging.getLogger("upreid.finetune")
 
+
 def lr_factor(epoch: float, warmup: float, warmup_factor: float, milestones, gamma: float) -> float:
     """BoT schedule on a fractional epoch: linear from ``warmup_factor`` to 1 over ``warmup`` epochs,
     times ``gamma`` per milestone passed."""
