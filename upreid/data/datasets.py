@@ -295,13 +295,13 @@ def _read_path_list(list_file: str, name: str) -> List[str]:
 def _walk_images(root: str, progress: bool) -> List[str]:
     """Images under ``root``, following symlinks; a folder reached again (a symlink loop) is named in
     a warning and not entered twice, and an image reached by two paths is listed once."""
-    from tqdm import tqdm
+    from upreid.utils.progress import bar as progress_bar
 
     out: List[str] = []
     stack = [root]
     visited = {os.path.realpath(root)}
-    with tqdm(desc=f"scanning {os.path.basename(root) or root}", unit=" img", disable=not progress,
-              leave=False) as bar:
+    with progress_bar(desc=f"scanning {os.path.basename(root) or root}", unit=" img", enabled=progress,
+                      leave=False) as bar:
         while stack:
             d = stack.pop()
             with os.scandir(d) as it:

@@ -414,22 +414,22 @@ def _write_one(args):
 
 def generate(root: str, cfg: SynthConfig, workers: int = 1, progress: bool = True) -> Dict[str, int]:
     """Render the whole dataset under ``root``; returns image counts per folder."""
-    from tqdm import tqdm
+    from upreid.utils.progress import bar as progress_bar
 
     jobs = plan(cfg)
     for folder in sorted({j[0] for j in jobs}):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
     counts: Dict[str, int] = {}
     args = [(cfg, root, j) for j in jobs]
-    bar = dict(total=len(jobs), desc="rendering", unit=" img", disable=not progress)
+    bar = dict(total=len(jobs), desc="rendering", unit=" img", enabled=progress)
     if workers > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(workers) as pool:
-            for folder in tqdm(pool.imap_unordered(_write_one, args, chunksize=32), **bar):
+            for folder in progress_bar(pool.imap_unordered(_write_one, args, chunksize=32), **bar):
                 counts[folder] = counts.get(folder, 0) + 1
     else:
-        for a in tqdm(args, **bar):
+        for a in progress_bar(args, **bar):
             folder = _write_one(a)
             counts[folder] = counts.get(folder, 0) + 1
     merged: Dict[str, int] = {}

@@ -299,8 +299,8 @@ class Trainer:
         every, unit = t["checkpoint_every"], self.task.checkpoint_unit
         self._start_files()
         self.writer = MetricsWriter(self.out_dir, enabled=self.is_main, keep_until=self.start_step if state else 0)
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=self.total, initial=self.step, disable=not (self.is_main and t["progress"]),
+        from upreid.utils.progress import bar
+        self.bar = bar(total=self.total, initial=self.step, enabled=self.is_main and t["progress"],
                         desc=self.task.name, unit="step", dynamic_ncols=True)
         stream = iter(self.task.stream)
         tick, tick_step, data_time = time.perf_counter(), self.step, 0.0

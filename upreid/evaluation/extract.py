@@ -61,7 +61,7 @@ def features_from_loader(model, loader, *, device, amp: str = "off", progress: b
     ``index``), averaged with the mirrored images' where the batches carry them. ``return_index``:
     also the positions of the records they belong to (ascending), which leave out any image the
     loader skipped (``on_bad_image=skip``), so that row ``i`` is record ``index[i]``."""
-    from tqdm.auto import tqdm
+    from upreid.utils.progress import bar
 
     device = torch.device(device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -70,7 +70,7 @@ def features_from_loader(model, loader, *, device, amp: str = "off", progress: b
     model.eval()
     feats, pids, camids, index = [], [], [], []
     try:
-        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+        for batch in bar(loader, enabled=progress, desc=desc, unit="batch", leave=False):
             with autocast:
                 f = model(batch["images"].to(device)).float()                         # [B, D]
                 if "images_flipped" in batch:
@@ -129,7 +129,7 @@ def _bn_statistics(bns: list) -> list:
 def recalibrate_bn_from_loader(model, loader, *, device="cpu", progress: bool = True) -> int:
     """:func:`recalibrate_bn` over the ``images`` of an evaluation loader's batches. A batch of one
     image is left out where others exist (a BatchNorm1d cannot measure a variance on it)."""
-    from tqdm.auto import tqdm
+    from upreid.utils.progress import bar
     bns = _bn_layers(model)
     if not bns:
         return 0
@@ -143,7 +143,7 @@ def recalibrate_bn_from_loader(model, loader, *, device="cpu", progress: bool = 
             m.momentum = None            # cumulative moving average: the plain mean over the batches
             m.train()
         used, single = 0, None
-        for batch in tqdm(loader, desc="BN statistics", unit="batch", leave=False, disable=not progress):
+        for batch in bar(loader, enabled=progress, desc="BN statistics", unit="batch", leave=False):
             if batch["images"].shape[0] < 2:
                 single = batch
                 continue

@@ -1,15 +1,13 @@
-"""Progress reporting for long evaluations: a tqdm bar when tqdm is installed, else log lines."""
+"""Progress reporting for long evaluations: a tqdm bar where someone watches (``upreid.utils.progress``),
+else log lines at every tenth (shown where logging is set to INFO)."""
 from __future__ import annotations
 
 import logging
 import time
 
-log = logging.getLogger("upreid.evaluation")
+from upreid.utils.progress import bar, interactive
 
-try:  # optional dependency
-    from tqdm.auto import tqdm as _tqdm
-except ImportError:  # pragma: no cover - depends on the environment
-    _tqdm = None
+log = logging.getLogger("upreid.evaluation")
 
 
 class Progress:
@@ -21,8 +19,8 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         self._t0 = time.perf_counter()
-        if self.enabled and _tqdm is not None:
-            self._bar = _tqdm(total=self.total, desc=self.desc, unit=self.unit, leave=False)
+        if self.enabled and interactive():
+            self._bar = bar(total=self.total, desc=self.desc, unit=self.unit, leave=False)
         return self
 
     def update(self, n: int) -> None:
