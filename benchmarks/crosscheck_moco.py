@@ -163,6 +163,7 @@ def run_one(scale, seed: int, data: str, work: str, rerank: dict, progress: bool
     from upreid.engine.config import load_config
     from upreid.engine.demo import finetune_overrides
     from upreid.engine.finetune import finetune
+    from upreid.engine.trainer import finished
     run = os.path.join(work, f"{VARIANT}_s{seed}")
     images = load_images(os.path.join(data, "unlabeled"), scale.pretrain_height, scale.pretrain_width)
     state, loss, secs = pretrain_independent(images, scale, seed, steps)
@@ -172,7 +173,7 @@ def run_one(scale, seed: int, data: str, work: str, rerank: dict, progress: bool
     prog = [] if progress else ["train.progress=false"]
     cfg = load_config("finetune", None, finetune_overrides(scale, data, os.path.join(run, "finetune"), trunk, seed,
                                                            rerank=rerank) + ["eval.ranklist_queries=0"] + prog)
-    r = finetune(cfg, overwrite=True)["results"]
+    r = finished(finetune(cfg, overwrite=True), f"seed {seed}: fine-tuning")["results"]
     return {"variant": VARIANT, "seed": seed, "pretrain_s": round(secs, 1), "final_loss": round(loss, 4), **probe,
             "mAP": r["plain"]["mAP"], "Rank-1": r["plain"]["Rank-1"], "mAP_rerank": r["rerank"]["mAP"],
             "Rank-1_rerank": r["rerank"]["Rank-1"]}

@@ -84,6 +84,7 @@ def refinetune(run: str, folder: str, overrides: list) -> str:
 
     from upreid.engine.config import load_config
     from upreid.engine.finetune import finetune
+    from upreid.engine.trainer import finished
     out = os.path.join(run, folder)
     cfg = load_config("finetune", os.path.join(run, "finetune", "config.yaml"), [
         f"train.output={out}", "eval.rerank=false", "eval.ranklist_queries=0", "train.progress=false", *overrides])
@@ -93,7 +94,7 @@ def refinetune(run: str, folder: str, overrides: list) -> str:
         with open(saved) as f:
             same = yaml.safe_load(f) == yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
     if not (os.path.isfile(os.path.join(out, "results.json")) and same):
-        finetune(cfg, overwrite=True)
+        finished(finetune(cfg, overwrite=True), f"fine-tuning {out}")
     return out
 
 

@@ -98,6 +98,7 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, rerank: dict, 
     from upreid.engine.demo import finetune_overrides, schedule_overrides
     from upreid.engine.finetune import finetune
     from upreid.engine.init_weights import read_trunk_state
+    from upreid.engine.trainer import finished
 
     run = os.path.join(work, f"{variant}_s{seed}")
     prog = [] if progress else ["train.progress=false"]
@@ -110,7 +111,7 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, rerank: dict, 
                        + schedule_overrides(epochs)
                        + [f"data.k={k}", f"data.p={scale.finetune_p * scale.finetune_k // k}", "eval.ranklist_queries=0"]
                        + prog)
-    pre = finetune(pcfg, overwrite=True)
+    pre = finished(finetune(pcfg, overwrite=True), f"{variant} seed {seed}: supervised pre-training")
     pre_s = time.perf_counter() - t
     ckpt = os.path.join(run, "pretrain", "checkpoint.pt")
     _, state, info = read_trunk_state(ckpt)
@@ -120,7 +121,7 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, rerank: dict, 
     t = time.perf_counter()
     fcfg = load_config("finetune", None, finetune_overrides(scale, data, os.path.join(run, "finetune"), ckpt, seed,
                                                             rerank=rerank) + ["eval.ranklist_queries=0"] + prog)
-    r = finetune(fcfg, overwrite=True)["results"]
+    r = finished(finetune(fcfg, overwrite=True), f"{variant} seed {seed}: fine-tuning")["results"]
     return {"variant": variant, "seed": seed, "pool_ids": ids, "pool_images": images, "pretrain_steps": pre["step"],
             "pretrain_s": round(pre_s, 1), "direct_mAP": pre["results"]["plain"]["mAP"],
             "probe_bn_mAP": probe["probe_bn_mAP"], "mAP": r["plain"]["mAP"], "Rank-1": r["plain"]["Rank-1"],

@@ -82,6 +82,7 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool
     from upreid.engine.demo import finetune_overrides, pretrain_overrides
     from upreid.engine.finetune import finetune
     from upreid.engine.pretrain import export_backbone, pretrain
+    from upreid.engine.trainer import finished    # a signal stops the study: no row from a half-trained model
 
     run = os.path.join(work, f"{variant}_s{seed}")
     prog = [] if progress else ["train.progress=false"]
@@ -90,7 +91,7 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool
         t = time.perf_counter()
         pcfg = load_config("pretrain", None, pretrain_overrides(scale, os.path.join(data, "unlabeled"), os.path.join(run, "pretrain"),
                                                     seed) + VARIANTS[variant] + prog)
-        pre = pretrain(pcfg, overwrite=True)
+        pre = finished(pretrain(pcfg, overwrite=True), f"{variant} seed {seed}: pre-training")
         init = os.path.join(run, "backbone.pt")
         export_backbone(pre["checkpoint"], init, overwrite=True)
         pre_s = time.perf_counter() - t
@@ -102,7 +103,7 @@ def run_one(scale, variant: str, seed: int, data: str, work: str, progress: bool
     t = time.perf_counter()
     fcfg = load_config("finetune", None, finetune_overrides(scale, data, os.path.join(run, "finetune"), init, seed,
                                                             rerank=rerank) + ["eval.ranklist_queries=0"] + prog)
-    s = finetune(fcfg, overwrite=True)
+    s = finished(finetune(fcfg, overwrite=True), f"{variant} seed {seed}: fine-tuning")
     r = s["results"]
     return {"scale": None, "variant": variant, "seed": seed, "mAP": r["plain"]["mAP"], "Rank-1": r["plain"]["Rank-1"],
             "mAP_rerank": r["rerank"]["mAP"], "Rank-1_rerank": r["rerank"]["Rank-1"], "pretrain_s": round(pre_s, 1),

@@ -61,6 +61,47 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def _interrupting(module, name, monkeypatch, at_step):
+    """Replace ``module.name`` (pretrain or finetune) by the real run with a SIGTERM at ``at_step``."""
+    import importlib
+    import signal
+    mod = importlib.import_module(module)
+    real = getattr(mod, name)
+
+    def interrupted(cfg, **kw):
+        def stop(step, out):
+            if step == at_step:
+                signal.raise_signal(signal.SIGTERM)
+        return real(cfg, on_step=stop, **kw)
+    monkeypatch.setattr(mod, name, interrupted)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", pytest.param("finetune", marks=pytest.mark.slow)])
+def test_an_interrupted_demo_stops_and_says_so(stage, tmp_path, capsys, monkeypatch):
+    """Ctrl-C / SIGTERM during pre-training or a fine-tuning: the run's checkpoint is written and the demo
+    stops there (exit 130) and says where; it does not go on with a half-trained trunk or print a table."""
+    _interrupting(f"upreid.engine.{stage}", stage, monkeypatch, at_step=2)
+    out = tmp_path / "demo"
+    assert main(["demo", "--tiny", "--out", str(out), "--no-progress"]) == 130
+    cap = capsys.readouterr()
+    what = "pre-training" if stage == "pretrain" else "fine-tuning from UP-ReID init"
+    assert f"demo: stopped: {what} was interrupted at step 2/" in cap.err and "--overwrite" in cap.err
+    assert "method" not in cap.out and not (out / "summary.json").exists() and not (out / "summary.txt").exists()
+    assert (out / ("pretrain" if stage == "pretrain" else "finetune_upreid") / "checkpoint.pt").exists()
+    assert not (out / "finetune_random").exists()
+    if stage == "pretrain":
+        assert not (out / "finetune_upreid").exists() and not (out / "pretrain" / "backbone.pt").exists()
+
+
+def test_finished_passes_a_whole_run_and_names_an_interrupted_one():
+    from upreid.engine.trainer import RunInterrupted, finished
+    whole = {"interrupted": False, "step": 6, "total": 6}
+    assert finished(whole, "x") is whole
+    with pytest.raises(RunInterrupted, match=r"pre-training was interrupted \(signal\) at step 3/6; its checkpoint "
+                                             r"is c\.pt"):
+        finished({"interrupted": True, "step": 3, "total": 6, "checkpoint": "c.pt"}, "pre-training")
+
+
 def test_demo_refuses_a_negative_seed_before_writing_anything(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--tiny", "--out", str(out), "--seed", "-1"]) == 1

@@ -188,6 +188,7 @@ def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite
     from upreid.engine.config import load_config
     from upreid.engine.finetune import finetune
     from upreid.engine.pretrain import export_backbone, pretrain
+    from upreid.engine.trainer import finished
     from upreid.evaluation.baselines import frozen_trunk_baseline, pixel_baselines
     from upreid.evaluation.rerank_settings import rerank_settings
 
@@ -225,7 +226,7 @@ def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite
              scale.pretrain_width, scale.device)
     pcfg = load_config("pretrain", None, pretrain_overrides(scale, os.path.join(data, "unlabeled"),
                                                             os.path.join(out, "pretrain"), seed) + prog)
-    pre = pretrain(pcfg, overwrite=True)
+    pre = finished(pretrain(pcfg, overwrite=True), "pre-training")     # Ctrl-C: the demo stops here
     times["pretrain"] = time.perf_counter() - t
 
     backbone = os.path.join(out, "pretrain", "backbone.pt")
@@ -240,7 +241,7 @@ def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite
         log.info("[%d/6] fine-tuning (BoT) from %s", 5 + i, ROW_NAMES[key])
         fcfg = load_config("finetune", None, finetune_overrides(scale, data, os.path.join(out, f"finetune_{key}"),
                                                                 init, seed, rerank=rr) + prog)
-        rows[key] = finetune(fcfg, overwrite=True)["results"]
+        rows[key] = finished(finetune(fcfg, overwrite=True), f"fine-tuning from {ROW_NAMES[key]}")["results"]
         times[f"finetune_{key}"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
     rows = {k: rows[k] for k in ROW_NAMES}
@@ -261,9 +262,16 @@ def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite
 
 
 def run_demo_cli(args) -> int:
+    from upreid.engine.trainer import RunInterrupted
     try:
         res = run_demo(args.out, TINY if args.tiny else None, overwrite=args.overwrite,
                        progress=not args.no_progress, seed=args.seed)
+    except RunInterrupted as e:
+        import sys
+        print(f"demo: stopped: {e.what} was interrupted at step {e.step}/{e.total}. Nothing after it ran and no "
+              f"table was written. Run the demo again to start over (add --overwrite: {os.path.abspath(args.out)} "
+              f"now holds the partial run)", file=sys.stderr)
+        return 130
     except (FileExistsError, ValueError, RuntimeError) as e:
         import sys
         print(f"error: {e}", file=sys.stderr)

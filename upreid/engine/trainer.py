@@ -131,6 +131,25 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+class RunInterrupted(RuntimeError):
+    """A run stopped by SIGTERM / SIGINT before its end (its checkpoint written), where the caller
+    needed it finished: a chain of runs (``upreid demo``, the studies) stops here rather than going on
+    with a half-trained model."""
+
+    def __init__(self, what: str, summary: dict):
+        self.what, self.step, self.total = what, summary.get("step"), summary.get("total")
+        self.checkpoint = summary.get("checkpoint")
+        super().__init__(f"{what} was interrupted (signal) at step {self.step}/{self.total}; its checkpoint is "
+                         f"{self.checkpoint}")
+
+
+def finished(summary: dict, what: str) -> dict:
+    """``summary`` (a run's) when the run reached its end; :class:`RunInterrupted` when a signal stopped it."""
+    if summary.get("interrupted"):
+        raise RunInterrupted(what, summary)
+    return summary
+
+
 # ------------------------------------------------------------------------------------------ trainer
 class Trainer:
     """Runs ``task`` under ``cfg`` (see the module docstring). ``resume``: None, ``"auto"`` (the
