@@ -28,10 +28,17 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
         elif self.enabled and self.total and self.done / self.total >= self._next_log:
-            log.info("%s: %d/%d %ss (%.1f s)", self.desc, self.done, self.total, self.unit,
+            log.info("%s: %d/%d %s (%.1f s)", self.desc, self.done, self.total, plural(self.unit, self.total),
                      time.perf_counter() - self._t0)
             self._next_log += 0.1
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def plural(noun: str, n: int) -> str:
+    """``query`` -> ``queries``, ``image`` -> ``images`` (1: the noun itself)."""
+    if n == 1:
+        return noun
+    return noun[:-1] + "ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else noun + "s"
