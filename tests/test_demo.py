@@ -61,8 +61,8 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-def _interrupting(module, name, monkeypatch, at_step):
-    """Replace ``module.name`` (pretrain or finetune) by the real run with a SIGTERM at ``at_step``."""
+def _interrupting(module, name, monkeypatch, at_step, signum):
+    """Replace ``module.name`` (pretrain or finetune) by the real run with signal ``signum`` at ``at_step``."""
     import importlib
     import signal
     mod = importlib.import_module(module)
@@ -71,19 +71,28 @@ def _interrupting(module, name, monkeypatch, at_step):
     def interrupted(cfg, **kw):
         def stop(step, out):
             if step == at_step:
-                signal.raise_signal(signal.SIGTERM)
+                signal.raise_signal(signum)
         return real(cfg, on_step=stop, **kw)
     monkeypatch.setattr(mod, name, interrupted)
 
 
-@pytest.mark.parametrize("stage", ["pretrain", pytest.param("finetune", marks=pytest.mark.slow)])
-def test_an_interrupted_demo_stops_and_says_so(stage, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("stage,signame,code", [("pretrain", "SIGINT", 130),
+                                                pytest.param("finetune", "SIGTERM", 143, marks=pytest.mark.slow)])
+def test_an_interrupted_demo_stops_and_says_so(stage, signame, code, tmp_path, capsys, monkeypatch):
     """Ctrl-C / SIGTERM during pre-training or a fine-tuning: the run's checkpoint is written and the demo
-    stops there (exit 130) and says where; it does not go on with a half-trained trunk or print a table."""
-    _interrupting(f"upreid.engine.{stage}", stage, monkeypatch, at_step=2)
+    stops there (exit 128 + the signal) and says where; it does not go on with a half-trained trunk or
+    print a table, and an earlier demo's results in the folder (--overwrite) are gone, not left to be
+    read as this run's."""
+    import signal
     out = tmp_path / "demo"
-    assert main(["demo", "--tiny", "--out", str(out), "--no-progress"]) == 130
+    (out / "finetune_random").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")                  # an earlier demo's
+    (out / "finetune_random" / "results.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")                   # not the demo's: kept
+    _interrupting(f"upreid.engine.{stage}", stage, monkeypatch, 2, getattr(signal, signame))
+    assert main(["demo", "--tiny", "--out", str(out), "--no-progress", "--overwrite"]) == code
     cap = capsys.readouterr()
+    assert (out / "notes.txt").read_text() == "mine"
     what = "pre-training" if stage == "pretrain" else "fine-tuning from UP-ReID init"
     assert f"demo: stopped: {what} was interrupted at step 2/" in cap.err and "--overwrite" in cap.err
     assert "method" not in cap.out and not (out / "summary.json").exists() and not (out / "summary.txt").exists()

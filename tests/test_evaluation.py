@@ -66,20 +66,20 @@ def test_rerank_evaluation_matches_reference():
 
 def test_numpy_inputs_and_progress(caplog, monkeypatch):
     import logging
-    monkeypatch.delenv("UPREID_PROGRESS", raising=False)
+    monkeypatch.setenv("UPREID_PROGRESS", "0")        # no bar even where pytest -s runs on a terminal
     data = [t.numpy() for t in dataset()]
     with caplog.at_level(logging.INFO, logger="upreid.evaluation"):
         res = evaluate(*data, progress=True, max_rank=5)
     assert "Rank-10" not in res and len(res["cmc"]) == 5
-    # no terminal here: progress comes as log lines, the last one at the end
+    # no bar: progress comes as log lines, the last one at the end
     n = len(data[0])
     assert any(r.getMessage().startswith(f"evaluating: {n}/{n} queries (") for r in caplog.records), caplog.text
 
 
 def test_plural():
     from upreid.evaluation.progress import plural
-    assert [plural("query", 2), plural("query", 1), plural("image", 3), plural("day", 2)] == \
-        ["queries", "query", "images", "days"]
+    assert [plural("query", 2), plural("query", 1), plural("image", 3), plural("day", 2), plural("batch", 2)] == \
+        ["queries", "query", "images", "days", "batches"]
 
 
 def test_errors():

@@ -182,6 +182,21 @@ def run_environment(device: str) -> dict:
             "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
+RESULTS = ("summary.json", "summary.txt", "curves_pretrain.png", "curves_finetune.png", "pretrain",
+           "finetune_upreid", "finetune_random")      # what a demo writes besides its data (re-rendered)
+
+
+def remove_results(out: str) -> None:
+    """Remove an earlier demo's results from ``out`` (only the entries a demo writes; nothing else)."""
+    import shutil
+    for name in RESULTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
 def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite: bool = False,
              progress: bool = True, seed: int = 0) -> dict:
     from upreid.data.datasets import synth
@@ -201,6 +216,7 @@ def run_demo(out: str = "upreid_demo", scale: DemoScale | None = None, overwrite
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise FileExistsError(f"demo: {out!r} is not empty; pass --overwrite or another --out")
     os.makedirs(out, exist_ok=True)
+    remove_results(out)       # an earlier demo's table must not outlive this run if it stops half-way
     times, t0 = {}, time.perf_counter()
     prog = [] if progress else ["train.progress=false"]
 
@@ -271,7 +287,7 @@ def run_demo_cli(args) -> int:
         print(f"demo: stopped: {e.what} was interrupted at step {e.step}/{e.total}. Nothing after it ran and no "
               f"table was written. Run the demo again to start over (add --overwrite: {os.path.abspath(args.out)} "
               f"now holds the partial run)", file=sys.stderr)
-        return 130
+        return e.exit_code
     except (FileExistsError, ValueError, RuntimeError) as e:
         import sys
         print(f"error: {e}", file=sys.stderr)

@@ -26,7 +26,8 @@ class WeightEMA:
         self.decay = float(decay)
         self.state: dict | None = None
         self.updates = 0
-        self._plan: tuple | None = None    # (keys, averaged entries, their averages, copied entries)
+        self._plan: tuple | None = None    # (keys, averaged entries, copied entries): names only, so that
+                                           # a replaced ``state`` is still the one updated
 
     def _make_plan(self, current: dict) -> tuple:
         """Which entries are averaged and which copied, worked out once per average (and again after a
@@ -35,8 +36,7 @@ class WeightEMA:
             raise RuntimeError("WeightEMA: the model's state dict changed its entries since the average began")
         if any(self.state[k].device != v.device for k, v in current.items()):    # resumed from a CPU copy
             self.state = {k: self.state[k].to(v.device) for k, v in current.items()}
-        floats = [k for k, v in current.items() if v.is_floating_point()]
-        return (tuple(current), floats, [self.state[k] for k in floats],
+        return (tuple(current), [k for k, v in current.items() if v.is_floating_point()],
                 [k for k, v in current.items() if not v.is_floating_point()])
 
     @torch.no_grad()
@@ -48,9 +48,10 @@ class WeightEMA:
         else:
             if self._plan is None or self._plan[0] != tuple(current):
                 self._plan = self._make_plan(current)
-            _, floats, averages, copied = self._plan
+            _, floats, copied = self._plan
             if floats:
-                torch._foreach_lerp_(averages, [current[k].detach() for k in floats], 1.0 - self.decay)
+                torch._foreach_lerp_([self.state[k] for k in floats], [current[k].detach() for k in floats],
+                                     1.0 - self.decay)
             for k in copied:
                 self.state[k].copy_(current[k])
         self.updates += 1

@@ -131,14 +131,16 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-class RunInterrupted(RuntimeError):
+class RunInterrupted(Exception):
     """A run stopped by SIGTERM / SIGINT before its end (its checkpoint written), where the caller
     needed it finished: a chain of runs (``upreid demo``, the studies) stops here rather than going on
-    with a half-trained model."""
+    with a half-trained model. Not a RuntimeError: code that handles errors does not take it for one.
+    ``exit_code``: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM), the shell's convention."""
 
     def __init__(self, what: str, summary: dict):
         self.what, self.step, self.total = what, summary.get("step"), summary.get("total")
         self.checkpoint = summary.get("checkpoint")
+        self.exit_code = 128 + int(summary.get("signal") or signal.SIGINT)
         super().__init__(f"{what} was interrupted (signal) at step {self.step}/{self.total}; its checkpoint is "
                          f"{self.checkpoint}")
 
@@ -163,7 +165,7 @@ class Trainer:
         self.out_dir = t["output"]
         self.ckpt_path = os.path.join(self.out_dir, CHECKPOINT_NAME)
         self.hooks: list = []
-        self.step, self.total, self.interrupted = 0, 0, False
+        self.step, self.total, self.interrupted, self.stop_signal = 0, 0, False, None
         self.metrics: dict = {}
         self.last_saved = -1
 
@@ -357,6 +359,7 @@ class Trainer:
                         if self.last_saved != self.step:
                             self.save()
                         self.interrupted = True
+                        self.stop_signal = stop.signal      # None on a rank that followed another's signal
                         if self.is_main:
                             log.warning("interrupted (signal) at step %d/%d; checkpoint %s written; continue "
                                         "with --resume", self.step, self.total, self.ckpt_path)
@@ -370,6 +373,7 @@ class Trainer:
             self.writer.close()
             del stream
         return {"step": self.step, "total": self.total, "epoch": self.task.position(self.step)[0],
-                "interrupted": self.interrupted, "checkpoint": self.ckpt_path, "metrics": self.metrics,
+                "interrupted": self.interrupted, "signal": self.stop_signal, "checkpoint": self.ckpt_path,
+                "metrics": self.metrics,
                 "rank": self.rank, "world": self.world, "output": self.out_dir, **self.task.summary()}
 

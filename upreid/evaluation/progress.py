@@ -38,7 +38,9 @@ class Progress:
 
 
 def plural(noun: str, n: int) -> str:
-    """``query`` -> ``queries``, ``image`` -> ``images`` (1: the noun itself)."""
+    """``query`` -> ``queries``, ``batch`` -> ``batches``, ``image`` -> ``images`` (1: the noun itself)."""
     if n == 1:
         return noun
-    return noun[:-1] + "ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else noun + "s"
+    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
+        return noun[:-1] + "ies"
+    return noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")

@@ -7,14 +7,24 @@ hundreds of partial lines, so none is drawn there; the run's log lines still are
 
 ``UPREID_PROGRESS`` overrides the guess: ``1`` draws bars anywhere, ``0`` never draws them. Code that
 was asked for no progress (``progress=False``, ``train.progress=false``, ``--no-progress``) draws none
-whatever the setting.
+whatever the setting. Any other value is warned about (once) and read as unset.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 ENV = "UPREID_PROGRESS"
+log = logging.getLogger("upreid")
+_warned: set = set()
+
+
+def _in_notebook() -> bool:
+    """A Jupyter kernel (what tqdm.auto draws a widget for), not a plain IPython terminal."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 def interactive(stream=None) -> bool:
@@ -24,10 +34,11 @@ def interactive(stream=None) -> bool:
         return True
     if forced in ("0", "false", "no", "off"):
         return False
-    if forced:
-        raise ValueError(f"{ENV}={os.environ[ENV]!r}: must be 1 (always draw progress bars) or 0 (never); "
-                         f"unset, bars are drawn when stderr is a terminal")
-    if "ipykernel" in sys.modules:
+    if forced and forced not in _warned:     # a typo must not stop a run (or one rank of it): say so, go on
+        _warned.add(forced)
+        log.warning("%s=%r is neither 1 (always draw progress bars) nor 0 (never): ignored; bars are drawn "
+                    "when stderr is a terminal", ENV, os.environ[ENV])
+    if _in_notebook():
         return True
     stream = sys.stderr if stream is None else stream
     try:
