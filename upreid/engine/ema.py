@@ -26,18 +26,6 @@ class WeightEMA:
         self.decay = float(decay)
         self.state: dict | None = None
         self.updates = 0
-        self._plan: tuple | None = None    # (keys, averaged entries, copied entries): names only, so that
-                                           # a replaced ``state`` is still the one updated
-
-    def _make_plan(self, current: dict) -> tuple:
-        """Which entries are averaged and which copied, worked out once per average (and again after a
-        load): checks that the model has the average's entries and moves the average to their devices."""
-        if current.keys() != self.state.keys():
-            raise RuntimeError("WeightEMA: the model's state dict changed its entries since the average began")
-        if any(self.state[k].device != v.device for k, v in current.items()):    # resumed from a CPU copy
-            self.state = {k: self.state[k].to(v.device) for k, v in current.items()}
-        return (tuple(current), [k for k, v in current.items() if v.is_floating_point()],
-                [k for k, v in current.items() if not v.is_floating_point()])
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -46,14 +34,17 @@ class WeightEMA:
         if self.state is None:
             self.state = {k: v.detach().clone() for k, v in current.items()}
         else:
-            if self._plan is None or self._plan[0] != tuple(current):
-                self._plan = self._make_plan(current)
-            _, floats, copied = self._plan
+            if current.keys() != self.state.keys():
+                raise RuntimeError("WeightEMA: the model's state dict changed its entries since the average began")
+            if any(self.state[k].device != v.device for k, v in current.items()):    # resumed from a CPU copy
+                self.state = {k: self.state[k].to(v.device) for k, v in current.items()}
+            floats = [k for k, v in current.items() if v.is_floating_point()]
             if floats:
                 torch._foreach_lerp_([self.state[k] for k in floats], [current[k].detach() for k in floats],
                                      1.0 - self.decay)
-            for k in copied:
-                self.state[k].copy_(current[k])
+            for k, v in current.items():
+                if not v.is_floating_point():
+                    self.state[k].copy_(v)
         self.updates += 1
 
     @contextlib.contextmanager
@@ -76,7 +67,6 @@ class WeightEMA:
     def load_state_dict(self, saved: dict) -> None:
         """Continue a saved average (the decay is this object's: a resumed run may change it)."""
         self.updates = int(saved.get("updates", 0))
-        self._plan = None
         state = saved.get("state")
         self.state = None if state is None else {k: v.detach().clone() for k, v in state.items()}
 
