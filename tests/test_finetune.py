@@ -61,6 +61,26 @@ def test_cli_finetune_random_init(synth_root, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err       # an existing run is not overwritten silently
 
 
+def test_cli_interrupted_run_exits_with_the_signal(synth_root, tmp_path, capsys, monkeypatch):
+    """SIGTERM mid-run: the checkpoint is written, the command says how to continue and exits 143 (128 +
+    SIGTERM), so a shell chain (`upreid finetune ... && upreid extract ...`) stops there."""
+    import upreid.engine.finetune as ft
+    real = ft.finetune
+
+    def interrupted(cfg, **kw):
+        def stop(step, out):
+            if step == 1:
+                signal.raise_signal(signal.SIGTERM)
+        return real(cfg, on_step=stop, **kw)
+    monkeypatch.setattr(ft, "finetune", interrupted)
+    out = tmp_path / "cli"
+    rc = main(["finetune", "--config", FINETUNE_TINY, f"data.root={synth_root}", f"train.output={out}",
+               "train.epochs=1", "train.max_steps_per_epoch=2", "data.p=4", "eval.rerank=false",
+               "train.progress=false", "model.width=16"])
+    assert rc == 128 + signal.SIGTERM
+    assert "finetune interrupted at step 1/2" in capsys.readouterr().out and (out / "checkpoint.pt").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ema", ["0.0", "0.6"])
 def test_resume_after_sigterm_is_exact(synth_root, tmp_path, finetune_cfg, ema):

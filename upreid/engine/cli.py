@@ -97,13 +97,17 @@ def run_task(args) -> int:
         return 1
     if summary["rank"] == 0:
         report(args.task, summary)
+    if summary["interrupted"]:
+        # not 0: `upreid pretrain ... && upreid finetune ...` must not go on from a half-trained model
+        import signal
+        return 128 + int(summary.get("signal") or signal.SIGTERM)
     return 0
 
 
 def report(task: str, summary: dict) -> None:
     if summary["interrupted"]:
         print(f"{task} interrupted at step {summary['step']}/{summary['total']}; checkpoint "
-              f"{summary['checkpoint']} (continue with --resume)")
+              f"{summary['checkpoint']} (continue with --resume; exit status 128 + the signal)")
         return
     if task == "pretrain":
         terms = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items() if k.startswith("loss"))
