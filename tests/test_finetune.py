@@ -81,6 +81,31 @@ def test_cli_interrupted_run_exits_with_the_signal(synth_root, tmp_path, capsys,
     assert "finetune interrupted at step 1/2" in capsys.readouterr().out and (out / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("setting", ["unset", "1"])
+def test_progress_lines_where_no_bar_is_drawn(synth_root, tmp_path, finetune_cfg, caplog, monkeypatch, setting):
+    """Output not a terminal (as under pytest): the run logs its progress (step, losses, lr, pace, time
+    left) every PROGRESS_LINE_S and at the end; where a bar is drawn (UPREID_PROGRESS=1), no lines."""
+    import logging
+
+    from upreid.engine import trainer
+    monkeypatch.setattr(trainer, "PROGRESS_LINE_S", 0.0)
+    if setting == "unset":
+        monkeypatch.delenv("UPREID_PROGRESS", raising=False)
+    else:
+        monkeypatch.setenv("UPREID_PROGRESS", setting)
+    cfg = finetune_cfg(synth_root, str(tmp_path / "run"), "train.progress=true", "train.log_every=1",
+                       "eval.rerank=false", "eval.ranklist_queries=0")
+    with caplog.at_level(logging.INFO, logger="upreid.trainer"):
+        s = finetune(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("finetune step ")]
+    if setting == "1":
+        assert lines == []
+        return
+    assert len(lines) == s["step"] == 4, lines
+    assert lines[-1].startswith("finetune step 4/4 (100%): lr ") and lines[-1].endswith(" left")
+    assert "id " in lines[0] and "tri " in lines[0] and "samples/s" in lines[0] and "step 1/4 (25%)" in lines[0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ema", ["0.0", "0.6"])
 def test_resume_after_sigterm_is_exact(synth_root, tmp_path, finetune_cfg, ema):

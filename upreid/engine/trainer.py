@@ -131,6 +131,16 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+PROGRESS_LINE_S = 30.0     # seconds between progress log lines where no bar is drawn (see Trainer.run)
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:                 # nan: no pace yet
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 class RunInterrupted(Exception):
     """A run stopped by SIGTERM / SIGINT before its end (its checkpoint written), where the caller
     needed it finished: a chain of runs (``upreid demo``, the studies) stops here rather than going on
@@ -310,6 +320,16 @@ class Trainer:
         out["lr"] = lr
         return out
 
+    def _progress_line(self) -> None:
+        """The bar's content as a log line: step, losses, lr, throughput and the time left at that pace."""
+        m = self.metrics
+        rate = m["samples_per_s"] / max(1, self.task.batch_size * self.world)        # steps per second
+        left = (self.total - self.step) / rate if rate > 0 else float("nan")
+        shown = {"lr": f"{m['lr']:.3g}", **self.task.postfix(m)}
+        terms = ", ".join(f"{k} {v}" for k, v in shown.items())
+        log.info("%s step %d/%d (%.0f%%): %s, %.1f samples/s, %s left", self.task.name, self.step,
+                 self.total, 100.0 * self.step / max(1, self.total), terms, m["samples_per_s"], _duration(left))
+
     def _call(self, name: str, *args) -> None:
         for h in self.hooks:
             getattr(h, name)(self, *args)
@@ -323,8 +343,11 @@ class Trainer:
         from upreid.utils.progress import bar
         self.bar = bar(total=self.total, initial=self.step, enabled=self.is_main and t["progress"],
                         desc=self.task.name, unit="step", dynamic_ncols=True)
+        # no bar drawn (output piped or redirected) but progress wanted: a log line now and then instead
+        lines = self.is_main and t["progress"] and self.bar.disable
         stream = iter(self.task.stream)
         tick, tick_step, data_time = time.perf_counter(), self.step, 0.0
+        last_line = tick
         try:
             with StopFlag() as stop:
                 self._call("before_train")
@@ -346,6 +369,9 @@ class Trainer:
                                         "data_frac": data_time / span}
                         self.writer.write(self.step, self.metrics)
                         self.bar.set_postfix(self.task.postfix(self.metrics), refresh=False)
+                        if lines and (now - last_line >= PROGRESS_LINE_S or self.step == self.total):
+                            self._progress_line()
+                            last_line = now
                         tick, tick_step, data_time = now, self.step, 0.0
                     if self.on_step is not None:
                         self.on_step(self.step, out)

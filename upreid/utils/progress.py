@@ -3,7 +3,8 @@
 A bar is drawn where someone watches it: stderr is a terminal, or the code runs in a Jupyter kernel
 (whose output streams are not terminals but show tqdm's widget). Piped or redirected to a file
 (``upreid demo 2>&1 | tee log``, a batch job), the bar's carriage-return frames would fill the log with
-hundreds of partial lines, so none is drawn there; the run's log lines still are.
+hundreds of partial lines, so none is drawn there; the run's log lines still are, and training logs a
+progress line every 30 s instead (``upreid.engine.trainer.PROGRESS_LINE_S``).
 
 ``UPREID_PROGRESS`` overrides the guess: ``1`` draws bars anywhere, ``0`` never draws them. Code that
 was asked for no progress (``progress=False``, ``train.progress=false``, ``--no-progress``) draws none
