@@ -99,8 +99,8 @@ def run_task(args) -> int:
         report(args.task, summary)
     if summary["interrupted"]:
         # not 0: `upreid pretrain ... && upreid finetune ...` must not go on from a half-trained model
-        import signal
-        return 128 + int(summary.get("signal") or signal.SIGTERM)
+        from upreid.engine.trainer import exit_status
+        return exit_status(summary)
     return 0
 
 

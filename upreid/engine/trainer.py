@@ -141,16 +141,22 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def exit_status(summary: dict) -> int:
+    """The exit status of a command whose run a signal stopped: 128 + the signal (130 for Ctrl-C, 143 for
+    SIGTERM), the shell's convention; SIGTERM on a rank that stopped because another rank was signalled."""
+    return 128 + int(summary.get("signal") or signal.SIGTERM)
+
+
 class RunInterrupted(Exception):
     """A run stopped by SIGTERM / SIGINT before its end (its checkpoint written), where the caller
     needed it finished: a chain of runs (``upreid demo``, the studies) stops here rather than going on
     with a half-trained model. Not a RuntimeError: code that handles errors does not take it for one.
-    ``exit_code``: 128 + the signal (130 for Ctrl-C, 143 for SIGTERM), the shell's convention."""
+    ``exit_code``: :func:`exit_status` of the run."""
 
     def __init__(self, what: str, summary: dict):
         self.what, self.step, self.total = what, summary.get("step"), summary.get("total")
         self.checkpoint = summary.get("checkpoint")
-        self.exit_code = 128 + int(summary.get("signal") or signal.SIGINT)
+        self.exit_code = exit_status(summary)
         super().__init__(f"{what} was interrupted (signal) at step {self.step}/{self.total}; its checkpoint is "
                          f"{self.checkpoint}")
 
