@@ -344,3 +344,32 @@ def test_spawned_worker_exit_keeps_its_status(how, status):
     p.start()
     p.join(120)
     assert p.exitcode == status
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_the_last_epoch_is_summarised_where_the_run_stops(bad_recs, backend, caplog):
+    """A run's last step leaves the loader at its last batch, not past the epoch's end: closing the step
+    stream must still log the epoch's counts and name its skipped images (before, the last epoch's
+    summary was never written, so an image skipped in it went unreported)."""
+    import logging
+
+    from upreid.data.base import StepStream
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    records, files = bad_recs                                  # 6 good images, then 4 bad ones
+    L = build_loader("eval", records, batch_size=5, backend=backend, workers=0, on_bad_image="skip")
+    assert len(L) == 2
+    with caplog.at_level(logging.INFO, logger="upreid.data"):
+        stream = iter(StepStream(L, lambda epoch: 2))
+        assert [next(stream)[1] for _ in range(2)] == [0, 1]   # the trainer's last step: nothing more is asked
+        assert L.summary == {}
+        stream.close()
+    assert L.summary["epoch"] == 0 and L.summary["batches"] == 2 and L.summary["samples"] == 6
+    assert L.summary["skipped"] == 4 and set(L.summary["skipped_paths"]) == set(files.values())
+    assert "6 samples in 2 batches, 4 bad images skipped" in caplog.text and "stopped after" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="upreid.data"):
+        stream = iter(StepStream(L, lambda epoch: 1))           # an epoch cut short (train.max_steps_per_epoch)
+        next(stream)
+        stream.close()
+    assert L.summary["batches"] == 1 and "(the consumer stopped after 1 of the epoch's 2 batches)" in caplog.text

@@ -193,3 +193,27 @@ def test_rank_lists_name_the_right_images_when_some_were_skipped(synth_root, tmp
     assert drawn and not {str(b) for b in bad} & set(map(str, drawn["query"] + drawn["gallery"]))
     for q, (idx, matches) in zip(drawn["query"], drawn["lists"]):
         assert matches == [pid(drawn["gallery"][i]) == pid(q) for i in idx]
+
+
+def test_a_bad_gallery_image_met_after_training_keeps_the_training(synth_root, tmp_path, finetune_cfg, capsys):
+    """A bad query or gallery image is met only by the evaluation after training: the error says that the
+    training is saved and that --resume evaluates it without training again, and it does."""
+    import shutil
+
+    from upreid.data.imageio import BadImageError
+    root = tmp_path / "synth"
+    shutil.copytree(synth_root, root)
+    bad = sorted((root / "bounding_box_test").iterdir())[3]
+    bad.write_bytes(b"")
+    over = ("train.epochs=1", "train.max_steps_per_epoch=2", "eval.rerank=false", "eval.ranklist_queries=0")
+    with pytest.raises(BadImageError, match=r"the file is empty.*the training up to step 2 is saved in .*"
+                                            r"checkpoint\.pt.*--resume \(not --overwrite\) to evaluate it") as info:
+        finetune(finetune_cfg(str(root), str(tmp_path / "run"), *over))
+    assert info.value.path == str(bad)
+    assert ckpt_io.load(str(tmp_path / "run" / "checkpoint.pt"), expect=None)["step"] == 2
+    assert not (tmp_path / "run" / "results.json").exists()
+    steps = []
+    s = finetune(finetune_cfg(str(root), str(tmp_path / "run"), *over, "data.on_bad_image=skip"), resume="auto",
+                 on_step=lambda step, out: steps.append(step))
+    assert steps == [] and s["step"] == 2 and not s["interrupted"]          # evaluated, not trained again
+    assert s["results"]["plain"]["num_gallery"] > 0 and (tmp_path / "run" / "results.json").exists()

@@ -88,7 +88,11 @@ class BaseLoader:
                                 hint="on_bad_image='skip' cannot drop a whole batch under DDP, where the ranks "
                                      "must step together: fix or remove these files")
 
-    def _finish_epoch(self, samples: int, batches: int, skipped: List[str]) -> None:
+    def _finish_epoch(self, samples: int, batches: int, skipped: List[str], stopped: bool = False) -> None:
+        """Log the epoch's counts and keep them in ``summary``; also when the consumer stops early (the
+        last step of a run ends its iteration at a batch, not at the epoch's end), so that the last epoch's
+        skipped images are named too."""
+        total = len(self.sampler.batches(self.epoch))
         self.summary = {"epoch": self.epoch, "samples": samples, "batches": batches,
                         "skipped": len(skipped), "skipped_paths": list(skipped),
                         "not_drawn": self.sampler.dropped(self.epoch), "backend": self.backend}
@@ -98,6 +102,8 @@ class BaseLoader:
             msg += f" (e.g. {skipped[:3]})"
         if self.summary["not_drawn"]:
             msg += f", {self.summary['not_drawn']} images not drawn by the sampler this epoch"
+        if stopped and batches < total:
+            msg += f" (the consumer stopped after {batches} of the epoch's {total} batches)"
         log.info(msg)
         self.epoch += 1
 
@@ -129,8 +135,10 @@ class StepStream:
             self.loader.set_epoch(epoch)
             it = iter(self.loader)
             try:
-                for i, batch in enumerate(it):
-                    if i >= n:
+                for i in range(n):      # not one batch more: a shorter epoch stops the loader where it is used
+                    try:
+                        batch = next(it)
+                    except StopIteration:
                         break
                     if i >= offset:
                         yield epoch, i, batch

@@ -152,5 +152,9 @@ class TorchLoader(BaseLoader):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             samples += len(batch["index"])
             n_batches += 1
-            yield batch
+            try:
+                yield batch
+            except GeneratorExit:       # the consumer stopped here: the run's last step, or a shorter epoch
+                self._finish_epoch(samples, n_batches, skipped, stopped=True)
+                raise
         self._finish_epoch(samples, n_batches, skipped)

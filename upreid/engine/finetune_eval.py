@@ -93,10 +93,25 @@ class EvalHook(Hook):
         res = None
         cfg = self.task.cfg
         if trainer.is_main:
-            with self.task.evaluated(trainer.model) as model:
-                res = run_evaluation(model, self.task.dataset, cfg, trainer.device, trainer.amp,
-                                     rerank=final and cfg["eval"]["rerank"],
-                                     ranklist_path=os.path.join(trainer.out_dir, "ranklist.png") if final else None)
+            from upreid.data.imageio import BadImageError
+            try:
+                with self.task.evaluated(trainer.model) as model:
+                    res = run_evaluation(model, self.task.dataset, cfg, trainer.device, trainer.amp,
+                                         rerank=final and cfg["eval"]["rerank"],
+                                         ranklist_path=os.path.join(trainer.out_dir, "ranklist.png") if final else None)
+            except BadImageError as e:
+                # A bad query or gallery image is met only when the trained model is evaluated: keep the
+                # training (one process: the checkpoint is written here if the step's is not yet), and say
+                # that --resume evaluates it without training again.
+                if trainer.world == 1 and trainer.last_saved != trainer.step:
+                    trainer.save()
+                saved = trainer.last_saved == trainer.step
+                kept = (f"the training up to step {trainer.step} is saved in {trainer.ckpt_path}" if saved else
+                        f"the last checkpoint, {trainer.ckpt_path}, holds step {trainer.last_saved}")
+                raise BadImageError(e.path, e.reason, hint=(
+                    f"met while evaluating the model; {kept}: fix or remove the file, or set "
+                    f"data.on_bad_image=skip, and run the same command with --resume (not --overwrite) to "
+                    f"{'evaluate it' if final and saved else 'go on'} without training again")) from None
             trainer.writer.write(trainer.step, {f"eval/{k}": v for k, v in summarise(res).items()})
         dist.barrier()
         return res

@@ -396,6 +396,7 @@ class Trainer:
                             log.warning("interrupted (signal) at step %d/%d; checkpoint %s written; continue "
                                         "with --resume", self.step, self.total, self.ckpt_path)
                         break
+                stream.close()      # the last epoch's data summary (skipped images) now, not after the evaluation
                 if not self.interrupted:
                     if self.last_saved != self.step:
                         self.save()
