@@ -160,7 +160,8 @@ def test_a_labelled_dataset_root_as_unlabeled_set_is_warned_about(tmp_path, capl
         ds = unlabeled(str(tmp_path / "ds"), progress=False)
     assert len(ds.train) == 3
     (msg,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "query/, bounding_box_test/" in msg and "test images included" in msg and "unlabeled" in msg
+    assert "2 of its 3 images lie in bounding_box_test/ (1 image), query/ (1 image)" in msg
+    assert "test images included" in msg and "unlabeled" in msg
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert len(unlabeled(str(tmp_path / "ds" / "unlabeled"), progress=False).train) == 1
@@ -249,3 +250,30 @@ def test_identity_counts_take_pid_0_as_an_identity_where_it_is_one(caplog):
         assert caplog.text == ""
         _check_counts(ds, {"train": (6, 4)})
     assert "found 3 train identities" in caplog.text
+
+
+def test_test_split_images_deeper_in_the_tree_are_warned_about(tmp_path, caplog):
+    """The folder above a dataset, CUHK03-NP's two variants and MSMT17's test/: the test-split folders
+    are found at any depth and named with their image counts; a training split alone is not warned about."""
+    for p in ("Market-1501-v15.09.15/bounding_box_train/0002_c1s1_000451_03.jpg",
+              "Market-1501-v15.09.15/query/0002_c2s1_000451_03.jpg",
+              "Market-1501-v15.09.15/bounding_box_test/0002_c3s1_000451_03.jpg",
+              "Market-1501-v15.09.15/bounding_box_test/0003_c3s1_000451_03.jpg",
+              "cuhk03-np/detected/query/0001_c1_1.png", "cuhk03-np/labeled/bounding_box_test/0001_c2_1.png",
+              "MSMT17_V1/test/0000/0000_000_01_0303morning_0015_0.jpg",
+              "MSMT17_V1/train/0000/0000_000_01_0303morning_0016_0.jpg"):
+        touch(str(tmp_path / "all" / p))
+    with caplog.at_level(logging.WARNING):
+        ds = unlabeled(str(tmp_path / "all"), progress=False)
+    assert len(ds.train) == 8
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "6 of its 8 images lie in" in msg
+    for folder, n in (("Market-1501-v15.09.15/query/", 1), ("Market-1501-v15.09.15/bounding_box_test/", 2),
+                      ("cuhk03-np/detected/query/", 1)):
+        assert f"{folder} ({n} image{'s' if n > 1 else ''})" in msg
+    assert "and 1 more folder." in msg and "synthetic" not in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert len(unlabeled(str(tmp_path / "all" / "Market-1501-v15.09.15" / "bounding_box_train"),
+                             progress=False).train) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

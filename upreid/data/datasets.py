@@ -221,8 +221,23 @@ def msmt17(root: str, *, combine_trainval: bool = True, check_files: bool = True
     return ds
 
 
-# Folders of a Market-style dataset's test split: a tree that holds one is a labelled dataset's root.
-TEST_SPLIT_FOLDERS = ("query", "bounding_box_test", "gallery")
+# Folders of a labelled dataset's test split (Market-style, CUHK03-NP, MSMT17 V1 and V2): images under one
+# are a benchmark's query or gallery images.
+TEST_SPLIT_FOLDERS = ("query", "bounding_box_test", "gallery", "test", "mask_test_v2")
+
+
+def _test_split_images(root: str, paths: Sequence[str]) -> Dict[str, int]:
+    """The test-split folders at any depth under ``root`` that hold some of ``paths``: folder (relative to
+    ``root``, the first test-split name on the way down) -> images under it."""
+    found: Dict[str, int] = {}
+    for p in paths:
+        parts = os.path.relpath(p, root).split(os.sep)[:-1]
+        for i, part in enumerate(parts):
+            if part in TEST_SPLIT_FOLDERS:
+                key = "/".join(parts[:i + 1]) + "/"
+                found[key] = found.get(key, 0) + 1
+                break
+    return found
 
 
 def unlabeled(root: str, *, name: str = "unlabeled", progress: bool = True) -> ReIDDataset:
@@ -235,12 +250,18 @@ def unlabeled(root: str, *, name: str = "unlabeled", progress: bool = True) -> R
         paths = _walk_images(root, progress)
         if not paths:
             raise DatasetError(f"{name}: no images under {root!r}. Expected: {UNLABELED_LAYOUT}")
-        test = [d for d in TEST_SPLIT_FOLDERS if os.path.isdir(os.path.join(root, d))]
+        test = _test_split_images(root, paths)
         if test:
-            log.warning("%s: %r holds a labelled dataset's test split (%s/): its %d images are all taken, the "
-                        "test images included. For pre-training point data.root at the unlabeled images "
-                        "alone (a synthetic set's are in %s)", name, root, "/, ".join(test), len(paths),
-                        os.path.join(root, "unlabeled"))
+            n = sum(test.values())
+            shown = ", ".join(f"{d} ({k} image{'s' if k > 1 else ''})" for d, k in list(test.items())[:4])
+            rest = len(test) - 4
+            more = f" and {rest} more folder{'s' if rest > 1 else ''}" if rest > 0 else ""
+            hint = (f" (a synthetic set's are in {os.path.join(root, 'unlabeled')})"
+                    if os.path.isdir(os.path.join(root, "unlabeled")) else "")
+            log.warning("%s: %r holds a labelled dataset's test split: %d of its %d images lie in %s%s. They are "
+                        "all taken, the test images included, so a model evaluated on that benchmark would "
+                        "have seen its query and gallery images. For pre-training point data.root at the "
+                        "unlabeled or training images alone%s", name, root, n, len(paths), shown, more, hint)
     else:
         raise DatasetError(f"{name}: {root!r} does not exist. Expected: {UNLABELED_LAYOUT}")
     return ReIDDataset(name, root, [Record(p, -1, -1) for p in paths], unlabeled=True)
