@@ -256,3 +256,17 @@ def test_missing_defaults_are_named_with_where_they_were_looked_for(tmp_path, mo
                                           r"and no installed copy was found in .*share/upreid/configs.*"
                                           r"editable install.*pip install --no-build-isolation \."):
         load_config("finetune", None, ["data.root=/x"])
+
+
+def test_dataset_names_are_read_as_the_parsers_read_them():
+    """data.dataset takes the names build_dataset takes (any case, '_' for '-'), stored in one spelling;
+    a near miss gets a suggestion, and MSMT17's versions are pointed at the one name."""
+    for typed, stored in (("Market1501", "market1501"), ("CUHK03_NP/labeled", "cuhk03-np/labeled"),
+                          ("msmt17", "msmt17")):
+        assert load_config("finetune", FINETUNE_TINY, [f"data.dataset={typed}"])["data"]["dataset"] == stored
+    for typed, hint in (("market", "did you mean 'market1501'?"), ("cuhk03", "did you mean 'cuhk03-np'?"),
+                        ("MSMT17_V2", "MSMT17 V1 and V2 are both data.dataset=msmt17")):
+        with pytest.raises(ConfigError, match=f"data.dataset='{typed}'.*must be one of .*{hint.replace('?', '[?]')}"):
+            load_config("finetune", FINETUNE_TINY, [f"data.dataset={typed}"])
+    with pytest.raises(ConfigError, match=r"must be one of \[[^]]*\]$"):
+        load_config("finetune", FINETUNE_TINY, ["data.dataset=imagenet"])

@@ -235,3 +235,18 @@ def test_dali_and_fallback_pipelines_give_the_same_features(tmp_path, caplog):
         feats[backend] = np.load(out)["features"]
     assert feats["torch"].shape == (6, 512)
     np.testing.assert_allclose(feats["dali"], feats["torch"], atol=1e-4)
+
+
+def test_a_relative_data_root_recorded_by_the_run_is_explained(synth_root, tmp_path, monkeypatch):
+    """The run recorded data.root as typed: from another folder a relative one is not found, and the error
+    says where the path came from and how to pass the dataset (before: only 'folder ... does not exist')."""
+    from upreid.data import DatasetError
+    from upreid.evaluation.extract import _dataset_records
+    info = {"dataset": "synth", "root": "data/synth", "format": "upreid-finetune"}
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match=r"read synth from data.root 'data/synth' \(a relative path, read from the "
+                                           r"folder the command runs in\).*pass --data synth:ROOT"):
+        _dataset_records(None, info, "query")
+    os.makedirs(tmp_path / "data")
+    os.symlink(synth_root, tmp_path / "data" / "synth")
+    assert len(_dataset_records(None, info, "query")["query"]) > 0           # found where it is meant

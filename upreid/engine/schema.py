@@ -6,6 +6,7 @@ converted where YAML's reading differs from the intent: ``1e-3`` (a string in YA
 """
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from typing import Any, Callable, Mapping
@@ -18,7 +19,7 @@ class ConfigError(ValueError):
 
 
 class _Reject(Exception):
-    pass
+    """A value a rule refuses; an argument, if given, is a hint appended to the error (a suggestion)."""
 
 
 class Setting:
@@ -30,8 +31,9 @@ class Setting:
     def check(self, key: str, value: Any, origin: str) -> Any:
         try:
             return self.convert(value)
-        except _Reject:
-            raise ConfigError(f"{key}={value!r} (from {origin}): must be {self.allowed}") from None
+        except _Reject as e:
+            hint = e.args[0] if e.args else ""
+            raise ConfigError(f"{key}={value!r} (from {origin}): must be {self.allowed}{hint}") from None
 
 
 def _num(v) -> float | int:
@@ -107,6 +109,22 @@ def one_of(*choices) -> Setting:
             if type(c) is type(v) and c == v:
                 return c
         raise _Reject
+    return Setting(f"one of {list(choices)}", convert)
+
+
+def dataset_name(*choices) -> Setting:
+    """A dataset name as :func:`upreid.data.build_dataset` reads it (any case, '_' for '-'), with a
+    suggestion for a near miss."""
+    def convert(v):
+        if not isinstance(v, str):
+            raise _Reject
+        key = v.lower().replace("_", "-")
+        if key in choices:
+            return key
+        if key.startswith("msmt17"):
+            raise _Reject("; MSMT17 V1 and V2 are both data.dataset=msmt17 (the version is told from the folders)")
+        close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+        raise _Reject(f"; did you mean {close[0]!r}?" if close else "")
     return Setting(f"one of {list(choices)}", convert)
 
 
@@ -229,7 +247,7 @@ FINETUNE = {
     "model.gem_p": POSITIVE, "model.test_feature": one_of("bn", "pre"), "model.mgn_dim": integer(1),
     "model.camera_bn": boolean(),
     **_DATA_COMMON,
-    "data.dataset": one_of(*FINETUNE_DATASETS), "data.p": integer(2), "data.k": integer(2),
+    "data.dataset": dataset_name(*FINETUNE_DATASETS), "data.p": integer(2), "data.k": integer(2),
     "data.pad": integer(0), "data.eval_batch_size": integer(1), "data.flip_test": boolean(),
     "loss.id_weight": NONNEG, "loss.label_smoothing": real(0.0, 1.0, hi_open=True),
     "loss.triplet_weight": NONNEG, "loss.margin": optional(real(0.0, lo_open=True)),

@@ -282,6 +282,12 @@ def _dataset_records(data: str | None, info: dict, split: str) -> dict:
         name, root = parse_spec(data)
     elif info.get("root"):
         name, root = info["dataset"], info["root"]      # the fine-tuning run's own dataset
+        if not os.path.exists(os.path.expanduser(str(root))):
+            rel = (" (a relative path, read from the folder the command runs in)"
+                   if not os.path.isabs(os.path.expanduser(str(root))) else "")
+            raise DatasetError(f"extract: the checkpoint's fine-tuning read {name} from data.root {str(root)!r}"
+                               f"{rel}, which does not exist here; pass --data {name}:ROOT with the dataset's "
+                               f"folder, or --images DIR")
     else:
         raise DatasetError(f"extract: the {info['format']} checkpoint names no dataset; pass --data "
                            "NAME:ROOT (e.g. market1501:/data/Market-1501) or --images DIR")
