@@ -270,3 +270,10 @@ def test_dataset_names_are_read_as_the_parsers_read_them():
             load_config("finetune", FINETUNE_TINY, [f"data.dataset={typed}"])
     with pytest.raises(ConfigError, match=r"must be one of \[[^]]*\]$"):
         load_config("finetune", FINETUNE_TINY, ["data.dataset=imagenet"])
+
+
+def test_a_bare_recipe_name_as_base_points_at_the_package_recipe(tmp_path):
+    (tmp_path / "mine.yaml").write_text("_base_: tiny_cpu.yaml\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"the _base_ of .*mine.yaml.*does not exist; the package's recipes of "
+                                          r"that name: .*finetune/tiny_cpu.yaml, .*pretrain/tiny_cpu.yaml \(give"):
+        load_config("finetune", str(tmp_path / "mine.yaml"))

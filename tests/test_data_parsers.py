@@ -277,3 +277,56 @@ def test_test_split_images_deeper_in_the_tree_are_warned_about(tmp_path, caplog)
         assert len(unlabeled(str(tmp_path / "all" / "Market-1501-v15.09.15" / "bounding_box_train"),
                              progress=False).train) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_data_root_at_the_wrong_depth_says_where_the_dataset_is(tmp_path):
+    """One level too deep (a split folder), or two levels too high: the error names the folder to use."""
+    m = make_market(str(tmp_path / "data" / "reid" / "Market-1501-v15.09.15"))
+    with pytest.raises(DatasetError, match=r"is a folder inside the dataset: point data.root at '.*Market-1501-v15\.09\.15'"):
+        market1501(os.path.join(m, "bounding_box_train"))
+    with pytest.raises(DatasetError, match=r"bounding_box_train is found in '.*reid/Market-1501-v15\.09\.15': point "
+                                           r"data.root at it\)"):
+        market1501(str(tmp_path / "data"))
+    assert len(market1501(str(tmp_path / "data" / "reid")).train) == 3      # one level above: descended into
+    ms = make_msmt(str(tmp_path / "ms" / "MSMT17_V1") if os.makedirs(tmp_path / "ms" / "MSMT17_V1") is None else "")
+    with pytest.raises(DatasetError, match=r"list file .*train/list_train.txt' does not exist \('.*train' is a folder "
+                                           r"inside the dataset: point data.root at '.*MSMT17_V1'\)"):
+        msmt17(os.path.join(ms, "train"))
+    os.makedirs(tmp_path / "cu" / "cuhk03-np" / "detected" / "query")
+    with pytest.raises(DatasetError, match=r"is a folder inside the dataset: point data.root at '.*cuhk03-np'"):
+        cuhk03_np(str(tmp_path / "cu" / "cuhk03-np" / "detected"))
+
+
+def test_the_original_cuhk03_release_is_recognised(tmp_path):
+    touch(str(tmp_path / "cuhk03" / "cuhk03_new_protocol_config_detected.mat"))
+    with pytest.raises(DatasetError, match=r"original CUHK03 release with \.mat files: upreid reads the CUHK03-NP"):
+        cuhk03_np(str(tmp_path / "cuhk03"))
+
+
+def test_two_copies_under_one_root_are_named(tmp_path, caplog):
+    make_msmt(str(tmp_path / "MSMT17_V1") if os.makedirs(tmp_path / "MSMT17_V1") is None else "")
+    make_msmt(str(tmp_path / "MSMT17_V2") if os.makedirs(tmp_path / "MSMT17_V2") is None else "", v2=True)
+    with caplog.at_level(logging.WARNING):
+        ds = msmt17(str(tmp_path))
+    assert ds.root.endswith("MSMT17_V1")
+    assert "holds 2 copies of the dataset (MSMT17_V1, MSMT17_V2): using" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert msmt17(str(tmp_path / "MSMT17_V2")).root.endswith("MSMT17_V2")
+    assert "copies of the dataset" not in caplog.text
+
+
+def test_hard_linked_duplicates_are_named(tmp_path, caplog):
+    touch(str(tmp_path / "imgs" / "a.jpg"))
+    os.link(tmp_path / "imgs" / "a.jpg", tmp_path / "imgs" / "b.jpg")
+    with caplog.at_level(logging.WARNING):
+        assert len(unlabeled(str(tmp_path / "imgs"), progress=False).train) == 1
+    assert "1 duplicate entries (the same file listed again, or reached through a symlink or a hard link)" in caplog.text
+    assert "b.jpg' is '" in caplog.text and "a.jpg'" in caplog.text
+
+
+def test_msmt17_without_list_val_trains_on_train_alone(tmp_path, caplog):
+    os.remove(make_msmt(str(tmp_path)) + "/list_val.txt")
+    with caplog.at_level(logging.WARNING):
+        ds = msmt17(str(tmp_path))
+    assert len(ds.train) == 2 and "no list_val.txt" in caplog.text and "complete copy" not in caplog.text

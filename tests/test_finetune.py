@@ -195,7 +195,7 @@ def test_rank_lists_name_the_right_images_when_some_were_skipped(synth_root, tmp
         assert matches == [pid(drawn["gallery"][i]) == pid(q) for i in idx]
 
 
-def test_a_bad_gallery_image_met_after_training_keeps_the_training(synth_root, tmp_path, finetune_cfg, capsys):
+def test_a_bad_gallery_image_met_after_training_keeps_the_training(synth_root, tmp_path, finetune_cfg, caplog):
     """A bad query or gallery image is met only by the evaluation after training: the error says that the
     training is saved and that --resume evaluates it without training again, and it does."""
     import shutil
@@ -206,9 +206,13 @@ def test_a_bad_gallery_image_met_after_training_keeps_the_training(synth_root, t
     bad = sorted((root / "bounding_box_test").iterdir())[3]
     bad.write_bytes(b"")
     over = ("train.epochs=1", "train.max_steps_per_epoch=2", "eval.rerank=false", "eval.ranklist_queries=0")
+    import logging
     with pytest.raises(BadImageError, match=r"the file is empty.*the training up to step 2 is saved in .*"
-                                            r"checkpoint\.pt.*--resume \(not --overwrite\) to evaluate it") as info:
+                                            r"checkpoint\.pt.*--resume \(not --overwrite\) to evaluate it") as info, \
+            caplog.at_level(logging.INFO, logger="upreid.finetune"):
         finetune(finetune_cfg(str(root), str(tmp_path / "run"), *over))
+    # the dataset as found, before training: identities, images and cameras per split
+    assert "split    |   # ids |  # images | # cameras" in caplog.text and "  query    |" in caplog.text
     assert info.value.path == str(bad)
     assert ckpt_io.load(str(tmp_path / "run" / "checkpoint.pt"), expect=None)["step"] == 2
     assert not (tmp_path / "run" / "results.json").exists()

@@ -50,6 +50,36 @@ def _require_dir(path: str, what: str, layout: str) -> None:
         raise DatasetError(f"{what}: folder {path!r} does not exist. Expected layout: {layout}")
 
 
+# Folder names inside a dataset's root: a data.root that ends in one points one level too deep.
+_INNER_FOLDERS = ("bounding_box_train", "bounding_box_test", "query", "gallery", "detected", "labeled", "train",
+                  "test", "mask_train_v2", "mask_test_v2")
+
+
+def _root_hint(root: str, marker: str) -> str:
+    """Why ``marker`` is not under ``root``, when it can be told: data.root inside the dataset, or the
+    dataset a level or two further down (the folders that hold ``marker`` are named)."""
+    root = os.path.normpath(os.path.expanduser(root))
+    if os.path.basename(root) in _INNER_FOLDERS and os.path.exists(os.path.join(os.path.dirname(root), marker)):
+        return f" ({root!r} is a folder inside the dataset: point data.root at {os.path.dirname(root)!r})"
+    found = []
+    if os.path.isdir(root):
+        for a in sorted(os.scandir(root), key=lambda e: e.name):
+            if not a.is_dir():
+                continue
+            if os.path.exists(os.path.join(a.path, marker)):
+                found.append(a.path)
+                continue
+            try:
+                found += [b.path for b in sorted(os.scandir(a.path), key=lambda e: e.name)
+                          if b.is_dir() and os.path.exists(os.path.join(b.path, marker))]
+            except OSError:
+                continue
+    if not found:
+        return ""
+    shown = ", ".join(repr(f) for f in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return f" ({marker} is found in {shown}: point data.root at {'it' if len(found) == 1 else 'one of them'})"
+
+
 def _list_images(folder: str, layout: str, what: str) -> List[str]:
     _require_dir(folder, what, layout)
     names = sorted(n for n in os.listdir(folder) if _is_image(n))
@@ -95,6 +125,9 @@ def market_style(root: str, *, name: str = "market-style", train_dir: str = "bou
     """Any dataset laid out like Market1501 (three folders of ``<pid>_c<cam>_...`` images)."""
     root = os.path.expanduser(root)
     _require_dir(root, name, layout)
+    if not os.path.isdir(os.path.join(root, train_dir)):
+        raise DatasetError(f"{name} train: folder {os.path.join(root, train_dir)!r} does not exist"
+                           f"{_root_hint(root, train_dir)}. Expected layout: {layout}")
     train = parse_market_folder(os.path.join(root, train_dir), what=f"{name} train", layout=layout)
     query = parse_market_folder(os.path.join(root, query_dir), what=f"{name} query", layout=layout)
     gallery = parse_market_folder(os.path.join(root, gallery_dir), what=f"{name} gallery", layout=layout)
@@ -138,11 +171,12 @@ def _descend(root: str, markers: Sequence[str], candidates: Sequence[str]) -> st
     root = os.path.expanduser(root)
     if any(os.path.exists(os.path.join(root, m)) for m in markers):
         return root
-    for c in candidates:
-        sub = os.path.join(root, c)
-        if any(os.path.exists(os.path.join(sub, m)) for m in markers):
-            return sub
-    return root
+    found = [os.path.join(root, c) for c in candidates
+             if any(os.path.exists(os.path.join(root, c, m)) for m in markers)]
+    if len(found) > 1:
+        log.warning("%s holds %d copies of the dataset (%s): using %r; point data.root at another to use it",
+                    root, len(found), ", ".join(os.path.basename(f) for f in found), found[0])
+    return found[0] if found else root
 
 
 def market1501(root: str) -> ReIDDataset:
@@ -160,7 +194,13 @@ def cuhk03_np(root: str, variant: str = "detected") -> ReIDDataset:
         raise DatasetError(f"cuhk03-np: variant must be 'detected' or 'labeled', got {variant!r}")
     root = _descend(root, ["detected", "labeled"], ["cuhk03-np", "cuhk03_np", "CUHK03-NP"])
     sub = os.path.join(root, variant)
-    _require_dir(sub, f"cuhk03-np {variant}", CUHK03_LAYOUT)
+    if not os.path.isdir(sub):
+        hint = _root_hint(root, variant)
+        if os.path.isdir(root) and any(n.endswith(".mat") or n == "cuhk03_release" for n in os.listdir(root)):
+            hint += (" (this looks like the original CUHK03 release with .mat files: upreid reads the CUHK03-NP "
+                     "folders of the new protocol, detected/ and labeled/ of Market-style images)")
+        raise DatasetError(f"cuhk03-np {variant}: folder {sub!r} does not exist{hint}. Expected layout: "
+                           f"{CUHK03_LAYOUT}")
     name = f"cuhk03-np/{variant}"
     return market_style(sub, name=name, layout=CUHK03_LAYOUT, expected=EXPECTED[name])
 
@@ -177,7 +217,8 @@ def _msmt_camid(rel: str, list_file: str, lineno: int) -> int:
 def _parse_msmt_list(root: str, list_name: str, image_dirs: Sequence[str], check_files: bool) -> List[Record]:
     list_file = os.path.join(root, list_name)
     if not os.path.isfile(list_file):
-        raise DatasetError(f"msmt17: list file {list_file!r} does not exist. Expected layout: {MSMT17_LAYOUT}")
+        raise DatasetError(f"msmt17: list file {list_file!r} does not exist{_root_hint(root, list_name)}. "
+                           f"Expected layout: {MSMT17_LAYOUT}")
     image_dir = next((os.path.join(root, d) for d in image_dirs if os.path.isdir(os.path.join(root, d))), None)
     if image_dir is None:
         raise DatasetError(f"msmt17: none of the image folders {[os.path.join(root, d) for d in image_dirs]} "
@@ -210,7 +251,11 @@ def msmt17(root: str, *, combine_trainval: bool = True, check_files: bool = True
     _require_dir(root, "msmt17", MSMT17_LAYOUT)
     train_dirs, test_dirs = ("train", "mask_train_v2"), ("test", "mask_test_v2")
     train = _parse_msmt_list(root, "list_train.txt", train_dirs, check_files)
-    if combine_trainval:
+    if combine_trainval and not os.path.isfile(os.path.join(root, "list_val.txt")):
+        log.warning("msmt17: no list_val.txt in %s: training on list_train.txt alone (the benchmark's protocol "
+                    "trains on train + val)", root)
+        combine_trainval = False          # and no complete-copy counts to compare with
+    elif combine_trainval:
         train += _parse_msmt_list(root, "list_val.txt", train_dirs, check_files)
     query = _parse_msmt_list(root, "list_query.txt", test_dirs, check_files)
     gallery = _parse_msmt_list(root, "list_gallery.txt", test_dirs, check_files)
@@ -269,7 +314,7 @@ def unlabeled(root: str, *, name: str = "unlabeled", progress: bool = True) -> R
 
 def _unique(records: List[Record], source: str) -> List[Record]:
     """Each image once (by its real path, so a symlink and its target count once); duplicates logged."""
-    seen, out = set(), []
+    seen, out, dropped = {}, [], []
     for r in records:
         try:
             st = os.stat(r.path)
@@ -277,11 +322,14 @@ def _unique(records: List[Record], source: str) -> List[Record]:
         except OSError:
             key = os.path.abspath(r.path)
         if key not in seen:
-            seen.add(key)
+            seen[key] = r.path
             out.append(r)
-    if len(out) < len(records):
-        log.warning("%s: %d duplicate entries (the same image listed again, or through a symlink) were "
-                    "dropped; each image is used once", source, len(records) - len(out))
+        else:
+            dropped.append((r.path, seen[key]))
+    if dropped:
+        eg = "; ".join(f"{a!r} is {b!r}" for a, b in dropped[:3])
+        log.warning("%s: %d duplicate entries (the same file listed again, or reached through a symlink or a "
+                    "hard link) were dropped; each image is used once. E.g. %s", source, len(dropped), eg)
     return out
 
 

@@ -146,8 +146,11 @@ def _recipe_hint(path: str) -> str:
     """For a missing ``.../configs/TASK/NAME.yaml`` (a recipe path written relative to the checkout, used
     from another folder): where the package's own copy of that recipe is."""
     parts = os.path.normpath(path).split(os.sep)
-    if "configs" not in parts:
-        return ""
+    if "configs" not in parts:      # a bare name (``_base_: tiny_cpu.yaml`` in a config of one's own)
+        found = sorted(os.path.join(CONFIG_ROOT, t, parts[-1]) for t in TASKS
+                       if os.path.isfile(os.path.join(CONFIG_ROOT, t, parts[-1])))
+        return (f"; the package's recipe{'s' if len(found) > 1 else ''} of that name: {', '.join(found)} (give "
+                f"that path)" if found else "")
     tail = parts[len(parts) - 1 - parts[::-1].index("configs") + 1:]
     found = [os.path.join(CONFIG_ROOT, *tail)] if tail else []
     found = [f for f in found if os.path.isfile(f)]

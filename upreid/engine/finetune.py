@@ -89,6 +89,8 @@ class FinetuneTask(Task):
         from upreid.data.loader import loader_from_config
         cfg, t, d = self.cfg, self.cfg["train"], self.cfg["data"]
         self.dataset = load_dataset(cfg)
+        if trainer.is_main:         # what was found: identities, images and cameras per split
+            log.info("%s", self.dataset.summary())
         if cfg["eval"]["camera_bn"]:          # refused now, not after the training
             from upreid.evaluation.extract import check_camera_groups
             check_camera_groups(list(self.dataset.query) + list(self.dataset.gallery), "query and gallery")
