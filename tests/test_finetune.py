@@ -221,3 +221,5 @@ def test_a_bad_gallery_image_met_after_training_keeps_the_training(synth_root, t
                  on_step=lambda step, out: steps.append(step))
     assert steps == [] and s["step"] == 2 and not s["interrupted"]          # evaluated, not trained again
     assert s["results"]["plain"]["num_gallery"] > 0 and (tmp_path / "run" / "results.json").exists()
+    saved = json.load(open(tmp_path / "run" / "results.json"))["final"]["plain"]["skipped_images"]
+    assert saved == {"query": [], "gallery": [str(bad)]}

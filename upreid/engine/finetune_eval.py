@@ -68,8 +68,16 @@ def run_evaluation(model, dataset, cfg: dict, device: torch.device, amp: str, re
     if ranklist_path:
         log.info("plots written: %s", write_plots(os.path.dirname(os.path.abspath(ranklist_path)), out,
                                                  required=False))
+    # the images data.on_bad_image=skip left out, named in results.json and not only in the log
+    skipped = {name: [r.path for i, r in enumerate(recs) if i not in kept]
+               for name, recs, kept in (("query", dataset.query, set(qi.tolist())),
+                                        ("gallery", dataset.gallery, set(gi.tolist())))}
+    if any(skipped.values()):
+        log.warning("evaluated without %d query and %d gallery images that could not be read (e.g. %s)",
+                    len(skipped["query"]), len(skipped["gallery"]), (skipped["query"] + skipped["gallery"])[:3])
     for v in out.values():
         v["cmc"] = v["cmc"][:20]
+        v["skipped_images"] = skipped
     return out
 
 
