@@ -274,6 +274,10 @@ def test_dataset_names_are_read_as_the_parsers_read_them():
 
 def test_a_bare_recipe_name_as_base_points_at_the_package_recipe(tmp_path):
     (tmp_path / "mine.yaml").write_text("_base_: tiny_cpu.yaml\ntrain:\n  epochs: 2\n")
-    with pytest.raises(ConfigError, match=r"the _base_ of .*mine.yaml.*does not exist; the package's recipes of "
-                                          r"that name: .*finetune/tiny_cpu.yaml, .*pretrain/tiny_cpu.yaml \(give"):
-        load_config("finetune", str(tmp_path / "mine.yaml"))
+    for folder in ("mine", "configs"):             # also in a folder of one's own called configs
+        os.makedirs(tmp_path / folder, exist_ok=True)
+        (tmp_path / folder / "mine.yaml").write_text("_base_: tiny_cpu.yaml\ntrain:\n  epochs: 2\n")
+        with pytest.raises(ConfigError, match=r"the _base_ of .*mine.yaml.*does not exist; the package's recipes "
+                                              r"of that name: .*finetune/tiny_cpu.yaml, .*pretrain/tiny_cpu.yaml "
+                                              r"\(give the path of the one for this task\)"):
+            load_config("finetune", str(tmp_path / folder / "mine.yaml"))

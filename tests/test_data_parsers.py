@@ -263,11 +263,13 @@ def test_test_split_images_deeper_in_the_tree_are_warned_about(tmp_path, caplog)
               "MSMT17_V1/test/0000/0000_000_01_0303morning_0015_0.jpg",
               "MSMT17_V1/train/0000/0000_000_01_0303morning_0016_0.jpg"):
         touch(str(tmp_path / "all" / p))
+    touch(str(tmp_path / "all" / "MSMT17_V1" / "list_query.txt"))     # test/ is MSMT17's beside its lists
+    touch(str(tmp_path / "all" / "mine" / "test" / "1.jpg"))            # and not a folder of one's own
     with caplog.at_level(logging.WARNING):
         ds = unlabeled(str(tmp_path / "all"), progress=False)
-    assert len(ds.train) == 8
+    assert len(ds.train) == 9
     (msg,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "6 of its 8 images lie in" in msg
+    assert "6 of its 9 images lie in" in msg and "mine/test" not in msg
     for folder, n in (("Market-1501-v15.09.15/query/", 1), ("Market-1501-v15.09.15/bounding_box_test/", 2),
                       ("cuhk03-np/detected/query/", 1)):
         assert f"{folder} ({n} image{'s' if n > 1 else ''})" in msg
@@ -284,7 +286,8 @@ def test_data_root_at_the_wrong_depth_says_where_the_dataset_is(tmp_path):
     m = make_market(str(tmp_path / "data" / "reid" / "Market-1501-v15.09.15"))
     with pytest.raises(DatasetError, match=r"is a folder inside the dataset: point data.root at '.*Market-1501-v15\.09\.15'"):
         market1501(os.path.join(m, "bounding_box_train"))
-    with pytest.raises(DatasetError, match=r"bounding_box_train is found in '.*reid/Market-1501-v15\.09\.15': point "
+    with pytest.raises(DatasetError, match=r"a folder laid out like the dataset, with bounding_box_train, is in "
+                                           r"'.*reid/Market-1501-v15\.09\.15': point "
                                            r"data.root at it\)"):
         market1501(str(tmp_path / "data"))
     assert len(market1501(str(tmp_path / "data" / "reid")).train) == 3      # one level above: descended into
@@ -311,8 +314,12 @@ def test_two_copies_under_one_root_are_named(tmp_path, caplog):
     assert ds.root.endswith("MSMT17_V1")
     assert "holds 2 copies of the dataset (MSMT17_V1, MSMT17_V2): using" in caplog.text
     caplog.clear()
+    os.makedirs(tmp_path / "other")
+    os.symlink(tmp_path / "MSMT17_V2", tmp_path / "other" / "MSMT17")           # one copy under two names
+    os.symlink(tmp_path / "MSMT17_V2", tmp_path / "other" / "MSMT17_V2")
     with caplog.at_level(logging.WARNING):
         assert msmt17(str(tmp_path / "MSMT17_V2")).root.endswith("MSMT17_V2")
+        assert msmt17(str(tmp_path / "other")).root.endswith("MSMT17_V2")
     assert "copies of the dataset" not in caplog.text
 
 
@@ -329,4 +336,5 @@ def test_msmt17_without_list_val_trains_on_train_alone(tmp_path, caplog):
     os.remove(make_msmt(str(tmp_path)) + "/list_val.txt")
     with caplog.at_level(logging.WARNING):
         ds = msmt17(str(tmp_path))
-    assert len(ds.train) == 2 and "no list_val.txt" in caplog.text and "complete copy" not in caplog.text
+    assert len(ds.train) == 2 and "no list_val.txt" in caplog.text
+    assert "train images" not in caplog.text and "found 1 query images" in caplog.text   # query, gallery: checked

@@ -373,3 +373,5 @@ def test_the_last_epoch_is_summarised_where_the_run_stops(bad_recs, backend, cap
         next(stream)
         stream.close()
     assert L.summary["batches"] == 1 and "(the consumer stopped after 1 of the epoch's 2 batches)" in caplog.text
+    # the bad files are all in the batch not taken: none is counted (DALI has already read that batch)
+    assert L.summary["skipped"] == 0 and "0 bad images skipped" in caplog.text

@@ -92,7 +92,6 @@ class BaseLoader:
         """Log the epoch's counts and keep them in ``summary``; also when the consumer stops early (the
         last step of a run ends its iteration at a batch, not at the epoch's end), so that the last epoch's
         skipped images are named too."""
-        total = len(self.sampler.batches(self.epoch))
         self.summary = {"epoch": self.epoch, "samples": samples, "batches": batches,
                         "skipped": len(skipped), "skipped_paths": list(skipped),
                         "not_drawn": self.sampler.dropped(self.epoch), "backend": self.backend}
@@ -102,7 +101,8 @@ class BaseLoader:
             msg += f" (e.g. {skipped[:3]})"
         if self.summary["not_drawn"]:
             msg += f", {self.summary['not_drawn']} images not drawn by the sampler this epoch"
-        if stopped and batches < total:
+        total = len(self.sampler.batches(self.epoch)) if stopped else batches   # (a sampler may not cache)
+        if batches < total:
             msg += f" (the consumer stopped after {batches} of the epoch's {total} batches)"
         log.info(msg)
         self.epoch += 1

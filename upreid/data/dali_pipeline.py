@@ -63,6 +63,8 @@ class _Source:
         self.skipped: List[str] = []
         self.batches = iter(())
         self.fed: List[List[int]] = []
+        self.skipped_at: List[int] = []   # len(skipped) once each batch of ``fed`` was taken (its skips included)
+        self.skipped_base = 0             # len(skipped) at this pipeline's iteration 0
         self.resume = None
         self.undecodable: dict = {}
 
@@ -73,7 +75,7 @@ class _Source:
             else:
                 self.batches = iter(self.loader.sampler.batches(self.loader.epoch))
                 self.skipped = []
-            self.fed = []
+            self.fed, self.skipped_at, self.skipped_base = [], [], len(self.skipped)
         recs = self.loader.records
         skip = self.loader.on_bad_image == "skip"
         while True:
@@ -94,6 +96,7 @@ class _Source:
                 break
             self.loader._whole_batch_failed([recs[i].path for i in idx])
         self.fed.append(keep)
+        self.skipped_at.append(len(self.skipped))
         out = (enc, [np.array(i, np.int64) for i in keep])
         if self.loader.kind == "pretrain":        # labels are not used: do not ship them
             return out
@@ -380,6 +383,9 @@ class DaliLoader(BaseLoader):
             try:
                 yield batch
             except GeneratorExit:       # the consumer stopped here: the run's last step, or a shorter epoch
-                self._finish_epoch(samples, n_batches, list(self._source.skipped), stopped=True)
+                # only the files of the batches delivered: DALI has taken (and checked) some beyond them
+                src = self._source
+                upto = src.skipped_at[delivered - 1] if delivered else src.skipped_base
+                self._finish_epoch(samples, n_batches, list(src.skipped[:upto]), stopped=True)
                 raise
         self._finish_epoch(samples, n_batches, list(self._source.skipped))

@@ -55,30 +55,32 @@ _INNER_FOLDERS = ("bounding_box_train", "bounding_box_test", "query", "gallery",
                   "test", "mask_train_v2", "mask_test_v2")
 
 
-def _root_hint(root: str, marker: str) -> str:
-    """Why ``marker`` is not under ``root``, when it can be told: data.root inside the dataset, or the
-    dataset a level or two further down (the folders that hold ``marker`` are named)."""
+def _root_hint(root: str, marker: str, limit: int = 200) -> str:
+    """Why ``marker`` is not under ``root``, when it can be told: data.root inside the dataset, or a folder
+    laid out like one a level or two further down (those folders are named). Looks at no more than
+    ``limit`` folders per level: it only words an error."""
+    import itertools
     root = os.path.normpath(os.path.expanduser(root))
     if os.path.basename(root) in _INNER_FOLDERS and os.path.exists(os.path.join(os.path.dirname(root), marker)):
         return f" ({root!r} is a folder inside the dataset: point data.root at {os.path.dirname(root)!r})"
+
+    def subdirs(path):
+        try:
+            with os.scandir(path) as it:
+                return sorted(e.path for e in itertools.islice((e for e in it if e.is_dir()), limit))
+        except OSError:
+            return []
     found = []
-    if os.path.isdir(root):
-        for a in sorted(os.scandir(root), key=lambda e: e.name):
-            if not a.is_dir():
-                continue
-            if os.path.exists(os.path.join(a.path, marker)):
-                found.append(a.path)
-                continue
-            try:
-                found += [b.path for b in sorted(os.scandir(a.path), key=lambda e: e.name)
-                          if b.is_dir() and os.path.exists(os.path.join(b.path, marker))]
-            except OSError:
-                continue
+    for a in subdirs(root):
+        if os.path.exists(os.path.join(a, marker)):
+            found.append(a)
+        else:
+            found += [b for b in subdirs(a) if os.path.exists(os.path.join(b, marker))]
     if not found:
         return ""
     shown = ", ".join(repr(f) for f in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-    return f" ({marker} is found in {shown}: point data.root at {'it' if len(found) == 1 else 'one of them'})"
-
+    return (f" (a folder laid out like the dataset, with {marker}, is in {shown}: point data.root at "
+            f"{'it' if len(found) == 1 else 'one of them'})")
 
 def _list_images(folder: str, layout: str, what: str) -> List[str]:
     _require_dir(folder, what, layout)
@@ -171,8 +173,12 @@ def _descend(root: str, markers: Sequence[str], candidates: Sequence[str]) -> st
     root = os.path.expanduser(root)
     if any(os.path.exists(os.path.join(root, m)) for m in markers):
         return root
-    found = [os.path.join(root, c) for c in candidates
-             if any(os.path.exists(os.path.join(root, c, m)) for m in markers)]
+    found, real = [], set()
+    for c in candidates:      # one folder reached by two names (a symlink, a case-insensitive disk) counts once
+        sub = os.path.join(root, c)
+        if any(os.path.exists(os.path.join(sub, m)) for m in markers) and os.path.realpath(sub) not in real:
+            found.append(sub)
+            real.add(os.path.realpath(sub))
     if len(found) > 1:
         log.warning("%s holds %d copies of the dataset (%s): using %r; point data.root at another to use it",
                     root, len(found), ", ".join(os.path.basename(f) for f in found), found[0])
@@ -196,7 +202,11 @@ def cuhk03_np(root: str, variant: str = "detected") -> ReIDDataset:
     sub = os.path.join(root, variant)
     if not os.path.isdir(sub):
         hint = _root_hint(root, variant)
-        if os.path.isdir(root) and any(n.endswith(".mat") or n == "cuhk03_release" for n in os.listdir(root)):
+        try:
+            names = os.listdir(root) if os.path.isdir(root) else []
+        except OSError:
+            names = []
+        if any(n.endswith(".mat") or n == "cuhk03_release" for n in names):
             hint += (" (this looks like the original CUHK03 release with .mat files: upreid reads the CUHK03-NP "
                      "folders of the new protocol, detected/ and labeled/ of Market-style images)")
         raise DatasetError(f"cuhk03-np {variant}: folder {sub!r} does not exist{hint}. Expected layout: "
@@ -254,7 +264,7 @@ def msmt17(root: str, *, combine_trainval: bool = True, check_files: bool = True
     if combine_trainval and not os.path.isfile(os.path.join(root, "list_val.txt")):
         log.warning("msmt17: no list_val.txt in %s: training on list_train.txt alone (the benchmark's protocol "
                     "trains on train + val)", root)
-        combine_trainval = False          # and no complete-copy counts to compare with
+        combine_trainval = False
     elif combine_trainval:
         train += _parse_msmt_list(root, "list_val.txt", train_dirs, check_files)
     query = _parse_msmt_list(root, "list_query.txt", test_dirs, check_files)
@@ -262,26 +272,39 @@ def msmt17(root: str, *, combine_trainval: bool = True, check_files: bool = True
     ds = ReIDDataset("msmt17", root, relabel(train), query, gallery)
     _check_not_empty(ds, {"train": "list_train.txt", "query": "list_query.txt", "gallery": "list_gallery.txt"},
                      MSMT17_LAYOUT)
-    _check_counts(ds, EXPECTED["msmt17"] if combine_trainval else None, distractors=False)
+    # a complete copy's counts: train's only for train + val; query and gallery's always
+    expected = {k: v for k, v in EXPECTED["msmt17"].items() if combine_trainval or k != "train"}
+    _check_counts(ds, expected, distractors=False)
     return ds
 
 
-# Folders of a labelled dataset's test split (Market-style, CUHK03-NP, MSMT17 V1 and V2): images under one
-# are a benchmark's query or gallery images.
-TEST_SPLIT_FOLDERS = ("query", "bounding_box_test", "gallery", "test", "mask_test_v2")
+# Folders of a labelled dataset's test split: Market-style and CUHK03-NP ones by name; MSMT17's (V1 test/,
+# V2 mask_test_v2/) only beside its list files, as a folder named test/ is common elsewhere.
+TEST_SPLIT_FOLDERS = ("query", "bounding_box_test", "gallery")
+MSMT17_TEST_FOLDERS = ("test", "mask_test_v2")
 
 
 def _test_split_images(root: str, paths: Sequence[str]) -> Dict[str, int]:
-    """The test-split folders at any depth under ``root`` that hold some of ``paths``: folder (relative to
-    ``root``, the first test-split name on the way down) -> images under it."""
+    """The test-split folders at any depth under ``root`` that hold some of ``paths`` (which start with
+    ``root``): folder (relative to ``root``, the first test-split folder on the way down) -> images under
+    it. One decision per directory, not per image (a pre-training tree may hold millions)."""
     found: Dict[str, int] = {}
+    per_dir: Dict[str, Optional[str]] = {}
+    cut = len(os.path.join(root, ""))
     for p in paths:
-        parts = os.path.relpath(p, root).split(os.sep)[:-1]
-        for i, part in enumerate(parts):
-            if part in TEST_SPLIT_FOLDERS:
-                key = "/".join(parts[:i + 1]) + "/"
-                found[key] = found.get(key, 0) + 1
-                break
+        d = p[:p.rfind(os.sep) + 1]
+        if d not in per_dir:
+            parts = d[cut:].split(os.sep)[:-1]
+            per_dir[d] = None
+            for k, part in enumerate(parts):
+                parent = os.path.join(root, *parts[:k])
+                if part in TEST_SPLIT_FOLDERS or (part in MSMT17_TEST_FOLDERS and any(
+                        os.path.isfile(os.path.join(parent, f)) for f in ("list_query.txt", "list_gallery.txt"))):
+                    per_dir[d] = "/".join(parts[:k + 1]) + "/"
+                    break
+        key = per_dir[d]
+        if key is not None:
+            found[key] = found.get(key, 0) + 1
     return found
 
 

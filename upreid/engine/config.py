@@ -143,18 +143,22 @@ def _nest(flat: Mapping) -> dict:
 
 # -------------------------------------------------------------------------------------------- files
 def _recipe_hint(path: str) -> str:
-    """For a missing ``.../configs/TASK/NAME.yaml`` (a recipe path written relative to the checkout, used
-    from another folder): where the package's own copy of that recipe is."""
+    """For a missing recipe: where the package's own copy is. ``.../configs/TASK/NAME.yaml`` (a recipe path
+    written relative to the checkout, used from another folder), or a bare name (``_base_: tiny_cpu.yaml``
+    in a config of one's own) that names a recipe of either task."""
     parts = os.path.normpath(path).split(os.sep)
-    if "configs" not in parts:      # a bare name (``_base_: tiny_cpu.yaml`` in a config of one's own)
-        found = sorted(os.path.join(CONFIG_ROOT, t, parts[-1]) for t in TASKS
-                       if os.path.isfile(os.path.join(CONFIG_ROOT, t, parts[-1])))
-        return (f"; the package's recipe{'s' if len(found) > 1 else ''} of that name: {', '.join(found)} (give "
-                f"that path)" if found else "")
-    tail = parts[len(parts) - 1 - parts[::-1].index("configs") + 1:]
-    found = [os.path.join(CONFIG_ROOT, *tail)] if tail else []
-    found = [f for f in found if os.path.isfile(f)]
-    return f"; the package's recipe of that name is {found[0]}" if found else ""
+    if "configs" in parts:
+        tail = parts[len(parts) - 1 - parts[::-1].index("configs") + 1:]
+        if tail and os.path.isfile(os.path.join(CONFIG_ROOT, *tail)):
+            return f"; the package's recipe of that name is {os.path.join(CONFIG_ROOT, *tail)}"
+    found = sorted(os.path.join(CONFIG_ROOT, t, parts[-1]) for t in TASKS
+                   if os.path.isfile(os.path.join(CONFIG_ROOT, t, parts[-1])))
+    if len(found) == 1:
+        return f"; the package's recipe of that name is {found[0]} (give that path)"
+    if found:
+        return (f"; the package's recipes of that name: {', '.join(found)} (give the path of the one for "
+                f"this task)")
+    return ""
 
 
 def _read(path: str, seen: tuple = ()) -> list[tuple[str, Any, str]]:

@@ -112,14 +112,23 @@ class EvalHook(Hook):
                 # training (one process: the checkpoint is written here if the step's is not yet), and say
                 # that --resume evaluates it without training again.
                 if trainer.world == 1 and trainer.last_saved != trainer.step:
-                    trainer.save()
-                saved = trainer.last_saved == trainer.step
-                kept = (f"the training up to step {trainer.step} is saved in {trainer.ckpt_path}" if saved else
-                        f"the last checkpoint, {trainer.ckpt_path}, holds step {trainer.last_saved}")
-                raise BadImageError(e.path, e.reason, hint=(
-                    f"met while evaluating the model; {kept}: fix or remove the file, or set "
-                    f"data.on_bad_image=skip, and run the same command with --resume (not --overwrite) to "
-                    f"{'evaluate it' if final and saved else 'go on'} without training again")) from None
+                    trainer.save()             # one process only: a save under DDP needs every rank
+                fix = "fix or remove the file, or set data.on_bad_image=skip"
+                if trainer.last_saved == trainer.step:
+                    then = ("evaluate it without training again" if final else
+                            f"go on from step {trainer.step} without training again (this evaluation, "
+                            f"after epoch {self.task.position(trainer.step)[0]}, is not repeated)")
+                    hint = (f"met while evaluating the model; the training up to step {trainer.step} is saved in "
+                            f"{trainer.ckpt_path}: {fix}, and run the same command with --resume (not "
+                            f"--overwrite) to {then}")
+                elif trainer.last_saved >= 0:
+                    hint = (f"met while evaluating the model at step {trainer.step}; the last checkpoint, "
+                            f"{trainer.ckpt_path}, holds step {trainer.last_saved}: {fix}, and run the same "
+                            f"command with --resume to go on from there")
+                else:
+                    hint = (f"met while evaluating the model at step {trainer.step}, before any checkpoint was "
+                            f"written: {fix}, and run the command again")
+                raise BadImageError(e.path, e.reason, hint=hint) from None
             trainer.writer.write(trainer.step, {f"eval/{k}": v for k, v in summarise(res).items()})
         dist.barrier()
         return res
