@@ -98,40 +98,38 @@ class EvalHook(Hook):
             self.task.write_init_report(trainer.out_dir)
 
     def _evaluate(self, trainer, final: bool):
-        res = None
+        from upreid.data.imageio import BadImageError
+        res, err = None, None
         cfg = self.task.cfg
         if trainer.is_main:
-            from upreid.data.imageio import BadImageError
             try:
                 with self.task.evaluated(trainer.model) as model:
                     res = run_evaluation(model, self.task.dataset, cfg, trainer.device, trainer.amp,
                                          rerank=final and cfg["eval"]["rerank"],
                                          ranklist_path=os.path.join(trainer.out_dir, "ranklist.png") if final else None)
-            except BadImageError as e:
-                # A bad query or gallery image is met only when the trained model is evaluated: keep the
-                # training (one process: the checkpoint is written here if the step's is not yet), and say
-                # that --resume evaluates it without training again.
-                if trainer.world == 1 and trainer.last_saved != trainer.step:
-                    trainer.save()             # one process only: a save under DDP needs every rank
-                fix = "fix or remove the file, or set data.on_bad_image=skip"
-                if trainer.last_saved == trainer.step:
-                    then = ("evaluate it without training again" if final else
-                            f"go on from step {trainer.step} without training again (this evaluation, "
-                            f"after epoch {self.task.position(trainer.step)[0]}, is not repeated)")
-                    hint = (f"met while evaluating the model; the training up to step {trainer.step} is saved in "
-                            f"{trainer.ckpt_path}: {fix}, and run the same command with --resume (not "
-                            f"--overwrite) to {then}")
-                elif trainer.last_saved >= 0:
-                    hint = (f"met while evaluating the model at step {trainer.step}; the last checkpoint, "
-                            f"{trainer.ckpt_path}, holds step {trainer.last_saved}: {fix}, and run the same "
-                            f"command with --resume to go on from there")
-                else:
-                    hint = (f"met while evaluating the model at step {trainer.step}, before any checkpoint was "
-                            f"written: {fix}, and run the command again")
-                raise BadImageError(e.path, e.reason, hint=hint) from None
-            trainer.writer.write(trainer.step, {f"eval/{k}": v for k, v in summarise(res).items()})
-        dist.barrier()
-        return res
+                trainer.writer.write(trainer.step, {f"eval/{k}": v for k, v in summarise(res).items()})
+            except Exception as e:       # raised below on every rank: the others must not wait at a barrier
+                err = e
+        if not dist.any_rank(err is not None, trainer.device):          # (also the barrier of a good one)
+            return res
+        # A bad query or gallery image is met only when the trained model is evaluated: keep the training
+        # (every rank takes part in the save) and say that --resume evaluates it without training again.
+        if trainer.last_saved != trainer.step:
+            trainer.save()
+        bad = dist.gather_objects((err.path, err.reason) if isinstance(err, BadImageError) else None)[0]  # rank 0's
+        if bad is None:
+            if err is not None:
+                raise err
+            raise RuntimeError(f"the evaluation on rank 0 at step {trainer.step} failed (its error is in its "
+                               f"log); the checkpoint {trainer.ckpt_path} holds step {trainer.last_saved}")
+        fix = "fix or remove the file, or set data.on_bad_image=skip"
+        then = ("evaluate it without training again" if final else
+                f"go on from step {trainer.step} without training again (this evaluation, after epoch "
+                f"{self.task.position(trainer.step)[0]}, is not repeated)")
+        raise BadImageError(*bad, hint=(
+            f"met while evaluating the model; the training up to step {trainer.step} is saved in "
+            f"{trainer.ckpt_path}: {fix}, and run the same command with --resume (not --overwrite) to "
+            f"{then}")) from None
 
     def after_epoch(self, trainer, epoch: int) -> None:
         every = self.task.cfg["eval"]["every"]
