@@ -64,7 +64,6 @@ class _Source:
         self.batches = iter(())
         self.fed: List[List[int]] = []
         self.skipped_at: List[int] = []   # len(skipped) once each batch of ``fed`` was taken (its skips included)
-        self.skipped_base = 0             # len(skipped) at this pipeline's iteration 0
         self.resume = None
         self.undecodable: dict = {}
 
@@ -75,7 +74,7 @@ class _Source:
             else:
                 self.batches = iter(self.loader.sampler.batches(self.loader.epoch))
                 self.skipped = []
-            self.fed, self.skipped_at, self.skipped_base = [], [], len(self.skipped)
+            self.fed, self.skipped_at = [], []
         recs = self.loader.records
         skip = self.loader.on_bad_image == "skip"
         while True:
@@ -383,9 +382,9 @@ class DaliLoader(BaseLoader):
             try:
                 yield batch
             except GeneratorExit:       # the consumer stopped here: the run's last step, or a shorter epoch
-                # only the files of the batches delivered: DALI has taken (and checked) some beyond them
-                src = self._source
-                upto = src.skipped_at[delivered - 1] if delivered else src.skipped_base
-                self._finish_epoch(samples, n_batches, list(src.skipped[:upto]), stopped=True)
+                # only the files of the batches delivered (delivered >= 1 here): DALI has taken (and checked)
+                # some beyond them
+                upto = self._source.skipped_at[delivered - 1]
+                self._finish_epoch(samples, n_batches, list(self._source.skipped[:upto]), stopped=True)
                 raise
         self._finish_epoch(samples, n_batches, list(self._source.skipped))

@@ -45,9 +45,11 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _require_dir(path: str, what: str, layout: str) -> None:
+def _require_dir(path: str, what: str, layout: str, hint: Optional[Callable[[], str]] = None) -> None:
+    """``hint``: words on why the folder is missing, worked out only when it is (it may scan folders)."""
     if not os.path.isdir(path):
-        raise DatasetError(f"{what}: folder {path!r} does not exist. Expected layout: {layout}")
+        raise DatasetError(f"{what}: folder {path!r} does not exist{hint() if hint else ''}. "
+                           f"Expected layout: {layout}")
 
 
 # Folder names inside a dataset's root: a data.root that ends in one points one level too deep.
@@ -81,6 +83,7 @@ def _root_hint(root: str, marker: str, limit: int = 200) -> str:
     shown = ", ".join(repr(f) for f in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
     return (f" (a folder laid out like the dataset, with {marker}, is in {shown}: point data.root at "
             f"{'it' if len(found) == 1 else 'one of them'})")
+
 
 def _list_images(folder: str, layout: str, what: str) -> List[str]:
     _require_dir(folder, what, layout)
@@ -127,9 +130,7 @@ def market_style(root: str, *, name: str = "market-style", train_dir: str = "bou
     """Any dataset laid out like Market1501 (three folders of ``<pid>_c<cam>_...`` images)."""
     root = os.path.expanduser(root)
     _require_dir(root, name, layout)
-    if not os.path.isdir(os.path.join(root, train_dir)):
-        raise DatasetError(f"{name} train: folder {os.path.join(root, train_dir)!r} does not exist"
-                           f"{_root_hint(root, train_dir)}. Expected layout: {layout}")
+    _require_dir(os.path.join(root, train_dir), f"{name} train", layout, lambda: _root_hint(root, train_dir))
     train = parse_market_folder(os.path.join(root, train_dir), what=f"{name} train", layout=layout)
     query = parse_market_folder(os.path.join(root, query_dir), what=f"{name} query", layout=layout)
     gallery = parse_market_folder(os.path.join(root, gallery_dir), what=f"{name} gallery", layout=layout)
@@ -176,9 +177,12 @@ def _descend(root: str, markers: Sequence[str], candidates: Sequence[str]) -> st
     found, real = [], set()
     for c in candidates:      # one folder reached by two names (a symlink, a case-insensitive disk) counts once
         sub = os.path.join(root, c)
-        if any(os.path.exists(os.path.join(sub, m)) for m in markers) and os.path.realpath(sub) not in real:
+        if not any(os.path.exists(os.path.join(sub, m)) for m in markers):
+            continue
+        r = os.path.realpath(sub)
+        if r not in real:
             found.append(sub)
-            real.add(os.path.realpath(sub))
+            real.add(r)
     if len(found) > 1:
         log.warning("%s holds %d copies of the dataset (%s): using %r; point data.root at another to use it",
                     root, len(found), ", ".join(os.path.basename(f) for f in found), found[0])
@@ -200,17 +204,17 @@ def cuhk03_np(root: str, variant: str = "detected") -> ReIDDataset:
         raise DatasetError(f"cuhk03-np: variant must be 'detected' or 'labeled', got {variant!r}")
     root = _descend(root, ["detected", "labeled"], ["cuhk03-np", "cuhk03_np", "CUHK03-NP"])
     sub = os.path.join(root, variant)
-    if not os.path.isdir(sub):
-        hint = _root_hint(root, variant)
+
+    def hint() -> str:
         try:
             names = os.listdir(root) if os.path.isdir(root) else []
         except OSError:
             names = []
-        if any(n.endswith(".mat") or n == "cuhk03_release" for n in names):
-            hint += (" (this looks like the original CUHK03 release with .mat files: upreid reads the CUHK03-NP "
-                     "folders of the new protocol, detected/ and labeled/ of Market-style images)")
-        raise DatasetError(f"cuhk03-np {variant}: folder {sub!r} does not exist{hint}. Expected layout: "
-                           f"{CUHK03_LAYOUT}")
+        release = any(n.endswith(".mat") or n == "cuhk03_release" for n in names)
+        return _root_hint(root, variant) + (
+            " (this looks like the original CUHK03 release with .mat files: upreid reads the CUHK03-NP folders "
+            "of the new protocol, detected/ and labeled/ of Market-style images)" if release else "")
+    _require_dir(sub, f"cuhk03-np {variant}", CUHK03_LAYOUT, hint)
     name = f"cuhk03-np/{variant}"
     return market_style(sub, name=name, layout=CUHK03_LAYOUT, expected=EXPECTED[name])
 
@@ -297,9 +301,9 @@ def _test_split_images(root: str, paths: Sequence[str]) -> Dict[str, int]:
             parts = d[cut:].split(os.sep)[:-1]
             per_dir[d] = None
             for k, part in enumerate(parts):
-                parent = os.path.join(root, *parts[:k])
                 if part in TEST_SPLIT_FOLDERS or (part in MSMT17_TEST_FOLDERS and any(
-                        os.path.isfile(os.path.join(parent, f)) for f in ("list_query.txt", "list_gallery.txt"))):
+                        os.path.isfile(os.path.join(root, *parts[:k], f))
+                        for f in ("list_query.txt", "list_gallery.txt"))):
                     per_dir[d] = "/".join(parts[:k + 1]) + "/"
                     break
         key = per_dir[d]
